@@ -1,0 +1,156 @@
+"""KV-Compress attention backend for vLLM's CPU platform (overrides CPU_ATTN).
+
+Registered only in worker processes of engines with KV-Compress active (see
+``kvcompress_vllm.worker.worker``), so a plain vLLM engine in the same
+environment never sees it.
+
+Per layer and step, ``forward``:
+1. writes the step's K/V of every (token, KV head) into that head's next slot
+   (``ops.write_kv``; the slot comes from the head's own page table),
+2. runs attention over each head's variable number of KVs, query heads of a
+   GQA group reading their KV head's pages once, and adds each query's
+   squared attention probabilities (summed over the group) to the metric of
+   every KV it attends to (``ops.paged_head_attention``),
+3. max-pools the prompt metric along keys for requests whose prompt just
+   completed.
+
+Warm-up and profiling runs (no registered requests) use the stock CPU path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+
+from kvcompress_vllm import ops
+from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressSpec
+from kvcompress_vllm.worker.state import AttentionBatch, get_state
+
+
+@dataclass
+class KVCompressMetadata:
+    """Metadata of a step with registered requests (all layers share it)."""
+
+    num_actual_tokens: int
+    batch: AttentionBatch
+
+
+def to_kvcompress_spec(spec: AttentionSpec) -> AttentionSpec:
+    """``FullAttentionSpec`` -> ``KVCompressSpec`` with identical fields."""
+    if isinstance(spec, KVCompressSpec):
+        return spec
+    if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
+        raise ValueError(
+            f"KV-Compress supports plain full attention only; this model has "
+            f"{type(spec).__name__} (sliding window/chunked/MLA/hybrid layers "
+            "are not supported)"
+        )
+    return KVCompressSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+
+
+class KVCompressCPUBackend(CPUAttentionBackend):
+    # K/V are written per head inside forward(), not through vLLM's slot mapping.
+    forward_includes_kv_cache_update: bool = True
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        return to_kvcompress_spec(super().customize_spec(spec))
+
+    @staticmethod
+    def get_impl_cls() -> type["KVCompressCPUImpl"]:
+        return KVCompressCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["KVCompressCPUMetadataBuilder"]:
+        return KVCompressCPUMetadataBuilder
+
+
+class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        state = get_state()
+        if state is None or not state.in_step:
+            # Profiling / warm-up: no KV-Compress requests exist yet.
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        num_reqs = common_attn_metadata.num_reqs
+        req_ids = state.runner.input_batch.req_ids[:num_reqs]
+        qsl = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1]
+        return KVCompressMetadata(
+            num_actual_tokens=common_attn_metadata.num_actual_tokens,
+            batch=state.build_batch(req_ids, qsl),
+        )
+
+
+class KVCompressCPUImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        unsupported = {
+            "ALiBi": self.alibi_slopes is not None,
+            "sliding window": self.sliding_window != -1,
+            "logits soft-cap": bool(self.logits_soft_cap),
+            "attention sinks": self.sinks is not None,
+            "quantized KV cache": self.is_fp8_kv_cache,
+            f"attention type {self.attn_type}": self.attn_type != "decoder",
+        }
+        bad = [name for name, present in unsupported.items() if present]
+        if bad:
+            raise ValueError(f"KV-Compress does not support: {', '.join(bad)}")
+        self._region: int | None = None
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not isinstance(attn_metadata, KVCompressMetadata):
+            if isinstance(attn_metadata, CPUAttentionMetadata):
+                self.do_kv_cache_update(layer, key, value, kv_cache, attn_metadata.slot_mapping)
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale, output_block_scale,
+            )
+        state = get_state()
+        pool = state.pool
+        if self._region is None:
+            self._region = pool.region_of(kv_cache)
+        region = self._region
+        batch = attn_metadata.batch
+        num_tokens = attn_metadata.num_actual_tokens
+        ops.write_kv(
+            key[:num_tokens],
+            value[:num_tokens],
+            pool.kv_pages,
+            batch.write_slots[region],
+            pool.metrics,
+            pool.positions,
+            batch.token_positions,
+        )
+        ops.paged_head_attention(
+            query[:num_tokens],
+            pool.kv_pages,
+            batch.page_table[region],
+            batch.kv_lens[region],
+            batch.query_start_loc,
+            self.scale,
+            pool.metrics if batch.record_metrics else None,
+            batch.metric_q_start,
+            output[:num_tokens],
+        )
+        if batch.pool_rows:
+            state.pool_prompt_metrics(batch, region)
+        return output

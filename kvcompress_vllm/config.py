@@ -1,0 +1,239 @@
+"""The one configuration surface: ``additional_config["kv_compress"]``.
+
+Every other way to configure the plugin (``--kv-compress-rate``,
+``LLM(..., kv_compress_rate=...)``, per-request ``SamplingParams.extra_args``)
+is folded into, or validated against, the dataclasses here.
+
+``rate`` is the fraction of each sequence's *compressible* KVs that is KEPT:
+``0 < rate <= 1``.  Compressible means everything but the protected window of
+the newest ``protected_window`` tokens; ``rate = 1`` keeps everything (off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+CONFIG_KEY = "kv_compress"
+
+#: Scorer names accepted by ``scorer`` / ``kv_compress_scorer`` (see
+#: ``kvcompress_vllm.worker.scorers`` for their meaning).
+SCORERS = ("kvcompress", "uniform", "random", "streamingllm", "knorm", "keydiff")
+
+
+class KVCompressConfigError(ValueError):
+    """A KV-Compress option has a bad value; the message names the option."""
+
+    def __init__(self, option: str, message: str, value: Any = None) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.value = value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_rate(value: Any, option: str = "kv_compress.rate") -> float:
+    """Validate a keep-rate; the error names ``option`` and the allowed range."""
+    if not _is_number(value) or math.isnan(value) or not 0.0 < value <= 1.0:
+        raise KVCompressConfigError(
+            option,
+            f"must be a number in (0, 1] -- the fraction of each sequence's "
+            f"compressible KVs that is kept (1 = no compression); got {value!r}",
+            value,
+        )
+    return float(value)
+
+
+def check_int(value: Any, option: str, minimum: int, *, odd: bool = False) -> int:
+    """Validate an integer option ``>= minimum`` (optionally odd)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise KVCompressConfigError(
+            option, f"must be an integer >= {minimum}; got {value!r}", value
+        )
+    if odd and value % 2 == 0:
+        raise KVCompressConfigError(
+            option, f"must be an odd integer >= {minimum}; got {value!r}", value
+        )
+    return value
+
+
+def check_scorer(value: Any, option: str = "kv_compress.scorer") -> str:
+    if value not in SCORERS:
+        raise KVCompressConfigError(
+            option, f"must be one of {', '.join(SCORERS)}; got {value!r}", value
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class KVCompressConfig:
+    """Server-wide KV-Compress settings (validated on construction)."""
+
+    #: Fraction of compressible KVs kept, in (0, 1].  1 = no eviction.
+    rate: float = 1.0
+    #: Run the machinery (per-head tables, metrics, eviction) even at rate 1,
+    #: so that requests can opt in per request.  Default: on iff ``rate < 1``.
+    enabled: bool | None = None
+    #: The newest ``protected_window`` tokens are never evicted.
+    protected_window: int = 32
+    #: The first ``sink_tokens`` tokens (attention sinks) are never evicted.
+    sink_tokens: int = 4
+    #: Number of last prompt queries whose attention scores the prompt KVs.
+    observation_window: int = 32
+    #: Max-pool kernel applied along keys to the prompt metric (1 = off).
+    pooling_kernel: int = 7
+    #: Decode queries add their squared attention to the metric.
+    record_decode_metrics: bool = True
+    #: Re-compress a decoding sequence every this many new tokens
+    #: (default: one page per head, i.e. the block size).
+    compress_interval: int | None = None
+    #: Per-head token budget per sequence (``None`` = rate only).
+    max_cache_tokens: int | None = None
+    #: Which KVs to evict; see ``kvcompress_vllm.worker.scorers``.
+    scorer: str = "kvcompress"
+    #: Assert, every step, that scheduler and worker agree on page counts.
+    debug_checks: bool = False
+
+    def __post_init__(self) -> None:
+        check_rate(self.rate, "kv_compress.rate (--kv-compress-rate)")
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise KVCompressConfigError(
+                "kv_compress.enabled", f"must be true or false; got {self.enabled!r}"
+            )
+        check_int(self.protected_window, "kv_compress.protected_window", 0)
+        check_int(self.sink_tokens, "kv_compress.sink_tokens", 0)
+        check_int(self.observation_window, "kv_compress.observation_window", 1)
+        check_int(self.pooling_kernel, "kv_compress.pooling_kernel", 1, odd=True)
+        if not isinstance(self.record_decode_metrics, bool):
+            raise KVCompressConfigError(
+                "kv_compress.record_decode_metrics",
+                f"must be true or false; got {self.record_decode_metrics!r}",
+            )
+        if self.compress_interval is not None:
+            check_int(self.compress_interval, "kv_compress.compress_interval", 1)
+        if self.max_cache_tokens is not None:
+            check_int(self.max_cache_tokens, "kv_compress.max_cache_tokens", 1)
+        check_scorer(self.scorer)
+        if not isinstance(self.debug_checks, bool):
+            raise KVCompressConfigError(
+                "kv_compress.debug_checks", f"must be true or false; got {self.debug_checks!r}"
+            )
+        # Frozen dataclass: normalise the rate to float.
+        object.__setattr__(self, "rate", float(self.rate))
+
+    @property
+    def active(self) -> bool:
+        """Whether the plugin replaces vLLM's scheduler/worker/attention."""
+        if self.enabled is not None:
+            return self.enabled
+        return self.rate < 1.0 or self.max_cache_tokens is not None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "KVCompressConfig":
+        if not isinstance(raw, dict):
+            raise KVCompressConfigError(
+                "additional_config.kv_compress", f"must be a JSON object; got {raw!r}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise KVCompressConfigError(
+                "additional_config.kv_compress",
+                f"unknown option(s) {unknown}; known: {sorted(known)}",
+            )
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_from_additional(additional_config: dict[str, Any] | None) -> KVCompressConfig | None:
+    """The validated config, or ``None`` when the plugin is not configured."""
+    if not additional_config or CONFIG_KEY not in additional_config:
+        return None
+    return KVCompressConfig.from_dict(additional_config[CONFIG_KEY])
+
+
+def active_config(vllm_config: Any) -> KVCompressConfig | None:
+    """The config if KV-Compress is active for this ``VllmConfig``, else None."""
+    cfg = config_from_additional(getattr(vllm_config, "additional_config", None))
+    return cfg if cfg is not None and cfg.active else None
+
+
+#: Per-request keys of ``SamplingParams.extra_args`` (OpenAI: ``vllm_xargs``).
+REQUEST_KEYS = (
+    "kv_compress_rate",
+    "max_cache_tokens",
+    "protected_window",
+    "kv_compress_scorer",
+)
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """Effective compression settings of one request (server defaults
+    overridden by ``SamplingParams.extra_args``)."""
+
+    rate: float
+    max_cache_tokens: int | None
+    protected_window: int
+    sink_tokens: int
+    scorer: str
+    compress_interval: int
+
+    @property
+    def compresses(self) -> bool:
+        return self.rate < 1.0 or self.max_cache_tokens is not None
+
+
+def request_policy(
+    cfg: KVCompressConfig, extra_args: dict[str, Any] | None, block_size: int
+) -> RequestPolicy:
+    """Resolve (and validate) the per-request overrides."""
+    extra = extra_args or {}
+    rate = cfg.rate
+    if "kv_compress_rate" in extra:
+        rate = check_rate(extra["kv_compress_rate"], "extra_args.kv_compress_rate")
+    max_cache = cfg.max_cache_tokens
+    if "max_cache_tokens" in extra:
+        value = extra["max_cache_tokens"]
+        max_cache = None if value is None else check_int(
+            value, "extra_args.max_cache_tokens", 1
+        )
+    protected = cfg.protected_window
+    if "protected_window" in extra:
+        protected = check_int(extra["protected_window"], "extra_args.protected_window", 0)
+    scorer = cfg.scorer
+    if "kv_compress_scorer" in extra:
+        scorer = check_scorer(extra["kv_compress_scorer"], "extra_args.kv_compress_scorer")
+    return RequestPolicy(
+        rate=rate,
+        max_cache_tokens=max_cache,
+        protected_window=protected,
+        sink_tokens=cfg.sink_tokens,
+        scorer=scorer,
+        compress_interval=cfg.compress_interval or block_size,
+    )
+
+
+def uses_request_keys(extra_args: dict[str, Any] | None) -> bool:
+    return bool(extra_args) and any(k in extra_args for k in REQUEST_KEYS)
+
+
+__all__ = [
+    "CONFIG_KEY",
+    "REQUEST_KEYS",
+    "SCORERS",
+    "KVCompressConfig",
+    "KVCompressConfigError",
+    "RequestPolicy",
+    "active_config",
+    "check_rate",
+    "config_from_additional",
+    "request_policy",
+    "uses_request_keys",
+]

@@ -1,0 +1,225 @@
+"""How ``--kv-compress-rate`` and ``LLM(..., kv_compress_rate=...)`` reach vLLM.
+
+vLLM 0.32 has no hook for plugin engine arguments, so we wrap four
+``EngineArgs`` entry points (idempotently, see ``patch_engine_args``):
+
+* ``__init__`` (of ``EngineArgs`` and ``AsyncEngineArgs``): pops the
+  ``kv_compress_rate`` kwarg into ``additional_config["kv_compress"]``.
+* ``add_cli_args``: adds ``--kv-compress-rate`` (``vllm serve``, ``vllm bench
+  throughput|latency``, ...).
+* ``from_cli_args``: folds the parsed flag into ``additional_config``
+  (vLLM would silently drop it: it keeps dataclass fields only).
+* ``create_engine_config``: the one place that turns KV-Compress on -- it
+  validates the config, rejects incompatible options, switches off prefix
+  caching and plugs in the scheduler and worker classes.  Without a
+  ``kv_compress`` config (or with rate 1 and ``enabled`` unset) it does
+  nothing, so vLLM runs exactly as without the plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kvcompress_vllm.config import (
+    CONFIG_KEY,
+    KVCompressConfigError,
+    check_rate,
+    config_from_additional,
+)
+
+KWARG = "kv_compress_rate"
+FLAG = "--kv-compress-rate"
+SCHEDULER_CLS = "kvcompress_vllm.scheduler.scheduler.KVCompressScheduler"
+CPU_WORKER_CLS = "kvcompress_vllm.worker.worker.KVCompressCPUWorker"
+
+_PATCHED_ATTR = "_kvcompress_patched"
+
+
+def _rate_arg(text: str) -> float:
+    """argparse type for ``--kv-compress-rate``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = text
+    try:
+        return check_rate(value, FLAG)
+    except KVCompressConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def fold_rate(additional_config: dict[str, Any] | None, rate: Any, option: str) -> dict[str, Any]:
+    """``additional_config`` with ``kv_compress.rate`` set (validated)."""
+    rate = check_rate(rate, option)
+    merged = dict(additional_config or {})
+    section = dict(merged.get(CONFIG_KEY) or {})
+    if "rate" in section and section["rate"] != rate:
+        raise KVCompressConfigError(
+            option,
+            f"conflicts with additional_config.kv_compress.rate={section['rate']!r}",
+        )
+    section["rate"] = rate
+    merged[CONFIG_KEY] = section
+    return merged
+
+
+def _wrap_init(cls: type) -> None:
+    original = cls.__init__
+    if getattr(original, _PATCHED_ATTR, False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        if KWARG in kwargs:
+            rate = kwargs.pop(KWARG)
+            if rate is not None:
+                kwargs["additional_config"] = fold_rate(
+                    kwargs.get("additional_config"), rate, KWARG
+                )
+        original(self, *args, **kwargs)
+
+    __init__.__wrapped__ = original
+    setattr(__init__, _PATCHED_ATTR, True)
+    cls.__init__ = __init__
+
+
+def _incompatibilities(args: Any) -> list[str]:
+    problems = []
+    if args.speculative_config:
+        problems.append("speculative decoding (--speculative-config)")
+    if args.kv_transfer_config is not None:
+        problems.append("KV connectors (--kv-transfer-config)")
+    if args.kv_offloading_size:
+        problems.append("KV offloading (--kv-offloading-size)")
+    if args.async_scheduling:
+        problems.append("--async-scheduling")
+    if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
+        problems.append("tensor/pipeline parallelism (size must be 1)")
+    if args.data_parallel_size != 1:
+        problems.append("data parallelism (size must be 1)")
+    if args.kv_cache_dtype not in ("auto", None):
+        problems.append(f"--kv-cache-dtype {args.kv_cache_dtype}")
+    if args.scheduler_cls not in (None, SCHEDULER_CLS) and not (
+        isinstance(args.scheduler_cls, str) and args.scheduler_cls.startswith("vllm.")
+    ):
+        problems.append(f"a custom --scheduler-cls ({args.scheduler_cls})")
+    if args.worker_cls not in ("auto", CPU_WORKER_CLS):
+        problems.append(f"a custom --worker-cls ({args.worker_cls})")
+    return problems
+
+
+def _check_model(vllm_config: Any) -> None:
+    model = vllm_config.model_config
+    problems = []
+    if model.use_mla:
+        problems.append("MLA attention")
+    if model.get_sliding_window() is not None:
+        problems.append("sliding-window attention")
+    if model.is_hybrid or model.is_attention_free:
+        problems.append("hybrid / attention-free layers")
+    if model.is_encoder_decoder:
+        problems.append("encoder-decoder models")
+    if problems:
+        raise KVCompressConfigError(
+            "kv_compress",
+            f"model {model.model} is not supported ({', '.join(problems)}); "
+            "KV-Compress needs plain full attention",
+        )
+
+
+def _wrap_create_engine_config(cls: type) -> None:
+    original = cls.create_engine_config
+    if getattr(original, _PATCHED_ATTR, False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        cfg = config_from_additional(self.additional_config)  # validates
+        if cfg is None or not cfg.active:
+            return original(self, *args, **kwargs)
+        from vllm.logger import init_logger
+        from vllm.platforms import current_platform
+
+        from kvcompress_vllm import compat
+
+        compat.check_runtime_hooks()
+        logger = init_logger("kvcompress_vllm")
+        problems = _incompatibilities(self)
+        if problems:
+            raise KVCompressConfigError(
+                "kv_compress", "not supported together with " + "; ".join(problems)
+            )
+        if not current_platform.is_cpu():
+            raise KVCompressConfigError(
+                "kv_compress",
+                f"the {current_platform.device_name} platform is not supported yet "
+                "(CPU only; the Triton GPU kernels are not wired into a CUDA "
+                "backend in this release)",
+            )
+        if self.enable_prefix_caching:
+            logger.warning("KV-Compress: prefix caching is turned off (evicted blocks cannot be shared)")
+        self.enable_prefix_caching = False
+        self.async_scheduling = False
+        self.scheduler_cls = SCHEDULER_CLS
+        self.worker_cls = CPU_WORKER_CLS
+        vllm_config = original(self, *args, **kwargs)
+        _check_model(vllm_config)
+        logger.info(
+            "KV-Compress enabled: keep rate %.3g, protected window %d, scorer %s",
+            cfg.rate,
+            cfg.protected_window,
+            cfg.scorer,
+        )
+        return vllm_config
+
+    create_engine_config.__wrapped__ = original
+    setattr(create_engine_config, _PATCHED_ATTR, True)
+    cls.create_engine_config = create_engine_config
+
+
+def _wrap_cli(cls: type) -> None:
+    add_original = cls.add_cli_args
+    if getattr(add_original, _PATCHED_ATTR, False):
+        return
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = add_original(parser, *args, **kwargs)
+        if not any(FLAG in action.option_strings for action in parser._actions):
+            group = parser.add_argument_group(
+                "KV-Compress", "Paged KV-cache eviction (kvcompress-vllm plugin)."
+            )
+            group.add_argument(
+                FLAG,
+                type=_rate_arg,
+                default=None,
+                metavar="R",
+                help=(
+                    "Fraction of each sequence's compressible KVs that is KEPT, "
+                    "0 < R <= 1 (1 = off). The newest tokens (protected window) "
+                    "are always kept. Other settings: --additional-config "
+                    "'{\"kv_compress\": {...}}'."
+                ),
+            )
+        return parser
+
+    setattr(add_cli_args, _PATCHED_ATTR, True)
+    cls.add_cli_args = staticmethod(add_cli_args)
+
+    from_original = cls.from_cli_args.__func__
+
+    def from_cli_args(inner_cls, args: argparse.Namespace):
+        engine_args = from_original(inner_cls, args)
+        rate = getattr(args, KWARG, None)
+        if rate is not None:
+            engine_args.additional_config = fold_rate(engine_args.additional_config, rate, FLAG)
+        return engine_args
+
+    cls.from_cli_args = classmethod(from_cli_args)
+
+
+def patch_engine_args(module: Any = None) -> None:
+    """Install the four wrappers on ``vllm.engine.arg_utils`` (idempotent)."""
+    if module is None:
+        import vllm.engine.arg_utils as module
+    _wrap_init(module.EngineArgs)
+    _wrap_init(module.AsyncEngineArgs)
+    _wrap_cli(module.EngineArgs)
+    _wrap_create_engine_config(module.EngineArgs)

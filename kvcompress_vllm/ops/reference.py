@@ -1,0 +1,152 @@
+"""Plain-PyTorch reference implementations of the kernel contracts.
+
+These are the single source of truth that the C++ (``csrc/``) and Triton
+(``kernels/``) kernels are tested against.  They are written for clarity, not
+speed: Python loops over (request, KV head), dense float32 math.
+
+Shared layout (see ``docs/design.md``):
+
+* ``kv_pages``  ``[P, 2, N, D]``   head-pages; ``[p, 0]`` holds N keys and
+  ``[p, 1]`` N values of ONE (layer, KV head).  ``N`` is the block size.
+* ``metrics``   ``[P, N]`` float32  eviction metric of the KV in each slot.
+* ``positions`` ``[P, N]`` int32    token position of the KV in each slot.
+* A head's *logical index* ``j`` lives in page ``page_table[..., j // N]`` at
+  slot ``j % N``.  A head with ``kv_len`` KVs uses logical indices
+  ``[0, kv_len)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _gather_head(
+    kv_pages: torch.Tensor, pages: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values, page ids and slots of the first ``n`` logical KVs."""
+    block = kv_pages.shape[2]
+    idx = torch.arange(n)
+    page = pages[idx // block].long()
+    slot = idx % block
+    keys = kv_pages[page, 0, slot].float()
+    values = kv_pages[page, 1, slot].float()
+    return keys, values, page, slot
+
+
+def paged_head_attention(
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_pages: torch.Tensor,  # [P, 2, N, D]
+    page_table: torch.Tensor,  # [R, H, max_pages] int32
+    kv_lens: torch.Tensor,  # [R, H] int32, includes this step's new KVs
+    query_start_loc: torch.Tensor,  # [R + 1] int32
+    scale: float,
+    metrics: torch.Tensor | None,  # [P, N] float32, accumulated in place
+    metric_q_start: torch.Tensor,  # [R] int32
+    output: torch.Tensor,  # [T, Hq, D], written
+) -> None:
+    """Causal attention over per-(request, KV head) paged KVs.
+
+    Request ``r`` owns query rows ``[qsl[r], qsl[r+1])``.  Its ``q_len``
+    queries are the newest tokens, i.e. the last ``q_len`` logical KVs of every
+    head, so query ``i`` of head ``h`` attends to logical KVs
+    ``[0, kv_lens[r, h] - q_len + i]``.  Query head ``hq`` reads KV head
+    ``hq // G`` with ``G = Hq // H`` (GQA without repeating KVs).
+
+    If ``metrics`` is given, every query ``i >= metric_q_start[r]`` adds, for
+    each KV it attends to, the squared attention probability summed over the
+    ``G`` query heads of the group: ``metrics[page, slot] += sum_g p**2``.
+    """
+    num_reqs, num_kv_heads, _ = page_table.shape
+    num_q_heads = query.shape[1]
+    group = num_q_heads // num_kv_heads
+    for r in range(num_reqs):
+        q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
+        q_len = q1 - q0
+        if q_len == 0:
+            continue
+        for h in range(num_kv_heads):
+            n = int(kv_lens[r, h])
+            assert n >= q_len, "kv_lens must include the new tokens"
+            keys, values, page, slot = _gather_head(kv_pages, page_table[r, h], n)
+            q = query[q0:q1, h * group : (h + 1) * group].float()  # [q, G, D]
+            scores = torch.einsum("qgd,kd->qgk", q, keys) * scale
+            q_idx = torch.arange(q_len)[:, None, None]
+            k_idx = torch.arange(n)[None, None, :]
+            scores = scores.masked_fill(k_idx > n - q_len + q_idx, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out = torch.einsum("qgk,kd->qgd", probs, values)
+            output[q0:q1, h * group : (h + 1) * group] = out.to(output.dtype)
+            if metrics is not None:
+                first = max(0, min(q_len, int(metric_q_start[r])))
+                contrib = probs[first:].square().sum(dim=(0, 1))  # [n]
+                metrics.index_put_((page, slot), contrib, accumulate=True)
+
+
+def write_kv(
+    key: torch.Tensor,  # [T, H, D]
+    value: torch.Tensor,  # [T, H, D]
+    kv_pages: torch.Tensor,  # [P, 2, N, D], written
+    slots: torch.Tensor,  # [T, H] int64: page * N + offset; < 0 skips
+    metrics: torch.Tensor | None,  # [P, N] float32, reset to 0 at written slots
+    positions: torch.Tensor | None,  # [P, N] int32, set at written slots
+    token_positions: torch.Tensor,  # [T] int64/int32 position of each token
+) -> None:
+    """Store new keys/values of every (token, KV head) at its head slot."""
+    block = kv_pages.shape[2]
+    valid = slots >= 0
+    t_idx, h_idx = valid.nonzero(as_tuple=True)
+    flat = slots[t_idx, h_idx]
+    page, off = flat // block, flat % block
+    kv_pages[page, 0, off] = key[t_idx, h_idx].to(kv_pages.dtype)
+    kv_pages[page, 1, off] = value[t_idx, h_idx].to(kv_pages.dtype)
+    if metrics is not None:
+        metrics[page, off] = 0.0
+    if positions is not None:
+        positions[page, off] = token_positions[t_idx].to(positions.dtype)
+
+
+def compaction_moves(
+    kv_len: int, evicted: list[int]
+) -> list[tuple[int, int]]:
+    """(source, destination) logical moves that compact one head.
+
+    ``evicted`` is ascending.  After removing ``e`` KVs the head keeps
+    ``kv_len - e``; every evicted index below that new length is a hole, and
+    the surviving KVs at or above it fill the holes, both taken in ascending
+    order (the k-th survivor fills the k-th hole).  Every destination is below
+    every source, so the moves are independent.
+    """
+    new_len = kv_len - len(evicted)
+    evicted_set = set(evicted)
+    holes = [j for j in evicted if j < new_len]
+    sources = [j for j in range(new_len, kv_len) if j not in evicted_set]
+    assert len(holes) == len(sources)
+    return list(zip(sources, holes))
+
+
+def compact_heads(
+    kv_pages: torch.Tensor,  # [P, 2, N, D]
+    metrics: torch.Tensor,  # [P, N] float32
+    positions: torch.Tensor,  # [P, N] int32
+    page_table: torch.Tensor,  # [S, max_pages] int32, one row per head
+    kv_lens: torch.Tensor,  # [S] int32
+    evict_idx: torch.Tensor,  # [S, max_evict] int32, ascending prefix per row
+    evict_counts: torch.Tensor,  # [S] int32
+) -> None:
+    """Remove the listed KVs from each head and close the holes in place.
+
+    Moves K, V, metric and position together (see ``compaction_moves``).
+    The caller sets the new length ``kv_lens - evict_counts``.
+    """
+    block = kv_pages.shape[2]
+    for s in range(page_table.shape[0]):
+        count = int(evict_counts[s])
+        if count == 0:
+            continue
+        evicted = [int(j) for j in evict_idx[s, :count]]
+        for src, dst in compaction_moves(int(kv_lens[s]), evicted):
+            sp, so = int(page_table[s, src // block]), src % block
+            dp, do = int(page_table[s, dst // block]), dst % block
+            kv_pages[dp, :, do] = kv_pages[sp, :, so]
+            metrics[dp, do] = metrics[sp, so]
+            positions[dp, do] = positions[sp, so]

@@ -1,0 +1,28 @@
+"""``vllm.general_plugins`` entry point, run once in every vLLM process.
+
+It only installs hooks that are inert until ``additional_config["kv_compress"]``
+turns KV-Compress on: the engine-argument wrappers, the KV-cache spec registry
+entry, and request validation in the frontend.  The scheduler, worker and
+attention backend are swapped in by ``engine_args.create_engine_config`` only
+for engines that enable compression.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from kvcompress_vllm import compat
+    from kvcompress_vllm.engine_args import patch_engine_args
+    from kvcompress_vllm.request_validation import patch_input_processor
+    from kvcompress_vllm.scheduler.kv_cache_manager import register_kv_cache_spec
+
+    compat.check_engine_hooks()
+    patch_engine_args()
+    patch_input_processor()
+    register_kv_cache_spec()
+    _registered = True

@@ -1,0 +1,133 @@
+"""KV-cache spec and manager that account for evicted head-pages.
+
+``KVCompressSpec`` is what the plugin's attention backend reports for every
+layer (same bytes per block as ``FullAttentionSpec``, so vLLM sizes the pool
+exactly as before).  The registry maps it to ``KVCompressManager``, which the
+scheduler's coordinator then uses for all block accounting: allocation,
+admission and preemption all see each request's *compressed* size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from kvcompress_vllm.scheduler.accounting import PageGeometry
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCompressSpec(FullAttentionSpec):
+    """Full attention whose blocks can be released before the request ends."""
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        # Evicted/compacted blocks no longer hold the tokens their hash names.
+        return False
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:  # type: ignore[override]
+        # The worker's stock block table is append-only: a request that
+        # releases blocks and later grows again appends new ids.  Cumulative
+        # appends stay <= ceil(max_len / bs) + 1 (one block per bs new tokens).
+        return super().max_num_blocks_per_req(vllm_config, max_len) + 2
+
+
+class KVCompressManager(FullAttentionManager):
+    """Full-attention manager with per-request evicted head-page counts."""
+
+    #: Set by ``KVCompressScheduler`` once the layer count is known.
+    geometry: PageGeometry | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.evicted_pages: dict[str, int] = {}
+
+    # -- accounting ------------------------------------------------------
+    def _required_blocks(self, request_id: str, num_tokens: int) -> int | None:
+        evicted = self.evicted_pages.get(request_id, 0)
+        if evicted == 0:
+            return None  # stock accounting
+        assert self.geometry is not None
+        return self.geometry.blocks_needed(num_tokens, evicted)
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+        prefill_end: int = 0,
+    ) -> int:
+        required = self._required_blocks(request_id, num_tokens)
+        if required is None:
+            return super().get_num_blocks_to_allocate(
+                request_id,
+                num_tokens,
+                new_computed_blocks,
+                total_computed_tokens,
+                num_local_computed_tokens,
+                num_tokens_main_model,
+                apply_admission_cap,
+                prefill_end,
+            )
+        assert len(new_computed_blocks) == 0
+        return max(required - len(self.req_to_blocks[request_id]), 0)
+
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, num_tokens_main_model: int
+    ) -> list[KVCacheBlock]:
+        required = self._required_blocks(request_id, num_tokens)
+        if required is None:
+            return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        req_blocks = self.req_to_blocks[request_id]
+        num_new = required - len(req_blocks)
+        if num_new <= 0:
+            return []
+        new_blocks = self.block_pool.get_new_blocks(num_new)
+        req_blocks.extend(new_blocks)
+        if self.records_new_block_ids:
+            self.new_block_ids.extend(b.block_id for b in new_blocks)
+        return new_blocks
+
+    # -- eviction --------------------------------------------------------
+    def apply_eviction(self, request_id: str, num_pages: int, num_tokens: int) -> list[int]:
+        """Record ``num_pages`` evicted head-pages and release the tail blocks
+        the request no longer needs; they are free for this very step."""
+        assert self.geometry is not None and num_pages > 0
+        evicted = self.evicted_pages.get(request_id, 0) + num_pages
+        self.evicted_pages[request_id] = evicted
+        req_blocks = self.req_to_blocks[request_id]
+        keep = self.geometry.blocks_needed(num_tokens, evicted)
+        assert keep >= 1 or num_tokens == 0
+        released = req_blocks[keep:]
+        del req_blocks[keep:]
+        if released:
+            self.block_pool.free_blocks(reversed(released))
+        return [b.block_id for b in released]
+
+    def pages_in_use(self, request_id: str, num_tokens: int) -> int:
+        assert self.geometry is not None
+        return self.geometry.pages_in_use(num_tokens, self.evicted_pages.get(request_id, 0))
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        self.evicted_pages.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+
+def register_kv_cache_spec() -> None:
+    """Map ``KVCompressSpec`` to ``KVCompressManager`` (idempotent).
+
+    The built-ins must be registered first: the registry only installs them
+    when it is empty.
+    """
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        KVCompressSpec, KVCompressManager, uniform_type_base_spec=FullAttentionSpec
+    )

@@ -1,0 +1,287 @@
+"""``KVCompressScheduler``: decides how many head-pages each request evicts
+and returns whole blocks to vLLM's pool before admitting work.
+
+Per step (``schedule``):
+
+1. For every running request whose prompt is fully in the cache, the policy
+   (``accounting.pages_to_evict``) computes how many head-pages to evict: once
+   right after the prompt, then every ``compress_interval`` new tokens, and
+   immediately for all of them when the next step would not fit (compress
+   before preempting).
+2. ``KVCompressManager.apply_eviction`` records the eviction and frees the
+   request's surplus tail blocks into the pool, so vLLM's own ``schedule``
+   can hand them to other requests in this very step.
+3. The plans travel to the worker on ``SchedulerOutput.kv_compress``; the
+   worker evicts, compacts and vacates the released blocks before the forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from kvcompress_vllm.config import (
+    KVCompressConfigError,
+    RequestPolicy,
+    active_config,
+    request_policy,
+)
+from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats
+from kvcompress_vllm.scheduler.accounting import PageGeometry, pages_to_evict
+from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressManager, KVCompressSpec
+
+logger = init_logger(__name__)
+
+LOG_INTERVAL_S = 10.0
+
+
+@dataclass
+class RequestCompression:
+    """Scheduler-side compression state of one request."""
+
+    policy: RequestPolicy
+    #: ``num_computed_tokens`` at the last compression decision (None: none
+    #: since the request's prefill (re)started).
+    tokens_at_last_check: int | None = None
+    compressions: int = 0
+    pages_evicted_total: int = 0
+
+
+@dataclass
+class CompressionTotals:
+    """Engine-wide counters (for logs and tests)."""
+
+    compressions: int = 0
+    pages_evicted: int = 0
+    blocks_released: int = 0
+    kvs_evicted: int = 0
+    compaction_ms: float = 0.0
+    pages_migrated: int = 0
+    pressure_steps: int = 0
+    max_running: int = 0
+
+
+class KVCompressScheduler(Scheduler):
+    """vLLM's scheduler plus KV-Compress eviction planning."""
+
+    def __init__(self, vllm_config, kv_cache_config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
+        cfg = active_config(vllm_config)
+        if cfg is None:
+            raise RuntimeError(
+                "KVCompressScheduler needs additional_config['kv_compress'] with "
+                "compression enabled"
+            )
+        self.kvc_config = cfg
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, KVCompressSpec):
+            raise RuntimeError(
+                "KV-Compress supports exactly one full-attention KV-cache group; "
+                f"got {[type(g.kv_cache_spec).__name__ for g in groups]}"
+            )
+        spec = groups[0].kv_cache_spec
+        self.geometry = PageGeometry(
+            block_size=spec.block_size,
+            pages_per_block=len(groups[0].layer_names) * spec.num_kv_heads,
+        )
+        (manager,) = self.kv_cache_manager.coordinator.single_type_managers
+        if not isinstance(manager, KVCompressManager):
+            raise RuntimeError(f"expected KVCompressManager, got {type(manager).__name__}")
+        manager.geometry = self.geometry
+        self.kvc_manager = manager
+        self.kvc_requests: dict[str, RequestCompression] = {}
+        self.kvc_totals = CompressionTotals()
+        self._kvc_last_log = time.monotonic()
+
+    # ------------------------------------------------------------------
+    def _compression_state(self, request: Request) -> RequestCompression:
+        state = self.kvc_requests.get(request.request_id)
+        if state is None:
+            params = request.sampling_params
+            extra = params.extra_args if params is not None else None
+            try:
+                policy = request_policy(self.kvc_config, extra, self.geometry.block_size)
+            except KVCompressConfigError:
+                # The frontend validates these; a request that slipped through
+                # (e.g. a direct EngineCore client) keeps its full cache.
+                logger.error(
+                    "request %s: invalid KV-Compress extra_args %r; not compressing it",
+                    request.request_id,
+                    extra,
+                )
+                policy = dataclasses.replace(
+                    request_policy(self.kvc_config, None, self.geometry.block_size),
+                    rate=1.0,
+                    max_cache_tokens=None,
+                )
+            state = RequestCompression(policy=policy)
+            self.kvc_requests[request.request_id] = state
+        return state
+
+    def _next_step_demand(self) -> int:
+        """Blocks the running requests need for their next tokens."""
+        demand = 0
+        budget = self.max_num_scheduled_tokens
+        for request in self.running:
+            rid = request.request_id
+            n = request.num_computed_tokens
+            new = min(max(request.num_tokens - n, 1), budget)
+            evicted = self.kvc_manager.evicted_pages.get(rid, 0)
+            need = self.geometry.blocks_needed(n + new, evicted)
+            demand += max(0, need - len(self.kvc_manager.req_to_blocks.get(rid, ())))
+        return demand
+
+    def _plan_evictions(self) -> list[EvictionPlan]:
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        pressure = free < self._next_step_demand()
+        if pressure:
+            self.kvc_totals.pressure_steps += 1
+        plans: list[EvictionPlan] = []
+        for request in self.running:
+            n = request.num_computed_tokens
+            if n == 0 or n < request.num_tokens - 1:
+                continue  # prefill still in progress: the prompt is not scored yet
+            state = self._compression_state(request)
+            policy = state.policy
+            if not policy.compresses:
+                continue
+            last = state.tokens_at_last_check
+            if not (pressure or last is None or n - last >= policy.compress_interval):
+                continue
+            state.tokens_at_last_check = n
+            rid = request.request_id
+            evicted = self.kvc_manager.evicted_pages.get(rid, 0)
+            num_pages = pages_to_evict(self.geometry, policy, n, evicted)
+            if num_pages == 0:
+                continue
+            released = self.kvc_manager.apply_eviction(rid, num_pages, n)
+            state.compressions += 1
+            state.pages_evicted_total += num_pages
+            self.kvc_totals.compressions += 1
+            self.kvc_totals.pages_evicted += num_pages
+            self.kvc_totals.blocks_released += len(released)
+            plans.append(
+                EvictionPlan(
+                    req_id=rid,
+                    num_pages=num_pages,
+                    num_tokens=n,
+                    pages_after=self.geometry.pages_in_use(n, evicted + num_pages),
+                    released_block_ids=tuple(released),
+                    protected_window=policy.protected_window,
+                    sink_tokens=policy.sink_tokens,
+                    scorer=policy.scorer,
+                )
+            )
+        return plans
+
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        plans = self._plan_evictions()
+        output = super().schedule(*args, **kwargs)
+        # A request preempted by vLLM in this step lost all its blocks; the
+        # worker drops its state, so its plan must not reach the worker.
+        plans = [
+            p
+            for p in plans
+            if (r := self.requests.get(p.req_id)) is not None
+            and r.status == RequestStatus.RUNNING
+        ]
+        prefill_ends: dict[str, int] = {}
+        for new_req in output.scheduled_new_reqs:
+            prefill_ends[new_req.req_id] = self.requests[new_req.req_id].num_tokens
+        for rid in output.scheduled_cached_reqs.resumed_req_ids:
+            prefill_ends[rid] = self.requests[rid].num_tokens
+        output.kv_compress = StepPlan(
+            evictions=plans,
+            prefill_ends=prefill_ends,
+            report_pages=self.kvc_config.debug_checks,
+        )
+        self.kvc_totals.max_running = max(self.kvc_totals.max_running, len(self.running))
+        return output
+
+    # ------------------------------------------------------------------
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output):
+        stats: WorkerStats | None = getattr(model_runner_output, "kv_compress_stats", None)
+        if stats is not None:
+            self.kvc_totals.kvs_evicted += stats.kvs_evicted
+            self.kvc_totals.compaction_ms += stats.compaction_ms
+            self.kvc_totals.pages_migrated += stats.pages_migrated
+            if stats.pages_in_use is not None:
+                self._check_worker_pages(stats.pages_in_use)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._maybe_log()
+        return outputs
+
+    def _check_worker_pages(self, worker_pages: dict[str, int]) -> None:
+        """Scheduler and worker must agree on every request's page count."""
+        for rid, pages in worker_pages.items():
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            expected = self.kvc_manager.pages_in_use(rid, request.num_computed_tokens)
+            if expected != pages:
+                raise AssertionError(
+                    f"KV-Compress accounting mismatch for request {rid}: scheduler "
+                    f"expects {expected} pages, worker holds {pages}"
+                )
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._kvc_last_log < LOG_INTERVAL_S or not self.kvc_totals.compressions:
+            return
+        self._kvc_last_log = now
+        t = self.kvc_totals
+        logger.info(
+            "KV-Compress: %d compressions, %d head-pages evicted, %d blocks "
+            "released, %d pages migrated, compaction %.1f ms total, KV usage %.1f%%",
+            t.compressions,
+            t.pages_evicted,
+            t.blocks_released,
+            t.pages_migrated,
+            t.compaction_ms,
+            100.0 * self.kv_cache_manager.usage,
+        )
+
+    def request_compression_summary(self, request: Request) -> dict[str, Any]:
+        """Per-request figures reported in ``RequestOutput.kv_transfer_params``."""
+        rid = request.request_id
+        state = self.kvc_requests.get(rid)
+        n = request.num_computed_tokens
+        evicted = self.kvc_manager.evicted_pages.get(rid, 0)
+        total = self.geometry.pages_per_block * n
+        kept = self.geometry.kept_kvs(n, evicted)
+        return {
+            "tokens": n,
+            "kvs_total": total,
+            "kvs_kept": kept,
+            "kept_fraction": (kept / total) if total else 1.0,
+            "pages_evicted": state.pages_evicted_total if state else 0,
+            "compressions": state.compressions if state else 0,
+            "rate": state.policy.rate if state else self.kvc_config.rate,
+            "scorer": state.policy.scorer if state else self.kvc_config.scorer,
+        }
+
+    def _connector_finished(self, request: Request):
+        delay_free, params = super()._connector_finished(request)
+        summary = {"kv_compress": self.request_compression_summary(request)}
+        params = {**(params or {}), **summary}
+        return delay_free, params
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super()._preempt_request(request, *args, **kwargs)
+        # Preemption frees every block; the resumed request recomputes its
+        # whole cache uncompressed and is compressed again after that prefill.
+        state = self.kvc_requests.get(request.request_id)
+        if state is not None:
+            state.tokens_at_last_check = None
+
+    def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        result = super()._free_request(request, delay_free_blocks)
+        self.kvc_requests.pop(request.request_id, None)
+        return result

@@ -1,0 +1,236 @@
+"""``HeadPageTable``: per-(layer, KV head) page tables of every live request.
+
+A *head-page* holds ``block_size`` tokens of one KV head of one layer.  vLLM's
+KV pool (layout LBHNC, one storage for all layers) is viewed as
+``[P = L*B*H, 2, N, D]`` head-pages with
+
+    page_id(layer, block, head) = (layer * B + block) * H + head
+
+so one vLLM block owns ``L*H`` head-pages, one per (layer, head).  A request
+owns the pages of the blocks the scheduler gave it.  While it is not
+compressed, head (l, h) uses page ``page_id(l, blocks[i], h)`` for its i-th
+logical page: exactly where stock vLLM keeps those bytes.  After an eviction
+heads hold different numbers of pages, taken from any page of any block the
+request owns.
+
+Per request (a "slot" row of the persistent tensors):
+    page_table  [S, L, H, max_pages] int32   logical page -> page id (-1: none)
+    num_pages   [S, L, H]            int32   pages assigned to each head
+    kv_count    [S, L, H]            int32   KVs held by each head
+Invariant: ``num_pages >= ceil(kv_count / N)`` and every assigned page lies in
+a block the request owns; no page is assigned twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RequestPages:
+    """Host-side bookkeeping of one request (mirrors the scheduler)."""
+
+    slot: int
+    blocks: list[int]
+    #: Tokens in the cache (the uncompressed count, same for every head).
+    num_tokens: int
+    #: Tokens covered by the request's (re)started prefill.
+    prefill_end: int
+    #: Head-pages evicted so far (sum over heads).
+    evicted_pages: int = 0
+    compressions: int = 0
+    #: Tokens scheduled in the current step (set by ``begin_step``).
+    step_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def compressed(self) -> bool:
+        return self.evicted_pages > 0
+
+
+class HeadPageTable:
+    """Page tables and page allocation at (layer, KV head) granularity."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        num_blocks: int,
+        block_size: int,
+        max_pages_per_head: int,
+        max_requests: int,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_pages = max_pages_per_head
+        shape = (max_requests, num_layers, num_kv_heads)
+        self.page_table = torch.full((*shape, max_pages_per_head), -1, dtype=torch.int32)
+        self.num_pages = torch.zeros(shape, dtype=torch.int32)
+        self.kv_count = torch.zeros(shape, dtype=torch.int32)
+        self.requests: dict[str, RequestPages] = {}
+        self._free_slots = list(range(max_requests - 1, -1, -1))
+        # page_id(l, 0, h) for every (l, h): add block * H for other blocks.
+        layer = torch.arange(num_layers).view(-1, 1)
+        head = torch.arange(num_kv_heads).view(1, -1)
+        self._page_base = (layer * num_blocks * num_kv_heads + head).to(torch.int64)
+
+    # -- geometry ----------------------------------------------------------
+    @property
+    def heads_per_block(self) -> int:
+        return self.num_layers * self.num_kv_heads
+
+    def block_page_ids(self, blocks: list[int] | torch.Tensor) -> torch.Tensor:
+        """Page ids of ``blocks``: ``[len(blocks), L, H]`` int64."""
+        b = torch.as_tensor(blocks, dtype=torch.int64).view(-1, 1, 1)
+        return self._page_base.unsqueeze(0) + b * self.num_kv_heads
+
+    def block_of_page(self, pages: torch.Tensor) -> torch.Tensor:
+        return (pages.to(torch.int64) // self.num_kv_heads) % self.num_blocks
+
+    # -- lifecycle ---------------------------------------------------------
+    def add(self, req_id: str, blocks: list[int], num_tokens: int, prefill_end: int) -> RequestPages:
+        if req_id in self.requests:
+            raise RuntimeError(f"request {req_id} is already registered")
+        if not self._free_slots:
+            raise RuntimeError("HeadPageTable: no free request slot")
+        slot = self._free_slots.pop()
+        self.page_table[slot] = -1
+        self.num_pages[slot] = 0
+        self.kv_count[slot] = num_tokens
+        req = RequestPages(slot=slot, blocks=list(blocks), num_tokens=num_tokens, prefill_end=prefill_end)
+        self.requests[req_id] = req
+        self.ensure_capacity(req, 0)
+        return req
+
+    def remove(self, req_id: str) -> None:
+        req = self.requests.pop(req_id, None)
+        if req is not None:
+            self._free_slots.append(req.slot)
+
+    def append_blocks(self, req_id: str, blocks: list[int]) -> None:
+        self.requests[req_id].blocks.extend(blocks)
+
+    # -- page assignment ---------------------------------------------------
+    def pages_in_use(self, req: RequestPages) -> int:
+        return int(self.num_pages[req.slot].sum())
+
+    def needed_pages(self, req: RequestPages, new_tokens: int) -> torch.Tensor:
+        """Pages each head needs to also hold ``new_tokens`` more KVs."""
+        count = self.kv_count[req.slot] + new_tokens
+        return (count + self.block_size - 1) // self.block_size
+
+    def ensure_capacity(self, req: RequestPages, new_tokens: int) -> None:
+        """Assign pages so every head can append ``new_tokens`` KVs.
+
+        Uncompressed requests get the identity pages (head (l, h), logical
+        page i -> ``page_id(l, blocks[i], h)``); compressed requests take any
+        free page of their blocks, preferring the head's own page of block i.
+        """
+        slot = req.slot
+        need = self.needed_pages(req, new_tokens)
+        have = self.num_pages[slot]
+        if bool((need <= have).all()):
+            return
+        target = int(need.max())
+        if target > self.max_pages:
+            raise RuntimeError(f"request needs {target} pages per head; max is {self.max_pages}")
+        if not req.compressed:
+            if target > len(req.blocks):
+                raise RuntimeError(
+                    f"request owns {len(req.blocks)} blocks but needs {target}: "
+                    "scheduler and worker disagree"
+                )
+            start = int(have.min())
+            ids = self.block_page_ids(req.blocks[start:target])  # [k, L, H]
+            self.page_table[slot, :, :, start:target] = ids.permute(1, 2, 0).to(torch.int32)
+            self.num_pages[slot] = torch.maximum(have, need.clamp(min=start))
+            return
+        free = self.free_pages(req)
+        owned = self.block_page_ids(req.blocks)  # [nb, L, H]
+        num_blocks = owned.shape[0]
+        taken = torch.zeros(free.shape[0], dtype=torch.bool)
+        free_pos = {int(p): i for i, p in enumerate(free.tolist())}
+        for _ in range(target - int(have.min())):
+            want = self.num_pages[slot] < need  # [L, H]
+            if not bool(want.any()):
+                break
+            heads = want.nonzero()
+            for l_idx, h_idx in heads.tolist():
+                i = int(self.num_pages[slot, l_idx, h_idx])
+                page = -1
+                if i < num_blocks:
+                    own = int(owned[i, l_idx, h_idx])
+                    pos = free_pos.get(own)
+                    if pos is not None and not bool(taken[pos]):
+                        page, taken[pos] = own, True
+                if page < 0:
+                    avail = (~taken).nonzero()
+                    if avail.numel() == 0:
+                        raise RuntimeError(
+                            "request ran out of pages in its own blocks: scheduler "
+                            "and worker disagree on its page count"
+                        )
+                    pos = int(avail[0])
+                    page, taken[pos] = int(free[pos]), True
+                self.page_table[slot, l_idx, h_idx, i] = page
+                self.num_pages[slot, l_idx, h_idx] = i + 1
+
+    def used_pages(self, req: RequestPages) -> torch.Tensor:
+        """Page ids assigned to any head of ``req`` (1-D int64)."""
+        slot = req.slot
+        valid = torch.arange(self.max_pages).view(1, 1, -1) < self.num_pages[slot].unsqueeze(-1)
+        return self.page_table[slot][valid].to(torch.int64)
+
+    def free_pages(self, req: RequestPages, blocks: list[int] | None = None) -> torch.Tensor:
+        """Unassigned pages of ``blocks`` (default: all owned), block-major."""
+        owned = self.block_page_ids(req.blocks if blocks is None else blocks).view(-1)
+        return owned[~torch.isin(owned, self.used_pages(req))]
+
+    def trim(self, req: RequestPages) -> None:
+        """Unassign pages beyond what each head's KVs occupy."""
+        slot = req.slot
+        keep = (self.kv_count[slot] + self.block_size - 1) // self.block_size
+        drop = torch.arange(self.max_pages).view(1, 1, -1) >= keep.unsqueeze(-1)
+        self.page_table[slot][drop] = -1
+        self.num_pages[slot] = keep
+
+    def release_blocks(self, req: RequestPages, released: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stop owning the tail blocks ``released``; return (src, dst) page
+        moves that vacate them (the caller copies the page contents)."""
+        if not released:
+            return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+        if req.blocks[-len(released):] != list(released):
+            raise RuntimeError(
+                f"released blocks {released} are not the tail of {req.blocks}"
+            )
+        kept_blocks = req.blocks[: -len(released)]
+        slot = req.slot
+        table = self.page_table[slot]  # [L, H, max_pages] (view)
+        valid = torch.arange(self.max_pages).view(1, 1, -1) < self.num_pages[slot].unsqueeze(-1)
+        in_released = valid & torch.isin(
+            self.block_of_page(table), torch.as_tensor(released, dtype=torch.int64)
+        )
+        src = table[in_released].to(torch.int64)
+        dst = self.free_pages(req, kept_blocks)[: src.numel()]
+        if dst.numel() < src.numel():
+            raise RuntimeError(
+                f"cannot vacate released blocks: {src.numel()} live pages, "
+                f"{dst.numel()} free pages left in kept blocks"
+            )
+        table[in_released] = dst.to(torch.int32)
+        req.blocks = kept_blocks
+        return src, dst
+
+    # -- batch views -------------------------------------------------------
+    def head_rows(self, req: RequestPages) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page_table [L*H, max_pages], kv_count [L*H]) of one request."""
+        slot = req.slot
+        return (
+            self.page_table[slot].view(self.heads_per_block, self.max_pages),
+            self.kv_count[slot].view(self.heads_per_block),
+        )

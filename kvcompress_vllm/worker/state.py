@@ -1,0 +1,341 @@
+"""Worker-side KV-Compress state: the head-page pool, metrics, page tables,
+and the per-step work (register requests, apply eviction plans, compact,
+vacate released blocks, build the attention batch tensors).
+
+One instance per worker process (``get_state()``), created after vLLM has
+allocated the KV cache.  The attention backend reads it while building
+metadata and in ``forward``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvcompress_vllm import ops
+from kvcompress_vllm.config import KVCompressConfig
+from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats
+from kvcompress_vllm.worker import scorers
+from kvcompress_vllm.worker.page_table import HeadPageTable, RequestPages
+from kvcompress_vllm.worker.selection import select_evictions
+
+_STATE: "KVCompressWorkerState | None" = None
+
+
+def get_state() -> "KVCompressWorkerState | None":
+    return _STATE
+
+
+def set_state(state: "KVCompressWorkerState | None") -> None:
+    global _STATE
+    _STATE = state
+
+
+@dataclass
+class HeadPool:
+    """vLLM's KV cache viewed as head-pages, plus per-slot metadata."""
+
+    kv_pages: torch.Tensor  # [P, 2, N, D] view of vLLM's KV storage
+    metrics: torch.Tensor  # [P, N] float32
+    positions: torch.Tensor  # [P, N] int32
+    num_layers: int
+    num_blocks: int
+    num_kv_heads: int
+    layer_numel: int  # elements of one layer region (B * H * 2 * N * D)
+
+    @classmethod
+    def from_layer_caches(cls, layer_caches: list[torch.Tensor]) -> "HeadPool":
+        """Build from the per-layer ``[B, H, N, 2D]`` views vLLM allocated.
+
+        Requires (and checks) vLLM 0.32's CPU layout: all layers in one
+        storage, each layer a contiguous LBHNC region of the same size.
+        """
+        first = layer_caches[0]
+        num_blocks, num_kv_heads, block_size, two_d = first.shape
+        head_dim = two_d // 2
+        layer_numel = first.numel()
+        storage = first.untyped_storage()
+        base = min(c.storage_offset() for c in layer_caches)
+        for cache in layer_caches:
+            if cache.untyped_storage().data_ptr() != storage.data_ptr():
+                raise RuntimeError("KV-Compress needs all layers in one KV storage")
+            if not cache.is_contiguous() or cache.shape != first.shape:
+                raise RuntimeError(
+                    f"unexpected KV cache view {tuple(cache.shape)} stride {cache.stride()}"
+                )
+            if (cache.storage_offset() - base) % layer_numel:
+                raise RuntimeError("KV cache layers are not laid out back to back")
+        num_layers = len(layer_caches)
+        regions = sorted((c.storage_offset() - base) // layer_numel for c in layer_caches)
+        if regions != list(range(num_layers)):
+            raise RuntimeError(f"KV cache layer regions {regions} are not 0..L-1")
+        flat = torch.empty(0, dtype=first.dtype, device=first.device)
+        flat.set_(storage, base, (num_layers * layer_numel,), (1,))
+        num_pages = num_layers * num_blocks * num_kv_heads
+        kv_pages = flat.view(num_pages, 2, block_size, head_dim)
+        return cls(
+            kv_pages=kv_pages,
+            metrics=torch.zeros(num_pages, block_size, dtype=torch.float32, device=first.device),
+            positions=torch.zeros(num_pages, block_size, dtype=torch.int32, device=first.device),
+            num_layers=num_layers,
+            num_blocks=num_blocks,
+            num_kv_heads=num_kv_heads,
+            layer_numel=layer_numel,
+        )
+
+    def region_of(self, layer_cache: torch.Tensor) -> int:
+        """Region (our layer index) of one layer's ``[B, H, N, 2D]`` view."""
+        offset = layer_cache.data_ptr() - self.kv_pages.data_ptr()
+        return offset // (self.layer_numel * layer_cache.element_size())
+
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.kv_pages[dst] = self.kv_pages[src]
+        self.metrics[dst] = self.metrics[src]
+        self.positions[dst] = self.positions[src]
+
+
+@dataclass
+class AttentionBatch:
+    """Per-step tensors the attention impl reads (one set for all layers)."""
+
+    page_table: torch.Tensor  # [L, R, H, max_pages] int32
+    kv_lens: torch.Tensor  # [L, R, H] int32 (including this step's tokens)
+    write_slots: torch.Tensor  # [L, T, H] int64 page * N + offset
+    token_positions: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [R + 1] int32
+    metric_q_start: torch.Tensor  # [R] int32
+    record_metrics: bool
+    #: Rows whose prompt completes in this step (their prompt metric is
+    #: max-pooled along keys): list of (row, kv_len).
+    pool_rows: list[tuple[int, int]]
+
+
+class KVCompressWorkerState:
+    def __init__(
+        self,
+        cfg: KVCompressConfig,
+        pool: HeadPool,
+        *,
+        max_model_len: int,
+        max_num_reqs: int,
+    ) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.block_size = pool.kv_pages.shape[2]
+        max_pages = -(-max_model_len // self.block_size) + 1
+        self.table = HeadPageTable(
+            num_layers=pool.num_layers,
+            num_kv_heads=pool.num_kv_heads,
+            num_blocks=pool.num_blocks,
+            block_size=self.block_size,
+            max_pages_per_head=max_pages,
+            max_requests=max_num_reqs,
+        )
+        self.in_step = False
+        self.pending_stats = WorkerStats()
+        self._report_pages = False
+        self._batch: AttentionBatch | None = None
+        self._batch_key: tuple | None = None
+
+    # ------------------------------------------------------------------
+    def begin_step(self, scheduler_output) -> None:
+        """Bring the page tables in line with this step's scheduler output."""
+        step: StepPlan = getattr(scheduler_output, "kv_compress", None) or StepPlan()
+        table = self.table
+        self._batch = None
+        self._batch_key = None
+        for rid in scheduler_output.finished_req_ids:
+            table.remove(rid)
+        for rid in scheduler_output.preempted_req_ids or ():
+            table.remove(rid)
+        for new_req in scheduler_output.scheduled_new_reqs:
+            table.remove(new_req.req_id)  # abort + resubmit with the same id
+            table.add(
+                new_req.req_id,
+                list(new_req.block_ids[0]),
+                new_req.num_computed_tokens,
+                step.prefill_ends.get(new_req.req_id, new_req.prompt_len),
+            )
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            if rid in cached.resumed_req_ids:
+                table.remove(rid)
+                blocks = cached.new_block_ids[i]
+                table.add(
+                    rid,
+                    list(blocks[0]) if blocks is not None else [],
+                    cached.num_computed_tokens[i],
+                    step.prefill_ends[rid],
+                )
+        # Plans refer to the block lists as they were before this step's
+        # allocations, so they run before new blocks are appended.
+        for plan in step.evictions:
+            self.apply_eviction(plan)
+        for i, rid in enumerate(cached.req_ids):
+            blocks = cached.new_block_ids[i]
+            if rid not in cached.resumed_req_ids and blocks is not None:
+                table.append_blocks(rid, list(blocks[0]))
+        for rid, num_new in scheduler_output.num_scheduled_tokens.items():
+            req = table.requests[rid]
+            table.ensure_capacity(req, num_new)
+            table.kv_count[req.slot] += num_new
+            req.num_tokens += num_new
+            req.step_tokens = num_new
+        self._report_pages = step.report_pages
+        self.in_step = True
+
+    def end_step(self) -> WorkerStats:
+        self.in_step = False
+        self._batch = None
+        stats = self.pending_stats
+        if self._report_pages:
+            stats.pages_in_use = {
+                rid: self.table.pages_in_use(req) for rid, req in self.table.requests.items()
+            }
+        self.pending_stats = WorkerStats()
+        for req in self.table.requests.values():
+            req.step_tokens = 0
+        return stats
+
+    # ------------------------------------------------------------------
+    def _gather_request(self, req: RequestPages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(page ids, slots, valid) ``[L*H, C]`` of every KV of ``req``."""
+        page_rows, counts = self.table.head_rows(req)
+        width = int(counts.max())
+        j = torch.arange(width)
+        valid = j.view(1, -1) < counts.view(-1, 1)
+        page_idx = (j // self.block_size).clamp(max=page_rows.shape[1] - 1)
+        pages = page_rows.to(torch.int64)[:, page_idx]
+        pages = torch.where(valid, pages, torch.zeros_like(pages))
+        slots = (j % self.block_size).view(1, -1).expand_as(pages)
+        return pages, slots, valid, counts
+
+    def apply_eviction(self, plan: EvictionPlan) -> None:
+        """Evict ``plan.num_pages`` head-pages of one request, compact its
+        heads and move its live pages out of the released blocks."""
+        start = time.perf_counter()
+        table = self.table
+        req = table.requests.get(plan.req_id)
+        if req is None:
+            raise RuntimeError(f"eviction plan for unknown request {plan.req_id}")
+        if req.num_tokens != plan.num_tokens:
+            raise RuntimeError(
+                f"request {plan.req_id}: worker holds {req.num_tokens} tokens, "
+                f"plan was made for {plan.num_tokens}"
+            )
+        pool = self.pool
+        pages, slots, valid, counts = self._gather_request(req)
+        kvs = scorers.HeadKVs(
+            metrics=pool.metrics[pages, slots],
+            positions=pool.positions[pages, slots].to(torch.int64),
+            valid=valid,
+            keys=lambda: pool.kv_pages[pages, 0, slots].float(),
+            req_id=plan.req_id,
+            num_tokens=req.num_tokens,
+        )
+        scores = scorers.score(plan.scorer, kvs, plan.protected_window, plan.sink_tokens)
+        chosen = select_evictions(
+            scores, plan.num_pages, self.block_size, uniform=scorers.is_uniform(plan.scorer)
+        )
+        page_rows, _ = table.head_rows(req)
+        evict_counts = chosen.evict_counts
+        ops.compact_heads(
+            pool.kv_pages, pool.metrics, pool.positions,
+            page_rows, counts, chosen.evict_idx, evict_counts,
+        )
+        counts -= evict_counts  # view of table.kv_count
+        table.trim(req)
+        src, dst = table.release_blocks(req, list(plan.released_block_ids))
+        if src.numel():
+            pool.copy_pages(src, dst)
+        req.evicted_pages += plan.num_pages
+        req.compressions += 1
+        in_use = table.pages_in_use(req)
+        if in_use != plan.pages_after:
+            raise RuntimeError(
+                f"request {plan.req_id}: {in_use} pages after eviction, scheduler "
+                f"expects {plan.pages_after}"
+            )
+        stats = self.pending_stats
+        stats.pages_evicted += plan.num_pages
+        stats.kvs_evicted += int(evict_counts.sum())
+        stats.compactions += 1
+        stats.pages_migrated += int(src.numel())
+        stats.compaction_ms += 1000.0 * (time.perf_counter() - start)
+
+    # ------------------------------------------------------------------
+    def build_batch(self, req_ids: list[str], query_start_loc: torch.Tensor) -> AttentionBatch:
+        """Per-step attention tensors in the runner's batch order."""
+        key = (tuple(req_ids), tuple(query_start_loc.tolist()))
+        if self._batch is not None and self._batch_key == key:
+            return self._batch
+        table = self.table
+        reqs = [table.requests[rid] for rid in req_ids]
+        qsl = query_start_loc.to(torch.int64)
+        q_lens = qsl[1:] - qsl[:-1]
+        step = torch.tensor([r.step_tokens for r in reqs], dtype=torch.int64)
+        if not torch.equal(step, q_lens):
+            raise RuntimeError(
+                f"attention batch query lengths {q_lens.tolist()} differ from the "
+                f"scheduled tokens {step.tolist()}"
+            )
+        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
+        width = int(table.num_pages.index_select(0, slots).max())
+        page_table = (
+            table.page_table.index_select(0, slots)[..., :width].permute(1, 0, 2, 3).contiguous()
+        )  # [L, R, H, width]
+        kv_lens = table.kv_count.index_select(0, slots).permute(1, 0, 2).contiguous()  # [L, R, H]
+        num_layers, num_reqs, num_heads = kv_lens.shape
+        num_tokens = int(qsl[-1])
+        row = torch.repeat_interleave(torch.arange(num_reqs), q_lens)
+        offset = torch.arange(num_tokens) - qsl[row]
+        logical = (kv_lens.to(torch.int64) - q_lens.view(1, -1, 1))[:, row, :] + offset.view(1, -1, 1)
+        layer = torch.arange(num_layers).view(-1, 1, 1)
+        head = torch.arange(num_heads).view(1, 1, -1)
+        flat = ((layer * num_reqs + row.view(1, -1, 1)) * num_heads + head) * width + logical // self.block_size
+        page = page_table.view(-1).index_select(0, flat.view(-1)).view(flat.shape).to(torch.int64)
+        write_slots = page * self.block_size + logical % self.block_size
+        before = torch.tensor([r.num_tokens - r.step_tokens for r in reqs], dtype=torch.int64)
+        token_positions = before[row] + offset
+        # Observation window: prompt queries at positions >= prefill_end - w
+        # score the KVs; decode queries (positions >= prefill_end) always do
+        # unless record_decode_metrics is off.
+        prefill_end = torch.tensor([r.prefill_end for r in reqs], dtype=torch.int64)
+        start = (prefill_end - self.cfg.observation_window - before).clamp(min=0)
+        start = torch.minimum(start, q_lens)
+        if not self.cfg.record_decode_metrics:
+            start = torch.where(before >= prefill_end, q_lens, start)
+        pool_rows = []
+        if self.cfg.pooling_kernel > 1:
+            ends = before + q_lens
+            for r in ((ends == prefill_end) & (q_lens > 0)).nonzero().view(-1).tolist():
+                pool_rows.append((r, int(ends[r])))
+        batch = AttentionBatch(
+            page_table=page_table,
+            kv_lens=kv_lens,
+            write_slots=write_slots,
+            token_positions=token_positions,
+            query_start_loc=query_start_loc.to(torch.int32),
+            metric_q_start=start.to(torch.int32),
+            record_metrics=bool((start < q_lens).any()),
+            pool_rows=pool_rows,
+        )
+        self._batch, self._batch_key = batch, key
+        return batch
+
+    def pool_prompt_metrics(self, batch: AttentionBatch, region: int) -> None:
+        """Max-pool the prompt metric along keys for rows finishing prefill."""
+        kernel = self.cfg.pooling_kernel
+        metrics = self.pool.metrics
+        for row, length in batch.pool_rows:
+            pages = batch.page_table[region, row].to(torch.int64)  # [H, width]
+            j = torch.arange(length)
+            page = pages[:, j // self.block_size]
+            slot = (j % self.block_size).expand_as(page)
+            values = metrics[page, slot]  # [H, length] in position order
+            pooled = torch.nn.functional.max_pool1d(
+                values.unsqueeze(1), kernel, stride=1, padding=kernel // 2
+            ).squeeze(1)
+            metrics[page, slot] = pooled
