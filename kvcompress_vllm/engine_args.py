@@ -135,13 +135,13 @@ def _wrap_create_engine_config(cls: type) -> None:
         cfg = config_from_additional(self.additional_config)  # validates
         if cfg is None or not cfg.active:
             return original(self, *args, **kwargs)
-        from vllm.logger import init_logger
         from vllm.platforms import current_platform
 
         from kvcompress_vllm import compat
+        from kvcompress_vllm.log import get_logger
 
         compat.check_runtime_hooks()
-        logger = init_logger("kvcompress_vllm")
+        logger = get_logger(__name__)
         problems = _incompatibilities(self)
         if problems:
             raise KVCompressConfigError(

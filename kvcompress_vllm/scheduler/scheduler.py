@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.config import (
     KVCompressConfigError,
     RequestPolicy,
@@ -37,7 +37,7 @@ from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats
 from kvcompress_vllm.scheduler.accounting import PageGeometry, pages_to_evict
 from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressManager, KVCompressSpec
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 LOG_INTERVAL_S = 10.0
 
@@ -65,6 +65,7 @@ class CompressionTotals:
     compaction_ms: float = 0.0
     pages_migrated: int = 0
     pressure_steps: int = 0
+    preemptions: int = 0
     max_running: int = 0
 
 
@@ -275,6 +276,7 @@ class KVCompressScheduler(Scheduler):
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super()._preempt_request(request, *args, **kwargs)
+        self.kvc_totals.preemptions += 1
         # Preemption frees every block; the resumed request recomputes its
         # whole cache uncompressed and is compressed again after that prefill.
         state = self.kvc_requests.get(request.request_id)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 
-from vllm.logger import init_logger
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.config import active_config
 from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState, set_state
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 CPU_BACKEND = "kvcompress_vllm.attention.cpu_backend.KVCompressCPUBackend"
 

@@ -1,0 +1,87 @@
+"""Shared fixtures.  Tests import the *installed* package (``make test``
+installs it); engine tests need the default model (``make model``)."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from kvcompress_vllm.model import default_model_path
+
+    path = default_model_path()
+    if not (path / "config.json").exists():
+        pytest.fail(f"default model missing at {path}: run `make model`")
+    return str(path)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+ENGINE_DEFAULTS = dict(
+    enforce_eager=True,
+    seed=0,
+    max_model_len=4096,
+    kv_cache_memory_bytes=384 << 20,
+    max_num_batched_tokens=1024,  # long prompts are prefilled in chunks
+    max_num_seqs=64,
+)
+
+
+class Engine:
+    """An in-process vLLM engine (EngineCore in this process, so tests can
+    look at the scheduler); workers are separate processes as always."""
+
+    def __init__(self, model: str, **kwargs):
+        from vllm import LLM
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.llm = LLM(model, **{**ENGINE_DEFAULTS, **kwargs})
+        self.engine = self.llm.llm_engine
+        self.core = self.engine.engine_core.engine_core
+        self.tokenizer = self.llm.get_tokenizer()
+
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    def free_blocks(self) -> int:
+        return self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def generate(self, prompts, params):
+        """``prompts``: list of str or list of token-id lists."""
+        from vllm.inputs import TokensPrompt
+
+        inputs = [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        return self.llm.generate(inputs, params, use_tqdm=False)
+
+    def run_until_done(self, max_steps=100_000):
+        outputs = {}
+        for _ in range(max_steps):
+            if not self.engine.has_unfinished_requests():
+                return outputs
+            for out in self.engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+        raise AssertionError("engine did not finish")
+
+    def shutdown(self):
+        if self.engine is not None:
+            self.engine.engine_core.shutdown()
+            self.engine = self.llm = None
+
+
+@pytest.fixture(scope="module")
+def engine_factory(model_path):
+    engines = []
+
+    def make(**kwargs) -> Engine:
+        eng = Engine(model_path, **kwargs)
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in engines:
+        eng.shutdown()

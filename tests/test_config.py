@@ -1,0 +1,155 @@
+"""Configuration surface: validation, kwarg/flag folding, compatibility rules."""
+
+import argparse
+import math
+
+import pytest
+
+from kvcompress_vllm.config import (
+    KVCompressConfig,
+    KVCompressConfigError,
+    config_from_additional,
+    request_policy,
+)
+from kvcompress_vllm.engine_args import SCHEDULER_CLS, fold_rate
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.0001, 2, math.nan, math.inf, "0.3", None, True])
+def test_bad_rates_name_option_and_range(bad):
+    with pytest.raises(KVCompressConfigError) as err:
+        KVCompressConfig(rate=bad)
+    msg = str(err.value)
+    assert "kv_compress.rate" in msg and "(0, 1]" in msg
+
+
+@pytest.mark.parametrize(
+    "field,value,expect",
+    [
+        ("protected_window", -1, ">= 0"),
+        ("sink_tokens", -3, ">= 0"),
+        ("observation_window", 0, ">= 1"),
+        ("pooling_kernel", 4, "odd"),
+        ("compress_interval", 0, ">= 1"),
+        ("max_cache_tokens", -5, ">= 1"),
+        ("scorer", "h2o", "one of"),
+        ("enabled", "yes", "true or false"),
+    ],
+)
+def test_bad_fields(field, value, expect):
+    with pytest.raises(KVCompressConfigError) as err:
+        KVCompressConfig(**{field: value})
+    assert f"kv_compress.{field}" in str(err.value) and expect in str(err.value)
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(KVCompressConfigError, match="unknown option"):
+        config_from_additional({"kv_compress": {"rate": 0.5, "ratio": 0.5}})
+
+
+def test_active_only_when_compressing_or_enabled():
+    assert config_from_additional(None) is None
+    assert not KVCompressConfig(rate=1.0).active
+    assert KVCompressConfig(rate=0.3).active
+    assert KVCompressConfig(rate=1.0, enabled=True).active
+    assert not KVCompressConfig(rate=0.3, enabled=False).active
+
+
+def test_request_overrides():
+    cfg = KVCompressConfig(rate=0.5, protected_window=16)
+    p = request_policy(cfg, {"kv_compress_rate": 0.25, "kv_compress_scorer": "knorm"}, 128)
+    assert (p.rate, p.scorer, p.protected_window, p.compress_interval) == (0.25, "knorm", 16, 128)
+    with pytest.raises(KVCompressConfigError, match="extra_args.kv_compress_rate"):
+        request_policy(cfg, {"kv_compress_rate": 0}, 128)
+    with pytest.raises(KVCompressConfigError, match="extra_args.protected_window"):
+        request_policy(cfg, {"protected_window": -2}, 128)
+
+
+def test_fold_rate_conflict():
+    assert fold_rate(None, 0.3, "kv_compress_rate") == {"kv_compress": {"rate": 0.3}}
+    with pytest.raises(KVCompressConfigError, match="conflicts"):
+        fold_rate({"kv_compress": {"rate": 0.5}}, 0.3, "kv_compress_rate")
+
+
+# --- vLLM engine arguments (no engine is started) -----------------------------
+
+@pytest.fixture(scope="module")
+def engine_args_mod():
+    import kvcompress_vllm  # noqa: F401 - installs the EngineArgs hook
+    from vllm.engine import arg_utils
+
+    return arg_utils
+
+
+def test_kwarg_reaches_additional_config(engine_args_mod):
+    args = engine_args_mod.EngineArgs(model="m", kv_compress_rate=0.3)
+    assert args.additional_config == {"kv_compress": {"rate": 0.3}}
+    async_args = engine_args_mod.AsyncEngineArgs(model="m", kv_compress_rate=0.5)
+    assert async_args.additional_config["kv_compress"]["rate"] == 0.5
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, math.nan, "abc"])
+def test_bad_kwarg_fails_early(engine_args_mod, bad):
+    with pytest.raises(ValueError, match=r"kv_compress_rate.*\(0, 1\]"):
+        engine_args_mod.EngineArgs(model="m", kv_compress_rate=bad)
+
+
+def _parser(engine_args_mod):
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return engine_args_mod.AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+
+
+def test_cli_flag_is_parsed_and_kept(engine_args_mod):
+    parser = _parser(engine_args_mod)
+    ns = parser.parse_args(["--model", "m", "--kv-compress-rate", "0.3"])
+    args = engine_args_mod.AsyncEngineArgs.from_cli_args(ns)
+    assert args.additional_config["kv_compress"]["rate"] == 0.3
+
+
+@pytest.mark.parametrize("bad", ["0", "1.2", "nan", "abc", "-1"])
+def test_cli_flag_rejects_bad_values(engine_args_mod, bad, capsys):
+    parser = _parser(engine_args_mod)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--kv-compress-rate", bad])
+    err = capsys.readouterr().err
+    assert "--kv-compress-rate" in err and "(0, 1]" in err
+
+
+def test_create_engine_config_enables_plugin(engine_args_mod, model_path):
+    args = engine_args_mod.EngineArgs(
+        model=model_path, kv_compress_rate=0.3, enable_prefix_caching=True, max_model_len=2048
+    )
+    cfg = args.create_engine_config()
+    assert cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS
+    assert cfg.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
+    assert cfg.cache_config.enable_prefix_caching is False
+
+
+def test_create_engine_config_passthrough_without_config(engine_args_mod, model_path):
+    for extra in ({}, {"additional_config": {"kv_compress": {"rate": 1.0}}}):
+        cfg = engine_args_mod.EngineArgs(model=model_path, max_model_len=2048, **extra).create_engine_config()
+        assert "kvcompress" not in str(cfg.scheduler_config.scheduler_cls)
+        assert cfg.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative"),
+        ({"kv_offloading_size": 1.0}, "offloading"),
+        ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),
+        ({"async_scheduling": True}, "async-scheduling"),
+    ],
+)
+def test_incompatible_options_are_rejected(engine_args_mod, model_path, extra, needle):
+    args = engine_args_mod.EngineArgs(model=model_path, kv_compress_rate=0.5, **extra)
+    with pytest.raises(KVCompressConfigError, match=needle):
+        args.create_engine_config()
+
+
+def test_bad_additional_config_fails_in_create_engine_config(engine_args_mod, model_path):
+    args = engine_args_mod.EngineArgs(
+        model=model_path, additional_config={"kv_compress": {"rate": 0.5, "protected_window": -1}}
+    )
+    with pytest.raises(KVCompressConfigError, match="protected_window"):
+        args.create_engine_config()

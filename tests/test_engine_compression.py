@@ -1,0 +1,132 @@
+"""End-to-end compression on the default model (CPU engine, in-process core).
+
+``debug_checks`` is on: after every step the scheduler compares each
+request's page count with the worker's and raises on any difference.
+"""
+
+import random
+
+import pytest
+
+from kvcompress_vllm import tasks
+
+pytestmark = pytest.mark.engine
+
+BLOCK = 128
+PROTECTED = 32
+
+
+@pytest.fixture(scope="module")
+def engine(engine_factory):
+    return engine_factory(
+        additional_config={"kv_compress": {"rate": 0.25, "debug_checks": True}},
+    )
+
+
+def _params(**kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": 8, **kw})
+
+
+def _pages_per_block(engine):
+    return engine.scheduler.geometry.pages_per_block
+
+
+def test_2000_token_prompt_compressed_to_rate_and_blocks_freed(engine):
+    task = tasks.passkey(engine.tokenizer, 2000, depth=0.5, seed=1)
+    prompt_ids = engine.tokenizer.encode(task.prompt)
+    n = len(prompt_ids)
+    free0 = engine.free_blocks()
+    rid = engine.engine.add_request("big", {"prompt_token_ids": prompt_ids}, _params(max_tokens=4))
+    request = engine.scheduler.requests[rid]
+    while request.num_computed_tokens < n:  # chunked prefill
+        engine.engine.step()
+    uncompressed_blocks = -(-n // BLOCK)
+    assert free0 - engine.free_blocks() == uncompressed_blocks
+    engine.engine.step()  # the next schedule() compresses before decoding
+    lh = _pages_per_block(engine)
+    evicted = engine.scheduler.kvc_manager.evicted_pages[rid]
+    pages = lh * uncompressed_blocks - evicted
+    target_pages = lh * (0.25 * (n - PROTECTED) + PROTECTED) / BLOCK
+    assert target_pages <= pages <= target_pages + lh  # within one page per head
+    held = len(engine.scheduler.kvc_manager.req_to_blocks[rid])
+    assert held == -(-pages // lh) < uncompressed_blocks
+    assert free0 - engine.free_blocks() == held  # released blocks are back in the pool
+    out = engine.run_until_done()["big"]
+    stats = out.kv_transfer_params["kv_compress"]
+    assert stats["compressions"] >= 1 and stats["kept_fraction"] < 0.35
+    assert engine.free_blocks() == free0
+
+
+def test_passkey_survives_half_rate(engine):
+    hits = []
+    for depth in (0.2, 0.5, 0.8):
+        task = tasks.passkey(engine.tokenizer, 1500, depth=depth, seed=11)
+        (out,) = engine.generate([task.prompt], _params(max_tokens=12, extra_args={"kv_compress_rate": 0.5}))
+        hits.append(task.answer in out.outputs[0].text)
+        assert out.kv_transfer_params["kv_compress"]["kept_fraction"] < 0.6
+    assert all(hits), hits
+
+
+def test_mixed_requests_with_aborts_leak_no_blocks(engine):
+    """50 requests: mixed lengths and per-request options, n > 1, prompts
+    shorter than a page, requests finishing mid-batch and aborts."""
+    from vllm import SamplingParams
+
+    rng = random.Random(0)
+    free0 = engine.free_blocks()
+    options = [
+        {},
+        {"kv_compress_rate": 0.5},
+        {"kv_compress_rate": 1.0},  # this request is not compressed
+        {"max_cache_tokens": 200},
+        {"kv_compress_scorer": "knorm"},
+        {"kv_compress_scorer": "uniform", "protected_window": 8},
+    ]
+    ids = []
+    for i in range(50):
+        length = rng.choice([20, 90, 300, 600, 900])
+        prompt = [rng.randrange(100, 20000) for _ in range(length)]
+        params = SamplingParams(
+            temperature=0.8 if i % 7 == 0 else 0.0,
+            n=2 if i % 7 == 0 else 1,
+            max_tokens=rng.choice([1, 16, 150]),
+            extra_args=options[i % len(options)] or None,
+        )
+        ids.append(engine.engine.add_request(f"mix-{i}", {"prompt_token_ids": prompt}, params))
+    for _ in range(6):
+        engine.engine.step()
+    engine.engine.abort_request([f"mix-{i}" for i in range(0, 50, 5)])
+    outputs = engine.run_until_done()
+    assert len(outputs) >= 40
+    assert engine.free_blocks() == free0
+    assert not engine.scheduler.kvc_requests and not engine.scheduler.kvc_manager.evicted_pages
+    assert engine.scheduler.kvc_totals.compressions > 0
+
+
+def test_decode_keeps_recompressing(engine):
+    """A short prompt that decodes past several pages stays at its rate."""
+    (out,) = engine.generate(
+        [list(range(200, 260))],
+        _params(max_tokens=700, ignore_eos=True, extra_args={"kv_compress_rate": 0.25}),
+    )
+    stats = out.kv_transfer_params["kv_compress"]
+    assert stats["tokens"] == 60 + 700 - 1
+    assert stats["compressions"] >= 3
+    n = stats["tokens"]
+    target = 0.25 * (n - PROTECTED) + PROTECTED
+    kept_per_head = stats["kvs_kept"] / _pages_per_block(engine)
+    assert kept_per_head <= target + 2 * BLOCK  # recompressed every page
+
+
+def test_bad_request_option_is_rejected_and_engine_keeps_serving(engine):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError) as err:
+        engine.generate(["Hello"], _params(extra_args={"kv_compress_rate": 2}))
+    assert "extra_args.kv_compress_rate" in str(err.value) and "(0, 1]" in str(err.value)
+    with pytest.raises(VLLMValidationError, match="kv_compress_scorer"):
+        engine.generate(["Hello"], _params(extra_args={"kv_compress_scorer": "magic"}))
+    (out,) = engine.generate(["The capital of France is"], _params(max_tokens=4))
+    assert out.outputs[0].text.strip()

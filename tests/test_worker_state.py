@@ -1,0 +1,186 @@
+"""Worker state on a synthetic vLLM-shaped KV pool (no engine).
+
+Drives ``KVCompressWorkerState`` with real vLLM ``SchedulerOutput`` objects:
+identity layout before compression, eviction + compaction + release of tail
+blocks, growth afterwards, and attention over the compacted cache equal to
+attention over exactly the kept KVs.
+"""
+
+import pytest
+import torch
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+from kvcompress_vllm.config import KVCompressConfig
+from kvcompress_vllm.ops import reference
+from kvcompress_vllm.plan import EvictionPlan, StepPlan
+from kvcompress_vllm.scheduler.accounting import PageGeometry
+from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState
+
+L, B, H, N, D = 3, 12, 2, 8, 16  # layers, blocks, KV heads, block size, head dim
+
+
+def make_state(**cfg):
+    storage = torch.zeros(L * B * H * N * 2 * D, dtype=torch.float32)
+    layers = [storage[l * B * H * N * 2 * D:(l + 1) * B * H * N * 2 * D].view(B, H, N, 2 * D) for l in range(L)]
+    pool = HeadPool.from_layer_caches(layers)
+    state = KVCompressWorkerState(KVCompressConfig(**cfg), pool, max_model_len=B * N, max_num_reqs=4)
+    return state, layers
+
+
+def step(new=(), cached=(), plans=(), scheduled=None, finished=(), prefill_ends=None):
+    new_reqs = [
+        NewRequestData(req_id=rid, prompt_token_ids=[0] * plen, mm_features=[], sampling_params=None,
+                       pooling_params=None, block_ids=(list(blocks),), num_computed_tokens=0,
+                       lora_request=None)
+        for rid, blocks, plen in new
+    ]
+    cr = CachedRequestData(
+        req_ids=[c[0] for c in cached], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
+        new_block_ids=[(list(c[1]),) if c[1] else None for c in cached],
+        num_computed_tokens=[0 for _ in cached], num_output_tokens=[0 for _ in cached],
+    )
+    so = SchedulerOutput(
+        scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cr,
+        num_scheduled_tokens=dict(scheduled or {}), total_num_scheduled_tokens=sum((scheduled or {}).values()),
+        scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={}, finished_req_ids=set(finished),
+        free_encoder_mm_hashes=[],
+    )
+    so.kv_compress = StepPlan(evictions=list(plans), prefill_ends=dict(prefill_ends or {}))
+    return so
+
+
+def fill(state, req_ids, seed=0):
+    """Write random K/V for this step's tokens through the batch slots."""
+    batch = state.build_batch(req_ids, qsl_of(state, req_ids))
+    g = torch.Generator().manual_seed(seed)
+    t = batch.token_positions.numel()
+    for layer in range(L):
+        k = torch.randn(t, H, D, generator=g)
+        v = torch.randn(t, H, D, generator=g)
+        reference.write_kv(k, v, state.pool.kv_pages, batch.write_slots[layer],
+                           state.pool.metrics, state.pool.positions, batch.token_positions)
+    return batch
+
+
+def qsl_of(state, req_ids):
+    lens = [state.table.requests[r].step_tokens for r in req_ids]
+    return torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+
+
+def head_kvs(state, rid):
+    """{(layer, head): {position: (k, v)}} of everything a request holds."""
+    req = state.table.requests[rid]
+    out = {}
+    for layer in range(L):
+        for h in range(H):
+            n = int(state.table.kv_count[req.slot, layer, h])
+            pages = state.table.page_table[req.slot, layer, h]
+            kvs = {}
+            for j in range(n):
+                p, s = int(pages[j // N]), j % N
+                kvs[int(state.pool.positions[p, s])] = (state.pool.kv_pages[p, 0, s].clone(),
+                                                        state.pool.kv_pages[p, 1, s].clone())
+            out[layer, h] = kvs
+    return out
+
+
+def test_identity_layout_matches_vllm_blocks():
+    state, layers = make_state(rate=0.5)
+    state.begin_step(step(new=[("a", [5, 2], 11)], scheduled={"a": 11}, prefill_ends={"a": 11}))
+    fill(state, ["a"])
+    state.end_step()
+    # Token 9 of head (l, h) sits in block 2 (logical page 1), slot 1, as in vLLM.
+    for layer in range(L):
+        for h in range(H):
+            assert int(state.table.page_table[0, layer, h, 1]) == (layer * B + 2) * H + h
+            # vLLM's CPU backend reads a block as [H, 2N, D]: N keys, then N values.
+            key = layers[layer].view(B, H, 2 * N, D)[2, h, 1]
+            assert torch.equal(key, state.pool.kv_pages[(layer * B + 2) * H + h, 0, 1])
+            assert int(state.pool.positions[(layer * B + 2) * H + h, 1]) == 9
+
+
+@pytest.mark.parametrize("scorer", ["kvcompress", "uniform", "knorm", "streamingllm"])
+def test_eviction_compaction_release_and_growth(scorer):
+    state, _ = make_state(rate=0.25, protected_window=4, sink_tokens=1)
+    geom = PageGeometry(N, L * H)
+    blocks = [3, 7, 1, 9, 4]  # 5 blocks for 37 tokens
+    n = 37
+    state.begin_step(step(new=[("r", blocks, n)], scheduled={"r": n}, prefill_ends={"r": n}))
+    fill(state, ["r"], seed=1)
+    state.end_step()
+    g = torch.Generator().manual_seed(2)
+    state.pool.metrics.copy_(torch.rand(state.pool.metrics.shape, generator=g))
+    before = head_kvs(state, "r")
+
+    num_pages = 12
+    keep = geom.blocks_needed(n, num_pages)
+    plan = EvictionPlan(req_id="r", num_pages=num_pages, num_tokens=n,
+                        pages_after=geom.pages_in_use(n, num_pages),
+                        released_block_ids=tuple(blocks[keep:]), protected_window=4,
+                        sink_tokens=1, scorer=scorer)
+    state.begin_step(step(plans=[plan]))
+    stats = state.end_step()
+    assert stats.pages_evicted == num_pages and stats.kvs_evicted == num_pages * N
+
+    req = state.table.requests["r"]
+    assert req.blocks == blocks[:keep]
+    counts = state.table.kv_count[req.slot]
+    assert ((n - counts) % N == 0).all() and int((n - counts).sum()) == num_pages * N
+    assert state.table.pages_in_use(req) == plan.pages_after
+    used = state.table.used_pages(req)
+    assert not torch.isin(state.table.block_of_page(used), torch.tensor(blocks[keep:])).any()
+    assert used.unique().numel() == used.numel()
+
+    after = head_kvs(state, "r")
+    for key, kvs in after.items():
+        assert set(kvs) <= set(before[key])
+        assert {0, *range(n - 4, n)} <= set(kvs)  # sink + protected window kept
+        for pos, (k, v) in kvs.items():
+            assert torch.equal(k, before[key][pos][0]) and torch.equal(v, before[key][pos][1])
+    if scorer == "streamingllm":
+        for kvs in after.values():
+            assert set(kvs) == {0, *range(n - len(kvs) + 1, n)}
+
+    # Attention over the compacted cache == attention over the kept KVs.
+    q = torch.randn(1, H * 2, D, generator=g)
+    for layer in range(L):
+        out = torch.zeros_like(q)
+        reference.paged_head_attention(
+            q, state.pool.kv_pages, state.table.page_table[req.slot, layer].unsqueeze(0),
+            counts[layer].unsqueeze(0), torch.tensor([0, 1], dtype=torch.int32), D**-0.5,
+            None, torch.zeros(1, dtype=torch.int32), out)
+        for h in range(H):
+            kvs = after[layer, h]
+            keys = torch.stack([kvs[p][0] for p in sorted(kvs)])
+            vals = torch.stack([kvs[p][1] for p in sorted(kvs)])
+            probs = torch.softmax(q[0, 2 * h:2 * h + 2] @ keys.T * D**-0.5, dim=-1)
+            assert torch.allclose(out[0, 2 * h:2 * h + 2], probs @ vals, atol=1e-5)
+
+    # Decode growth: a new block arrives, pages are assigned, nothing clashes.
+    grow = geom.blocks_needed(n + N, num_pages) - keep
+    new_blocks = [0, 2][:grow]
+    state.begin_step(step(cached=[("r", new_blocks)], scheduled={"r": N}))
+    fill(state, ["r"], seed=3)
+    state.end_step()
+    assert state.table.pages_in_use(req) == geom.pages_in_use(n + N, num_pages)
+    grown = head_kvs(state, "r")
+    for key in grown:
+        assert set(grown[key]) == set(after[key]) | set(range(n, n + N))
+    used = state.table.used_pages(req)
+    assert used.unique().numel() == used.numel()
+    assert torch.isin(state.table.block_of_page(used), torch.tensor(req.blocks)).all()
+
+
+def test_prompt_metric_observation_window_and_pooling():
+    state, _ = make_state(rate=0.5, observation_window=3, pooling_kernel=3)
+    n = 20
+    state.begin_step(step(new=[("a", [0, 1, 2], n)], scheduled={"a": n}, prefill_ends={"a": n}))
+    batch = fill(state, ["a"])
+    assert batch.metric_q_start.tolist() == [n - 3]
+    assert batch.pool_rows == [(0, n)]
+    state.end_step()
+    # A decode step records from its only query.
+    state.begin_step(step(cached=[("a", [])], scheduled={"a": 1}))
+    batch = fill(state, ["a"])
+    assert batch.metric_q_start.tolist() == [0] and batch.record_metrics and not batch.pool_rows
+    state.end_step()
