@@ -14,8 +14,8 @@ or vLLM's plugin loading still install it).
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import importlib.metadata as _metadata
+import importlib.util
 import os
 import sys
 

@@ -13,8 +13,9 @@ import sys
 
 
 def _run_vllm(argv: list[str]) -> int:
-    import kvcompress_vllm  # noqa: F401  (version fallback + engine-args hook)
     from vllm.entrypoints.cli.main import main as vllm_main
+
+    import kvcompress_vllm  # noqa: F401  (version fallback + engine-args hook)
 
     sys.argv = ["vllm", *argv]
     vllm_main()

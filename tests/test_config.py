@@ -1,6 +1,5 @@
 """Configuration surface: validation, kwarg/flag folding, compatibility rules."""
 
-import argparse
 import math
 
 import pytest
@@ -74,8 +73,9 @@ def test_fold_rate_conflict():
 
 @pytest.fixture(scope="module")
 def engine_args_mod():
-    import kvcompress_vllm  # noqa: F401 - installs the EngineArgs hook
     from vllm.engine import arg_utils
+
+    import kvcompress_vllm  # noqa: F401 - installs the EngineArgs hook
 
     return arg_utils
 

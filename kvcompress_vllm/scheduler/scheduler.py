@@ -26,13 +26,13 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.config import (
     KVCompressConfigError,
     RequestPolicy,
     active_config,
     request_policy,
 )
+from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats
 from kvcompress_vllm.scheduler.accounting import PageGeometry, pages_to_evict
 from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressManager, KVCompressSpec

@@ -12,8 +12,8 @@ import copy
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.config import active_config
+from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState, set_state
 
 logger = get_logger(__name__)
