@@ -30,7 +30,8 @@ if USE_REFERENCE:
 def load_library() -> None:
     """Load the C++ kernels once per process; fail loudly if they are missing."""
     pkg_dir = Path(__file__).resolve().parent.parent
-    candidates = sorted(pkg_dir.glob("_C*.so"))
+    # Newest first: a source-tree build may sit next to an older one.
+    candidates = sorted(pkg_dir.glob("_C*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
     if not candidates:
         raise ImportError(
             f"kvcompress_vllm: C++ kernels not found in {pkg_dir} (expected "

@@ -1,0 +1,29 @@
+// Operator registration: torch.ops.kvcompress.<name> (CPU implementations).
+#include <torch/library.h>
+
+#include "ops.h"
+
+// The operator namespace (torch.ops.<ns>); overridable only so that differently
+// tuned builds can be loaded side by side in one process for benchmarking.
+#ifndef KVC_OP_NAMESPACE
+#define KVC_OP_NAMESPACE kvcompress
+#endif
+
+TORCH_LIBRARY(KVC_OP_NAMESPACE, m) {
+  m.def(
+      "paged_head_attention(Tensor query, Tensor kv_pages, Tensor page_table, "
+      "Tensor kv_lens, Tensor query_start_loc, float scale, Tensor(b!)? metrics, "
+      "Tensor metric_q_start, Tensor(c!) output) -> ()");
+  m.def(
+      "write_kv(Tensor key, Tensor value, Tensor(a!) kv_pages, Tensor slots, "
+      "Tensor(b!)? metrics, Tensor(c!)? positions, Tensor token_positions) -> ()");
+  m.def(
+      "compact_heads(Tensor(a!) kv_pages, Tensor(b!) metrics, Tensor(c!) positions, "
+      "Tensor page_table, Tensor kv_lens, Tensor evict_idx, Tensor evict_counts) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(KVC_OP_NAMESPACE, CPU, m) {
+  m.impl("paged_head_attention", &kvc::paged_head_attention);
+  m.impl("write_kv", &kvc::write_kv);
+  m.impl("compact_heads", &kvc::compact_heads);
+}

@@ -1,0 +1,371 @@
+"""C++ CPU kernels (``kvcompress_vllm._C``) vs ``kvcompress_vllm.ops.reference``.
+
+Random cases come from ``kernel_cases`` (shared with the Triton tests): per-head
+KV counts that differ by several pages, disjoint random pages, decode rows and
+prefill-chunk rows in one batch.  Metrics are checked on zero-initialised
+buffers (so small contributions are not lost in the rounding of large start
+values) and once more on random start values (accumulation, not overwrite).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from kernel_cases import make_attention_case, make_compaction_case
+
+from kvcompress_vllm import ops
+from kvcompress_vllm.ops import reference
+
+OUT_ATOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+METRIC_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _load_kernels():
+    ops.load_library()  # fails loudly if _C*.so is missing
+    assert hasattr(torch.ops.kvcompress, "paged_head_attention")
+
+
+@pytest.fixture
+def num_threads():
+    """Set torch's intra-op thread count for one test, restore it after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _strided(x: torch.Tensor, pad: int = 24) -> torch.Tensor:
+    """``x`` [T, Hq, D] as a view into a wider row (like q in a fused qkv)."""
+    t, hq, d = x.shape
+    big = torch.full((t, hq * d + pad), float("nan"), dtype=x.dtype)
+    view = big[:, : hq * d].view(t, hq, d)
+    view.copy_(x)
+    return view
+
+
+def _strided_out(x: torch.Tensor) -> torch.Tensor:
+    """An output view with a padded head stride: [T, Hq, D] of [T, Hq, D + 8]."""
+    t, hq, d = x.shape
+    return torch.zeros(t, hq, d + 8, dtype=x.dtype)[:, :, :d]
+
+
+def _run_both(case, *, metrics: bool, strided: bool = False, zero_metrics: bool = True):
+    ref_out, ref_m = case.clone_outputs()
+    out, got_m = case.clone_outputs()
+    if zero_metrics:
+        ref_m.zero_()
+        got_m.zero_()
+    query = _strided(case.query) if strided else case.query
+    if strided:
+        out = _strided_out(case.query)
+    reference.paged_head_attention(
+        case.query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
+        case.scale, ref_m if metrics else None, case.metric_q_start, ref_out,
+    )
+    ops.paged_head_attention(
+        query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
+        case.scale, got_m if metrics else None, case.metric_q_start, out,
+    )
+    return ref_out, out, ref_m, got_m
+
+
+def _check(case, dtype, *, metrics: bool, strided: bool = False, zero_metrics: bool = True):
+    before = case.metrics.clone()
+    ref_out, out, ref_m, got_m = _run_both(
+        case, metrics=metrics, strided=strided, zero_metrics=zero_metrics
+    )
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
+    if metrics:
+        scale = ref_m.abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(
+            got_m, ref_m, rtol=METRIC_RTOL[dtype], atol=1e-6 * float(scale)
+        )
+    else:
+        assert torch.equal(got_m, before if not zero_metrics else torch.zeros_like(before))
+    assert torch.equal(case.metrics, before)  # inputs untouched
+
+
+# ---------------------------------------------------------------- attention
+
+GROUPS = (1, 3, 4, 8)
+HEAD_DIMS = (64, 128)
+BLOCKS = (16, 32, 128)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "group,head_dim,block_size",
+    list(itertools.product(GROUPS, HEAD_DIMS, BLOCKS)),
+)
+def test_attention_random(group, head_dim, block_size):
+    """Decode + prefill rows, metrics on and off, fp32 and bf16."""
+    for i, dtype in enumerate(DTYPES):
+        case = make_attention_case(
+            num_reqs=4, num_kv_heads=2, group=group, head_dim=head_dim,
+            block_size=block_size, dtype=dtype, max_kv=260, max_q=24,
+            seed=group * 100 + head_dim + block_size + i,
+        )
+        _check(case, dtype, metrics=True)
+        _check(case, dtype, metrics=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_q", [1, 40])
+def test_attention_dtypes_strided(dtype, max_q):
+    """Strided query/output views (rows of a fused qkv / padded output)."""
+    case = make_attention_case(
+        num_reqs=5, num_kv_heads=2, group=4, head_dim=64, block_size=32, dtype=dtype,
+        max_kv=200, max_q=max_q, seed=11 + max_q,
+    )
+    _check(case, dtype, metrics=True, strided=True)
+    _check(case, dtype, metrics=False, strided=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_accumulates_metrics(dtype):
+    """Metrics are added to the existing (random) values."""
+    case = make_attention_case(
+        num_reqs=4, num_kv_heads=2, group=2, head_dim=64, block_size=16, dtype=dtype,
+        max_kv=64, max_q=8, seed=5,
+    )
+    _check(case, dtype, metrics=True, zero_metrics=False)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("max_q", [1, 4])
+def test_attention_long_heads_split(num_threads, threads, max_q):
+    """Few long heads: flash-decoding partitions (+ merge) when threads > 1."""
+    num_threads(threads)
+    for dtype in (torch.float32, torch.bfloat16):
+        case = make_attention_case(
+            num_reqs=2, num_kv_heads=1, group=4, head_dim=64, block_size=32, dtype=dtype,
+            max_kv=2600, max_q=max_q, seed=threads * 10 + max_q,
+        )
+        _check(case, dtype, metrics=True)
+        _check(case, dtype, metrics=False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_long_prefill(num_threads, threads):
+    """Multi-tile prefill chunks, metric tiles grouped per head, GQA 8."""
+    num_threads(threads)
+    case = make_attention_case(
+        num_reqs=3, num_kv_heads=2, group=8, head_dim=128, block_size=128,
+        dtype=torch.bfloat16, max_kv=400, max_q=90, seed=21 + threads,
+    )
+    _check(case, torch.bfloat16, metrics=True)
+
+
+def test_attention_odd_head_dim():
+    """head_dim not a multiple of 8 (fp32 staging path)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        case = make_attention_case(
+            num_reqs=4, num_kv_heads=2, group=3, head_dim=36, block_size=16, dtype=dtype,
+            max_kv=150, max_q=12, seed=3,
+        )
+        _check(case, dtype, metrics=True)
+
+
+def test_attention_empty_rows_and_metric_start():
+    """q_len == 0 rows are skipped; metric_q_start < 0 / > q_len edge values."""
+    case = make_attention_case(
+        num_reqs=4, num_kv_heads=2, group=2, head_dim=64, block_size=16,
+        dtype=torch.float32, max_kv=100, max_q=6, seed=3,
+    )
+    # Drop request 1's query rows: it becomes an empty row of the batch.
+    qsl = case.query_start_loc.tolist()
+    n1 = qsl[2] - qsl[1]
+    case.query = torch.cat([case.query[: qsl[1]], case.query[qsl[2] :]])
+    case.query_start_loc = torch.tensor(
+        qsl[:2] + [x - n1 for x in qsl[2:]], dtype=torch.int32
+    )
+    case.metric_q_start = torch.tensor([-3, 0, 100, 1], dtype=torch.int32)
+    _check(case, torch.float32, metrics=True)
+    _check(case, torch.float32, metrics=False)
+
+
+def test_attention_rejects_bad_input():
+    case = make_attention_case(
+        num_reqs=2, num_kv_heads=2, group=2, head_dim=64, block_size=16,
+        dtype=torch.float32, max_kv=50, seed=1,
+    )
+    out, m = case.clone_outputs()
+    bad = case.kv_lens.clone()
+    bad[0, 0] = 0  # fewer KVs than queries
+    with pytest.raises(RuntimeError, match="kv_lens"):
+        ops.paged_head_attention(case.query, case.kv_pages, case.page_table, bad,
+                                 case.query_start_loc, case.scale, m, case.metric_q_start, out)
+    pt = case.page_table.clone()
+    pt[1, 1, 0] = case.kv_pages.shape[0]  # page out of range
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.paged_head_attention(case.query, case.kv_pages, pt, case.kv_lens,
+                                 case.query_start_loc, case.scale, m, case.metric_q_start, out)
+
+
+# ---------------------------------------------------------------- write_kv
+
+
+@pytest.mark.parametrize(
+    "cache_dtype,src_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+     (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
+)
+@pytest.mark.parametrize("tp_dtype", [torch.int64, torch.int32])
+def test_write_kv(cache_dtype, src_dtype, tp_dtype):
+    g = torch.Generator().manual_seed(0)
+    num_pages, block, heads, dim, tokens = 20, 16, 3, 64, 9
+    kv_pages = torch.randn(num_pages, 2, block, dim, generator=g).to(cache_dtype)
+    metrics = torch.rand(num_pages, block, generator=g)
+    positions = torch.randint(0, 1000, (num_pages, block), generator=g, dtype=torch.int32)
+    # key/value as strided views of a fused qkv row: [T, (Hq + 2H) * D]
+    qkv = torch.randn(tokens, (6 + 2 * heads) * dim, generator=g).to(src_dtype)
+    key = qkv[:, 6 * dim : (6 + heads) * dim].view(tokens, heads, dim)
+    value = qkv[:, (6 + heads) * dim :].view(tokens, heads, dim)
+    perm = torch.randperm(num_pages * block, generator=g)[: tokens * heads]
+    slots = perm.view(tokens, heads).clone()
+    slots[2, 1] = -1
+    slots[5, :] = -1
+    token_pos = torch.arange(100, 100 + tokens, dtype=tp_dtype)
+    for with_mp in (True, False):
+        want = [kv_pages.clone(), metrics.clone(), positions.clone()]
+        got = [kv_pages.clone(), metrics.clone(), positions.clone()]
+        reference.write_kv(key, value, want[0], slots, want[1] if with_mp else None,
+                           want[2] if with_mp else None, token_pos)
+        ops.write_kv(key, value, got[0], slots, got[1] if with_mp else None,
+                     got[2] if with_mp else None, token_pos)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_write_kv_rejects_bad_slot():
+    kv_pages = torch.zeros(2, 2, 16, 8)
+    key = torch.zeros(1, 1, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.write_kv(key, key, kv_pages, torch.tensor([[32]]), None, None,
+                     torch.zeros(1, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------- compact_heads
+
+
+@pytest.mark.parametrize(
+    "dtype,block_size,head_dim",
+    [(torch.float32, 16, 64), (torch.bfloat16, 32, 128), (torch.float16, 128, 64),
+     (torch.bfloat16, 16, 36)],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compact_heads_bit_exact(dtype, block_size, head_dim, seed):
+    case = make_compaction_case(num_heads=12, head_dim=head_dim, block_size=block_size,
+                                dtype=dtype, max_kv=300, seed=seed)
+    case.evict_counts[0] = 0  # a head with no evictions
+    n = int(case.kv_lens[1])  # a head that evicts everything
+    case.evict_idx = torch.nn.functional.pad(
+        case.evict_idx, (0, max(0, n - case.evict_idx.shape[1])), value=-1
+    )
+    case.evict_idx[1, :n] = torch.arange(n, dtype=torch.int32)
+    case.evict_counts[1] = n
+    want = [case.kv_pages.clone(), case.metrics.clone(), case.positions.clone()]
+    got = [case.kv_pages.clone(), case.metrics.clone(), case.positions.clone()]
+    reference.compact_heads(*want, case.page_table, case.kv_lens, case.evict_idx,
+                            case.evict_counts)
+    ops.compact_heads(*got, case.page_table, case.kv_lens, case.evict_idx, case.evict_counts)
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bit-exact
+
+
+def test_compact_heads_rejects_unsorted():
+    case = make_compaction_case(num_heads=2, head_dim=8, block_size=16,
+                                dtype=torch.float32, max_kv=60, seed=5)
+    case.kv_lens[:] = 40
+    case.evict_idx = torch.tensor([[5, 3], [1, 2]], dtype=torch.int32)
+    case.evict_counts = torch.tensor([2, 2], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="ascending"):
+        ops.compact_heads(case.kv_pages, case.metrics, case.positions, case.page_table,
+                          case.kv_lens, case.evict_idx, case.evict_counts)
+
+
+# ---------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("dtype,block_size,group", [(torch.float32, 16, 4),
+                                                    (torch.bfloat16, 32, 3)])
+def test_compaction_round_trip(dtype, block_size, group):
+    """Evict random KVs -> compact -> decode attention with the new kv_lens
+    equals reference attention over only the kept KVs (outputs and metrics,
+    matched through the moved positions)."""
+    g = torch.Generator().manual_seed(block_size)
+    case = make_attention_case(num_reqs=3, num_kv_heads=2, group=group, head_dim=64,
+                               block_size=block_size, dtype=dtype, max_kv=200, max_q=1,
+                               seed=block_size + group)
+    num_reqs, heads, max_pages = case.page_table.shape
+    num_pages = case.kv_pages.shape[0]
+    # Tag every slot with its (request, head, logical index) through positions.
+    positions = torch.full((num_pages, block_size), -1, dtype=torch.int32)
+    kept = {}
+    evict_rows, counts = [], []
+    for r in range(num_reqs):
+        for h in range(heads):
+            n = int(case.kv_lens[r, h])
+            for j in range(n):
+                positions[case.page_table[r, h, j // block_size], j % block_size] = (
+                    (r * heads + h) << 16 | j
+                )
+            count = int(torch.randint(0, n, (1,), generator=g))  # keep >= 1
+            ev = torch.randperm(n, generator=g)[:count].sort().values
+            kept[r, h] = sorted(set(range(n)) - set(ev.tolist()))
+            evict_rows.append(ev)
+            counts.append(count)
+    max_evict = max(1, max(counts))
+    evict_idx = torch.full((num_reqs * heads, max_evict), -1, dtype=torch.int32)
+    for s, ev in enumerate(evict_rows):
+        evict_idx[s, : len(ev)] = ev
+    evict_counts = torch.tensor(counts, dtype=torch.int32)
+    kv_pages = case.kv_pages.clone()
+    metrics = torch.zeros(num_pages, block_size)
+    ops.compact_heads(kv_pages, metrics, positions, case.page_table.view(-1, max_pages),
+                      case.kv_lens.view(-1), evict_idx, evict_counts)
+    new_lens = case.kv_lens - evict_counts.view(num_reqs, heads)
+    out = torch.zeros_like(case.query)
+    ops.paged_head_attention(case.query, kv_pages, case.page_table, new_lens,
+                             case.query_start_loc, case.scale, metrics,
+                             case.metric_q_start, out)
+
+    # Reference: the kept KVs in their original order, in fresh pages.
+    ref_pages = torch.zeros_like(case.kv_pages)
+    ref_table = torch.full_like(case.page_table, -1)
+    ref_pos = torch.full((num_pages, block_size), -1, dtype=torch.int32)
+    cursor = 0
+    for r in range(num_reqs):
+        for h in range(heads):
+            for k, j in enumerate(kept[r, h]):
+                if k % block_size == 0:
+                    ref_table[r, h, k // block_size] = cursor
+                    cursor += 1
+                src = case.page_table[r, h, j // block_size], j % block_size
+                dst = ref_table[r, h, k // block_size], k % block_size
+                ref_pages[dst[0], :, dst[1]] = case.kv_pages[src[0], :, src[1]]
+                ref_pos[dst] = (r * heads + h) << 16 | j
+    ref_out = torch.zeros_like(case.query)
+    ref_metrics = torch.zeros(num_pages, block_size)
+    reference.paged_head_attention(case.query, ref_pages, ref_table, new_lens,
+                                   case.query_start_loc, case.scale, ref_metrics,
+                                   case.metric_q_start, ref_out)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
+    # Metrics: compare per tagged KV (slot contents moved with their metric).
+    got, want = {}, {}
+    for r in range(num_reqs):
+        for h in range(heads):
+            for j in range(int(new_lens[r, h])):
+                page, slot = int(case.page_table[r, h, j // block_size]), j % block_size
+                got[int(positions[page, slot])] = float(metrics[page, slot])
+                page, slot = int(ref_table[r, h, j // block_size]), j % block_size
+                want[int(ref_pos[page, slot])] = float(ref_metrics[page, slot])
+    live = {
+        (r * heads + h) << 16 | j for (r, h), js in kept.items() for j in js
+    }
+    assert set(want) == live and set(got) == live
+    got_live = torch.tensor([got[p] for p in sorted(live)])
+    want_live = torch.tensor([want[p] for p in sorted(live)])
+    torch.testing.assert_close(got_live, want_live, rtol=METRIC_RTOL[dtype], atol=1e-7)
