@@ -28,11 +28,19 @@ SCORERS = ["kvcompress", "uniform", "random", "streamingllm", "knorm", "keydiff"
 RATES = [1.0, 0.5, 0.25, 0.125, 0.0625]
 
 
-def build_tasks(tokenizer, quick: bool):
+def build_tasks(tokenizer, size: str):
     from kvcompress_vllm import tasks
 
     out = []
-    if quick:
+    if size == "medium":  # for metric ablations: one length, several seeds
+        for i, depth in enumerate((0.2, 0.5, 0.8)):
+            out.append(tasks.passkey(tokenizer, 2000, depth, seed=100 + i))
+        for seed in range(3):
+            out.append(tasks.multikey(tokenizer, 2000, num_keys=4, seed=200 + seed))
+        for seed in range(2):
+            out.append(tasks.digit_repeat(tokenizer, 200, seed=300 + seed))
+        return out
+    if size == "quick":
         for depth in (0.25, 0.75):
             out.append(tasks.passkey(tokenizer, 1000, depth, seed=int(depth * 100)))
         out.append(tasks.multikey(tokenizer, 1000, num_keys=3, seed=1))
@@ -52,6 +60,10 @@ def build_tasks(tokenizer, quick: bool):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 3 min)")
+    parser.add_argument("--medium", action="store_true", help="one length, more seeds (ablations)")
+    parser.add_argument("--observation-window", type=int, default=None)
+    parser.add_argument("--pooling-kernel", type=int, default=None)
+    parser.add_argument("--tag", default="", help="suffix for the output files")
     parser.add_argument("--model", default=None)
     parser.add_argument("--out-dir", default=str(HERE.parent / "docs"))
     parser.add_argument("--scorers", default=",".join(SCORERS))
@@ -68,13 +80,19 @@ def main() -> int:
     rates = [float(r) for r in args.rates.split(",")]
     if args.quick:
         scorers, rates = ["kvcompress", "streamingllm", "keydiff"], [1.0, 0.25]
+    server = {"rate": 1.0, "enabled": True}
+    if args.observation_window is not None:
+        server["observation_window"] = args.observation_window
+    if args.pooling_kernel is not None:
+        server["pooling_kernel"] = args.pooling_kernel
     llm = LLM(
         model, enforce_eager=True, seed=0, max_model_len=8192,
         kv_cache_memory_bytes=1536 << 20, max_num_batched_tokens=4096, max_num_seqs=32,
-        additional_config={"kv_compress": {"rate": 1.0, "enabled": True}},
+        additional_config={"kv_compress": server},
     )
     tokenizer = llm.get_tokenizer()
-    items = build_tasks(tokenizer, args.quick)
+    size = "quick" if args.quick else "medium" if args.medium else "full"
+    items = build_tasks(tokenizer, size)
     prompts, params, keys = [], [], []
     for task in items:
         configs = [("full", 1.0)] + [(s, r) for s in scorers for r in rates if r < 1.0]
@@ -111,7 +129,7 @@ def main() -> int:
         })
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("" if size == "full" else f"_{size}") + args.tag
     with open(out_dir / f"quality{suffix}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         writer.writeheader()
@@ -119,7 +137,8 @@ def main() -> int:
     plot(rows, scorers, out_dir / f"quality{suffix}.png")
 
     kinds = sorted({r["task"] for r in rows if r["task"] != "all"})
-    print(f"\nwall time {wall:.0f} s; accuracy (%) by task, averaged over lengths/depths:")
+    print(f"\nengine kv_compress settings: {server}")
+    print(f"wall time {wall:.0f} s; accuracy (%) by task, averaged over lengths/depths:")
     print("| scorer | rate | " + " | ".join(kinds) + " | all | kept |")
     print("|---|---:|" + "---:|" * (len(kinds) + 2))
     for scorer in ["full", *scorers]:

@@ -1,0 +1,54 @@
+"""Smoke runs of the benchmarks' --quick modes (no timing assertions: speed
+goals live in benchmarks/ and docs/, never in tests)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out-dir", str(out_dir), *extra],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_throughput_sweep_quick(tmp_path):
+    proc = _run("throughput_sweep.py", tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "throughput_quick.csv")))
+    assert {(r["budget"], r["config"]) for r in rows} == {
+        (b, c) for b in ("tight", "ample") for c in ("stock", "kvc 1", "kvc 0.25")
+    }
+    for r in rows:
+        assert float(r["output_tok_s"]) > 0 and int(r["output_tokens"]) > 0
+        assert 0 < float(r["prefill_share"]) < 1
+    compressed = [r for r in rows if r["config"] == "kvc 0.25"]
+    assert all(float(r["mean_kept_fraction"]) < 0.6 for r in compressed)
+    assert (tmp_path / "throughput_quick.png").stat().st_size > 0
+    assert "| tight | kvc 0.25 |" in proc.stdout
+
+
+def test_quality_quick(tmp_path):
+    proc = _run("quality.py", tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "quality_quick.csv")))
+    full = [r for r in rows if r["scorer"] == "full" and r["task"] == "all"]
+    assert len(full) == 1 and float(full[0]["accuracy"]) >= 0.75  # the model solves the tasks
+    assert {r["scorer"] for r in rows} == {"full", "kvcompress", "streamingllm", "keydiff"}
+    assert all(float(r["mean_kept_fraction"]) < 0.5 for r in rows if r["scorer"] != "full")
+    assert (tmp_path / "quality_quick.png").stat().st_size > 0
+    assert "| kvcompress | 0.25 |" in proc.stdout
+
+
+def test_attention_bench_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stock" in proc.stdout and "SmolLM2" in proc.stdout
