@@ -31,7 +31,7 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    """Configure and build ``csrc/`` with CMake; torch comes from this env."""
+    """Configure and build ``csrc/`` with the top-level CMakeLists.txt; torch comes from this env."""
 
     def build_extension(self, ext: CMakeExtension) -> None:
         try:
@@ -48,6 +48,9 @@ class CMakeBuild(build_ext):
         build_dir = Path(
             os.environ.get("KVC_CMAKE_BUILD_DIR", ROOT / "build" / "cmake")
         ).resolve()
+        cache = build_dir / "CMakeCache.txt"
+        if cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={Path(ext.source_dir).resolve()}\n" not in cache.read_text():
+            shutil.rmtree(build_dir)  # configured from another source tree (e.g. an older layout)
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if self.debug else "Release"
         cmake_args = [
@@ -116,7 +119,7 @@ setup(
         "test": ["pytest>=8", "openai>=1.0"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
     },
-    ext_modules=[CMakeExtension("kvcompress_vllm._C", ROOT / "csrc")],
+    ext_modules=[CMakeExtension("kvcompress_vllm._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithStartupHook},
     entry_points={
         "vllm.general_plugins": ["kvcompress = kvcompress_vllm.plugin:register"],

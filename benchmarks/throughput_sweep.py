@@ -5,11 +5,13 @@ Each configuration runs in a fresh interpreter (stock vLLM with no plugin
 loaded: ``VLLM_PLUGINS=`` and ``KVCOMPRESS_VLLM_AUTOPATCH=0``), on the same
 random-token prompts with ``ignore_eos`` so every request produces exactly
 ``--output-len`` tokens.  Reported per run: output tokens/s, requests/s,
-peak running requests, preemptions, peak/mean KV usage, and the share of wall
-time spent in steps that contain prefill work (on 2 CPU cores prefill is
-compute-bound and identical for every configuration, which bounds the gain).
+peak running requests, preemptions, peak/mean KV usage, the fraction of KVs
+kept, the worker time spent on eviction (scoring, selection, compaction, page
+migration), and the share of wall time spent in steps that contain prefill
+work (on 2 CPU cores prefill is compute-bound and the same work for every
+configuration, which bounds the gain).
 
-    python benchmarks/throughput_sweep.py            # full sweep (~40 min here)
+    python benchmarks/throughput_sweep.py            # full sweep (~18 min here)
     python benchmarks/throughput_sweep.py --quick    # smoke run (< 3 min)
 
 Writes docs/throughput.csv and docs/throughput.png (``--out-dir`` to change).
@@ -76,7 +78,9 @@ def run_worker(spec: dict) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     rec.end = time.perf_counter()
-    num_blocks = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    num_blocks = scheduler.kv_cache_manager.block_pool.num_gpu_blocks
+    totals = getattr(scheduler, "kvc_totals", None)  # None for stock vLLM
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     kept = [o.kv_transfer_params["kv_compress"]["kept_fraction"] for o in outs if o.kv_transfer_params]
     result = {
@@ -86,9 +90,14 @@ def run_worker(spec: dict) -> dict:
         "requests_s": len(outs) / wall,
         "num_blocks": num_blocks - 1,
         "mean_kept_fraction": sum(kept) / len(kept) if kept else 1.0,
+        # worker time spent scoring, selecting, compacting and migrating pages
+        "eviction_s": totals.compaction_ms / 1000 if totals else 0.0,
+        "compressions": totals.compressions if totals else 0,
+        "pages_migrated": totals.pages_migrated if totals else 0,
         **rec.summary(),
     }
     result["prefill_share"] = result["prefill_s"] / wall
+    result["eviction_share"] = result["eviction_s"] / wall
     result["decode_tok_s"] = (out_tokens - len(outs)) / max(result["decode_s"], 1e-9)
     llm.llm_engine.engine_core.shutdown()
     return result
@@ -166,6 +175,7 @@ def main() -> int:
         "ample": budget_for(model, args.num_prompts, seq_len),
     }
     rows = []
+    sweep_start = time.perf_counter()
     for budget_name, budget in budgets.items():
         for rate in rates:
             name = "stock" if rate is None else f"kvc {rate:g}"
@@ -182,7 +192,8 @@ def main() -> int:
                 f"[{budget_name:5s}] {name:9s} {res['output_tok_s']:7.1f} out tok/s  "
                 f"{res['requests_s']:.3f} req/s  peak running {res['peak_running']:2d}  "
                 f"preemptions {res['preemptions']:3d}  peak KV {100 * res['peak_kv_usage']:5.1f}%  "
-                f"prefill share {100 * res['prefill_share']:4.1f}%  ({time.perf_counter() - t0:.0f} s)",
+                f"prefill share {100 * res['prefill_share']:4.1f}%  "
+                f"eviction {100 * res['eviction_share']:4.1f}%  ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
     out_dir = Path(args.out_dir)
@@ -198,15 +209,16 @@ def main() -> int:
     print(f"\nbudgets: tight = {budgets['tight'] / 2**20:.0f} MiB ({rows[0]['num_blocks']} blocks, "
           f"{args.tight_seqs} uncompressed sequences), ample = {budgets['ample'] / 2**20:.0f} MiB")
     print("| budget | config | out tok/s | vs stock | req/s | peak running | preemptions | "
-          "peak KV | decode-step tok/s | prefill share |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "peak KV | kept | decode-step tok/s | prefill share | eviction time |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         stock = next(r for r in rows if r["budget"] == row["budget"] and r["config"] == "stock")
         print(f"| {row['budget']} | {row['config']} | {row['output_tok_s']:.1f} | "
               f"{row['output_tok_s'] / stock['output_tok_s']:.2f}x | {row['requests_s']:.3f} | "
               f"{row['peak_running']} | {row['preemptions']} | {100 * row['peak_kv_usage']:.0f}% | "
-              f"{row['decode_tok_s']:.1f} | {100 * row['prefill_share']:.0f}% |")
-    print(f"\nwrote {csv_path}")
+              f"{100 * row['mean_kept_fraction']:.0f}% | {row['decode_tok_s']:.1f} | "
+              f"{100 * row['prefill_share']:.0f}% | {100 * row['eviction_share']:.1f}% |")
+    print(f"\nwrote {csv_path} (sweep wall time {(time.perf_counter() - sweep_start) / 60:.1f} min)")
     return 0
 
 
