@@ -32,23 +32,6 @@ HERE = Path(__file__).resolve().parent
 RATES = [1.0, 0.5, 0.25, 0.125]
 
 
-def block_bytes(model: str, block_size: int = 128) -> int:
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * block_size * 2 * head_dim * 2
-
-
-def budget_for(model: str, num_seqs: int, seq_len: int) -> int:
-    """KV bytes that hold ``num_seqs`` uncompressed sequences of ``seq_len``
-    tokens (+ the null block), counting the plugin's 8 B/slot metadata so
-    that stock and plugin get the same number of blocks."""
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    per_slot = 2 * head_dim * 2
-    blocks = num_seqs * -(-seq_len // 128) + 1
-    return blocks * block_bytes(model) * (per_slot + 8) // per_slot + block_bytes(model) // 2
-
-
 # --------------------------------------------------------------------------- worker
 def run_worker(spec: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -161,7 +144,7 @@ def main() -> int:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
 
-    from kvcompress_vllm.model import prepare_default_model
+    from kvcompress_vllm.model import kv_budget_bytes, prepare_default_model
 
     model = args.model or str(prepare_default_model())
     if args.quick:
@@ -171,8 +154,8 @@ def main() -> int:
         rates = [None, *RATES]
     seq_len = args.input_len + args.output_len
     budgets = {
-        "tight": budget_for(model, args.tight_seqs, seq_len),
-        "ample": budget_for(model, args.num_prompts, seq_len),
+        "tight": kv_budget_bytes(model, args.tight_seqs, seq_len),
+        "ample": kv_budget_bytes(model, args.num_prompts, seq_len),
     }
     rows = []
     sweep_start = time.perf_counter()

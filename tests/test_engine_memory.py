@@ -20,16 +20,10 @@ OUTPUT_TOKENS = 160
 
 
 def budget_bytes(model_path: str) -> int:
-    import json
-    from pathlib import Path
+    """Room for 3 uncompressed prompts."""
+    from kvcompress_vllm.model import kv_budget_bytes
 
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    block_bytes = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 128 * 2 * head_dim * 2
-    blocks = 3 * -(-PROMPT_TOKENS // 128) + 1
-    # The plugin keeps 8 bytes of metric/position per 2*D*2 bytes of K/V.
-    per_slot = 2 * head_dim * 2
-    return blocks * block_bytes * (per_slot + 8) // per_slot + block_bytes // 2
+    return kv_budget_bytes(model_path, num_seqs=3, seq_len=PROMPT_TOKENS)
 
 
 def run(engine_factory, model_path, rate: float):

@@ -33,6 +33,10 @@ def set_state(state: "KVCompressWorkerState | None") -> None:
     _STATE = state
 
 
+#: Bytes of per-slot metadata next to each K/V pair: float32 metric + int32 position.
+METADATA_BYTES_PER_SLOT = 8
+
+
 @dataclass
 class HeadPool:
     """vLLM's KV cache viewed as head-pages, plus per-slot metadata."""

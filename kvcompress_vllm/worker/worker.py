@@ -14,15 +14,16 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from kvcompress_vllm.config import active_config
 from kvcompress_vllm.log import get_logger
-from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState, set_state
+from kvcompress_vllm.worker.state import (
+    METADATA_BYTES_PER_SLOT,
+    HeadPool,
+    KVCompressWorkerState,
+    set_state,
+)
 
 logger = get_logger(__name__)
 
 CPU_BACKEND = "kvcompress_vllm.attention.cpu_backend.KVCompressCPUBackend"
-
-#: Bytes of per-slot metadata next to each K/V pair: float32 metric + int32 position.
-METADATA_BYTES_PER_SLOT = 8
-
 
 def register_cpu_attention_backend() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
