@@ -103,6 +103,7 @@ setup(
     packages=[
         "kvcompress_vllm",
         "kvcompress_vllm.scheduler",
+        "kvcompress_vllm.scorers",
         "kvcompress_vllm.worker",
         "kvcompress_vllm.attention",
         "kvcompress_vllm.ops",

@@ -54,6 +54,12 @@ def load_stock():
     from vllm import _custom_ops as vops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    # vLLM picks its AMX kernel where the CPU has AMX tiles; Linux only lets a
+    # process use them after asking (arch_prctl), which vLLM's worker does at
+    # start-up through torch but a bare benchmark process must do itself.
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
+
     return vops, _get_attn_isa
 
 

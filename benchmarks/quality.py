@@ -9,14 +9,22 @@ configurations see identical prompts and identical engine settings.
 
     python benchmarks/quality.py            # full sweep (about 75 min here)
     python benchmarks/quality.py --quick    # smoke run (< 3 min)
+    python benchmarks/quality.py --long-output --rates 0.5,0.25 \
+        --scorers kvcompress,kvcompress+uniform,keydiff,keydiff+uniform   # joint vs uniform
 
 Writes docs/quality.csv and docs/quality.png (``--out-dir`` to change).
+
+``--scorers`` takes configuration labels: a scorer name (joint allocation),
+``<scorer>+uniform`` for that scorer with ``kv_compress_allocation:
+"uniform"``, and ``uniform`` as short for ``kvcompress+uniform`` (the control
+for variable per-head budgets; it was a scorer name before).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -25,6 +33,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCORERS = ["kvcompress", "uniform", "random", "streamingllm", "knorm", "keydiff"]
+
+
+def request_options(label: str) -> dict:
+    """``extra_args`` for a configuration label (see the module docstring)."""
+    scorer, _, allocation = label.partition("+")
+    if scorer == "uniform" and not allocation:
+        scorer, allocation = "kvcompress", "uniform"
+    extra = {"kv_compress_scorer": scorer}
+    if allocation:
+        extra["kv_compress_allocation"] = allocation
+    return extra
 RATES = [1.0, 0.5, 0.25, 0.125, 0.0625]
 
 
@@ -39,6 +58,13 @@ def build_tasks(tokenizer, size: str):
             out.append(tasks.multikey(tokenizer, 2000, num_keys=4, seed=200 + seed))
         for seed in range(2):
             out.append(tasks.digit_repeat(tokenizer, 200, seed=300 + seed))
+        return out
+    if size == "long":  # long outputs: several decode-time re-compressions
+        for seed in range(6):
+            out.append(tasks.digit_repeat(tokenizer, 600, seed=400 + seed))
+        for i, depth in enumerate((0.1, 0.3, 0.5, 0.7, 0.9, 0.5)):
+            t = tasks.passkey(tokenizer, 1500, depth, seed=500 + i)
+            out.append(dataclasses.replace(t, kind="continue"))
         return out
     if size == "quick":
         for depth in (0.25, 0.75):
@@ -57,10 +83,29 @@ def build_tasks(tokenizer, size: str):
     return out
 
 
+CONTINUE_TOKENS = 512
+
+
+def prefix_agreement(tokens: list[int], reference: list[int]) -> float:
+    """Fraction of the uncompressed greedy continuation reproduced before the
+    first differing token (1.0 = identical)."""
+    same = 0
+    for a, b in zip(tokens, reference):
+        if a != b:
+            break
+        same += 1
+    return same / max(1, len(reference))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 3 min)")
     parser.add_argument("--medium", action="store_true", help="one length, more seeds (ablations)")
+    parser.add_argument(
+        "--long-output", action="store_true",
+        help="long generations (>= 512 tokens, a re-compression every block): 600-digit "
+        "repeats, and 512-token continuations scored by agreement with the uncompressed one",
+    )
     parser.add_argument("--observation-window", type=int, default=None)
     parser.add_argument("--pooling-kernel", type=int, default=None)
     parser.add_argument("--tag", default="", help="suffix for the output files")
@@ -91,7 +136,7 @@ def main() -> int:
         additional_config={"kv_compress": server},
     )
     tokenizer = llm.get_tokenizer()
-    size = "quick" if args.quick else "medium" if args.medium else "full"
+    size = "quick" if args.quick else "medium" if args.medium else "long" if args.long_output else "full"
     items = build_tasks(tokenizer, size)
     prompts, params, keys = [], [], []
     for task in items:
@@ -99,10 +144,14 @@ def main() -> int:
         for scorer, rate in configs:
             extra = {"kv_compress_rate": rate}
             if scorer != "full":
-                extra["kv_compress_scorer"] = scorer
+                extra.update(request_options(scorer))
             max_tokens = len(task.answer) + 8 if task.kind == "digit_repeat" else 12
+            if task.kind == "continue":
+                max_tokens = CONTINUE_TOKENS
             prompts.append(task.prompt)
-            params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra))
+            params.append(SamplingParams(
+                temperature=0.0, max_tokens=max_tokens, ignore_eos=task.kind == "continue",
+                extra_args=extra))
             keys.append((task, scorer, rate))
     total_tokens = sum(t.num_tokens for t, _, _ in keys)
     print(f"{len(items)} tasks x configs = {len(prompts)} requests, {total_tokens} prompt tokens", flush=True)
@@ -112,8 +161,15 @@ def main() -> int:
 
     cells = defaultdict(list)  # (kind, length bucket, scorer, rate) -> scores
     kept = defaultdict(list)
+    full_tokens = {
+        task.prompt: list(out.outputs[0].token_ids)
+        for (task, scorer, _), out in zip(keys, outs) if scorer == "full"
+    }
     for (task, scorer, rate), out in zip(keys, outs):
-        score = task.score(out.outputs[0].text)
+        if task.kind == "continue":
+            score = prefix_agreement(list(out.outputs[0].token_ids), full_tokens[task.prompt])
+        else:
+            score = task.score(out.outputs[0].text)
         bucket = task.num_tokens // 500 * 500
         for kind in (task.kind, "all"):
             cells[(kind, bucket if kind != "all" else 0, scorer, rate)].append(score)
@@ -161,7 +217,7 @@ def plot(rows, scorers, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in ("passkey", "multikey", "digit_repeat", "all") if any(r["task"] == k for r in rows)]
+    kinds = [k for k in ("passkey", "multikey", "digit_repeat", "continue", "all") if any(r["task"] == k for r in rows)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.8), sharey=True)
     for ax, kind in zip(axes, kinds):
         full = [r for r in rows if r["task"] == kind and r["scorer"] == "full"]

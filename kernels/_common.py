@@ -19,6 +19,12 @@ _TL_DTYPE = {
 }
 
 
+def require(condition: bool, message: str = "invalid kernel arguments") -> None:
+    """Argument check that stays on under ``python -O`` (unlike ``assert``)."""
+    if not condition:
+        raise ValueError(f"kvcompress triton kernels: {message}")
+
+
 def bit_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` reinterpreted as the signed integer type of the same width."""
     return t.view(_BIT_VIEW[t.element_size()])

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreted, next_pow2, sm_count, tl_dtype
+from ._common import require, interpreted, next_pow2, sm_count, tl_dtype
 
 _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (no inf - inf)
@@ -367,15 +367,15 @@ def _launch(
     num_tokens, num_q_heads, head_dim = query.shape
     num_pages, two, page_size, d_kv = kv_pages.shape
     num_reqs, num_kv_heads, max_pages = page_table.shape
-    assert two == 2 and d_kv == head_dim, "kv_pages must be [P, 2, N, D] with D = head_dim"
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, \
-        f"head_dim must be a power of two >= 16, got {head_dim}"
-    assert page_size & (page_size - 1) == 0, f"block size must be a power of two, got {page_size}"
-    assert num_q_heads % num_kv_heads == 0
-    assert query.stride(-1) == 1 and output.stride(-1) == 1 and kv_pages.stride(-1) == 1
-    assert output.shape == query.shape
-    assert kv_lens.shape == (num_reqs, num_kv_heads)
-    assert query_start_loc.numel() == num_reqs + 1
+    require(two == 2 and d_kv == head_dim, "kv_pages must be [P, 2, N, D] with D = head_dim")
+    require(head_dim >= 16 and head_dim & (head_dim - 1) == 0,
+            f"head_dim must be a power of two >= 16, got {head_dim}")
+    require(page_size & (page_size - 1) == 0, f"block size must be a power of two, got {page_size}")
+    require(num_q_heads % num_kv_heads == 0, f"{num_q_heads} query heads not a multiple of {num_kv_heads} KV heads")
+    require(query.stride(-1) == 1 and output.stride(-1) == 1 and kv_pages.stride(-1) == 1, "query.stride(-1) == 1 and output.stride(-1) == 1 and kv_pages.stride(-1) == 1")
+    require(output.shape == query.shape, "output.shape == query.shape")
+    require(kv_lens.shape == (num_reqs, num_kv_heads), f"kv_lens shape {tuple(kv_lens.shape)} != {(num_reqs, num_kv_heads)}")
+    require(query_start_loc.numel() == num_reqs + 1, f"query_start_loc has {query_start_loc.numel()} entries for {num_reqs} requests")
     if num_tokens == 0 or num_reqs == 0:
         return
     group = num_q_heads // num_kv_heads
@@ -389,7 +389,7 @@ def _launch(
     block_q = block_m // group
     if block_n is None:
         block_n = 32 if wide else 64
-    assert block_n >= 16 and block_n & (block_n - 1) == 0
+    require(block_n >= 16 and block_n & (block_n - 1) == 0, "block_n >= 16 and block_n & (block_n - 1) == 0")
 
     num_q_blocks = num_tokens // block_q + num_reqs
     if num_splits is None:
@@ -409,8 +409,8 @@ def _launch(
     qk_scale = float(scale) * _LOG2E
     metrics_on = metrics is not None
     if metrics_on:
-        assert metrics.dtype == torch.float32 and metrics.stride(-1) == 1
-        assert metrics.shape == (num_pages, page_size)
+        require(metrics.dtype == torch.float32 and metrics.stride(-1) == 1, "metrics.dtype == torch.float32 and metrics.stride(-1) == 1")
+        require(metrics.shape == (num_pages, page_size), "metrics.shape == (num_pages, page_size)")
     metrics_arg = metrics if metrics_on else output  # dummy, never touched
     mqs = metric_q_start
 

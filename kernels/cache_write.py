@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bit_view, next_pow2
+from ._common import require, bit_view, next_pow2
 
 
 @triton.jit
@@ -62,9 +62,9 @@ def write_kv(
     """See ``kvcompress_vllm.ops.reference.write_kv``."""
     num_tokens, num_heads, head_dim = key.shape
     _, two, block_size, d_kv = kv_pages.shape
-    assert two == 2 and d_kv == head_dim and value.shape == key.shape
-    assert slots.shape == (num_tokens, num_heads)
-    assert kv_pages.stride(-1) == 1
+    require(two == 2 and d_kv == head_dim and value.shape == key.shape, "two == 2 and d_kv == head_dim and value.shape == key.shape")
+    require(slots.shape == (num_tokens, num_heads), "slots.shape == (num_tokens, num_heads)")
+    require(kv_pages.stride(-1) == 1, "kv_pages.stride(-1) == 1")
     if num_tokens == 0 or num_heads == 0:
         return
     if key.dtype != kv_pages.dtype:
@@ -79,7 +79,7 @@ def write_kv(
     has_m = metrics is not None
     has_p = positions is not None
     if has_m:
-        assert metrics.dtype == torch.float32
+        require(metrics.dtype == torch.float32, "metrics.dtype == torch.float32")
     num_rows = num_tokens * num_heads
     block_d = next_pow2(head_dim)
     block_r = max(1, min(32, 4096 // block_d))

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bit_view, next_pow2
+from ._common import require, bit_view, next_pow2
 
 
 @triton.jit
@@ -110,11 +110,11 @@ def compact_heads(
 ) -> None:
     """See ``kvcompress_vllm.ops.reference.compact_heads``."""
     num_pages, two, block_size, head_dim = kv_pages.shape
-    assert two == 2 and kv_pages.stride(-1) == 1
+    require(two == 2 and kv_pages.stride(-1) == 1, "two == 2 and kv_pages.stride(-1) == 1")
     num_heads = page_table.shape[0]
     if num_heads == 0 or evict_idx.numel() == 0:
         return
-    assert evict_idx.shape[0] == num_heads
+    require(evict_idx.shape[0] == num_heads, "evict_idx.shape[0] == num_heads")
     src, dst = compaction_pairs(page_table, kv_lens, evict_idx, evict_counts, block_size)
     num_pairs = src.numel()
     has_m = metrics is not None

@@ -18,9 +18,17 @@ from typing import Any
 
 CONFIG_KEY = "kv_compress"
 
-#: Scorer names accepted by ``scorer`` / ``kv_compress_scorer`` (see
-#: ``kvcompress_vllm.worker.scorers`` for their meaning).
-SCORERS = ("kvcompress", "uniform", "random", "streamingllm", "knorm", "keydiff")
+#: Scorer names accepted by ``scorer`` / ``kv_compress_scorer``: one class per
+#: name in ``kvcompress_vllm/scorers/`` (this module stays torch-free for the
+#: API server; the scorer registry checks at import that both agree).
+SCORERS = ("kvcompress", "random", "streamingllm", "knorm", "keydiff")
+
+#: How the evicted pages are spread over a request's (layer, KV head)s
+#: (``allocation`` / ``kv_compress_allocation``): ``joint`` takes the
+#: cheapest pages over all heads (variable per-head budgets, KV-Compress);
+#: ``uniform`` makes every head give up the same number of pages over the
+#: request's life (the control for variable per-head budgets).
+ALLOCATIONS = ("joint", "uniform")
 
 
 class KVCompressConfigError(ValueError):
@@ -61,10 +69,48 @@ def check_int(value: Any, option: str, minimum: int, *, odd: bool = False) -> in
     return value
 
 
-def check_scorer(value: Any, option: str = "kv_compress.scorer") -> str:
+def check_scorer(
+    value: Any, option: str = "kv_compress.scorer", allocation_option: str = "kv_compress.allocation"
+) -> str:
+    """Validate a scorer name; ``allocation_option`` is named in the hint for
+    the former ``uniform`` scorer."""
+    if value == "uniform":
+        raise KVCompressConfigError(
+            option,
+            f"'uniform' is no longer a scorer: it is an allocation mode that works with "
+            f"any scorer; use {allocation_option} = \"uniform\" (and a scorer from "
+            f"{', '.join(SCORERS)}, e.g. \"kvcompress\" for the former 'uniform')",
+            value,
+        )
     if value not in SCORERS:
         raise KVCompressConfigError(
             option, f"must be one of {', '.join(SCORERS)}; got {value!r}", value
+        )
+    return value
+
+
+def check_cache_budget(
+    max_cache_tokens: int | None, protected_window: int, sink_tokens: int, option: str
+) -> None:
+    """A per-head budget below the KVs that are never evicted cannot be met."""
+    if max_cache_tokens is not None and max_cache_tokens < protected_window + sink_tokens:
+        raise KVCompressConfigError(
+            option,
+            f"max_cache_tokens={max_cache_tokens} is below the KVs that are never evicted "
+            f"(protected_window={protected_window} + sink_tokens={sink_tokens} = "
+            f"{protected_window + sink_tokens}); allowed: max_cache_tokens >= "
+            f"{protected_window + sink_tokens}, or a smaller protected_window",
+            max_cache_tokens,
+        )
+
+
+def check_allocation(value: Any, option: str = "kv_compress.allocation") -> str:
+    if value not in ALLOCATIONS:
+        raise KVCompressConfigError(
+            option,
+            f"must be one of {', '.join(ALLOCATIONS)} (joint: variable pages per "
+            f"(layer, KV head); uniform: the same number of pages per head); got {value!r}",
+            value,
         )
     return value
 
@@ -93,8 +139,11 @@ class KVCompressConfig:
     compress_interval: int | None = None
     #: Per-head token budget per sequence (``None`` = rate only).
     max_cache_tokens: int | None = None
-    #: Which KVs to evict; see ``kvcompress_vllm.worker.scorers``.
+    #: Which KVs to evict first; see ``kvcompress_vllm.scorers``.
     scorer: str = "kvcompress"
+    #: How evicted pages are spread over (layer, KV head)s: ``joint``
+    #: (variable per-head budgets) or ``uniform`` (same count per head).
+    allocation: str = "joint"
     #: Assert, every step, that scheduler and worker agree on page counts.
     debug_checks: bool = False
 
@@ -117,7 +166,12 @@ class KVCompressConfig:
             check_int(self.compress_interval, "kv_compress.compress_interval", 1)
         if self.max_cache_tokens is not None:
             check_int(self.max_cache_tokens, "kv_compress.max_cache_tokens", 1)
+        check_cache_budget(
+            self.max_cache_tokens, self.protected_window, self.sink_tokens,
+            "kv_compress.max_cache_tokens",
+        )
         check_scorer(self.scorer)
+        check_allocation(self.allocation)
         if not isinstance(self.debug_checks, bool):
             raise KVCompressConfigError(
                 "kv_compress.debug_checks", f"must be true or false; got {self.debug_checks!r}"
@@ -170,6 +224,7 @@ REQUEST_KEYS = (
     "max_cache_tokens",
     "protected_window",
     "kv_compress_scorer",
+    "kv_compress_allocation",
 )
 
 
@@ -184,6 +239,8 @@ class RequestPolicy:
     sink_tokens: int
     scorer: str
     compress_interval: int
+    #: ``joint`` or ``uniform`` (see ``ALLOCATIONS``).
+    allocation: str = "joint"
 
     @property
     def compresses(self) -> bool:
@@ -209,7 +266,21 @@ def request_policy(
         protected = check_int(extra["protected_window"], "extra_args.protected_window", 0)
     scorer = cfg.scorer
     if "kv_compress_scorer" in extra:
-        scorer = check_scorer(extra["kv_compress_scorer"], "extra_args.kv_compress_scorer")
+        scorer = check_scorer(
+            extra["kv_compress_scorer"],
+            "extra_args.kv_compress_scorer",
+            allocation_option="extra_args.kv_compress_allocation",
+        )
+    allocation = cfg.allocation
+    if "kv_compress_allocation" in extra:
+        allocation = check_allocation(
+            extra["kv_compress_allocation"], "extra_args.kv_compress_allocation"
+        )
+    check_cache_budget(
+        max_cache, protected, cfg.sink_tokens,
+        "extra_args.max_cache_tokens" if "max_cache_tokens" in extra
+        else "extra_args.protected_window",
+    )
     return RequestPolicy(
         rate=rate,
         max_cache_tokens=max_cache,
@@ -217,6 +288,7 @@ def request_policy(
         sink_tokens=cfg.sink_tokens,
         scorer=scorer,
         compress_interval=cfg.compress_interval or block_size,
+        allocation=allocation,
     )
 
 
@@ -225,6 +297,7 @@ def uses_request_keys(extra_args: dict[str, Any] | None) -> bool:
 
 
 __all__ = [
+    "ALLOCATIONS",
     "CONFIG_KEY",
     "REQUEST_KEYS",
     "SCORERS",
@@ -232,7 +305,9 @@ __all__ = [
     "KVCompressConfigError",
     "RequestPolicy",
     "active_config",
+    "check_allocation",
     "check_rate",
+    "check_scorer",
     "config_from_additional",
     "request_policy",
     "uses_request_keys",

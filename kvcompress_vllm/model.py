@@ -84,15 +84,25 @@ def prepare_default_model(force: bool = False) -> Path:
     return target
 
 
-def kv_budget_bytes(model_path: str | Path, num_seqs: int, seq_len: int, block_size: int = 128) -> int:
+def kv_budget_bytes(
+    model_path: str | Path,
+    num_seqs: int,
+    seq_len: int,
+    block_size: int = 128,
+    *,
+    max_num_seqs: int = 0,
+    max_model_len: int = 0,
+) -> int:
     """``kv_cache_memory_bytes`` that holds ``num_seqs`` uncompressed sequences
     of ``seq_len`` tokens (plus vLLM's null block and half a block of slack).
 
-    Counts the plugin's per-slot metadata, so stock vLLM and the plugin get
-    about the same number of blocks from it (tests and benchmarks size tight
-    budgets with this)."""
+    Counts the plugin's per-slot metadata and, given the engine's
+    ``max_num_seqs`` and ``max_model_len``, its page tables, so stock vLLM and
+    the plugin get about the same number of blocks from it (tests and
+    benchmarks size tight budgets with this)."""
     import json
 
+    from kvcompress_vllm.worker.page_table import head_table_bytes, max_pages_per_head
     from kvcompress_vllm.worker.state import METADATA_BYTES_PER_SLOT
 
     cfg = json.loads((Path(model_path) / "config.json").read_text())
@@ -100,7 +110,12 @@ def kv_budget_bytes(model_path: str | Path, num_seqs: int, seq_len: int, block_s
     kv_bytes_per_slot = 2 * head_dim * 2  # K and V, bf16
     block_bytes = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * block_size * kv_bytes_per_slot
     blocks = num_seqs * -(-seq_len // block_size) + 1
+    tables = 0
+    if max_num_seqs and max_model_len:
+        heads = cfg["num_hidden_layers"] * cfg["num_key_value_heads"]
+        tables = head_table_bytes(max_num_seqs, heads, max_pages_per_head(max_model_len, block_size))
     return (
         blocks * block_bytes * (kv_bytes_per_slot + METADATA_BYTES_PER_SLOT) // kv_bytes_per_slot
         + block_bytes // 2
+        + tables
     )

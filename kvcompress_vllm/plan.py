@@ -35,8 +35,11 @@ class EvictionPlan:
     #: The newest ``protected_window`` and first ``sink_tokens`` tokens stay.
     protected_window: int
     sink_tokens: int
-    #: Name of the scorer (``kvcompress_vllm.worker.scorers``).
+    #: Name of the scorer (``kvcompress_vllm.scorers``).
     scorer: str
+    #: ``"joint"`` (variable pages per head) or ``"uniform"`` (same number of
+    #: pages per head over the request's life).
+    allocation: str = "joint"
 
 
 @dataclass
@@ -50,6 +53,46 @@ class StepPlan:
     prefill_ends: dict[str, int] = field(default_factory=dict)
     #: Ask the worker to report every request's page count (debug checks).
     report_pages: bool = False
+
+
+#: Attribute names on vLLM's ``SchedulerOutput`` / ``ModelRunnerOutput``.
+PLAN_ATTR = "kv_compress"
+STATS_ATTR = "kv_compress_stats"
+
+
+class MissingPlanError(RuntimeError):
+    """A ``SchedulerOutput`` reached the worker without its ``StepPlan``."""
+
+
+def attach_plan(scheduler_output, plan: "StepPlan") -> None:
+    """Scheduler side: send ``plan`` with this step's output."""
+    setattr(scheduler_output, PLAN_ATTR, plan)
+
+
+def take_plan(scheduler_output) -> "StepPlan":
+    """Worker side: the step's plan.  A missing plan is an error, never
+    "evict nothing": the scheduler may already have handed the released
+    blocks to other requests (e.g. an object rebuilt by
+    ``dataclasses.replace`` drops the attribute)."""
+    plan = getattr(scheduler_output, PLAN_ATTR, None)
+    if not isinstance(plan, StepPlan):
+        reqs = sorted(scheduler_output.num_scheduled_tokens)[:8]
+        raise MissingPlanError(
+            f"KV-Compress: SchedulerOutput for requests {reqs} carries no StepPlan "
+            f"(got {type(plan).__name__}); the worker cannot know which blocks the "
+            "scheduler released. Is KVCompressScheduler the engine's scheduler?"
+        )
+    return plan
+
+
+def attach_stats(model_runner_output, stats: "WorkerStats") -> None:
+    setattr(model_runner_output, STATS_ATTR, stats)
+
+
+def read_stats(model_runner_output) -> "WorkerStats | None":
+    """Scheduler side: the worker's stats (``None`` for outputs that did not
+    come from a KV-Compress step, e.g. vLLM's shared empty output)."""
+    return getattr(model_runner_output, STATS_ATTR, None)
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """Per-request KV-Compress options, validated in the frontend process.
 
-``SamplingParams.extra_args`` (OpenAI API: ``"vllm_xargs"``) may carry
-``kv_compress_rate``, ``max_cache_tokens``, ``protected_window`` and
-``kv_compress_scorer``.  Bad values are rejected with a 400-style
-``VLLMValidationError`` naming the option, before the request reaches the
-engine, so one bad request never disturbs the others.
+``SamplingParams.extra_args`` (OpenAI API: ``"vllm_xargs"``) may carry the
+keys of ``config.REQUEST_KEYS``: ``kv_compress_rate``, ``max_cache_tokens``,
+``protected_window``, ``kv_compress_scorer`` and ``kv_compress_allocation``.
+Bad values are rejected with a 400-style ``VLLMValidationError`` naming the
+option and its allowed values, before the request reaches the engine, so one
+bad request never disturbs the others.
 """
 
 from __future__ import annotations

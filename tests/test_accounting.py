@@ -63,3 +63,38 @@ def test_max_cache_tokens_budget():
 
 def test_rate_one_never_evicts():
     assert pages_to_evict(GEOM, policy(rate=1.0), 5000, 0) == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pages_to_evict_matches_the_definition_over_a_request_life(seed):
+    """Random geometry and policy; a request grows by random steps and is
+    compressed after each: the pages evicted equal the independent oracle
+    (``policy_oracle``, written from the definitions), and the kept KVs never
+    fall below the target nor exceed it by a page per head when not capped."""
+    import random
+
+    from policy_oracle import evict_now, target_per_head
+
+    rng = random.Random(seed)
+    bs = rng.choice([4, 16, 128])
+    lh = rng.choice([1, 6, 90])
+    geom = PageGeometry(block_size=bs, pages_per_block=lh)
+    rate = rng.choice([0.05, 0.25, 0.5, 0.9, 1.0])
+    protected = rng.choice([0, 3, 32])
+    sinks = rng.choice([0, 1, 4])
+    max_cache = rng.choice([None, None, protected + sinks + rng.randint(0, 3 * bs)])
+    p = dataclasses.replace(
+        policy(rate=rate, protected_window=protected, sink_tokens=sinks), max_cache_tokens=max_cache
+    )
+    n, evicted = rng.randint(1, 5 * bs), 0
+    for _ in range(30):
+        got = pages_to_evict(geom, p, n, evicted)
+        assert got == evict_now(n, evicted, lh, bs, rate, protected, sinks, max_cache), (n, evicted)
+        evicted += got
+        kept = lh * n - evicted * bs
+        target = lh * target_per_head(n, rate, protected, sinks, max_cache)
+        assert kept >= target - 1e-6
+        capped = evicted == lh * (max(0, n - protected - sinks) // bs)
+        if p.compresses and not capped:
+            assert kept < target + lh * bs
+        n += rng.choice([1, bs - 1, bs, 3 * bs + 1])

@@ -31,6 +31,7 @@ def test_bad_rates_name_option_and_range(bad):
         ("compress_interval", 0, ">= 1"),
         ("max_cache_tokens", -5, ">= 1"),
         ("scorer", "h2o", "one of"),
+        ("allocation", "even", "joint, uniform"),
         ("enabled", "yes", "true or false"),
     ],
 )
@@ -61,6 +62,52 @@ def test_request_overrides():
         request_policy(cfg, {"kv_compress_rate": 0}, 128)
     with pytest.raises(KVCompressConfigError, match="extra_args.protected_window"):
         request_policy(cfg, {"protected_window": -2}, 128)
+
+
+def test_allocation_is_an_option_and_uniform_is_no_longer_a_scorer():
+    assert KVCompressConfig().allocation == "joint"
+    assert KVCompressConfig(allocation="uniform").allocation == "uniform"
+    with pytest.raises(KVCompressConfigError) as err:
+        KVCompressConfig(scorer="uniform")
+    msg = str(err.value)
+    assert msg.startswith("kv_compress.scorer:") and 'kv_compress.allocation = "uniform"' in msg
+    with pytest.raises(KVCompressConfigError) as err:
+        request_policy(KVCompressConfig(rate=0.5), {"kv_compress_scorer": "uniform"}, 128)
+    msg = str(err.value)
+    assert msg.startswith("extra_args.kv_compress_scorer:")
+    assert 'extra_args.kv_compress_allocation = "uniform"' in msg
+
+
+def test_request_allocation_override():
+    cfg = KVCompressConfig(rate=0.5)
+    assert request_policy(cfg, None, 128).allocation == "joint"
+    assert request_policy(KVCompressConfig(rate=0.5, allocation="uniform"), {}, 128).allocation == "uniform"
+    p = request_policy(cfg, {"kv_compress_allocation": "uniform", "kv_compress_scorer": "keydiff"}, 128)
+    assert (p.allocation, p.scorer) == ("uniform", "keydiff")
+    for bad in ("even", None, 1, "Uniform"):
+        with pytest.raises(KVCompressConfigError) as err:
+            request_policy(cfg, {"kv_compress_allocation": bad}, 128)
+        assert err.value.option == "extra_args.kv_compress_allocation"
+        assert "joint, uniform" in str(err.value)
+
+
+def test_request_validation_rejects_bad_allocation():
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from kvcompress_vllm.request_validation import validate_request
+
+    vllm_config = SimpleNamespace(
+        additional_config={"kv_compress": {"rate": 0.5}},
+        cache_config=SimpleNamespace(block_size=128),
+    )
+    validate_request(vllm_config, SamplingParams(extra_args={"kv_compress_allocation": "uniform"}))
+    with pytest.raises(VLLMValidationError, match="kv_compress_allocation.*joint, uniform"):
+        validate_request(vllm_config, SamplingParams(extra_args={"kv_compress_allocation": "even"}))
+    with pytest.raises(VLLMValidationError, match="kv_compress_allocation"):
+        validate_request(vllm_config, SamplingParams(extra_args={"kv_compress_scorer": "uniform"}))
 
 
 def test_fold_rate_conflict():
@@ -153,3 +200,18 @@ def test_bad_additional_config_fails_in_create_engine_config(engine_args_mod, mo
     )
     with pytest.raises(KVCompressConfigError, match="protected_window"):
         args.create_engine_config()
+
+
+def test_cache_budget_below_the_never_evicted_kvs_is_rejected():
+    with pytest.raises(KVCompressConfigError, match=r"max_cache_tokens=30 .*\(protected_window=32 \+ sink_tokens=4 = 36\)"):
+        KVCompressConfig(max_cache_tokens=30)
+    assert KVCompressConfig(max_cache_tokens=36).max_cache_tokens == 36
+    cfg = KVCompressConfig(rate=0.5)
+    with pytest.raises(KVCompressConfigError) as err:
+        request_policy(cfg, {"max_cache_tokens": 20}, 128)
+    assert err.value.option == "extra_args.max_cache_tokens"
+    server_cap = KVCompressConfig(max_cache_tokens=100)
+    with pytest.raises(KVCompressConfigError) as err:
+        request_policy(server_cap, {"protected_window": 99}, 128)
+    assert err.value.option == "extra_args.protected_window"
+    assert request_policy(server_cap, {"protected_window": 96}, 128).protected_window == 96

@@ -9,11 +9,13 @@ import random
 import pytest
 
 from kvcompress_vllm import tasks
+from kvcompress_vllm.config import KVCompressConfig
 
 pytestmark = pytest.mark.engine
 
 BLOCK = 128
-PROTECTED = 32
+PROTECTED = KVCompressConfig().protected_window
+SINKS = KVCompressConfig().sink_tokens
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_mixed_requests_with_aborts_leak_no_blocks(engine):
         {"kv_compress_rate": 1.0},  # this request is not compressed
         {"max_cache_tokens": 200},
         {"kv_compress_scorer": "knorm"},
-        {"kv_compress_scorer": "uniform", "protected_window": 8},
+        {"kv_compress_allocation": "uniform", "protected_window": 8},
     ]
     ids = []
     for i in range(50):
@@ -108,18 +110,33 @@ def test_mixed_requests_with_aborts_leak_no_blocks(engine):
 
 
 def test_decode_keeps_recompressing(engine):
-    """A short prompt that decodes past several pages stays at its rate."""
+    """A short prompt that decodes past several pages stays at its rate: the
+    request is compressed right after its prompt and then every block_size
+    tokens, and the KVs it keeps equal exactly what the independent policy
+    oracle says for that schedule (so neither too many nor too few)."""
+    from policy_oracle import evict_now, target_per_head
+
+    prompt_len, max_tokens = 60, 700
     (out,) = engine.generate(
-        [list(range(200, 260))],
-        _params(max_tokens=700, ignore_eos=True, extra_args={"kv_compress_rate": 0.25}),
+        [list(range(200, 200 + prompt_len))],
+        _params(max_tokens=max_tokens, ignore_eos=True, extra_args={"kv_compress_rate": 0.25}),
     )
     stats = out.kv_transfer_params["kv_compress"]
-    assert stats["tokens"] == 60 + 700 - 1
-    assert stats["compressions"] >= 3
-    n = stats["tokens"]
-    target = 0.25 * (n - PROTECTED) + PROTECTED
-    kept_per_head = stats["kvs_kept"] / _pages_per_block(engine)
-    assert kept_per_head <= target + 2 * BLOCK  # recompressed every page
+    n_final = prompt_len + max_tokens - 1
+    assert stats["tokens"] == n_final
+    lh = _pages_per_block(engine)
+    evicted = 0
+    checkpoints = range(prompt_len, n_final, BLOCK)  # after the prompt, then every page
+    compressions = 0
+    for n in checkpoints:
+        got = evict_now(n, evicted, lh, BLOCK, 0.25, PROTECTED, SINKS)
+        evicted += got
+        compressions += got > 0
+    assert stats["compressions"] == compressions >= 4
+    assert stats["kvs_kept"] == lh * n_final - evicted * BLOCK
+    kept_per_head = stats["kvs_kept"] / lh
+    target = target_per_head(n_final, 0.25, PROTECTED, SINKS)
+    assert target <= kept_per_head <= target + 2 * BLOCK
 
 
 def test_bad_request_option_is_rejected_and_engine_keeps_serving(engine):

@@ -20,10 +20,15 @@ OUTPUT_TOKENS = 160
 
 
 def budget_bytes(model_path: str) -> int:
-    """Room for 3 uncompressed prompts."""
+    """Room for 3 uncompressed prompts (and the plugin's page tables)."""
+    from conftest import ENGINE_DEFAULTS
+
     from kvcompress_vllm.model import kv_budget_bytes
 
-    return kv_budget_bytes(model_path, num_seqs=3, seq_len=PROMPT_TOKENS)
+    return kv_budget_bytes(
+        model_path, num_seqs=3, seq_len=PROMPT_TOKENS,
+        max_num_seqs=ENGINE_DEFAULTS["max_num_seqs"], max_model_len=ENGINE_DEFAULTS["max_model_len"],
+    )
 
 
 def run(engine_factory, model_path, rate: float):

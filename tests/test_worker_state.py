@@ -99,8 +99,12 @@ def test_identity_layout_matches_vllm_blocks():
             assert int(state.pool.positions[(layer * B + 2) * H + h, 1]) == 9
 
 
-@pytest.mark.parametrize("scorer", ["kvcompress", "uniform", "knorm", "streamingllm"])
-def test_eviction_compaction_release_and_growth(scorer):
+@pytest.mark.parametrize(
+    "scorer,allocation",
+    [("kvcompress", "joint"), ("kvcompress", "uniform"), ("knorm", "joint"),
+     ("streamingllm", "joint"), ("keydiff", "uniform"), ("random", "joint")],
+)
+def test_eviction_compaction_release_and_growth(scorer, allocation):
     state, _ = make_state(rate=0.25, protected_window=4, sink_tokens=1)
     geom = PageGeometry(N, L * H)
     blocks = [3, 7, 1, 9, 4]  # 5 blocks for 37 tokens
@@ -117,7 +121,7 @@ def test_eviction_compaction_release_and_growth(scorer):
     plan = EvictionPlan(req_id="r", num_pages=num_pages, num_tokens=n,
                         pages_after=geom.pages_in_use(n, num_pages),
                         released_block_ids=tuple(blocks[keep:]), protected_window=4,
-                        sink_tokens=1, scorer=scorer)
+                        sink_tokens=1, scorer=scorer, allocation=allocation)
     state.begin_step(step(plans=[plan]))
     stats = state.end_step()
     assert stats.pages_evicted == num_pages and stats.kvs_evicted == num_pages * N
@@ -177,7 +181,7 @@ def test_prompt_metric_observation_window_and_pooling():
     state.begin_step(step(new=[("a", [0, 1, 2], n)], scheduled={"a": n}, prefill_ends={"a": n}))
     batch = fill(state, ["a"])
     assert batch.metric_q_start.tolist() == [n - 3]
-    assert batch.pool_rows == [(0, n)]
+    assert batch.pool_rows == [(0, n, "a")]
     state.end_step()
     # A decode step records from its only query.
     state.begin_step(step(cached=[("a", [])], scheduled={"a": 1}))

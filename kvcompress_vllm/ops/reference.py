@@ -66,7 +66,11 @@ def paged_head_attention(
             continue
         for h in range(num_kv_heads):
             n = int(kv_lens[r, h])
-            assert n >= q_len, "kv_lens must include the new tokens"
+            if n < q_len:
+                raise ValueError(
+                    f"kv_lens[{r}, {h}] = {n} < {q_len} queries: kv_lens must include "
+                    "the new tokens"
+                )
             keys, values, page, slot = _gather_head(kv_pages, page_table[r, h], n)
             q = query[q0:q1, h * group : (h + 1) * group].float()  # [q, G, D]
             scores = torch.einsum("qgd,kd->qgk", q, keys) * scale
@@ -120,7 +124,8 @@ def compaction_moves(
     evicted_set = set(evicted)
     holes = [j for j in evicted if j < new_len]
     sources = [j for j in range(new_len, kv_len) if j not in evicted_set]
-    assert len(holes) == len(sources)
+    if len(holes) != len(sources):  # cannot happen for ascending, unique input
+        raise ValueError(f"evicted indices {evicted} are not unique and < {kv_len}")
     return list(zip(sources, holes))
 
 

@@ -45,6 +45,31 @@ class PageGeometry:
         return self.pages_per_block * num_tokens - evicted * self.block_size
 
 
+def compression_due(
+    *,
+    num_computed: int,
+    prefill_end: int | None,
+    last_check: int | None,
+    interval: int,
+    pressure: bool,
+) -> bool:
+    """Whether a running request is compressed in this step.
+
+    A request is scorable only once its whole (re)started prefill is in the
+    cache: ``num_computed >= prefill_end``, where ``prefill_end`` is the
+    request's ``num_tokens`` when its prefill started (the prompt, or the
+    whole replayed prefix of a resumed request; ``None`` = not known yet).
+    A chunk may end one token short of that, with ``num_computed ==
+    num_tokens - 1`` like a decoding request: that is *not* done, since the
+    last observation query has not run and its metric is not pooled yet.
+    After that: right after the prefill, every ``interval`` new tokens, and at
+    once under memory ``pressure``.
+    """
+    if prefill_end is None or num_computed < prefill_end:
+        return False
+    return pressure or last_check is None or num_computed - last_check >= interval
+
+
 def target_kvs_per_head(policy: RequestPolicy, num_tokens: int) -> float:
     """Mean KVs per head the policy wants to keep for ``num_tokens`` tokens:
     ``rate * (n - protected) + protected``, capped by ``max_cache_tokens``

@@ -51,8 +51,14 @@ class KVCompressManager(FullAttentionManager):
         evicted = self.evicted_pages.get(request_id, 0)
         if evicted == 0:
             return None  # stock accounting
-        assert self.geometry is not None
-        return self.geometry.blocks_needed(num_tokens, evicted)
+        return self._geometry().blocks_needed(num_tokens, evicted)
+
+    def _geometry(self) -> PageGeometry:
+        if self.geometry is None:
+            raise RuntimeError(
+                "KVCompressManager used before KVCompressScheduler set its PageGeometry"
+            )
+        return self.geometry
 
     def get_num_blocks_to_allocate(
         self,
@@ -77,7 +83,11 @@ class KVCompressManager(FullAttentionManager):
                 apply_admission_cap,
                 prefill_end,
             )
-        assert len(new_computed_blocks) == 0
+        if new_computed_blocks:
+            raise RuntimeError(
+                f"request {request_id}: {len(new_computed_blocks)} prefix-cache hits on a "
+                "compressed request (prefix caching must be off with KV-Compress)"
+            )
         return max(required - len(self.req_to_blocks[request_id]), 0)
 
     def allocate_new_blocks(
@@ -100,12 +110,24 @@ class KVCompressManager(FullAttentionManager):
     def apply_eviction(self, request_id: str, num_pages: int, num_tokens: int) -> list[int]:
         """Record ``num_pages`` evicted head-pages and release the tail blocks
         the request no longer needs; they are free for this very step."""
-        assert self.geometry is not None and num_pages > 0
+        geometry = self._geometry()
+        if num_pages <= 0:
+            raise ValueError(f"request {request_id}: cannot evict {num_pages} pages")
         evicted = self.evicted_pages.get(request_id, 0) + num_pages
+        in_use = geometry.pages_in_use(num_tokens, evicted)
+        if in_use < 0:
+            raise RuntimeError(
+                f"request {request_id}: evicting {num_pages} pages leaves {in_use} of "
+                f"{num_tokens} tokens' pages (already evicted {evicted - num_pages})"
+            )
         self.evicted_pages[request_id] = evicted
         req_blocks = self.req_to_blocks[request_id]
-        keep = self.geometry.blocks_needed(num_tokens, evicted)
-        assert keep >= 1 or num_tokens == 0
+        keep = geometry.blocks_needed(num_tokens, evicted)
+        if keep > len(req_blocks):
+            raise RuntimeError(
+                f"request {request_id}: needs {keep} blocks after eviction but owns "
+                f"{len(req_blocks)}"
+            )
         released = req_blocks[keep:]
         del req_blocks[keep:]
         if released:
@@ -113,8 +135,7 @@ class KVCompressManager(FullAttentionManager):
         return [b.block_id for b in released]
 
     def pages_in_use(self, request_id: str, num_tokens: int) -> int:
-        assert self.geometry is not None
-        return self.geometry.pages_in_use(num_tokens, self.evicted_pages.get(request_id, 0))
+        return self._geometry().pages_in_use(num_tokens, self.evicted_pages.get(request_id, 0))
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         self.evicted_pages.pop(request_id, None)

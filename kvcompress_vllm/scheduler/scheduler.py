@@ -11,7 +11,9 @@ Per step (``schedule``):
 2. ``KVCompressManager.apply_eviction`` records the eviction and frees the
    request's surplus tail blocks into the pool, so vLLM's own ``schedule``
    can hand them to other requests in this very step.
-3. The plans travel to the worker on ``SchedulerOutput.kv_compress``; the
+3. The plans travel to the worker with the ``SchedulerOutput``
+   (``plan.attach_plan``; the worker's ``plan.take_plan`` raises if one is
+   missing); the
    worker evicts, compacts and vacates the released blocks before the forward.
 """
 
@@ -33,8 +35,8 @@ from kvcompress_vllm.config import (
     request_policy,
 )
 from kvcompress_vllm.log import get_logger
-from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats
-from kvcompress_vllm.scheduler.accounting import PageGeometry, pages_to_evict
+from kvcompress_vllm.plan import EvictionPlan, StepPlan, attach_plan, read_stats
+from kvcompress_vllm.scheduler.accounting import PageGeometry, compression_due, pages_to_evict
 from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressManager, KVCompressSpec
 
 logger = get_logger(__name__)
@@ -47,6 +49,9 @@ class RequestCompression:
     """Scheduler-side compression state of one request."""
 
     policy: RequestPolicy
+    #: ``num_tokens`` when the request's prefill (re)started (None: not
+    #: scheduled since it was created or preempted).
+    prefill_end: int | None = None
     #: ``num_computed_tokens`` at the last compression decision (None: none
     #: since the request's prefill (re)started).
     tokens_at_last_check: int | None = None
@@ -146,15 +151,18 @@ class KVCompressScheduler(Scheduler):
             self.kvc_totals.pressure_steps += 1
         plans: list[EvictionPlan] = []
         for request in self.running:
-            n = request.num_computed_tokens
-            if n == 0 or n < request.num_tokens - 1:
-                continue  # prefill still in progress: the prompt is not scored yet
-            state = self._compression_state(request)
+            state = self.kvc_requests.get(request.request_id)
+            if state is None or not state.policy.compresses:
+                continue  # not scheduled yet (no prefill_end), or never compressed
             policy = state.policy
-            if not policy.compresses:
-                continue
-            last = state.tokens_at_last_check
-            if not (pressure or last is None or n - last >= policy.compress_interval):
+            n = request.num_computed_tokens
+            if not compression_due(
+                num_computed=n,
+                prefill_end=state.prefill_end,
+                last_check=state.tokens_at_last_check,
+                interval=policy.compress_interval,
+                pressure=pressure,
+            ):
                 continue
             state.tokens_at_last_check = n
             rid = request.request_id
@@ -178,6 +186,7 @@ class KVCompressScheduler(Scheduler):
                     protected_window=policy.protected_window,
                     sink_tokens=policy.sink_tokens,
                     scorer=policy.scorer,
+                    allocation=policy.allocation,
                 )
             )
         return plans
@@ -193,22 +202,30 @@ class KVCompressScheduler(Scheduler):
             if (r := self.requests.get(p.req_id)) is not None
             and r.status == RequestStatus.RUNNING
         ]
+        # Requests whose prefill (re)starts in this step: the prefill covers
+        # every token they have now; they become scorable once it is computed.
         prefill_ends: dict[str, int] = {}
-        for new_req in output.scheduled_new_reqs:
-            prefill_ends[new_req.req_id] = self.requests[new_req.req_id].num_tokens
-        for rid in output.scheduled_cached_reqs.resumed_req_ids:
-            prefill_ends[rid] = self.requests[rid].num_tokens
-        output.kv_compress = StepPlan(
-            evictions=plans,
-            prefill_ends=prefill_ends,
-            report_pages=self.kvc_config.debug_checks,
+        restarted = [r.req_id for r in output.scheduled_new_reqs]
+        restarted += output.scheduled_cached_reqs.resumed_req_ids
+        for rid in restarted:
+            request = self.requests[rid]
+            state = self._compression_state(request)
+            state.prefill_end = prefill_ends[rid] = request.num_tokens
+            state.tokens_at_last_check = None
+        attach_plan(
+            output,
+            StepPlan(
+                evictions=plans,
+                prefill_ends=prefill_ends,
+                report_pages=self.kvc_config.debug_checks,
+            ),
         )
         self.kvc_totals.max_running = max(self.kvc_totals.max_running, len(self.running))
         return output
 
     # ------------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output):
-        stats: WorkerStats | None = getattr(model_runner_output, "kv_compress_stats", None)
+        stats = read_stats(model_runner_output)
         if stats is not None:
             self.kvc_totals.kvs_evicted += stats.kvs_evicted
             self.kvc_totals.compaction_ms += stats.compaction_ms
@@ -227,7 +244,7 @@ class KVCompressScheduler(Scheduler):
                 continue
             expected = self.kvc_manager.pages_in_use(rid, request.num_computed_tokens)
             if expected != pages:
-                raise AssertionError(
+                raise RuntimeError(
                     f"KV-Compress accounting mismatch for request {rid}: scheduler "
                     f"expects {expected} pages, worker holds {pages}"
                 )
@@ -266,6 +283,7 @@ class KVCompressScheduler(Scheduler):
             "compressions": state.compressions if state else 0,
             "rate": state.policy.rate if state else self.kvc_config.rate,
             "scorer": state.policy.scorer if state else self.kvc_config.scorer,
+            "allocation": state.policy.allocation if state else self.kvc_config.allocation,
         }
 
     def _connector_finished(self, request: Request):
@@ -281,6 +299,7 @@ class KVCompressScheduler(Scheduler):
         # whole cache uncompressed and is compressed again after that prefill.
         state = self.kvc_requests.get(request.request_id)
         if state is not None:
+            state.prefill_end = None
             state.tokens_at_last_check = None
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):

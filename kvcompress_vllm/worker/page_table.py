@@ -26,6 +26,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from vllm.utils.math_utils import cdiv
+
+
+def max_pages_per_head(max_model_len: int, block_size: int) -> int:
+    """Page-table row width: a head never holds more than ``max_model_len``
+    KVs; one spare page lets a compacted head append before trimming."""
+    return cdiv(max_model_len, block_size) + 1
+
+
+def head_table_bytes(max_requests: int, num_heads: int, max_pages: int) -> int:
+    """Host memory of the page tables, taken out of the KV budget.
+
+    ``HeadPageTable``: ``page_table [S, L*H, max_pages]`` plus ``num_pages``
+    and ``kv_count [S, L*H]`` int32; per step ``build_batch`` makes at most
+    two more ``[R <= S, L*H, <= max_pages]`` int32 copies (row gather and the
+    layer-major permute)."""
+    persistent = 4 * max_requests * num_heads * (max_pages + 2)
+    per_step = 2 * 4 * max_requests * num_heads * max_pages
+    return persistent + per_step
 
 
 @dataclass

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress_vllm import ops
+from kvcompress_vllm import ops, scorers
 from kvcompress_vllm.config import KVCompressConfig
-from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats
-from kvcompress_vllm.worker import scorers
-from kvcompress_vllm.worker.page_table import HeadPageTable, RequestPages
-from kvcompress_vllm.worker.selection import select_evictions
+from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats, take_plan
+from kvcompress_vllm.worker.page_table import HeadPageTable, RequestPages, max_pages_per_head
+from kvcompress_vllm.worker.selection import choose_pages, evict_indices, rank_heads
 
 _STATE: "KVCompressWorkerState | None" = None
 
@@ -112,8 +111,8 @@ class AttentionBatch:
     metric_q_start: torch.Tensor  # [R] int32
     record_metrics: bool
     #: Rows whose prompt completes in this step (their prompt metric is
-    #: max-pooled along keys): list of (row, kv_len).
-    pool_rows: list[tuple[int, int]]
+    #: max-pooled along keys): list of (row, prompt length, request id).
+    pool_rows: list[tuple[int, int, str]]
 
 
 class KVCompressWorkerState:
@@ -128,7 +127,7 @@ class KVCompressWorkerState:
         self.cfg = cfg
         self.pool = pool
         self.block_size = pool.kv_pages.shape[2]
-        max_pages = -(-max_model_len // self.block_size) + 1
+        max_pages = max_pages_per_head(max_model_len, self.block_size)
         self.table = HeadPageTable(
             num_layers=pool.num_layers,
             num_kv_heads=pool.num_kv_heads,
@@ -146,7 +145,7 @@ class KVCompressWorkerState:
     # ------------------------------------------------------------------
     def begin_step(self, scheduler_output) -> None:
         """Bring the page tables in line with this step's scheduler output."""
-        step: StepPlan = getattr(scheduler_output, "kv_compress", None) or StepPlan()
+        step: StepPlan = take_plan(scheduler_output)
         table = self.table
         self._batch = None
         self._batch_key = None
@@ -160,7 +159,7 @@ class KVCompressWorkerState:
                 new_req.req_id,
                 list(new_req.block_ids[0]),
                 new_req.num_computed_tokens,
-                step.prefill_ends.get(new_req.req_id, new_req.prompt_len),
+                self._prefill_end(step, new_req.req_id),
             )
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
@@ -171,7 +170,7 @@ class KVCompressWorkerState:
                     rid,
                     list(blocks[0]) if blocks is not None else [],
                     cached.num_computed_tokens[i],
-                    step.prefill_ends[rid],
+                    self._prefill_end(step, rid),
                 )
         # Plans refer to the block lists as they were before this step's
         # allocations, so they run before new blocks are appended.
@@ -190,6 +189,16 @@ class KVCompressWorkerState:
         self._report_pages = step.report_pages
         self.in_step = True
 
+    @staticmethod
+    def _prefill_end(step: StepPlan, req_id: str) -> int:
+        end = step.prefill_ends.get(req_id)
+        if end is None:
+            raise RuntimeError(
+                f"request {req_id} (re)starts its prefill but the StepPlan names no "
+                f"prefill end for it (prefill_ends has {sorted(step.prefill_ends)[:8]})"
+            )
+        return end
+
     def end_step(self) -> WorkerStats:
         self.in_step = False
         self._batch = None
@@ -204,21 +213,66 @@ class KVCompressWorkerState:
         return stats
 
     # ------------------------------------------------------------------
-    def _gather_request(self, req: RequestPages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(page ids, slots, valid) ``[L*H, C]`` of every KV of ``req``."""
+    def _gather_request(
+        self, req: RequestPages, start: int, stop: int, width: int, req_id: str
+    ) -> scorers.HeadKVs:
+        """The KVs of flat heads ``[start, stop)`` (``layer * H + head``) of
+        ``req``, ``width`` columns in logical order: metrics (float32),
+        positions (int32) and validity now (``[r, width]`` each), keys on
+        demand in the cache dtype (``[r, width, D]``, padding zeroed)."""
+        pool = self.pool
+        n = self.block_size
         page_rows, counts = self.table.head_rows(req)
-        width = int(counts.max())
         j = torch.arange(width)
-        valid = j.view(1, -1) < counts.view(-1, 1)
-        page_idx = (j // self.block_size).clamp(max=page_rows.shape[1] - 1)
-        pages = page_rows.to(torch.int64)[:, page_idx]
-        pages = torch.where(valid, pages, torch.zeros_like(pages))
-        slots = (j % self.block_size).view(1, -1).expand_as(pages)
-        return pages, slots, valid, counts
+        valid = j.view(1, -1) < counts[start:stop].view(-1, 1)
+        logical_page = (j // n).clamp(max=page_rows.shape[1] - 1)
+        # int32 [r, width]; -1 (no page: padding) -> page 0, masked by `valid`.
+        pages = page_rows[start:stop].index_select(1, logical_page).clamp_(min=0)
+        slot = j % n
+        flat = pages.to(torch.int64).mul_(n).add_(slot)  # page * N + slot
+        head_dim = pool.kv_pages.shape[3]
+
+        def keys() -> torch.Tensor:
+            # kv_pages [P, 2, N, D] as rows of D: key (page, slot) is row page*2N + slot.
+            rows = pages.to(torch.int64).mul_(2 * n).add_(slot).view(-1)
+            out = pool.kv_pages.view(-1, head_dim).index_select(0, rows)
+            out = out.view(stop - start, width, head_dim)
+            return out.masked_fill_(~valid.unsqueeze(-1), 0)
+
+        return scorers.HeadKVs(
+            metrics=pool.metrics.view(-1)[flat],
+            positions=pool.positions.view(-1)[flat],
+            valid=valid,
+            keys=keys,
+            req_id=req_id,
+            num_tokens=req.num_tokens,
+            row_start=start,
+        )
 
     def apply_eviction(self, plan: EvictionPlan) -> None:
         """Evict ``plan.num_pages`` head-pages of one request, compact its
-        heads and move its live pages out of the released blocks."""
+        heads and move its live pages out of the released blocks.
+
+        Pages are spread over heads per ``plan.allocation``; for ``uniform``
+        each head's lifetime evicted pages ``k = (num_tokens - kv_count) / N``
+        come from the page table (eviction is block-aligned).
+
+        Memory: with ``R = L*H`` heads, ``C`` the request's widest head (KVs),
+        ``N`` the block size, ``D`` the head dim and ``e`` the cache element
+        size, the temporaries that live for the whole call are the int32 sort
+        order ``[R, C]`` and the float32 unit costs ``[R, C/N]``; scoring,
+        compaction and page moves run in chunks of heads (pages) whose
+        temporaries stay within ``B = scorers.CHUNK_BYTES`` (64 MiB) or one
+        head: the fp32 keys of a chunk (at most ``max(B, 4*C*D)``) plus their
+        cache-dtype gather (``e/4`` of that) plus per-KV index/score
+        temporaries (``12/D`` of that).  Peak growth:
+
+            4*R*C*(1 + 1/N) + max(B, 4*C*D) * (1 + e/4 + 12/D)
+
+        About 32 + 102 MiB for a 32k-token request on a Llama-3-8B shape
+        (R = 256, D = N = 128, bf16); ``tests/test_memory_budget.py``
+        measures it (99-134 MiB).
+        """
         start = time.perf_counter()
         table = self.table
         req = table.requests.get(plan.req_id)
@@ -230,30 +284,49 @@ class KVCompressWorkerState:
                 f"plan was made for {plan.num_tokens}"
             )
         pool = self.pool
-        pages, slots, valid, counts = self._gather_request(req)
-        kvs = scorers.HeadKVs(
-            metrics=pool.metrics[pages, slots],
-            positions=pool.positions[pages, slots].to(torch.int64),
-            valid=valid,
-            keys=lambda: pool.kv_pages[pages, 0, slots].float(),
-            req_id=plan.req_id,
-            num_tokens=req.num_tokens,
+        n = self.block_size
+        page_rows, counts = table.head_rows(req)  # views: [R, max_pages], [R]
+        lifetime = req.num_tokens - counts.to(torch.int64)  # KVs evicted per head so far
+        if bool((lifetime < 0).any()) or bool((lifetime % n).any()):
+            raise RuntimeError(
+                f"request {plan.req_id}: heads hold {sorted(set(counts.tolist()))[:8]} KVs, "
+                f"not {req.num_tokens} minus whole pages of {n}"
+            )
+        num_rows = counts.numel()
+        width = int(counts.max())
+        costs, order = rank_heads(
+            scorers.get_scorer(plan.scorer),
+            lambda a, b: self._gather_request(req, a, b, width, plan.req_id),
+            num_rows,
+            width,
+            pool.kv_pages.shape[3],
+            n,
+            plan.protected_window,
+            plan.sink_tokens,
         )
-        scores = scorers.score(plan.scorer, kvs, plan.protected_window, plan.sink_tokens)
-        chosen = select_evictions(
-            scores, plan.num_pages, self.block_size, uniform=scorers.is_uniform(plan.scorer)
-        )
-        page_rows, _ = table.head_rows(req)
-        evict_counts = chosen.evict_counts
-        ops.compact_heads(
-            pool.kv_pages, pool.metrics, pool.positions,
-            page_rows, counts, chosen.evict_idx, evict_counts,
-        )
+        pages = choose_pages(costs, plan.num_pages, plan.allocation, evicted=lifetime // n)
+        evict_counts = (pages * n).to(torch.int32)
+        # Compact chunk by chunk (heads are independent): the ascending
+        # eviction lists cost about 16 bytes per evicted KV while built.
+        step = max(1, scorers.CHUNK_BYTES // (16 * max(1, int(evict_counts.max()))))
+        for a in range(0, num_rows, step):
+            b = min(a + step, num_rows)
+            if not bool(evict_counts[a:b].any()):
+                continue
+            ops.compact_heads(
+                pool.kv_pages, pool.metrics, pool.positions, page_rows[a:b], counts[a:b],
+                evict_indices(order[a:b], pages[a:b], n), evict_counts[a:b],
+            )
+        del order, costs
         counts -= evict_counts  # view of table.kv_count
         table.trim(req)
         src, dst = table.release_blocks(req, list(plan.released_block_ids))
-        if src.numel():
-            pool.copy_pages(src, dst)
+        # Move live pages out of the released blocks, a bounded batch at a time
+        # (sources and destinations are disjoint, so the order is free).
+        page_bytes = pool.kv_pages[0].numel() * pool.kv_pages.element_size()
+        step = max(1, scorers.CHUNK_BYTES // page_bytes)
+        for a in range(0, src.numel(), step):
+            pool.copy_pages(src[a : a + step], dst[a : a + step])
         req.evicted_pages += plan.num_pages
         req.compressions += 1
         in_use = table.pages_in_use(req)
@@ -288,7 +361,7 @@ class KVCompressWorkerState:
         slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
         width = int(table.num_pages.index_select(0, slots).max())
         page_table = (
-            table.page_table.index_select(0, slots)[..., :width].permute(1, 0, 2, 3).contiguous()
+            table.page_table[..., :width].index_select(0, slots).permute(1, 0, 2, 3).contiguous()
         )  # [L, R, H, width]
         kv_lens = table.kv_count.index_select(0, slots).permute(1, 0, 2).contiguous()  # [L, R, H]
         num_layers, num_reqs, num_heads = kv_lens.shape
@@ -315,7 +388,7 @@ class KVCompressWorkerState:
         if self.cfg.pooling_kernel > 1:
             ends = before + q_lens
             for r in ((ends == prefill_end) & (q_lens > 0)).nonzero().view(-1).tolist():
-                pool_rows.append((r, int(ends[r])))
+                pool_rows.append((r, int(ends[r]), req_ids[r]))
         batch = AttentionBatch(
             page_table=page_table,
             kv_lens=kv_lens,
@@ -330,10 +403,23 @@ class KVCompressWorkerState:
         return batch
 
     def pool_prompt_metrics(self, batch: AttentionBatch, region: int) -> None:
-        """Max-pool the prompt metric along keys for rows finishing prefill."""
+        """Max-pool the prompt metric along keys for rows finishing prefill.
+
+        Only an uncompressed head holds the prompt's KVs in position order, so
+        every head of a pooled row must hold exactly ``prompt length`` KVs;
+        anything else means the request was compressed before its prompt was
+        complete, and pooling would read (and write) pages it does not own.
+        """
         kernel = self.cfg.pooling_kernel
         metrics = self.pool.metrics
-        for row, length in batch.pool_rows:
+        for row, length, req_id in batch.pool_rows:
+            counts = batch.kv_lens[region, row]  # [H]
+            if bool((counts != length).any()):
+                raise RuntimeError(
+                    f"request {req_id}: cannot pool the prompt metric of layer {region}: "
+                    f"heads hold {counts.tolist()} KVs, the prompt has {length} tokens "
+                    "(compressed before its prompt was complete?)"
+                )
             pages = batch.page_table[region, row].to(torch.int64)  # [H, width]
             j = torch.arange(length)
             page = pages[:, j // self.block_size]

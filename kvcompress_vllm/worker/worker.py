@@ -14,6 +14,8 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from kvcompress_vllm.config import active_config
 from kvcompress_vllm.log import get_logger
+from kvcompress_vllm.plan import attach_stats
+from kvcompress_vllm.worker.page_table import head_table_bytes, max_pages_per_head
 from kvcompress_vllm.worker.state import (
     METADATA_BYTES_PER_SLOT,
     HeadPool,
@@ -45,9 +47,31 @@ class KVCompressCPUWorker(CPUWorker):
         self.kvc_state: KVCompressWorkerState | None = None
 
     def determine_available_memory(self) -> int:
-        """Leave room for the per-slot metric and position next to the KVs."""
+        """vLLM's KV budget minus the plugin's own per-sequence memory.
+
+        * The per-request head page tables and their per-step copies
+          (``page_table.head_table_bytes``), sized for ``max_num_seqs``.
+        * The per-slot metric and position next to each K/V pair
+          (``METADATA_BYTES_PER_SLOT``): the rest is split between KV pages
+          and their metadata.
+        """
         available = super().determine_available_memory()
-        model = self.vllm_config.model_config
+        config = self.vllm_config
+        model = config.model_config
+        heads = model.get_num_layers(config.parallel_config) * model.get_num_kv_heads(
+            config.parallel_config
+        )
+        max_pages = max_pages_per_head(model.max_model_len, config.cache_config.block_size)
+        max_seqs = config.scheduler_config.max_num_seqs
+        table_bytes = head_table_bytes(max_seqs, heads, max_pages)
+        if table_bytes >= available:
+            raise ValueError(
+                f"KV-Compress: the per-request head page tables need {table_bytes} bytes "
+                f"(max_num_seqs={max_seqs} x {heads} (layer, KV head)s x {max_pages} pages) "
+                f"but the KV budget is {available} bytes; lower max_num_seqs or "
+                "max_model_len, or raise the KV cache space"
+            )
+        available -= table_bytes
         kv_bytes = 2 * model.get_head_size() * model.dtype.itemsize
         return available * kv_bytes // (kv_bytes + METADATA_BYTES_PER_SLOT)
 
@@ -96,5 +120,5 @@ class KVCompressCPUWorker(CPUWorker):
         if not self.kvc_state.in_step:
             return output
         output = copy.copy(output)  # EMPTY_MODEL_RUNNER_OUTPUT is shared
-        output.kv_compress_stats = self.kvc_state.end_step()
+        attach_stats(output, self.kvc_state.end_step())
         return output

@@ -1,0 +1,29 @@
+"""Random eviction: the control that any real score must beat."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from kvcompress_vllm.scorers.base import HeadKVs, Scorer
+
+
+class RandomScorer(Scorer):
+    """Uniformly random scores: the control, the baseline every other scorer
+    must beat (kvpress's ``RandomPress`` plays the same role).
+
+    Deterministic per (request, token count, head): each row draws from its
+    own generator seeded by ``crc32("req_id:num_tokens:row")``, so the scores
+    do not depend on how rows are chunked, repeat for the same request and
+    length, and differ across requests and compressions.
+    """
+
+    name = "random"
+
+    def score(self, kvs: HeadKVs) -> torch.Tensor:
+        out = torch.empty(kvs.valid.shape, dtype=torch.float32)
+        for i in range(out.shape[0]):
+            seed = zlib.crc32(f"{kvs.req_id}:{kvs.num_tokens}:{kvs.row_start + i}".encode())
+            out[i] = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(seed))
+        return out

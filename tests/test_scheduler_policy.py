@@ -1,0 +1,200 @@
+"""``KVCompressScheduler`` without an engine: a real vLLM scheduler over a
+small fake KV pool (3 layers x 2 KV heads, block size 16), driven by a fake
+model runner that samples one token whenever a request's tokens are all
+computed.  Covers when requests are compressed (chunk boundaries, resumed
+requests, the interval, memory pressure), ``_next_step_demand`` and, in a
+randomized run with preemptions, the block accounting after every step.
+"""
+
+import random
+
+import pytest
+import torch
+
+from policy_oracle import evict_now
+
+BS, LAYERS, HEADS = 16, 3, 2
+LH = LAYERS * HEADS
+PROTECTED, SINKS = 8, 2
+
+
+@pytest.fixture(scope="module")
+def vllm_config(model_path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(
+        model=model_path, enforce_eager=True, max_model_len=2048, block_size=BS,
+        max_num_batched_tokens=64, max_num_seqs=16,
+        additional_config={"kv_compress": {
+            "rate": 0.25, "protected_window": PROTECTED, "sink_tokens": SINKS}},
+    )
+    return args.create_engine_config()
+
+
+def make_scheduler(vllm_config, num_blocks=40, budget=64):
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressSpec, register_kv_cache_spec
+    from kvcompress_vllm.scheduler.scheduler import KVCompressScheduler
+
+    register_kv_cache_spec()
+    spec = KVCompressSpec(block_size=BS, num_kv_heads=HEADS, head_size=8, dtype=torch.float32)
+    kv_config = KVCacheConfig(
+        num_blocks=num_blocks, kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec([f"layer.{i}" for i in range(LAYERS)], spec)],
+    )
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    sched = KVCompressScheduler(vllm_config, kv_config, StructuredOutputManager(vllm_config),
+                                block_size=BS)
+    sched.max_num_scheduled_tokens = budget
+    sched.plans_log = []  # (req_id, num_tokens, prefill_end, num_pages, pressure)
+    original = sched.kvc_manager.apply_eviction
+
+    def apply_eviction(request_id, num_pages, num_tokens):
+        state = sched.kvc_requests[request_id]
+        sched.plans_log.append((request_id, num_tokens, state.prefill_end, num_pages))
+        return original(request_id, num_pages, num_tokens)
+
+    sched.kvc_manager.apply_eviction = apply_eviction
+    return sched
+
+
+def add(sched, rid, prompt_len, max_tokens=50, **extra):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra or None)
+    sched.add_request(Request(rid, list(range(100, 100 + prompt_len)), params, None))
+
+
+def run_step(sched):
+    """schedule() + a fake forward; returns the SchedulerOutput."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    out = sched.schedule()
+    rids = list(out.num_scheduled_tokens)
+    sampled = [
+        [7] if sched.requests[r].num_computed_tokens >= sched.requests[r].num_tokens else []
+        for r in rids
+    ]
+    sched.update_from_output(out, ModelRunnerOutput(
+        req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)},
+        sampled_token_ids=sampled))
+    return out
+
+
+def test_chunk_ending_one_token_short_is_not_compressed(vllm_config):
+    sched = make_scheduler(vllm_config, budget=64)
+    add(sched, "a", 65)  # chunks 64 + 1: the first ends at prompt_len - 1
+    out = run_step(sched)
+    request = sched.requests["a"]
+    assert request.num_computed_tokens == 64 == request.num_tokens - 1
+    out = run_step(sched)  # looks like a decoding request, but is not
+    assert out.kv_compress.evictions == [] and out.num_scheduled_tokens == {"a": 1}
+    out = run_step(sched)  # prompt complete -> compressed now
+    assert [(p.req_id, p.num_tokens) for p in out.kv_compress.evictions] == [("a", 65)]
+    assert out.kv_compress.evictions[0].num_pages == evict_now(65, 0, LH, BS, 0.25, PROTECTED, SINKS)
+
+
+def test_interval_and_pressure(vllm_config):
+    sched = make_scheduler(vllm_config, num_blocks=40, budget=64)
+    add(sched, "a", 60, max_tokens=200)
+    for _ in range(3):
+        run_step(sched)
+    assert [p[0] for p in sched.plans_log] == ["a"]
+    # Next compression once BS more tokens are in the cache, not before.
+    n_first = sched.plans_log[0][1]
+    while sched.requests["a"].num_computed_tokens < n_first + BS:
+        assert len(sched.plans_log) == 1
+        run_step(sched)
+    run_step(sched)
+    assert len(sched.plans_log) == 2 and sched.plans_log[1][1] == n_first + BS
+    # Pressure: fill the pool with another request; "a" is compressed at once
+    # although its interval has not elapsed.
+    free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+    demand_before = sched._next_step_demand()
+    add(sched, "b", BS * free - 8, max_tokens=200, kv_compress_rate=1.0)
+    for _ in range(40):
+        run_step(sched)
+        if any(p[0] == "a" and p[1] < n_first + 2 * BS for p in sched.plans_log[2:]):
+            break
+    else:
+        pytest.fail(f"no pressure compression: {sched.plans_log}, demand {demand_before}")
+
+
+def test_next_step_demand_counts_blocks_for_the_next_tokens(vllm_config):
+    sched = make_scheduler(vllm_config, num_blocks=60, budget=64)
+    add(sched, "a", 40)   # prefilled in one step, then decoding
+    add(sched, "b", 150)  # chunked
+    run_step(sched)
+    run_step(sched)
+    manager = sched.kvc_manager
+    expected = 0
+    for request in sched.running:
+        n = request.num_computed_tokens
+        new = min(max(request.num_tokens - n, 1), 64)
+        evicted = manager.evicted_pages.get(request.request_id, 0)
+        pages = LH * -(-(n + new) // BS) - evicted
+        blocks = -(-pages // LH)
+        expected += max(0, blocks - len(manager.req_to_blocks[request.request_id]))
+    assert sched._next_step_demand() == expected
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_randomized_scheduling_keeps_every_invariant(vllm_config, seed):
+    """Random prompts, budgets, rates and aborts over a pool small enough to
+    preempt; after every step: blocks owned + free = pool, every request
+    holds exactly the blocks its compressed size needs, no compression
+    before the (re)started prefill is complete, and nothing is evicted
+    below the target or from the protected window."""
+    from vllm.v1.request import RequestStatus
+
+    rng = random.Random(seed)
+    budget = rng.choice([32, 48, 64, 100])
+    num_blocks = rng.choice([30, 45, 80])
+    sched = make_scheduler(vllm_config, num_blocks=num_blocks, budget=budget)
+    manager = sched.kvc_manager
+    pool = sched.kv_cache_manager.block_pool
+    total_free = pool.get_num_free_blocks()
+    next_id, preempted = 0, 0
+    for step in range(2000):
+        if next_id < 30 and rng.random() < 0.3:
+            extra = rng.choice([{}, {"kv_compress_rate": 0.5}, {"kv_compress_rate": 1.0},
+                                {"max_cache_tokens": 40}])
+            add(sched, f"r{next_id}", rng.randint(1, 300), max_tokens=rng.randint(1, 120), **extra)
+            next_id += 1
+        if sched.running and rng.random() < 0.03:
+            victim = rng.choice(sched.running).request_id
+            sched.finish_requests([victim], RequestStatus.FINISHED_ABORTED)
+        before = len(sched.plans_log)
+        run_step(sched)
+        preempted = sched.kvc_totals.preemptions
+        owned = sum(len(b) for b in manager.req_to_blocks.values())
+        assert owned + pool.get_num_free_blocks() == total_free
+        for req_id, n, prefill_end, num_pages in sched.plans_log[before:]:
+            assert prefill_end is not None and n >= prefill_end, (req_id, n, prefill_end)
+        for request in sched.running:
+            from policy_oracle import target_per_head
+
+            rid = request.request_id
+            n = request.num_computed_tokens
+            evicted = manager.evicted_pages.get(rid, 0)
+            need = -(-(LH * -(-n // BS) - evicted) // LH)
+            held = len(manager.req_to_blocks.get(rid, ()))
+            # vLLM allocates for the tokens scheduled this step, i.e. ahead.
+            assert held >= need, (rid, n, evicted, held)
+            policy = sched.kvc_requests[rid].policy
+            assert evicted <= LH * (max(0, n - PROTECTED - SINKS) // BS)
+            if evicted:
+                target = target_per_head(n, policy.rate, PROTECTED, SINKS, policy.max_cache_tokens)
+                # Targets only shrink per token (rate <= 1), so kept >= target
+                # at the last compression implies it now.
+                assert LH * n - evicted * BS >= LH * target - 1e-6, (rid, n, evicted)
+        if next_id >= 30 and not sched.requests:
+            break
+    assert not sched.requests, f"{len(sched.requests)} requests left after 2000 steps"
+    assert pool.get_num_free_blocks() == total_free
+    assert not manager.evicted_pages and not sched.kvc_requests
+    assert sched.plans_log, "nothing was compressed"
+    print(f"seed {seed}: {len(sched.plans_log)} compressions, {preempted} preemptions")

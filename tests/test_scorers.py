@@ -1,0 +1,294 @@
+"""Each scorer's ranking on constructed keys/metrics, the protection of the
+window and the sinks under every scorer, chunked == unchunked scoring, and the
+scorer registry."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+from kvcompress_vllm import scorers
+from kvcompress_vllm.config import SCORERS, KVCompressConfig
+from kvcompress_vllm.plan import EvictionPlan, StepPlan
+from kvcompress_vllm.scheduler.accounting import PageGeometry
+from kvcompress_vllm.scorers import HeadKVs
+from kvcompress_vllm.worker.selection import rank_heads, select_evictions, unit_costs
+from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState
+
+
+def make_kvs(keys, metrics=None, positions=None, valid=None, req_id="r", num_tokens=None):
+    """``HeadKVs`` over fixed tensors (``keys()`` returns a fresh copy, as the
+    worker's gather does)."""
+    rows, width, _ = keys.shape
+    if positions is None:
+        positions = torch.arange(width).repeat(rows, 1)
+    return HeadKVs(
+        metrics=torch.zeros(rows, width) if metrics is None else metrics,
+        positions=positions,
+        valid=torch.ones(rows, width, dtype=torch.bool) if valid is None else valid,
+        keys=lambda: keys.clone(),
+        req_id=req_id,
+        num_tokens=int(positions.max()) + 1 if num_tokens is None else num_tokens,
+    )
+
+
+def evicted_set(scores, num_pages, block_size=1):
+    """Logical indices evicted from each row, as sets."""
+    ev = select_evictions(scores, num_pages, block_size)
+    return [set(i for i in row if i >= 0) for row in ev.evict_idx.tolist()]
+
+
+def kvpress_keydiff(keys):
+    """kvpress ``KeyDiffPress.score`` on ``[rows, C, D]`` keys."""
+    anchor = F.normalize(keys, p=2, dim=-1).mean(dim=1, keepdim=True)
+    return -F.cosine_similarity(keys, anchor, dim=-1)
+
+
+# --- registry -----------------------------------------------------------------
+
+def test_registry_matches_config_and_documents_papers():
+    assert set(scorers.scorer_names()) == set(SCORERS)
+    assert "uniform" not in SCORERS  # an allocation mode now, not a scorer
+    papers = {
+        "kvcompress": "2410.00161",
+        "streamingllm": "2309.17453",
+        "knorm": "2406.11430",
+        "keydiff": "2504.15364",
+    }
+    for name in SCORERS:
+        scorer = scorers.get_scorer(name)
+        assert scorer.name == name
+        assert type(scorer).__doc__ and papers.get(name, "control") in type(scorer).__doc__
+    assert "kvpress" in type(scorers.get_scorer("keydiff")).__doc__
+    with pytest.raises(KeyError, match="unknown scorer 'h2o'"):
+        scorers.get_scorer("h2o")
+
+
+def test_registry_refuses_a_mismatch_with_config(monkeypatch):
+    monkeypatch.setattr(scorers, "SCORERS", (*SCORERS, "h2o"))
+    with pytest.raises(scorers.ScorerRegistryError, match=r"only in config.SCORERS \['h2o'\]"):
+        scorers._check_registry()
+
+
+def test_registry_refuses_a_duplicate_name():
+    with pytest.raises(scorers.ScorerRegistryError, match="'knorm' is used by both"):
+        class AnotherKnorm(scorers.Scorer):  # noqa: F841
+            name = "knorm"
+
+            def score(self, kvs):
+                return kvs.metrics
+
+
+# --- rankings -------------------------------------------------------------------
+
+def test_knorm_evicts_high_norm_keys_first():
+    g = torch.Generator().manual_seed(0)
+    direction = F.normalize(torch.randn(2, 12, 16, generator=g), dim=-1)
+    norms = torch.stack([torch.randperm(12, generator=g).float() + 1 for _ in range(2)])
+    keys = (direction * norms.unsqueeze(-1)).to(torch.bfloat16)
+    s = scorers.score("knorm", make_kvs(keys, num_tokens=100), 0, 0)
+    for row, evicted in enumerate(evicted_set(s, 10)):
+        top = set(torch.topk(norms[row], len(evicted)).indices.tolist())
+        assert evicted == top  # the largest norms go, low-norm keys stay
+    # Joint over heads: the 10 evicted are the 10 largest norms overall.
+    assert sum(len(e) for e in evicted_set(s, 10)) == 10
+    flat_top = set(torch.topk(norms.view(-1), 10).indices.tolist())
+    assert {r * 12 + i for r, e in enumerate(evicted_set(s, 10)) for i in e} == flat_top
+
+
+def test_keydiff_evicts_keys_closest_to_the_normalised_mean_first():
+    e = torch.eye(4)
+    # 3 keys along e1, 2 along e3, and one very long key along e2.  kvpress's
+    # anchor (mean of normalised keys) is (3 e1 + e2 + 2 e3) / 6: the e1 keys
+    # are the most similar, the e2 key the least -- with the mean of the raw
+    # keys (dominated by the long e2 key) it would be the other way round.
+    keys = torch.stack([e[0], e[0] * 2, e[0] * 0.5, e[2], e[2] * 3, e[1] * 100]).unsqueeze(0)
+    kvs = make_kvs(keys, num_tokens=100)
+    s = scorers.score("keydiff", kvs, 0, 0)
+    assert torch.allclose(s, kvpress_keydiff(keys), atol=1e-6)
+    assert evicted_set(s, 3) == [{0, 1, 2}]
+    assert evicted_set(s, 5) == [{0, 1, 2, 3, 4}]
+    raw_mean_scores = -F.cosine_similarity(keys, keys.mean(dim=1, keepdim=True), dim=-1)
+    assert evicted_set(raw_mean_scores, 1) == [{5}]  # the definition we do not use
+
+
+def test_keydiff_matches_kvpress_and_ignores_padding():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(3, 20, 8, generator=g)
+    valid = torch.ones(3, 20, dtype=torch.bool)
+    valid[1, 12:] = False
+    padded = keys.clone()
+    padded[1, 12:] = 0  # the worker's gather zeroes padding keys
+    s = scorers.get_scorer("keydiff").score(make_kvs(padded, valid=valid))
+    assert torch.allclose(s[0], kvpress_keydiff(keys[0:1])[0], atol=1e-6)
+    assert torch.allclose(s[1, :12], kvpress_keydiff(keys[1:2, :12])[0], atol=1e-6)
+
+
+def test_streamingllm_evicts_oldest_first():
+    positions = torch.tensor([[0, 1, 5, 6, 9, 11, 12, 14, 20, 21, 22, 23]] * 2)
+    keys = torch.randn(2, 12, 4)
+    s = scorers.score("streamingllm", make_kvs(keys, positions=positions, num_tokens=24), 4, 1)
+    ev = select_evictions(s, 4, 2)  # 4 pages of 2 KVs: the 8 oldest after the sink
+    assert ev.pages_per_head.tolist() == [2, 2]
+    assert ev.evict_idx.tolist() == [[1, 2, 3, 4]] * 2
+
+
+def test_kvcompress_evicts_lowest_metric_first():
+    g = torch.Generator().manual_seed(2)
+    metrics = torch.rand(3, 16, generator=g)
+    s = scorers.score("kvcompress", make_kvs(torch.zeros(3, 16, 2), metrics=metrics, num_tokens=100), 0, 0)
+    evicted = evicted_set(s, 9, 1)
+    chosen = {r * 16 + i for r, e in enumerate(evicted) for i in e}
+    assert chosen == set(torch.topk(-metrics.view(-1), 9).indices.tolist())
+
+
+def test_random_is_deterministic_per_request_and_length():
+    keys = torch.zeros(4, 30, 2)
+
+    def rand_scores(req_id, num_tokens):
+        kvs = make_kvs(keys, req_id=req_id, num_tokens=num_tokens)
+        return scorers.get_scorer("random").score(kvs)
+
+    a = rand_scores("req-a", 30)
+    assert torch.equal(a, rand_scores("req-a", 30))  # fresh generators each call
+    assert not torch.equal(a, rand_scores("req-b", 30))
+    assert not torch.equal(a, rand_scores("req-a", 31))
+    assert not torch.equal(a[0], a[1])  # heads differ
+    assert ((a >= 0) & (a < 1)).all()
+
+
+# --- protection -----------------------------------------------------------------
+
+def adversarial_kvs(num_tokens=50, protected=10, sinks=4, rows=3):
+    """KVs where the sinks and the protected window are what every scorer
+    would evict first: lowest metric, largest norm, all along the dominant key
+    direction (keydiff's anchor), and the sinks are the oldest."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(rows, num_tokens, 8, generator=g)
+    metrics = torch.rand(rows, num_tokens, generator=g) + 1
+    special = torch.zeros(num_tokens, dtype=torch.bool)
+    special[:sinks] = True
+    special[num_tokens - protected:] = True
+    keys[:, special] = 10 * torch.eye(8)[0]
+    metrics[:, special] = 0
+    return make_kvs(keys, metrics=metrics, num_tokens=num_tokens), special
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_protected_window_and_sinks_are_never_evicted(name):
+    kvs, special = adversarial_kvs()
+    raw = scorers.get_scorer(name).score(kvs).float()
+    if name != "random":  # the construction really is adversarial
+        cheapest = torch.argsort(raw, dim=1, stable=True)[:, :4]
+        assert special[cheapest].any(dim=1).all()
+    s = scorers.score(name, kvs, protected_window=10, sink_tokens=4)
+    assert torch.isinf(s[:, special]).all() and torch.isfinite(s[:, ~special]).all()
+    costs, _ = unit_costs(s, 4)
+    max_evictable = int(torch.isfinite(costs).sum())
+    assert max_evictable == 3 * ((50 - 10 - 4) // 4)  # the scheduler's max_evictable
+    for allocation in ("joint", "uniform"):
+        ev = select_evictions(s, max_evictable, 4, allocation)
+        evicted = ev.evict_idx[ev.evict_idx >= 0]
+        assert not special[evicted.long()].any()
+
+
+# --- chunking -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_chunked_scoring_equals_scoring_all_heads_at_once(name):
+    g = torch.Generator().manual_seed(4)
+    rows, width = 7, 45
+    keys = torch.randn(rows, width, 16, generator=g).to(torch.bfloat16)
+    counts = torch.tensor([45, 40, 45, 33, 45, 41, 45])
+    valid = torch.arange(width).view(1, -1) < counts.view(-1, 1)
+    keys[~valid] = 0
+    kvs = make_kvs(keys, metrics=torch.rand(rows, width, generator=g), valid=valid, num_tokens=45)
+    scorer = scorers.get_scorer(name)
+    whole = scorer.score(kvs)
+    for step in (1, 2, 3):
+        parts = [scorer.score(kvs.rows(a, min(a + step, rows))) for a in range(0, rows, step)]
+        assert torch.equal(torch.cat(parts), whole)
+    costs, order = rank_heads(scorer, kvs.rows, rows, width, 16, 4, 6, 2, chunk_rows=rows)
+    ref_costs, ref_order = unit_costs(scorers.score(scorer, kvs, 6, 2), 4)
+    assert torch.equal(costs, ref_costs) and torch.equal(order, ref_order.to(torch.int32))
+    for step in (1, 3):
+        c, o = rank_heads(scorer, kvs.rows, rows, width, 16, 4, 6, 2, chunk_rows=step)
+        assert torch.equal(c, costs) and torch.equal(o, order)
+
+
+def test_chunk_size_bounds_the_gathered_keys():
+    # 32k tokens, head_dim 128: 16 MiB of fp32 keys per head -> 4 heads a chunk.
+    assert scorers.rows_per_chunk(32768, 128, needs_keys=True) == 4
+    assert scorers.rows_per_chunk(32768, 128, needs_keys=True) * 32768 * 128 * 4 <= scorers.CHUNK_BYTES
+    assert scorers.rows_per_chunk(10**6, 128, needs_keys=True) == 1  # at least one head
+    assert scorers.rows_per_chunk(100, 64, needs_keys=False) >= 256
+
+
+# --- through the worker's gather --------------------------------------------------
+
+L, B, H, N, D = 2, 8, 2, 4, 8
+
+
+def _step(new=(), plans=(), scheduled=None):
+    new_reqs = [
+        NewRequestData(req_id=rid, prompt_token_ids=[0] * plen, mm_features=[], sampling_params=None,
+                       pooling_params=None, block_ids=(list(blocks),), num_computed_tokens=0,
+                       lora_request=None)
+        for rid, blocks, plen in new
+    ]
+    cached = CachedRequestData(req_ids=[], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
+                               new_block_ids=[], num_computed_tokens=[], num_output_tokens=[])
+    so = SchedulerOutput(
+        scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached,
+        num_scheduled_tokens=dict(scheduled or {}), total_num_scheduled_tokens=sum((scheduled or {}).values()),
+        scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={}, finished_req_ids=set(),
+        free_encoder_mm_hashes=[],
+    )
+    so.kv_compress = StepPlan(evictions=list(plans), prefill_ends={rid: plen for rid, _, plen in new})
+    return so
+
+
+@pytest.mark.parametrize("name", ["knorm", "keydiff"])
+def test_worker_gathers_the_right_keys(name):
+    """Keys written at each head's pages (blocks out of order) are the keys the
+    scorer sees: each head keeps exactly the KVs the scorer ranks highest."""
+    storage = torch.zeros(L * B * H * N * 2 * D, dtype=torch.bfloat16)
+    layer_numel = B * H * N * 2 * D
+    layers = [storage[i * layer_numel:(i + 1) * layer_numel].view(B, H, N, 2 * D) for i in range(L)]
+    state = KVCompressWorkerState(KVCompressConfig(rate=0.5), HeadPool.from_layer_caches(layers),
+                                  max_model_len=B * N, max_num_reqs=2)
+    n, blocks = 22, [6, 1, 4, 0, 3, 7]
+    state.begin_step(_step(new=[("r", blocks, n)], scheduled={"r": n}))
+    state.end_step()
+    req = state.table.requests["r"]
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(L * H, n, D, generator=g).to(torch.bfloat16)
+    pool, pt = state.pool, state.table.page_table[req.slot].view(L * H, -1)
+    for row in range(L * H):
+        for j in range(n):
+            page = int(pt[row, j // N])
+            pool.kv_pages[page, 0, j % N] = keys[row, j]
+            pool.kv_pages[page, 1, j % N] = -keys[row, j]  # values: must not be read
+            pool.positions[page, j % N] = j
+    geom = PageGeometry(N, L * H)
+    num_pages, protected, sinks = 8, 4, 1
+    keep_blocks = geom.blocks_needed(n, num_pages)
+    plan = EvictionPlan(req_id="r", num_pages=num_pages, num_tokens=n,
+                        pages_after=geom.pages_in_use(n, num_pages),
+                        released_block_ids=tuple(blocks[keep_blocks:]), protected_window=protected,
+                        sink_tokens=sinks, scorer=name)
+    state.begin_step(_step(plans=[plan]))
+    state.end_step()
+    expect = scorers.score(name, make_kvs(keys, num_tokens=n), protected, sinks)
+    ref = select_evictions(expect, num_pages, N)
+    counts = state.table.kv_count[req.slot].view(-1)
+    assert (n - counts).tolist() == (ref.pages_per_head * N).tolist()
+    for row in range(L * H):
+        kept = set()
+        for j in range(int(counts[row])):
+            page = int(pt[row, j // N])
+            pos = int(pool.positions[page, j % N])
+            assert torch.equal(pool.kv_pages[page, 0, j % N], keys[row, pos])
+            kept.add(pos)
+        evicted = {int(i) for i in ref.evict_idx[row] if i >= 0}
+        assert kept == set(range(n)) - evicted

@@ -1,0 +1,97 @@
+"""Prompt-metric pooling at a chunk boundary, on the worker state (no engine).
+
+A prompt of ``P`` tokens whose first chunk ends at ``P - 1`` completes in the
+next step; only then is its metric max-pooled over all ``P`` keys.  If the
+request had been compressed in between (the bug this guards against), its
+heads hold fewer KVs than the prompt and trimmed page-table entries are -1:
+pooling must refuse loudly and touch nobody's metrics, in particular not the
+neighbour's whose page sits at the end of the pool.
+"""
+
+import pytest
+import torch
+
+from kvcompress_vllm.plan import EvictionPlan, MissingPlanError
+from kvcompress_vllm.scheduler.accounting import PageGeometry
+from test_worker_state import H, L, N, fill, make_state, qsl_of, step
+
+P = 21  # prompt of "b": chunk of 20, then 1
+
+
+def _start(state):
+    # "a" (the neighbour) owns the last block of the pool and is decoding.
+    state.begin_step(step(new=[("a", [11, 10, 9], 20)], scheduled={"a": 20}, prefill_ends={"a": 20}))
+    fill(state, ["a"], seed=1)
+    state.end_step()
+    state.begin_step(step(new=[("b", [0, 1, 2], P)], cached=[("a", [])],
+                          scheduled={"b": P - 1, "a": 1}, prefill_ends={"b": P}))
+    fill(state, ["b", "a"], seed=2)
+    state.end_step()
+
+
+def _rows(state, rid):
+    req = state.table.requests[rid]
+    counts = state.table.kv_count[req.slot]
+    out = {}
+    for layer in range(L):
+        for h in range(H):
+            pages = state.table.page_table[req.slot, layer, h]
+            n = int(counts[layer, h])
+            j = torch.arange(n)
+            out[layer, h] = state.pool.metrics[pages[j // N].long(), j % N].clone()
+    return out
+
+
+def test_pooling_runs_once_the_whole_prompt_is_in():
+    state, _ = make_state(rate=0.25, pooling_kernel=3, observation_window=4)
+    _start(state)
+    g = torch.Generator().manual_seed(3)
+    state.pool.metrics.copy_(torch.rand(state.pool.metrics.shape, generator=g))
+    before_b, before_a = _rows(state, "b"), _rows(state, "a")
+    state.begin_step(step(cached=[("b", []), ("a", [])], scheduled={"b": 1, "a": 1}))
+    batch = state.build_batch(["b", "a"], qsl_of(state, ["b", "a"]))
+    assert [(r, n, rid) for r, n, rid in batch.pool_rows] == [(0, P, "b")]
+    # Unpooled metric of the new (last) KV: zero, as write_kv leaves it.
+    for layer in range(L):
+        for h in range(H):
+            before_b[layer, h] = torch.cat([before_b[layer, h], torch.zeros(1)])
+    fill(state, ["b", "a"], seed=4)
+    for layer in range(L):
+        state.pool.metrics[batch.write_slots[layer, 0] // N, batch.write_slots[layer, 0] % N] = 0.0
+        state.pool_prompt_metrics(batch, layer)
+    state.end_step()
+    after_b = _rows(state, "b")
+    for key, values in before_b.items():
+        expected = torch.nn.functional.max_pool1d(values.view(1, 1, -1), 3, 1, 1).view(-1)
+        assert torch.equal(after_b[key], expected)
+    after_a = _rows(state, "a")
+    for key, values in before_a.items():
+        assert torch.equal(after_a[key][: values.numel()], values)
+
+
+def test_pooling_refuses_a_head_compressed_before_its_prompt_completed():
+    state, _ = make_state(rate=0.25, pooling_kernel=3, observation_window=4)
+    _start(state)
+    geom = PageGeometry(N, L * H)
+    # What the old scheduler did: compress "b" with P - 1 tokens in the cache.
+    n = P - 1
+    num_pages = L * H  # one page per head
+    keep = geom.blocks_needed(n, num_pages)
+    plan = EvictionPlan(req_id="b", num_pages=num_pages, num_tokens=n,
+                        pages_after=geom.pages_in_use(n, num_pages),
+                        released_block_ids=tuple([0, 1, 2][keep:]), protected_window=2,
+                        sink_tokens=1, scorer="kvcompress")
+    state.begin_step(step(plans=[plan], cached=[("b", []), ("a", [])], scheduled={"b": 1, "a": 1}))
+    metrics_before = state.pool.metrics.clone()
+    batch = state.build_batch(["b", "a"], qsl_of(state, ["b", "a"]))
+    with pytest.raises(RuntimeError, match=r"request b: cannot pool .* prompt has 21 tokens"):
+        state.pool_prompt_metrics(batch, 0)
+    assert torch.equal(state.pool.metrics, metrics_before)
+
+
+def test_missing_plan_is_an_error_not_evict_nothing():
+    state, _ = make_state(rate=0.25)
+    so = step(new=[("a", [0, 1], 9)], scheduled={"a": 9}, prefill_ends={"a": 9})
+    del so.kv_compress
+    with pytest.raises(MissingPlanError, match=r"\['a'\] carries no StepPlan"):
+        state.begin_step(so)
