@@ -102,6 +102,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "kvcompress_vllm",
+        "kvcompress_vllm.core",
         "kvcompress_vllm.scheduler",
         "kvcompress_vllm.scorers",
         "kvcompress_vllm.worker",
@@ -119,6 +120,7 @@ setup(
         "cuda": ["vllm==0.32.*", "triton>=3.0"],
         "test": ["pytest>=8", "openai>=1.0"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
+        "ray": ["ray>=2.40"],
     },
     ext_modules=[CMakeExtension("kvcompress_vllm._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithStartupHook},

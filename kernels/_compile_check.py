@@ -144,6 +144,15 @@ def main(archs: list[int], quick: bool = False) -> list[str]:
             attn(3, 128, 32, torch.bfloat16, 300, 2, True)
             attn(16, 128, 16, torch.bfloat16, 300, 2, True)
             attn(8, 128, 16, torch.bfloat16, 8, 8, True, num_splits=4)  # split-KV
+            # The rest of what the CUDA backend can launch: head size 32, no
+            # GQA, 64-token pages, and the Llama-3-8B shape (G = 4, D = 128,
+            # 16-token pages) on the split-KV decode path with metrics.
+            for dtype in (torch.bfloat16, torch.float16):
+                attn(4, 32, 16, dtype, 8, 8, True)
+                attn(4, 32, 16, dtype, 300, 2, True)
+            attn(1, 128, 16, torch.bfloat16, 8, 8, True)
+            attn(1, 128, 64, torch.bfloat16, 300, 2, True)
+            attn(4, 128, 16, torch.bfloat16, 8, 8, True, num_splits=8)
 
         for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
             kv = torch.empty(64, 2, 16, 128, dtype=dtype, device=meta)

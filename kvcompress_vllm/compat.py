@@ -25,6 +25,18 @@ ENGINE_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.engine.arg_utils", "EngineArgs.from_cli_args", ("args",)),
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config", ("self", "usage_context", "headless")),
     ("vllm.v1.engine.input_processor", "InputProcessor._validate_params", ("self", "params", "supported_tasks")),
+    # serving.py: options checked when the endpoint calls generate, before a stream starts.
+    ("vllm.v1.engine.async_llm", "AsyncLLM.generate", ("self", "prompt", "sampling_params", "request_id")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.shutdown", ("self", "timeout")),
+    ("vllm.v1.engine.output_processor", "OutputProcessor.propagate_error", ("self", "e")),
+    ("vllm.utils.async_utils", "run_in_loop", ("loop", "function")),
+    ("vllm.exceptions", "GracefulHTTPError.__init__", ("self", "message", "http_status")),
+    # Prometheus metrics (metrics.py): our logger joins vLLM's stat loggers.
+    ("vllm.v1.metrics.loggers", "StatLoggerManager.__init__",
+     ("self", "vllm_config", "engine_idxs", "custom_stat_loggers")),
+    ("vllm.v1.metrics.loggers", "AggregateStatLoggerBase.record",
+     ("self", "scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx")),
+    ("vllm.v1.metrics.utils", "create_metric_per_engine", ("metric", "per_engine_labelvalues")),
 ]
 
 #: Hooks used when KV-Compress is active.
@@ -42,6 +54,8 @@ RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output",
      ("self", "scheduler_output", "model_runner_output")),
     ("vllm.v1.core.sched.scheduler", "Scheduler._connector_finished", ("self", "request")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.make_stats",
+     ("self", "spec_decoding_stats", "kv_connector_stats")),
     ("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("self", "request", "delay_free_blocks")),
     ("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request", ("self", "request", "timestamp")),
     ("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry.register",
@@ -49,6 +63,11 @@ RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.worker.gpu_worker", "Worker.execute_model", ("self", "scheduler_output")),
     ("vllm.v1.worker.gpu_worker", "Worker.sample_tokens", ("self", "grammar_output")),
     ("vllm.v1.worker.gpu_worker", "Worker.initialize_from_config", ("self", "kv_cache_config")),
+    ("vllm.v1.attention.backends.registry", "register_backend", ("backend", "class_path")),
+]
+
+#: Hooks of the CPU worker and attention backend (checked on CPU platforms).
+CPU_RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory", ("self",)),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.build",
      ("self", "common_prefix_len", "common_attn_metadata", "fast_build")),
@@ -56,7 +75,28 @@ RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
      ("self", "layer", "key", "value", "kv_cache", "slot_mapping")),
-    ("vllm.v1.attention.backends.registry", "register_backend", ("backend", "class_path")),
+]
+
+#: Hooks of the CUDA path (``worker/gpu_worker.py``, ``attention/cuda_backend.py``;
+#: checked on CUDA platforms, and by the tests everywhere).
+CUDA_RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vllm.v1.worker.gpu_worker", "Worker.__init__",
+     ("self", "vllm_config", "local_rank", "rank", "distributed_init_method")),
+    ("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory", ("self",)),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache",
+     ("self", "kv_cache_config")),
+    ("vllm.v1.attention.backend", "AttentionMetadataBuilder.__init__",
+     ("self", "kv_cache_spec", "layer_names", "vllm_config", "device")),
+    ("vllm.v1.attention.backend", "AttentionImpl.forward",
+     ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
+    ("vllm.v1.attention.backend", "AttentionImpl.__init__",
+     ("self", "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes",
+      "sliding_window", "kv_cache_dtype", "logits_soft_cap", "attn_type",
+      "kv_sharing_target_layer_name")),
+    ("vllm.v1.attention.backend", "AttentionBackend.supported_kv_cache_layouts", ()),
+    ("vllm.v1.attention.backend", "AttentionBackend.validate_configuration", ()),
+    ("vllm.v1.attention.selector", "_cached_get_attn_backend", ()),
+    ("vllm.config.vllm", "VllmConfig.use_v2_model_runner.fget", ("self",)),
 ]
 
 #: Dataclass fields read from scheduler/worker messages.
@@ -67,6 +107,13 @@ FIELDS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.sched.output", "NewRequestData", ("req_id", "block_ids", "num_computed_tokens")),
     ("vllm.v1.core.sched.output", "CachedRequestData",
      ("req_ids", "resumed_req_ids", "new_block_ids", "num_computed_tokens")),
+    ("vllm.v1.metrics.stats", "SchedulerStats", ("kv_connector_stats", "kv_cache_usage")),
+]
+
+#: Fields the CUDA metadata builder reads.
+CUDA_FIELDS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata",
+     ("query_start_loc_cpu", "num_reqs", "num_actual_tokens")),
 ]
 
 
@@ -110,11 +157,11 @@ def check_hooks(hooks: list[tuple[str, str, tuple[str, ...]]]) -> None:
         )
 
 
-def check_fields() -> None:
+def check_fields(fields: list[tuple[str, str, tuple[str, ...]]] | None = None) -> None:
     import dataclasses
 
     problems = []
-    for module, qualname, names in FIELDS:
+    for module, qualname, names in FIELDS if fields is None else fields:
         cls = _resolve(module, qualname)
         have = {f.name for f in dataclasses.fields(cls)}
         missing = [n for n in names if n not in have]
@@ -124,12 +171,60 @@ def check_fields() -> None:
         raise IncompatibleVLLMError("kvcompress-vllm: " + "; ".join(problems))
 
 
+def check_stats_route() -> None:
+    """The metrics payload rides in ``SchedulerStats.kv_connector_stats``
+    (``metrics.py``): it must stay a free-form ``dict[str, Any]`` carried
+    by ``EngineCoreOutputs.scheduler_stats`` across the msgspec hop."""
+    import dataclasses
+    import typing
+
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    problems = []
+    fields = {f.name: f.type for f in dataclasses.fields(SchedulerStats)}
+    want = dict[str, typing.Any] | None
+    if fields.get("kv_connector_stats") != want:
+        problems.append(
+            f"SchedulerStats.kv_connector_stats is {fields.get('kv_connector_stats')!r}, "
+            f"expected {want!r}"
+        )
+    hints = typing.get_type_hints(EngineCoreOutputs)
+    if hints.get("scheduler_stats") != (SchedulerStats | None):
+        problems.append(
+            f"EngineCoreOutputs.scheduler_stats is {hints.get('scheduler_stats')!r}, "
+            "expected SchedulerStats | None"
+        )
+    if problems:
+        raise IncompatibleVLLMError("kvcompress-vllm (metrics route): " + "; ".join(problems))
+
+
 def check_engine_hooks() -> None:
     check_version()
     check_hooks(ENGINE_HOOKS)
+    check_stats_route()
+
+
+def check_cuda_hooks() -> None:
+    """The vLLM internals the CUDA backend and GPU worker rely on."""
+    check_hooks(CUDA_RUNTIME_HOOKS)
+    check_fields(CUDA_FIELDS)
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if "CUSTOM" not in AttentionBackendEnum.__members__:
+        raise IncompatibleVLLMError(
+            "kvcompress-vllm: vLLM's AttentionBackendEnum has no CUSTOM slot "
+            f"(vLLM {installed_vllm_version()})"
+        )
 
 
 def check_runtime_hooks() -> None:
+    from vllm.platforms import current_platform
+
     check_version()
     check_hooks(RUNTIME_HOOKS)
     check_fields()
+    if current_platform.is_cpu():
+        check_hooks(CPU_RUNTIME_HOOKS)
+    elif current_platform.is_cuda():
+        check_cuda_hooks()

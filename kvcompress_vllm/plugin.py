@@ -2,7 +2,10 @@
 
 It only installs hooks that are inert until ``additional_config["kv_compress"]``
 turns KV-Compress on: the engine-argument wrappers, the KV-cache spec registry
-entry, and request validation in the frontend.  The scheduler, worker and
+entry, request validation in the frontend (before a stream starts:
+``serving.py``, which also ends open requests cleanly on shutdown), and the
+Prometheus stat logger (``metrics.py``) added to the frontend's
+``StatLoggerManager``.  The scheduler, worker and
 attention backend are swapped in by ``engine_args.create_engine_config`` only
 for engines that enable compression.
 """
@@ -18,11 +21,16 @@ def register() -> None:
         return
     from kvcompress_vllm import compat
     from kvcompress_vllm.engine_args import patch_engine_args
+    from kvcompress_vllm.metrics import patch_stat_logger_manager
     from kvcompress_vllm.request_validation import patch_input_processor
     from kvcompress_vllm.scheduler.kv_cache_manager import register_kv_cache_spec
+    from kvcompress_vllm.serving import patch_async_generate, patch_async_shutdown
 
     compat.check_engine_hooks()
     patch_engine_args()
     patch_input_processor()
+    patch_stat_logger_manager()
+    patch_async_generate()
+    patch_async_shutdown()
     register_kv_cache_spec()
     _registered = True

@@ -5,6 +5,11 @@ import os
 
 import pytest
 
+# Triton kernels run under the interpreter on CPU; it must be chosen before
+# anything (vLLM, through torch._dynamo) imports triton.language.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def model_path() -> str:

@@ -1,7 +1,7 @@
 """Independent statement of the compression policy, for tests.
 
 Written from the README's definitions, not from
-``kvcompress_vllm.scheduler.accounting``: a request of ``n`` tokens over
+``kvcompress_vllm.core.policy``: a request of ``n`` tokens over
 ``lh`` (layer, KV head) pairs keeps on average ``rate * (n - protected) +
 protected`` KVs per head (capped by ``max_cache_tokens``); eviction removes
 whole pages of ``bs`` KVs, never so many that fewer than that target remain,

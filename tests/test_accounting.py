@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from kvcompress_vllm.config import KVCompressConfig, request_policy
-from kvcompress_vllm.scheduler.accounting import PageGeometry, pages_to_evict, target_kvs_per_head
+from kvcompress_vllm.core import PageGeometry, pages_to_evict, target_kvs_per_head
 
 GEOM = PageGeometry(block_size=16, pages_per_block=6)  # e.g. 3 layers x 2 KV heads
 

@@ -52,3 +52,17 @@ def test_attention_bench_quick():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stock" in proc.stdout and "SmolLM2" in proc.stdout
+
+
+def test_cluster_bench_quick(tmp_path):
+    """Two data-parallel replicas behind one `vllm serve`, stock and rate
+    0.25, loaded by `vllm bench serve`: the table, CSV and plot come out."""
+    proc = _run("cluster_bench.py", tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "cluster_quick.csv")))
+    assert {r["config"] for r in rows} == {"stock", "0.25"}
+    for r in rows:
+        assert float(r["output_tok_s"]) > 0 and int(r["completed"]) == 8
+        # both replicas reported KV usage while the load ran
+        assert r["peak_kv_usage_per_replica"].count("=") == 2
+    assert (tmp_path / "cluster_quick.png").stat().st_size > 0
+    assert "crossover" in proc.stdout

@@ -44,7 +44,7 @@ def child() -> None:
     from kvcompress_vllm import ops, scorers
     from kvcompress_vllm.config import ALLOCATIONS, SCORERS, KVCompressConfig, RequestPolicy
     from kvcompress_vllm.plan import EvictionPlan, StepPlan
-    from kvcompress_vllm.scheduler.accounting import PageGeometry, pages_to_evict
+    from kvcompress_vllm.core import PageGeometry, pages_to_evict
     from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState
 
     assert scorers.CHUNK_BYTES == CHUNK_BYTES

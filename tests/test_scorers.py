@@ -10,7 +10,7 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from kvcompress_vllm import scorers
 from kvcompress_vllm.config import SCORERS, KVCompressConfig
 from kvcompress_vllm.plan import EvictionPlan, StepPlan
-from kvcompress_vllm.scheduler.accounting import PageGeometry
+from kvcompress_vllm.core import PageGeometry
 from kvcompress_vllm.scorers import HeadKVs
 from kvcompress_vllm.worker.selection import rank_heads, select_evictions, unit_costs
 from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvcompress_vllm.plan import EvictionPlan, MissingPlanError
-from kvcompress_vllm.scheduler.accounting import PageGeometry
+from kvcompress_vllm.core import PageGeometry
 from test_worker_state import H, L, N, fill, make_state, qsl_of, step
 
 P = 21  # prompt of "b": chunk of 20, then 1

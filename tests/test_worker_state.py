@@ -13,7 +13,7 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from kvcompress_vllm.config import KVCompressConfig
 from kvcompress_vllm.ops import reference
 from kvcompress_vllm.plan import EvictionPlan, StepPlan
-from kvcompress_vllm.scheduler.accounting import PageGeometry
+from kvcompress_vllm.core import PageGeometry
 from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState
 
 L, B, H, N, D = 3, 12, 2, 8, 16  # layers, blocks, KV heads, block size, head dim

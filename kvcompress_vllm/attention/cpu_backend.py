@@ -19,7 +19,6 @@ Warm-up and profiling runs (no registered requests) use the stock CPU path.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +28,10 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvcompress_vllm import ops
-from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressSpec
+from kvcompress_vllm.worker.layouts import to_kvcompress_spec
 from kvcompress_vllm.worker.state import AttentionBatch, get_state
 
 
@@ -42,19 +41,6 @@ class KVCompressMetadata:
 
     num_actual_tokens: int
     batch: AttentionBatch
-
-
-def to_kvcompress_spec(spec: AttentionSpec) -> AttentionSpec:
-    """``FullAttentionSpec`` -> ``KVCompressSpec`` with identical fields."""
-    if isinstance(spec, KVCompressSpec):
-        return spec
-    if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
-        raise ValueError(
-            f"KV-Compress supports plain full attention only; this model has "
-            f"{type(spec).__name__} (sliding window/chunked/MLA/hybrid layers "
-            "are not supported)"
-        )
-    return KVCompressSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
 
 
 class KVCompressCPUBackend(CPUAttentionBackend):

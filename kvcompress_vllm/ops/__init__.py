@@ -1,11 +1,20 @@
-"""Kernel entry points on CPU (C++ extension ``kvcompress_vllm._C``).
+"""Kernel entry points, dispatched by the device of the KV pages.
 
-The contracts are defined, and tested against, by ``ops.reference``.  The
-Triton versions for GPUs live in ``kvcompress_vllm.triton_kernels`` and follow
-the same contracts.
+* CPU tensors  -> the C++ extension ``kvcompress_vllm._C`` (``csrc/``);
+* CUDA tensors -> the Triton kernels ``kvcompress_vllm.triton_kernels``
+  (index tensors that live on the host, e.g. the worker's page-table rows,
+  are moved to the device first).
 
-Debugging: ``KVCOMPRESS_VLLM_KERNELS=reference`` runs the plain-PyTorch
-reference instead of the C++ kernels (very slow; logged once).
+The contracts are defined, and tested against, by ``ops.reference``.
+
+``KVCOMPRESS_VLLM_KERNELS`` (read at import; ``ops.KERNELS`` at call time):
+
+* ``auto`` (default; ``cpp`` is accepted as an alias): by device, as above;
+* ``reference``: the plain-PyTorch reference everywhere (very slow;
+  debugging; logged once);
+* ``triton``: the Triton kernels for every device -- on CPU tensors only
+  under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the
+  tests run the CUDA path on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ import torch
 
 from kvcompress_vllm.ops import reference
 
-USE_REFERENCE = os.environ.get("KVCOMPRESS_VLLM_KERNELS", "cpp") == "reference"
+MODES = ("auto", "cpp", "reference", "triton")
+KERNELS = os.environ.get("KVCOMPRESS_VLLM_KERNELS", "auto")
+USE_REFERENCE = KERNELS == "reference"  # kept for callers that read it
 if USE_REFERENCE:
     logging.getLogger("kvcompress_vllm").warning(
         "KVCOMPRESS_VLLM_KERNELS=reference: using the slow PyTorch reference kernels"
@@ -40,6 +51,33 @@ def load_library() -> None:
     torch.ops.load_library(str(candidates[0]))
 
 
+def backend_for(kv_pages: torch.Tensor) -> str:
+    """``"cpp"``, ``"triton"`` or ``"reference"``: what runs on ``kv_pages``."""
+    mode = KERNELS
+    if mode not in MODES:
+        raise ValueError(
+            f"KVCOMPRESS_VLLM_KERNELS={mode!r}: expected one of {', '.join(MODES)}"
+        )
+    if mode in ("reference", "triton"):
+        return mode
+    device = kv_pages.device.type
+    if device == "cpu":
+        return "cpp"
+    if device == "cuda":
+        return "triton"
+    raise RuntimeError(f"kvcompress_vllm: no kernels for {device} tensors")
+
+
+def _triton():
+    from kvcompress_vllm import triton_kernels
+
+    return triton_kernels
+
+
+def _on(device: torch.device, *tensors):
+    return [None if t is None else t.to(device, non_blocking=True) for t in tensors]
+
+
 def paged_head_attention(
     query: torch.Tensor,
     kv_pages: torch.Tensor,
@@ -52,8 +90,17 @@ def paged_head_attention(
     output: torch.Tensor,
 ) -> None:
     """See ``reference.paged_head_attention``."""
-    if USE_REFERENCE:
+    backend = backend_for(kv_pages)
+    if backend == "reference":
         return reference.paged_head_attention(**_args(locals()))
+    if backend == "triton":
+        page_table, kv_lens, query_start_loc, metric_q_start = _on(
+            kv_pages.device, page_table, kv_lens, query_start_loc, metric_q_start
+        )
+        return _triton().paged_head_attention(
+            query, kv_pages, page_table, kv_lens, query_start_loc, scale,
+            metrics, metric_q_start, output,
+        )
     load_library()
     torch.ops.kvcompress.paged_head_attention(
         query, kv_pages, page_table, kv_lens, query_start_loc, scale,
@@ -71,8 +118,14 @@ def write_kv(
     token_positions: torch.Tensor,
 ) -> None:
     """See ``reference.write_kv``."""
-    if USE_REFERENCE:
+    backend = backend_for(kv_pages)
+    if backend == "reference":
         return reference.write_kv(**_args(locals()))
+    if backend == "triton":
+        slots, token_positions = _on(kv_pages.device, slots, token_positions)
+        return _triton().write_kv(
+            key, value, kv_pages, slots, metrics, positions, token_positions
+        )
     load_library()
     torch.ops.kvcompress.write_kv(
         key, value, kv_pages, slots, metrics, positions, token_positions
@@ -89,8 +142,16 @@ def compact_heads(
     evict_counts: torch.Tensor,
 ) -> None:
     """See ``reference.compact_heads``."""
-    if USE_REFERENCE:
+    backend = backend_for(kv_pages)
+    if backend == "reference":
         return reference.compact_heads(**_args(locals()))
+    if backend == "triton":
+        page_table, kv_lens, evict_idx, evict_counts = _on(
+            kv_pages.device, page_table, kv_lens, evict_idx, evict_counts
+        )
+        return _triton().compact_heads(
+            kv_pages, metrics, positions, page_table, kv_lens, evict_idx, evict_counts
+        )
     load_library()
     torch.ops.kvcompress.compact_heads(
         kv_pages, metrics, positions, page_table, kv_lens, evict_idx, evict_counts
@@ -98,4 +159,4 @@ def compact_heads(
 
 
 def _args(local_vars: dict) -> dict:
-    return {k: v for k, v in local_vars.items() if not k.startswith("_")}
+    return {k: v for k, v in local_vars.items() if not k.startswith("_") and k != "backend"}

@@ -17,7 +17,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from kvcompress_vllm.scheduler.accounting import PageGeometry
+from kvcompress_vllm.core.geometry import BLOCK_TABLE_SLACK, PageGeometry
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,10 +30,8 @@ class KVCompressSpec(FullAttentionSpec):
         return False
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:  # type: ignore[override]
-        # The worker's stock block table is append-only: a request that
-        # releases blocks and later grows again appends new ids.  Cumulative
-        # appends stay <= ceil(max_len / bs) + 1 (one block per bs new tokens).
-        return super().max_num_blocks_per_req(vllm_config, max_len) + 2
+        # Append-only worker block-table rows: see core.geometry.BLOCK_TABLE_SLACK.
+        return super().max_num_blocks_per_req(vllm_config, max_len) + BLOCK_TABLE_SLACK
 
 
 class KVCompressManager(FullAttentionManager):

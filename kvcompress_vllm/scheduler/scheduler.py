@@ -4,7 +4,7 @@ and returns whole blocks to vLLM's pool before admitting work.
 Per step (``schedule``):
 
 1. For every running request whose prompt is fully in the cache, the policy
-   (``accounting.pages_to_evict``) computes how many head-pages to evict: once
+   (``core.pages_to_evict``) computes how many head-pages to evict: once
    right after the prompt, then every ``compress_interval`` new tokens, and
    immediately for all of them when the next step would not fit (compress
    before preempting).
@@ -35,8 +35,9 @@ from kvcompress_vllm.config import (
     request_policy,
 )
 from kvcompress_vllm.log import get_logger
+from kvcompress_vllm.metrics import CompressionMetricsBuffer, compression_trigger, publish
 from kvcompress_vllm.plan import EvictionPlan, StepPlan, attach_plan, read_stats
-from kvcompress_vllm.scheduler.accounting import PageGeometry, compression_due, pages_to_evict
+from kvcompress_vllm.core import PageGeometry, compression_due, pages_to_evict
 from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressManager, KVCompressSpec
 
 logger = get_logger(__name__)
@@ -104,6 +105,8 @@ class KVCompressScheduler(Scheduler):
         self.kvc_manager = manager
         self.kvc_requests: dict[str, RequestCompression] = {}
         self.kvc_totals = CompressionTotals()
+        #: Per-step deltas for the Prometheus metrics (``metrics.py``).
+        self.kvc_metrics = CompressionMetricsBuffer(enabled=bool(self.log_stats))
         self._kvc_last_log = time.monotonic()
 
     # ------------------------------------------------------------------
@@ -164,6 +167,16 @@ class KVCompressScheduler(Scheduler):
                 pressure=pressure,
             ):
                 continue
+            trigger = compression_trigger(
+                last_check=state.tokens_at_last_check,
+                due_without_pressure=compression_due(
+                    num_computed=n,
+                    prefill_end=state.prefill_end,
+                    last_check=state.tokens_at_last_check,
+                    interval=policy.compress_interval,
+                    pressure=False,
+                ),
+            )
             state.tokens_at_last_check = n
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
@@ -171,6 +184,9 @@ class KVCompressScheduler(Scheduler):
             if num_pages == 0:
                 continue
             released = self.kvc_manager.apply_eviction(rid, num_pages, n)
+            self.kvc_metrics.record_compression(
+                trigger, num_pages, len(released), first=state.compressions == 0
+            )
             state.compressions += 1
             state.pages_evicted_total += num_pages
             self.kvc_totals.compressions += 1
@@ -230,11 +246,17 @@ class KVCompressScheduler(Scheduler):
             self.kvc_totals.kvs_evicted += stats.kvs_evicted
             self.kvc_totals.compaction_ms += stats.compaction_ms
             self.kvc_totals.pages_migrated += stats.pages_migrated
+            self.kvc_metrics.record_worker_step(stats)
             if stats.pages_in_use is not None:
                 self._check_worker_pages(stats.pages_in_use)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         self._maybe_log()
         return outputs
+
+    def make_stats(self, *args: Any, **kwargs: Any):
+        stats = super().make_stats(*args, **kwargs)
+        publish(stats, self.kvc_metrics)  # SchedulerStats.kv_connector_stats["kv_compress"]
+        return stats
 
     def _check_worker_pages(self, worker_pages: dict[str, int]) -> None:
         """Scheduler and worker must agree on every request's page count."""
@@ -289,6 +311,7 @@ class KVCompressScheduler(Scheduler):
     def _connector_finished(self, request: Request):
         delay_free, params = super()._connector_finished(request)
         summary = {"kv_compress": self.request_compression_summary(request)}
+        self.kvc_metrics.record_finished(summary["kv_compress"])
         params = {**(params or {}), **summary}
         return delay_free, params
 

@@ -39,6 +39,8 @@ from typing import ClassVar
 
 import torch
 
+from kvcompress_vllm.core.policy import protected_mask
+
 #: Budget for the per-chunk temporaries of scoring, compaction and page moves:
 #: a chunk holds at most this many bytes of fp32 keys (key scorers) or of
 #: per-KV index/score temporaries (everything else).  See ``rows_per_chunk``.
@@ -126,11 +128,7 @@ class Scorer(ABC):
 def keep_mask(kvs: HeadKVs, protected_window: int, sink_tokens: int) -> torch.Tensor:
     """``[r, C]`` bool: KVs that are never evicted (padding, the newest
     ``protected_window`` tokens, the first ``sink_tokens`` tokens)."""
-    return (
-        ~kvs.valid
-        | (kvs.positions >= kvs.num_tokens - protected_window)
-        | (kvs.positions < sink_tokens)
-    )
+    return ~kvs.valid | protected_mask(kvs.positions, kvs.num_tokens, protected_window, sink_tokens)
 
 
 def rows_per_chunk(width: int, head_dim: int, needs_keys: bool) -> int:

@@ -31,7 +31,7 @@ class KeyDiffScorer(Scorer):
         norms = torch.linalg.vector_norm(keys, dim=-1, keepdim=True)
         keys.div_(norms.clamp_min_(1e-12))  # F.normalize
         valid = kvs.valid.to(torch.float32)  # [r, C]; padding keys are zero
-        out = torch.empty(valid.shape, dtype=torch.float32)
+        out = torch.empty(valid.shape, dtype=torch.float32, device=valid.device)
         for i in range(keys.shape[0]):
             anchor = (valid[i] @ keys[i]) / valid[i].sum().clamp_min(1)  # [D]
             # cos(k, a) = (k / |k|) . a / |a|

@@ -26,4 +26,5 @@ class RandomScorer(Scorer):
         for i in range(out.shape[0]):
             seed = zlib.crc32(f"{kvs.req_id}:{kvs.num_tokens}:{kvs.row_start + i}".encode())
             out[i] = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(seed))
-        return out
+        # Drawn on the host (same numbers on every platform), used where the KVs are.
+        return out.to(kvs.valid.device)

@@ -29,24 +29,6 @@ import torch
 from vllm.utils.math_utils import cdiv
 
 
-def max_pages_per_head(max_model_len: int, block_size: int) -> int:
-    """Page-table row width: a head never holds more than ``max_model_len``
-    KVs; one spare page lets a compacted head append before trimming."""
-    return cdiv(max_model_len, block_size) + 1
-
-
-def head_table_bytes(max_requests: int, num_heads: int, max_pages: int) -> int:
-    """Host memory of the page tables, taken out of the KV budget.
-
-    ``HeadPageTable``: ``page_table [S, L*H, max_pages]`` plus ``num_pages``
-    and ``kv_count [S, L*H]`` int32; per step ``build_batch`` makes at most
-    two more ``[R <= S, L*H, <= max_pages]`` int32 copies (row gather and the
-    layer-major permute)."""
-    persistent = 4 * max_requests * num_heads * (max_pages + 2)
-    per_step = 2 * 4 * max_requests * num_heads * max_pages
-    return persistent + per_step
-
-
 @dataclass
 class RequestPages:
     """Host-side bookkeeping of one request (mirrors the scheduler)."""
@@ -140,8 +122,7 @@ class HeadPageTable:
 
     def needed_pages(self, req: RequestPages, new_tokens: int) -> torch.Tensor:
         """Pages each head needs to also hold ``new_tokens`` more KVs."""
-        count = self.kv_count[req.slot] + new_tokens
-        return (count + self.block_size - 1) // self.block_size
+        return cdiv(self.kv_count[req.slot] + new_tokens, self.block_size)
 
     def ensure_capacity(self, req: RequestPages, new_tokens: int) -> None:
         """Assign pages so every head can append ``new_tokens`` KVs.
@@ -169,35 +150,35 @@ class HeadPageTable:
             self.page_table[slot, :, :, start:target] = ids.permute(1, 2, 0).to(torch.int32)
             self.num_pages[slot] = torch.maximum(have, need.clamp(min=start))
             return
+        # Compressed: every missing (head, logical page) slot at once.  A
+        # slot takes its head's own page of block i when that page is free
+        # (keeps the identity layout where possible), the others take the
+        # remaining free pages of the request's blocks in block-major order.
+        rows = self.num_layers * self.num_kv_heads
+        have_f, need_f = have.reshape(rows), need.reshape(rows)
+        missing = (need_f - have_f).clamp(min=0).to(torch.int64)  # [L*H]
+        row = torch.repeat_interleave(torch.arange(rows), missing)
+        first = torch.repeat_interleave(have_f.to(torch.int64), missing)
+        offset = torch.arange(row.numel()) - torch.repeat_interleave(
+            torch.cumsum(missing, 0) - missing, missing)
+        logical = first + offset  # logical page index of every missing slot
         free = self.free_pages(req)
-        owned = self.block_page_ids(req.blocks)  # [nb, L, H]
-        num_blocks = owned.shape[0]
-        taken = torch.zeros(free.shape[0], dtype=torch.bool)
-        free_pos = {int(p): i for i, p in enumerate(free.tolist())}
-        for _ in range(target - int(have.min())):
-            want = self.num_pages[slot] < need  # [L, H]
-            if not bool(want.any()):
-                break
-            heads = want.nonzero()
-            for l_idx, h_idx in heads.tolist():
-                i = int(self.num_pages[slot, l_idx, h_idx])
-                page = -1
-                if i < num_blocks:
-                    own = int(owned[i, l_idx, h_idx])
-                    pos = free_pos.get(own)
-                    if pos is not None and not bool(taken[pos]):
-                        page, taken[pos] = own, True
-                if page < 0:
-                    avail = (~taken).nonzero()
-                    if avail.numel() == 0:
-                        raise RuntimeError(
-                            "request ran out of pages in its own blocks: scheduler "
-                            "and worker disagree on its page count"
-                        )
-                    pos = int(avail[0])
-                    page, taken[pos] = int(free[pos]), True
-                self.page_table[slot, l_idx, h_idx, i] = page
-                self.num_pages[slot, l_idx, h_idx] = i + 1
+        blocks = torch.as_tensor(req.blocks, dtype=torch.int64)
+        in_range = logical < blocks.numel()
+        own = self._page_base.view(-1)[row] + blocks[logical.clamp(max=max(0, blocks.numel() - 1))] * self.num_kv_heads
+        own_ok = in_range & torch.isin(own, free)
+        pages = torch.where(own_ok, own, torch.full_like(own, -1))
+        rest = free[~torch.isin(free, pages[own_ok])]
+        need_rest = int((~own_ok).sum())
+        if need_rest > rest.numel():
+            raise RuntimeError(
+                f"request needs {need_rest} more pages than the {rest.numel()} free ones in "
+                f"its {len(req.blocks)} blocks: scheduler and worker disagree on its page count"
+            )
+        pages[~own_ok] = rest[:need_rest]
+        table = self.page_table[slot].view(rows, self.max_pages)
+        table[row, logical] = pages.to(torch.int32)
+        self.num_pages[slot] = torch.maximum(have, need)
 
     def used_pages(self, req: RequestPages) -> torch.Tensor:
         """Page ids assigned to any head of ``req`` (1-D int64)."""
@@ -213,7 +194,7 @@ class HeadPageTable:
     def trim(self, req: RequestPages) -> None:
         """Unassign pages beyond what each head's KVs occupy."""
         slot = req.slot
-        keep = (self.kv_count[slot] + self.block_size - 1) // self.block_size
+        keep = cdiv(self.kv_count[slot], self.block_size)
         drop = torch.arange(self.max_pages).view(1, 1, -1) >= keep.unsqueeze(-1)
         self.page_table[slot][drop] = -1
         self.num_pages[slot] = keep

@@ -17,7 +17,8 @@ import torch
 from kvcompress_vllm import ops, scorers
 from kvcompress_vllm.config import KVCompressConfig
 from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats, take_plan
-from kvcompress_vllm.worker.page_table import HeadPageTable, RequestPages, max_pages_per_head
+from kvcompress_vllm.core.geometry import max_pages_per_head
+from kvcompress_vllm.worker.page_table import HeadPageTable, RequestPages
 from kvcompress_vllm.worker.selection import choose_pages, evict_indices, rank_heads
 
 _STATE: "KVCompressWorkerState | None" = None
@@ -38,7 +39,10 @@ METADATA_BYTES_PER_SLOT = 8
 
 @dataclass
 class HeadPool:
-    """vLLM's KV cache viewed as head-pages, plus per-slot metadata."""
+    """vLLM's KV cache viewed as head-pages, plus per-slot metadata.
+
+    Lives on the cache's device (CPU or CUDA); index tensors may come from
+    the host (``copy_pages`` moves them)."""
 
     kv_pages: torch.Tensor  # [P, 2, N, D] view of vLLM's KV storage
     metrics: torch.Tensor  # [P, N] float32
@@ -49,51 +53,36 @@ class HeadPool:
     layer_numel: int  # elements of one layer region (B * H * 2 * N * D)
 
     @classmethod
-    def from_layer_caches(cls, layer_caches: list[torch.Tensor]) -> "HeadPool":
-        """Build from the per-layer ``[B, H, N, 2D]`` views vLLM allocated.
+    def from_layer_caches(cls, layer_caches: list[torch.Tensor], layout=None) -> "HeadPool":
+        """Build from the per-layer cache views vLLM allocated.
 
-        Requires (and checks) vLLM 0.32's CPU layout: all layers in one
-        storage, each layer a contiguous LBHNC region of the same size.
+        ``layout`` (``worker.layouts``; default ``LBHNC``, the layout of both
+        the CPU and the CUDA backend) checks the views and makes the
+        head-page view; metrics and positions are allocated on its device.
         """
-        first = layer_caches[0]
-        num_blocks, num_kv_heads, block_size, two_d = first.shape
-        head_dim = two_d // 2
-        layer_numel = first.numel()
-        storage = first.untyped_storage()
-        base = min(c.storage_offset() for c in layer_caches)
-        for cache in layer_caches:
-            if cache.untyped_storage().data_ptr() != storage.data_ptr():
-                raise RuntimeError("KV-Compress needs all layers in one KV storage")
-            if not cache.is_contiguous() or cache.shape != first.shape:
-                raise RuntimeError(
-                    f"unexpected KV cache view {tuple(cache.shape)} stride {cache.stride()}"
-                )
-            if (cache.storage_offset() - base) % layer_numel:
-                raise RuntimeError("KV cache layers are not laid out back to back")
-        num_layers = len(layer_caches)
-        regions = sorted((c.storage_offset() - base) // layer_numel for c in layer_caches)
-        if regions != list(range(num_layers)):
-            raise RuntimeError(f"KV cache layer regions {regions} are not 0..L-1")
-        flat = torch.empty(0, dtype=first.dtype, device=first.device)
-        flat.set_(storage, base, (num_layers * layer_numel,), (1,))
-        num_pages = num_layers * num_blocks * num_kv_heads
-        kv_pages = flat.view(num_pages, 2, block_size, head_dim)
+        from kvcompress_vllm.worker.layouts import LBHNC
+
+        view = (layout or LBHNC).head_pages(layer_caches)
+        num_pages, _, block_size, _ = view.kv_pages.shape
+        device = view.kv_pages.device
         return cls(
-            kv_pages=kv_pages,
-            metrics=torch.zeros(num_pages, block_size, dtype=torch.float32, device=first.device),
-            positions=torch.zeros(num_pages, block_size, dtype=torch.int32, device=first.device),
-            num_layers=num_layers,
-            num_blocks=num_blocks,
-            num_kv_heads=num_kv_heads,
-            layer_numel=layer_numel,
+            kv_pages=view.kv_pages,
+            metrics=torch.zeros(num_pages, block_size, dtype=torch.float32, device=device),
+            positions=torch.zeros(num_pages, block_size, dtype=torch.int32, device=device),
+            num_layers=view.num_layers,
+            num_blocks=view.num_blocks,
+            num_kv_heads=view.num_kv_heads,
+            layer_numel=view.layer_numel,
         )
 
     def region_of(self, layer_cache: torch.Tensor) -> int:
-        """Region (our layer index) of one layer's ``[B, H, N, 2D]`` view."""
+        """Region (our layer index) of one layer's cache view."""
         offset = layer_cache.data_ptr() - self.kv_pages.data_ptr()
         return offset // (self.layer_numel * layer_cache.element_size())
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        device = self.kv_pages.device
+        src, dst = src.to(device), dst.to(device)
         self.kv_pages[dst] = self.kv_pages[src]
         self.metrics[dst] = self.metrics[src]
         self.positions[dst] = self.positions[src]

@@ -15,7 +15,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from kvcompress_vllm.config import active_config
 from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.plan import attach_stats
-from kvcompress_vllm.worker.page_table import head_table_bytes, max_pages_per_head
+from kvcompress_vllm.core.geometry import head_table_bytes, max_pages_per_head
 from kvcompress_vllm.worker.state import (
     METADATA_BYTES_PER_SLOT,
     HeadPool,
@@ -50,7 +50,7 @@ class KVCompressCPUWorker(CPUWorker):
         """vLLM's KV budget minus the plugin's own per-sequence memory.
 
         * The per-request head page tables and their per-step copies
-          (``page_table.head_table_bytes``), sized for ``max_num_seqs``.
+          (``core.geometry.head_table_bytes``), sized for ``max_num_seqs``.
         * The per-slot metric and position next to each K/V pair
           (``METADATA_BYTES_PER_SLOT``): the rest is split between KV pages
           and their metadata.

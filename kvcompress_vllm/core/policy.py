@@ -1,48 +1,31 @@
-"""Block accounting for block-aligned, per-head eviction (pure integer math).
+"""The compression policy: what may never be evicted, when a request is
+compressed, and how many head-pages it gives up (pure functions).
 
-A vLLM block holds ``block_size`` tokens of every layer and KV head, i.e.
-``pages_per_block = L * H`` head-pages.  With ``n`` tokens in the cache and
-``evicted`` head-pages evicted (each a whole page of one head), every head
-keeps the same number of KVs in its last page, so:
-
-* pages in use   = ``L*H*ceil(n/bs) - evicted``
-* blocks needed  = ``ceil(pages in use / (L*H))``
-* evictable now  = ``L*H*floor((n - protected - sinks)/bs) - evicted``
+The protection rule has two forms that must agree: a count for the
+scheduler (``compressible_tokens``: the KVs outside the newest
+``protected_window`` tokens and the first ``sink_tokens``) and a position mask
+for the worker's scorers (``protected_mask``).  ``tests/test_scorers.py``
+checks that evicting ``max_evictable`` pages never touches a protected KV.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from kvcompress_vllm.config import RequestPolicy
+from kvcompress_vllm.core.geometry import PageGeometry
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def compressible_tokens(num_tokens: int, protected_window: int, sink_tokens: int) -> int:
+    """KVs per head that may be evicted: all but the newest
+    ``protected_window`` tokens and the first ``sink_tokens``."""
+    return max(0, num_tokens - protected_window - sink_tokens)
 
 
-@dataclass(frozen=True)
-class PageGeometry:
-    """Shape of the paged cache as the scheduler sees it."""
-
-    block_size: int  # tokens per page (= vLLM block size)
-    pages_per_block: int  # L * H head-pages per vLLM block
-
-    def pages_in_use(self, num_tokens: int, evicted: int) -> int:
-        return self.pages_per_block * cdiv(num_tokens, self.block_size) - evicted
-
-    def blocks_needed(self, num_tokens: int, evicted: int) -> int:
-        return cdiv(self.pages_in_use(num_tokens, evicted), self.pages_per_block)
-
-    def max_evictable(self, num_tokens: int, evicted: int, protected: int, sinks: int) -> int:
-        """Pages that can still go without touching protected or sink KVs."""
-        compressible = max(0, num_tokens - protected - sinks)
-        return max(0, self.pages_per_block * (compressible // self.block_size) - evicted)
-
-    def kept_kvs(self, num_tokens: int, evicted: int) -> int:
-        """KVs held over all heads."""
-        return self.pages_per_block * num_tokens - evicted * self.block_size
+def protected_mask(positions, num_tokens: int, protected_window: int, sink_tokens: int):
+    """Position mask (tensor in, bool tensor out) of the KVs that stay: the
+    same rule as ``compressible_tokens``."""
+    return (positions >= num_tokens - protected_window) | (positions < sink_tokens)
 
 
 def compression_due(
