@@ -34,7 +34,6 @@ from kvcompress_vllm.core.geometry import head_table_bytes, max_pages_per_head
 from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.plan import attach_stats
 from kvcompress_vllm.worker.layouts import layout_for_platform
-from kvcompress_vllm.worker.page_table import RequestPages
 from kvcompress_vllm.worker.state import (
     METADATA_BYTES_PER_SLOT,
     HeadPool,
@@ -57,48 +56,10 @@ def register_cuda_attention_backend() -> None:
 
 
 class DeviceWorkerState(KVCompressWorkerState):
-    """``KVCompressWorkerState`` whose eviction gathers on the pool's device.
-
-    The base class gathers a request's metrics, positions and keys with host
-    index tensors, which is right for the CPU pool; here the page-table rows
-    are copied to the pool's device first, so scoring and sorting run where
-    the cache lives (CPU or CUDA alike).  Everything else -- request
-    tracking, selection, compaction (``ops.compact_heads``) and migration
-    (``HeadPool.copy_pages``) -- is the base class's code.
-    """
-
-    def _gather_request(self, req: RequestPages, start: int, stop: int, width: int, req_id: str):
-        pool = self.pool
-        device = pool.kv_pages.device
-        n = self.block_size
-        page_rows, counts = self.table.head_rows(req)
-        rows = page_rows[start:stop].to(device, non_blocking=True)
-        count = counts[start:stop].to(device, non_blocking=True)
-        j = torch.arange(width, device=device)
-        valid = j.view(1, -1) < count.view(-1, 1)
-        logical_page = (j // n).clamp(max=rows.shape[1] - 1)
-        # -1 (no page: padding) -> page 0, masked by `valid`.
-        pages = rows.index_select(1, logical_page).clamp_(min=0).to(torch.int64)
-        slot = j % n
-        flat = pages * n + slot  # page * N + slot
-        head_dim = pool.kv_pages.shape[3]
-
-        def keys() -> torch.Tensor:
-            # kv_pages [P, 2, N, D] as rows of D: key (page, slot) is row page*2N + slot.
-            key_rows = (pages * (2 * n) + slot).view(-1)
-            out = pool.kv_pages.view(-1, head_dim).index_select(0, key_rows)
-            out = out.view(stop - start, width, head_dim)
-            return out.masked_fill_(~valid.unsqueeze(-1), 0)
-
-        return scorers.HeadKVs(
-            metrics=pool.metrics.view(-1)[flat],
-            positions=pool.positions.view(-1)[flat],
-            valid=valid,
-            keys=keys,
-            req_id=req_id,
-            num_tokens=req.num_tokens,
-            row_start=start,
-        )
+    """The GPU worker's state: the base class's code unchanged (request
+    tracking, device-side gathering and scoring, selection, compaction via
+    ``ops.compact_heads``, migration via ``HeadPool.copy_pages``); a name of
+    its own so the GPU path can grow device-specific parts here."""
 
 
 def eviction_workspace_bytes(max_model_len: int, head_dim: int) -> int:

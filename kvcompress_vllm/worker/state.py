@@ -212,11 +212,15 @@ class KVCompressWorkerState:
         pool = self.pool
         n = self.block_size
         page_rows, counts = self.table.head_rows(req)
-        j = torch.arange(width)
-        valid = j.view(1, -1) < counts[start:stop].view(-1, 1)
-        logical_page = (j // n).clamp(max=page_rows.shape[1] - 1)
+        # Gather where the cache lives (host tables are copied to the pool's
+        # device; a no-op for the CPU pool), so scoring runs there too.
+        device = pool.kv_pages.device
+        rows = page_rows[start:stop].to(device, non_blocking=True)
+        j = torch.arange(width, device=device)
+        valid = j.view(1, -1) < counts[start:stop].to(device, non_blocking=True).view(-1, 1)
+        logical_page = (j // n).clamp(max=rows.shape[1] - 1)
         # int32 [r, width]; -1 (no page: padding) -> page 0, masked by `valid`.
-        pages = page_rows[start:stop].index_select(1, logical_page).clamp_(min=0)
+        pages = rows.index_select(1, logical_page).clamp_(min=0)
         slot = j % n
         flat = pages.to(torch.int64).mul_(n).add_(slot)  # page * N + slot
         head_dim = pool.kv_pages.shape[3]
