@@ -176,10 +176,11 @@ class StreamResult:
 
 
 async def stream_chat(client, url: str, body: dict, *, disconnect_after: int | None = None,
-                      timeout: float = 300) -> StreamResult:
+                      timeout: float = 300, first_chunk=None) -> StreamResult:
     """POST a streaming chat completion with an ``httpx.AsyncClient``; parse
     the SSE stream.  ``disconnect_after``: close the connection after that
-    many content chunks (a client going away mid-stream)."""
+    many content chunks (a client going away mid-stream).  ``first_chunk``: an
+    ``asyncio.Event`` set when the first content chunk arrives."""
     import asyncio
     import json
 
@@ -210,6 +211,8 @@ async def stream_chat(client, url: str, body: dict, *, disconnect_after: int | N
                         if delta.get("content"):
                             result.text += delta["content"]
                             result.chunks += 1
+                            if first_chunk is not None:
+                                first_chunk.set()
                         if choice.get("finish_reason"):
                             result.finish_reason = choice["finish_reason"]
                     if event.get("usage"):

@@ -250,16 +250,21 @@ def test_sigterm_with_requests_in_flight(server, tokenizer):
             bodies.append({"model": "m", "messages": messages, "max_tokens": 400,
                            "ignore_eos": True, "temperature": 0.0})
         async with httpx.AsyncClient(timeout=httpx.Timeout(120)) as client:
-            tasks = [asyncio.create_task(stream_chat(client, server.url, b, timeout=120))
-                     for b in bodies[:6]]
+            started = [asyncio.Event() for _ in bodies[:6]]
+            tasks = [asyncio.create_task(stream_chat(client, server.url, b, timeout=120,
+                                                     first_chunk=ev))
+                     for b, ev in zip(bodies[:6], started)]
             plain = asyncio.create_task(client.post(server.url + "/v1/chat/completions",
                                                     json=bodies[6]))
-            # Let every request start decoding, then signal the main process.
+            # Let every stream deliver its first token (a request counted as
+            # running may still be in chunked prefill on a slow machine), then
+            # signal the main process.
             deadline = time.monotonic() + 120
-            while server.metric("vllm:num_requests_running", **LABELS) < 7:
+            while (server.metric("vllm:num_requests_running", **LABELS) < 7
+                   or not all(ev.is_set() for ev in started)):
                 assert time.monotonic() < deadline, "requests did not start"
-                await asyncio.sleep(0.5)
-            await asyncio.sleep(1.0)
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
             t_sig = time.monotonic()
             os.kill(server.proc.pid, signal.SIGTERM)
             results = await asyncio.gather(*tasks)
