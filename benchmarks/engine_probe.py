@@ -22,6 +22,7 @@ class StepRecord:
     decode_tokens: int
     preempted: int
     kv_usage: float
+    schedule_s: float = 0.0  # time spent in schedule() itself
 
 
 @dataclass
@@ -85,6 +86,7 @@ def probe(llm) -> EngineProbe:
                 decode_tokens=decode,
                 preempted=len(out.preempted_req_ids or ()),
                 kv_usage=scheduler.kv_cache_manager.usage,
+                schedule_s=time.perf_counter() - start,
             )
         )
         return out

@@ -14,6 +14,19 @@ configurations see identical prompts and identical engine settings.
 
 Writes docs/quality.csv and docs/quality.png (``--out-dir`` to change).
 
+Robust suite (choosing the default scorer; docs/quality.md "Robust suite"):
+
+    python benchmarks/quality.py --suite robust --split held-in --n 13 --in-process
+    python benchmarks/quality.py --suite robust --split held-out --n 12 --in-process
+    python benchmarks/quality.py --suite robust \
+        --report docs/quality_robust_held-in.csv,docs/quality_robust_held-out.csv
+
+cells = case (``tasks.ROBUST_CASES``) x length (1500, 3500 tokens), ``--n``
+generated cases per cell and split (seed parity: even = held-in, odd =
+held-out), every public scorer and candidate at keep rates 0.5 and 0.25 plus
+the uncompressed reference; one CSV row per request (``split`` column).  The
+selection (``select_default``) looks at held-in rows only.
+
 ``--scorers`` takes configuration labels: a scorer name (joint allocation),
 ``<scorer>+uniform`` for that scorer with ``kv_compress_allocation:
 "uniform"``, and ``uniform`` as short for ``kvcompress+uniform`` (the control
@@ -111,9 +124,29 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix for the output files")
     parser.add_argument("--model", default=None)
     parser.add_argument("--out-dir", default=str(HERE.parent / "docs"))
-    parser.add_argument("--scorers", default=",".join(SCORERS))
-    parser.add_argument("--rates", default=",".join(map(str, RATES)))
+    parser.add_argument("--scorers", default=None, help=f"default: {','.join(SCORERS)} "
+                        "(robust suite: the public scorers and the candidates)")
+    parser.add_argument("--rates", default=None, help="default: 1,0.5,0.25,0.125,0.0625 (robust: 0.5,0.25)")
+    robust = parser.add_argument_group("robust suite (--suite robust)")
+    robust.add_argument("--suite", choices=("classic", "robust"), default="classic")
+    robust.add_argument("--split", choices=("held-in", "held-out", "all"), default="held-in",
+                        help="seeds of this split only (even = held-in, odd = held-out)")
+    robust.add_argument("--n", type=int, default=13, help="cases per case x length cell")
+    robust.add_argument("--lengths", default="1500,3500")
+    robust.add_argument("--cases", default=None, help="default: every case of tasks.ROBUST_CASES")
+    robust.add_argument("--no-full", action="store_true", help="skip the uncompressed reference")
+    robust.add_argument("--in-process", action="store_true",
+                        help="VLLM_ENABLE_V1_MULTIPROCESSING=0 (much faster prefill on few cores)")
+    robust.add_argument("--dry-run", action="store_true", help="print the size and stop")
+    robust.add_argument("--select-from", default=None,
+                        help="held-in CSV(s): run the public scorers and the candidate selected on them")
+    robust.add_argument("--report", default=None,
+                        help="comma-separated robust CSVs: print the tables and the selection, no engine")
     args = parser.parse_args()
+    if args.suite == "robust":
+        return robust_main(args)
+    args.scorers = args.scorers or ",".join(SCORERS)
+    args.rates = args.rates or ",".join(map(str, RATES))
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM, SamplingParams
@@ -239,6 +272,217 @@ def plot(rows, scorers, path: Path) -> None:
     fig.suptitle("SmolLM2-135M: accuracy vs KV keep rate per scorer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# --- robust suite ---------------------------------------------------------------
+
+#: The public scorers a default must match (the best of them, cell by cell).
+PUBLIC = ["kvcompress", "keydiff", "knorm", "streamingllm"]
+#: Combined candidates for the default (``kvcompress_vllm/scorers``).
+CANDIDATES = ["metric_keydiff", "metric_keydiff_rank", "metric_keydiff_union"]
+ROBUST_RATES = [0.5, 0.25]
+#: Output tokens: needles need about 8, the 44 remaining copy digits ~46.
+ROBUST_MAX_TOKENS = {"prose_copy": 52}
+PREFILL_TOKENS_PER_S = 600  # measured in-process, 2 cores, 1.5k-3.5k prompts (estimate only)
+
+
+def robust_cells(rows: list[dict]) -> dict:
+    """(split, case, length, scorer, rate) -> [scores]."""
+    cells = defaultdict(list)
+    for r in rows:
+        cells[(r["split"], r["case"], int(r["length"]), r["scorer"], float(r["rate"]))].append(float(r["score"]))
+    return cells
+
+
+def margins(rows: list[dict], split: str, candidates, public=PUBLIC, rates=ROBUST_RATES) -> dict:
+    """For each candidate: ``(worst, per_cell)``, where ``per_cell[(case,
+    length, rate)] = acc(candidate) - max over public scorers of acc`` on the
+    given split, and ``worst`` is the minimum over all cells (both rates)."""
+    cells = robust_cells(rows)
+    mean = lambda xs: sum(xs) / len(xs)
+    keys = sorted({(c, l) for (s, c, l, _, _) in cells if s == split})
+    out = {}
+    for cand in candidates:
+        per_cell = {}
+        for case, length in keys:
+            for rate in rates:
+                pub = [mean(cells[(split, case, length, p, rate)]) for p in public
+                       if cells.get((split, case, length, p, rate))]
+                got = cells.get((split, case, length, cand, rate))
+                if pub and got:
+                    per_cell[(case, length, rate)] = mean(got) - max(pub)
+        if per_cell:
+            out[cand] = (min(per_cell.values()), per_cell)
+    return out
+
+
+def select_default(rows: list[dict], candidates=CANDIDATES) -> tuple[str | None, dict]:
+    """The selection rule, on the ``held-in`` rows only: the candidate whose
+    worst-case margin against the best public scorer (per case x length x
+    rate cell) is largest; it *meets the bar* if that margin is >= 0."""
+    held_in = margins([r for r in rows if r["split"] == "held-in"], "held-in", candidates)
+    if not held_in:
+        return None, held_in
+    best = max(held_in, key=lambda c: (held_in[c][0], sum(held_in[c][1].values())))
+    return best, held_in
+
+
+def robust_table(rows: list[dict], split: str) -> str:
+    """Markdown: accuracy (%) per scorer x rate (rows) and case x length (columns)."""
+    cells = robust_cells(rows)
+    keys = sorted({(c, l) for (s, c, l, _, _) in cells if s == split}, key=lambda k: (k[1], k[0]))
+    has_full = any(s == split and sc == "full" for (s, _, _, sc, _) in cells)
+    configs = [("full", 1.0)] * has_full + sorted(
+        {(sc, rt) for (s, _, _, sc, rt) in cells if s == split and sc != "full"},
+        key=lambda k: (-k[1], (PUBLIC + CANDIDATES).index(k[0]) if k[0] in PUBLIC + CANDIDATES else 99, k[0]))
+    ns = sorted({len(v) for (s, *_), v in cells.items() if s == split})
+    lines = [f"{split}, n = {'/'.join(map(str, ns))} per cell; accuracy (%)",
+             "", "| scorer | rate | " + " | ".join(f"{c} {l // 100 / 10:g}k" for c, l in keys) + " | mean |",
+             "|---|---:|" + "---:|" * (len(keys) + 1)]
+    for scorer, rate in configs:
+        vals = []
+        for case, length in keys:
+            got = cells.get((split, case, length, scorer, rate))
+            vals.append(100 * sum(got) / len(got) if got else float("nan"))
+        lines.append(f"| {scorer} | {rate:g} | " + " | ".join(f"{v:.0f}" for v in vals)
+                     + f" | {sum(vals) / len(vals):.1f} |")
+    return "\n".join(lines)
+
+
+def kept_table(rows: list[dict]) -> str:
+    """Markdown: mean fraction of KVs kept per scorer x rate (all rows)."""
+    kept = defaultdict(list)
+    for r in rows:
+        kept[(r["scorer"], float(r["rate"]))].append(float(r["kept_fraction"]))
+    lines = ["| scorer | rate | kept | requests |", "|---|---:|---:|---:|"]
+    for (scorer, rate), v in sorted(kept.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        lines.append(f"| {scorer} | {rate:g} | {100 * sum(v) / len(v):.1f}% | {len(v)} |")
+    return "\n".join(lines)
+
+
+def robust_report(rows: list[dict]) -> str:
+    best, held_in = select_default(rows)
+    out = []
+    for split in ("held-in", "held-out"):
+        if any(r["split"] == split for r in rows):
+            out += [robust_table(rows, split), ""]
+    out += ["Mean fraction of KVs kept:", "", kept_table(rows), ""]
+    if best is not None:
+        held_out_rows = [r for r in rows if r["split"] == "held-out"]
+        held_in_rows = [r for r in rows if r["split"] == "held-in"]
+        cells = robust_cells(held_in_rows)
+        overall = {p: [sum(v) / len(v) for (s, _, _, sc, rt), v in cells.items() if sc == p and rt < 1]
+                   for p in PUBLIC}
+        top = max((p for p in PUBLIC if overall[p]), key=lambda p: sum(overall[p]) / len(overall[p]))
+        fmt = lambda m: (f"{100 * m[0]:+.0f}", f"{100 * sum(m[1].values()) / len(m[1]):+.1f}") if m else ("--", "--")
+        for title, public in ((f"the best public scorer per cell (max of {', '.join(PUBLIC)}): the bar", PUBLIC),
+                              (f"`{top}`, the best public scorer overall on held-in (for reference)", [top])):
+            out.append(f"Margin (points) vs {title}; worst = min over case x length x rate cells, "
+                       "mean = mean over them:")
+            out.append("")
+            out.append("| scorer | held-in worst | held-in mean | held-out worst | held-out mean |")
+            out.append("|---|---:|---:|---:|---:|")
+            names = CANDIDATES + [p for p in PUBLIC if len(public) > 1 or p not in public]
+            hi_all = margins(held_in_rows, "held-in", names, public)
+            ho_all = margins(held_out_rows, "held-out", names, public)
+            for cand in names:
+                if cand not in hi_all and cand not in ho_all:
+                    continue
+                tag = " (selected)" if cand == best else "" if cand in CANDIDATES else " (public)"
+                out.append(f"| {cand}{tag} | " + " | ".join(fmt(hi_all.get(cand)) + fmt(ho_all.get(cand))) + " |")
+            out.append("")
+        meets = held_in[best][0] >= 0
+        out.append(f"selected on held-in: {best} (worst margin {100 * held_in[best][0]:+.0f} points: "
+                   f"{'meets' if meets else 'does not meet'} the bar)")
+    return "\n".join(out)
+
+
+def read_rows(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        with open(p) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def robust_main(args) -> int:
+    if args.report:
+        print(robust_report(read_rows(args.report.split(","))))
+        return 0
+    if args.in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from transformers import AutoTokenizer
+
+    from kvcompress_vllm import tasks
+    from kvcompress_vllm.model import prepare_default_model
+
+    model = args.model or str(prepare_default_model())
+    scorers = args.scorers.split(",") if args.scorers else PUBLIC + CANDIDATES
+    if args.select_from:
+        best, held_in = select_default(read_rows(args.select_from.split(",")))
+        print(f"selected on {args.select_from}: {best} (held-in worst margin "
+              f"{100 * held_in[best][0]:+.0f} points); running the public scorers and it", flush=True)
+        scorers = PUBLIC + [best]
+    rates = [float(r) for r in (args.rates.split(",") if args.rates else ROBUST_RATES)]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    cases = args.cases.split(",") if args.cases else None
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    suite = tasks.robust_suite(tokenizer, args.n, args.split, lengths, cases)
+    configs = ([] if args.no_full else [("full", 1.0)]) + [(s, r) for s in scorers for r in rates]
+    prompt_tokens = sum(t.num_tokens for *_, t in suite) * len(configs)
+    print(f"robust suite, split {args.split}: {len(suite)} cases ({args.n} per case x length cell) x "
+          f"{len(configs)} configs = {len(suite) * len(configs)} requests, {prompt_tokens} prompt tokens "
+          f"(~{prompt_tokens / PREFILL_TOKENS_PER_S / 60:.1f} min at {PREFILL_TOKENS_PER_S} tok/s)", flush=True)
+    if args.dry_run:
+        return 0
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model, enforce_eager=True, seed=0, max_model_len=8192,
+        kv_cache_memory_bytes=1536 << 20, max_num_batched_tokens=4096, max_num_seqs=32,
+        additional_config={"kv_compress": {"rate": 1.0, "enabled": True}},
+    )
+    prompts, params, keys = [], [], []
+    for case, length, seed, task in suite:
+        for scorer, rate in configs:
+            extra = {"kv_compress_rate": rate}
+            if scorer != "full":
+                extra.update(request_options(scorer))
+            prompts.append(task.prompt)
+            params.append(SamplingParams(temperature=0.0, max_tokens=ROBUST_MAX_TOKENS.get(case, 10),
+                                         extra_args=extra))
+            keys.append((case, length, seed, task, scorer, rate))
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    wall = time.perf_counter() - start
+    rows = []
+    for (case, length, seed, task, scorer, rate), out in zip(keys, outs):
+        stats = (out.kv_transfer_params or {}).get("kv_compress", {})
+        rows.append({
+            "split": tasks.split_of(seed), "case": case, "length": length, "seed": seed,
+            "prompt_tokens": task.num_tokens, "scorer": scorer, "rate": rate,
+            "score": round(task.score(out.outputs[0].text), 4),
+            "kept_fraction": round(stats.get("kept_fraction", 1.0), 4),
+            "output": out.outputs[0].text.strip()[:60],
+        })
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"quality_robust_{args.split}{args.tag}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwall time {wall:.0f} s ({prompt_tokens / wall:.0f} prompt tok/s); wrote {path}\n")
+    kept = defaultdict(list)
+    for r in rows:
+        kept[(r["scorer"], r["rate"])].append(r["kept_fraction"])
+    print("mean kept fraction: " + ", ".join(
+        f"{s}@{r:g} {100 * sum(v) / len(v):.0f}%" for (s, r), v in sorted(kept.items())))
+    print(robust_report(rows))
+    llm.llm_engine.engine_core.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

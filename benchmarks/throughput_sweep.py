@@ -1,18 +1,54 @@
-"""Throughput of stock vLLM vs KV-Compress at several keep rates, under a tight
-and an ample KV-cache budget (default model, CPU).
+"""Throughput of stock vLLM vs KV-Compress on four load shapes, with the two
+ceilings compression cannot beat measured in the same run (default model, CPU).
 
-Each configuration runs in a fresh interpreter (stock vLLM with no plugin
-loaded: ``VLLM_PLUGINS=`` and ``KVCOMPRESS_VLLM_AUTOPATCH=0``), on the same
-random-token prompts with ``ignore_eos`` so every request produces exactly
-``--output-len`` tokens.  Reported per run: output tokens/s, requests/s,
-peak running requests, preemptions, peak/mean KV usage, the fraction of KVs
-kept, the worker time spent on eviction (scoring, selection, compaction, page
-migration), and the share of wall time spent in steps that contain prefill
-work (on 2 CPU cores prefill is compute-bound and the same work for every
-configuration, which bounds the gain).
+Load shapes (random-token prompts, ``ignore_eos``: every request produces
+exactly its output length; all requests submitted at once via ``LLM.generate``):
 
-    python benchmarks/throughput_sweep.py            # full sweep (~18 min here)
-    python benchmarks/throughput_sweep.py --quick    # smoke run (< 3 min)
+* ``mixed``          16 x 1152 in /  384 out  (3:1)
+* ``prefill-heavy``   9 x 2560 in /  256 out  (10:1)
+* ``decode-heavy``   12 x  256 in / 1024 out  (1:4, the reasoning-style load
+                     where continual decode compression matters most)
+* ``many-requests``  32 x  640 in /  128 out  (per-step work that grows with
+                     the number of running requests)
+
+Budgets (``kv_cache_memory_bytes``, the same for every shape): *tight* holds
+``--tight-tokens`` (6144) uncompressed KV tokens: a quarter of all the
+requests of a shape (``mixed``, ``prefill-heavy``, ``many-requests``; 40% for
+``decode-heavy``), i.e. what a keep rate of 0.25 would need if compression were
+exact; *ample* holds every request of the largest shape
+uncompressed -- "stock vLLM with unlimited KV memory".
+
+Engines (one fresh process each, all shapes run in it one after another after
+a warm-up): stock tight, stock ample, plugin tight, plugin ample.  The
+plugin's keep rate is chosen per request (``kv_compress_rate``), so ``kvc 1``
+(machinery on, nothing evicted: the overhead configuration) and ``kvc 0.25``
+run in the same engine.  Stock runs load nothing of the plugin
+(``VLLM_PLUGINS=`` and ``KVCOMPRESS_VLLM_AUTOPATCH=0``).
+
+Ceilings per shape, measured in the same run:
+
+* **prefill-only**: the same prompts with one output token, on the stock
+  ample engine -- no configuration can finish before its prompts are computed;
+* **stock unlimited**: stock vLLM with the ample budget.  *Fraction of
+  ceiling* = plugin at the tight budget / stock unlimited.
+
+Per row (in-process mode): output tokens/s, ratio to stock at the same budget,
+fraction of the ceiling, peak running requests, preemptions, mean running
+requests in decode-only steps, KV kept, and where the wall time went:
+scheduling (``schedule`` + ``update_from_output``, eviction planning
+included), batch building (vLLM's input preparation and attention metadata,
+the plugin's page-table bookkeeping), eviction (scoring, selection,
+compaction, page moves), the forward pass (the rest of the worker's step) and
+other (engine loop, output processing).
+
+Modes: ``inproc`` (EngineCore in this process, the model on both cores: the
+per-step breakdown needs it) and ``mp`` (vLLM's default multi-process engine,
+what ``LLM(...)`` and ``vllm serve`` users get; on this 2-vCPU machine vLLM
+binds its worker to one core).  ``mp`` rows report end-to-end figures only.
+
+    python benchmarks/throughput_sweep.py                 # both modes (~45 min here)
+    python benchmarks/throughput_sweep.py --modes inproc  # (~25 min)
+    python benchmarks/throughput_sweep.py --quick         # smoke run (< 4 min)
 
 Writes docs/throughput.csv and docs/throughput.png (``--out-dir`` to change).
 """
@@ -26,19 +62,86 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RATES = [1.0, 0.5, 0.25, 0.125]
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+
+
+SHAPES = [
+    Shape("mixed", 16, 1152, 384),
+    Shape("prefill-heavy", 9, 2560, 256),
+    Shape("decode-heavy", 12, 256, 1024),
+    Shape("many-requests", 32, 640, 128),
+]
+QUICK_SHAPES = [
+    Shape("mixed", 6, 384, 64),
+    Shape("prefill-heavy", 4, 768, 48),
+    Shape("decode-heavy", 4, 128, 256),
+    Shape("many-requests", 16, 128, 16),
+]
+PLUGIN_RATES = {"tight": [0.25, 1.0], "ample": [0.25]}
+
+
+# --------------------------------------------------------------------------- timing
+class Timers:
+    """Seconds spent in wrapped callables, by name (re-entrant safe)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        original = getattr(obj, attr)
+        totals = self.total
+        totals.setdefault(name, 0.0)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.total)
+
+
+def instrument(llm) -> Timers:
+    """Time the scheduler, the worker step and its parts (in-process engine)."""
+    core = llm.llm_engine.engine_core.engine_core
+    timers = Timers()
+    timers.wrap(core.scheduler, "update_from_output", "schedule")  # probe times schedule()
+    timers.wrap(core.model_executor, "execute_model", "worker")
+    timers.wrap(core.model_executor, "sample_tokens", "worker")
+    worker = core.model_executor.driver_worker.worker
+    runner = worker.model_runner
+    for attr in ("_update_states", "_prepare_inputs", "_build_attention_metadata"):
+        timers.wrap(runner, attr, "batch_vllm")  # build_batch runs inside the last one
+    state = getattr(worker, "kvc_state", None)
+    if state is not None:
+        timers.wrap(state, "begin_step", "begin_step")  # includes apply_eviction
+        timers.wrap(state, "apply_eviction", "eviction")
+    return timers
 
 
 # --------------------------------------------------------------------------- worker
-def run_worker(spec: dict) -> dict:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+def run_engine(spec: dict) -> list[dict]:
+    """One engine; runs every job of ``spec["jobs"]`` on it in order."""
+    inproc = spec["mode"] == "inproc"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inproc else "1"
     sys.path.insert(0, str(HERE))
     import random
 
-    from engine_probe import probe
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -47,160 +150,273 @@ def run_worker(spec: dict) -> dict:
         kv_cache_memory_bytes=spec["budget_bytes"], max_num_seqs=spec["max_num_seqs"],
         max_num_batched_tokens=spec["max_num_batched_tokens"],
     )
-    if spec["rate"] is not None:
-        engine_kwargs["additional_config"] = {"kv_compress": {"rate": spec["rate"], "enabled": True}}
+    if spec["plugin"]:
+        engine_kwargs["additional_config"] = {"kv_compress": {"rate": 1.0, "enabled": True}}
+    engine_kwargs.update(spec.get("engine_kwargs", {}))
     llm = LLM(spec["model"], **engine_kwargs)
-    rng = random.Random(spec["seed"])
-    prompts = [
-        TokensPrompt(prompt_token_ids=[rng.randrange(100, 20000) for _ in range(spec["input_len"])])
-        for _ in range(spec["num_prompts"])
-    ]
-    params = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=True)
-    rec = probe(llm)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    rec.end = time.perf_counter()
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    num_blocks = scheduler.kv_cache_manager.block_pool.num_gpu_blocks
-    totals = getattr(scheduler, "kvc_totals", None)  # None for stock vLLM
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    kept = [o.kv_transfer_params["kv_compress"]["kept_fraction"] for o in outs if o.kv_transfer_params]
-    result = {
-        "wall_s": wall,
-        "output_tokens": out_tokens,
-        "output_tok_s": out_tokens / wall,
-        "requests_s": len(outs) / wall,
-        "num_blocks": num_blocks - 1,
-        "mean_kept_fraction": sum(kept) / len(kept) if kept else 1.0,
-        # worker time spent scoring, selecting, compacting and migrating pages
-        "eviction_s": totals.compaction_ms / 1000 if totals else 0.0,
-        "compressions": totals.compressions if totals else 0,
-        "pages_migrated": totals.pages_migrated if totals else 0,
-        **rec.summary(),
-    }
-    result["prefill_share"] = result["prefill_s"] / wall
-    result["eviction_share"] = result["eviction_s"] / wall
-    result["decode_tok_s"] = (out_tokens - len(outs)) / max(result["decode_s"], 1e-9)
-    llm.llm_engine.engine_core.shutdown()
-    return result
+    rec = timers = scheduler = None
+    if inproc:
+        from engine_probe import probe
+
+        rec = probe(llm)
+        timers = instrument(llm)
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    # Warm-up: a few short requests (first-call allocations, thread pools).
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 400)))] * 2,
+                 SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    results = []
+    for job in spec["jobs"]:
+        shape = Shape(**job["shape"])
+        rng = random.Random(job["seed"])
+        prompts = [
+            TokensPrompt(prompt_token_ids=[rng.randrange(100, 20000) for _ in range(shape.input_len)])
+            for _ in range(shape.num_prompts)
+        ]
+        extra = {"kv_compress_rate": job["rate"]} if job["rate"] is not None else None
+        params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True,
+                                extra_args=extra)
+        first_step = len(rec.steps) if rec else 0
+        before = timers.snapshot() if timers else {}
+        totals_before = asdict(scheduler.kvc_totals) if hasattr(scheduler, "kvc_totals") else {}
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        kept = [o.kv_transfer_params["kv_compress"]["kept_fraction"] for o in outs if o.kv_transfer_params]
+        res = {
+            "shape": shape.name, "job": job["name"], "wall_s": wall, "output_tokens": out_tokens,
+            "output_tok_s": out_tokens / wall, "requests_s": len(outs) / wall,
+            "mean_kept_fraction": sum(kept) / len(kept) if kept else 1.0,
+        }
+        if rec is not None:
+            from engine_probe import EngineProbe
+
+            window = EngineProbe(steps=rec.steps[first_step:], end=time.perf_counter())
+            res.update(window.summary())
+            after = timers.snapshot()
+            spent = {k: after[k] - before.get(k, 0.0) for k in after}
+            sched_s = spent["schedule"] + sum(
+                s.schedule_s for s in rec.steps[first_step:])
+            eviction_s = spent.get("eviction", 0.0)
+            bookkeeping_s = spent["batch_vllm"] + spent.get("begin_step", 0.0) - eviction_s
+            forward_s = spent["worker"] - spent["batch_vllm"] - spent.get("begin_step", 0.0)
+            res.update(
+                schedule_share=sched_s / wall, batch_share=bookkeeping_s / wall,
+                eviction_share=eviction_s / wall, forward_share=forward_s / wall,
+                other_share=max(0.0, 1 - (sched_s + spent["worker"]) / wall),
+                prefill_share=res["prefill_s"] / wall,
+            )
+            if totals_before:
+                totals = asdict(scheduler.kvc_totals)
+                res["compressions"] = totals["compressions"] - totals_before["compressions"]
+                res["blocks_released"] = totals["blocks_released"] - totals_before["blocks_released"]
+        res["job"] += spec.get("label_suffix", "")
+        results.append(res)
+        print(f"  {spec['name']} {job['name']} {shape.name}: {res['output_tok_s']:.1f} out tok/s "
+              f"in {wall:.0f} s", file=sys.stderr, flush=True)
+    if scheduler is not None:
+        results.append({"num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1})
+    return results
 
 
-# --------------------------------------------------------------------------- driver
-def run_config(spec: dict) -> dict:
+def run_config(spec: dict) -> list[dict]:
     env = dict(os.environ)
-    if spec["rate"] is None:  # stock vLLM, nothing of the plugin loaded
+    if not spec["plugin"]:  # stock vLLM, nothing of the plugin loaded
         env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=None if spec.get("verbose") else subprocess.PIPE,
+        text=True, env=env,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"config {spec['name']} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"engine {spec['name']} failed:\n{(proc.stderr or '')[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------- report
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["budget"] for r in rows}, key=lambda b: b != "tight")
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for budget in budgets:
-        sub = [r for r in rows if r["budget"] == budget]
-        names = [r["config"] for r in sub]
-        x = range(len(sub))
-        off = -0.2 if budget == "tight" else 0.2
-        axes[0].bar([i + off for i in x], [r["output_tok_s"] for r in sub], width=0.4, label=budget)
-        axes[1].bar([i + off for i in x], [r["peak_running"] for r in sub], width=0.4, label=budget)
-        axes[2].bar([i + off for i in x], [r["decode_tok_s"] for r in sub], width=0.4, label=budget)
-        for ax in axes:
-            ax.set_xticks(list(x), names, rotation=20)
-    axes[0].set_title("output tokens/s (end to end)")
-    axes[1].set_title("peak running requests")
-    axes[2].set_title("output tokens/s in decode-only steps")
-    axes[0].legend(title="KV budget")
-    fig.suptitle("SmolLM2-135M, 2 CPU cores: stock vLLM vs KV-Compress keep rates")
+    modes = sorted({r["mode"] for r in rows})
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    configs = list(dict.fromkeys(f"{r['config']} {r['budget']}" for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        width = 0.8 / len(configs)
+        for k, cfg in enumerate(configs):
+            vals = []
+            for shape in shapes:
+                row = next((r for r in rows if r["mode"] == mode and r["shape"] == shape
+                            and f"{r['config']} {r['budget']}" == cfg), None)
+                ceiling = next((r for r in rows if r["mode"] == mode and r["shape"] == shape
+                                and r["config"] == "stock" and r["budget"] == "ample"), None)
+                vals.append(row["output_tok_s"] / ceiling["output_tok_s"] if row and ceiling else 0)
+            ax.bar([i + (k - len(configs) / 2 + 0.5) * width for i in range(len(shapes))], vals,
+                   width=width, label=cfg)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set_ylabel("output tok/s / stock with unlimited KV")
+        ax.set_title(f"{mode} engine")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M, 2 CPU cores: fraction of the stock-unlimited ceiling")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| mode | shape | budget | config | out tok/s | vs stock | of ceiling | wall s | prefill-only s | "
+        "memory bound | peak running | preempt | mean decode batch | kept | sched | batch build | eviction | forward | other |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pct(r, key):
+        return f"{100 * r[key]:.1f}%" if key in r else "n/a"
+
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['shape']} | {r['budget']} | {r['config']} | {r['output_tok_s']:.1f} | "
+            f"{r['vs_stock']:.2f}x | {100 * r['of_ceiling']:.0f}% | {r['wall_s']:.1f} | "
+            f"{r['prefill_only_s']:.1f} | {r['memory_bound']} | {r.get('peak_running', 'n/a')} | {r.get('preemptions', 'n/a')} | "
+            + (f"{r['mean_running_decode']:.1f}" if "mean_running_decode" in r else "n/a")
+            + f" | {100 * r['mean_kept_fraction']:.0f}% | {pct(r, 'schedule_share')} | "
+            f"{pct(r, 'batch_share')} | {pct(r, 'eviction_share')} | {pct(r, 'forward_share')} | "
+            f"{pct(r, 'other_share')} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_bound(shape: Shape, row: dict, tight_tokens: int) -> int:
+    """Requests the budget can hold at once at the row's measured kept
+    fraction: one prompt uncompressed (its prefill must complete before it is
+    scored) and the others at their final compressed size."""
+    if row["budget"] == "ample":
+        return shape.num_prompts
+    seq = shape.input_len + shape.output_len
+    compressed = max(1.0, row["mean_kept_fraction"] * seq)
+    fits = 1 + int(max(0, tight_tokens - shape.input_len) // compressed)
+    return min(shape.num_prompts, fits)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="small smoke run (< 3 min)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (< 4 min)")
     parser.add_argument("--model", default=None)
-    parser.add_argument("--num-prompts", type=int, default=16)
-    parser.add_argument("--input-len", type=int, default=1800)
-    parser.add_argument("--output-len", type=int, default=512)
-    parser.add_argument("--tight-seqs", type=int, default=4,
-                        help="the tight budget holds this many uncompressed sequences")
+    parser.add_argument("--modes", default="inproc,mp", help="inproc, mp or both (comma-separated)")
+    parser.add_argument("--shapes", default=None, help="subset of shape names (comma-separated)")
+    parser.add_argument("--mp-shapes", default=None,
+                        help="shapes run in mp mode (default: the same as inproc)")
+    parser.add_argument("--tight-tokens", type=int, default=6144,
+                        help="the tight budget holds this many uncompressed KV tokens")
     parser.add_argument("--out-dir", default=str(HERE.parent / "docs"))
+    parser.add_argument("--verbose", action="store_true", help="show the engines' stderr")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="also run the plugin at the tight budget (rate 0.25) with these extra "
+                        "engine arguments, e.g. 'optimistic={\"scheduler_reserve_full_isl\": false}' "
+                        "(admit a request once its first chunk fits, not its whole prompt) or "
+                        "'bs32={\"block_size\": 32}' (finer pages); rows are labelled 'kvc 0.25 NAME'")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        print(json.dumps(run_engine(json.loads(args.worker))))
         return 0
 
     from kvcompress_vllm.model import kv_budget_bytes, prepare_default_model
 
     model = args.model or str(prepare_default_model())
-    if args.quick:
-        args.num_prompts, args.input_len, args.output_len, args.tight_seqs = 6, 384, 48, 2
-        rates = [None, 1.0, 0.25]
-    else:
-        rates = [None, *RATES]
-    seq_len = args.input_len + args.output_len
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        shapes = [s for s in shapes if s.name in wanted]
+    tight_tokens = 1536 if args.quick else args.tight_tokens
+    modes = ["inproc"] if args.quick else args.modes.split(",")
+    max_seq = max(s.input_len + s.output_len for s in shapes)
+    max_model_len = max(1024, -(-(max_seq + 16) // 128) * 128)
+    max_num_seqs = 64
     budgets = {
-        "tight": kv_budget_bytes(model, args.tight_seqs, seq_len),
-        "ample": kv_budget_bytes(model, args.num_prompts, seq_len),
+        "tight": kv_budget_bytes(model, 1, tight_tokens, max_num_seqs=max_num_seqs,
+                                 max_model_len=max_model_len),
+        "ample": max(
+            kv_budget_bytes(model, s.num_prompts, s.input_len + s.output_len,
+                            max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+            for s in shapes
+        ),
     }
-    rows = []
+
+    def jobs_for(plugin: bool, budget: str, mode: str) -> list[dict]:
+        jobs = []
+        for i, shape in enumerate(shapes):
+            if mode == "mp" and args.mp_shapes and shape.name not in args.mp_shapes.split(","):
+                continue
+            common = dict(shape=asdict(shape), seed=i)
+            if not plugin:
+                jobs.append(dict(common, name="stock", rate=None, max_tokens=shape.output_len))
+                if budget == "ample":
+                    jobs.append(dict(common, name="prefill-only", rate=None, max_tokens=1))
+            else:
+                for rate in PLUGIN_RATES[budget]:
+                    jobs.append(dict(common, name=f"kvc {rate:g}", rate=rate, max_tokens=shape.output_len))
+        return jobs
+
+    raw: list[dict] = []
     sweep_start = time.perf_counter()
-    for budget_name, budget in budgets.items():
-        for rate in rates:
-            name = "stock" if rate is None else f"kvc {rate:g}"
+    blocks = {}
+    engines = [(plugin, budget, "", {}) for plugin in (False, True) for budget in ("tight", "ample")]
+    for variant in args.variant:
+        label, _, kwargs = variant.partition("=")
+        engines.append((True, "tight", label, json.loads(kwargs)))
+    for mode in modes:
+        for plugin, budget, label, extra_kwargs in engines:
+            name = f"{mode}/{'kvc' if plugin else 'stock'}/{budget}" + (f"/{label}" if label else "")
+            jobs = jobs_for(plugin, budget, mode)
+            if label:
+                jobs = [j for j in jobs if j["rate"] == 0.25]
             spec = dict(
-                name=name, model=model, rate=rate, budget_bytes=budget, seed=0,
-                num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-                max_model_len=max(1024, seq_len + 16), max_num_seqs=64, max_num_batched_tokens=2048,
+                name=name, mode=mode, plugin=plugin, model=model, budget_bytes=budgets[budget],
+                max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=2048, jobs=jobs, verbose=args.verbose,
+                engine_kwargs=extra_kwargs, label_suffix=f" {label}" if label else "",
             )
             t0 = time.perf_counter()
-            res = run_config(spec)
-            row = {"budget": budget_name, "config": name, "rate": rate, **res}
-            rows.append(row)
-            print(
-                f"[{budget_name:5s}] {name:9s} {res['output_tok_s']:7.1f} out tok/s  "
-                f"{res['requests_s']:.3f} req/s  peak running {res['peak_running']:2d}  "
-                f"preemptions {res['preemptions']:3d}  peak KV {100 * res['peak_kv_usage']:5.1f}%  "
-                f"prefill share {100 * res['prefill_share']:4.1f}%  "
-                f"eviction {100 * res['eviction_share']:4.1f}%  ({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+            results = run_config(spec)
+            if results and "num_blocks" in results[-1]:
+                blocks[name] = results.pop()["num_blocks"]
+            for res in results:
+                raw.append({"mode": mode, "budget": budget,
+                            "config": res["job"], **res})
+            print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    rows = []
+    for r in raw:
+        if r["config"] == "prefill-only":
+            continue
+        same = [x for x in raw if x["mode"] == r["mode"] and x["shape"] == r["shape"]]
+        stock = next(x for x in same if x["config"] == "stock" and x["budget"] == r["budget"])
+        ceiling = next(x for x in same if x["config"] == "stock" and x["budget"] == "ample")
+        prefill = next(x for x in same if x["config"] == "prefill-only")
+        shape = next(s for s in shapes if s.name == r["shape"])
+        rows.append({**r, "vs_stock": r["output_tok_s"] / stock["output_tok_s"],
+                     "of_ceiling": r["output_tok_s"] / ceiling["output_tok_s"],
+                     "prefill_only_s": prefill["wall_s"],
+                     "memory_bound": memory_bound(shape, r, tight_tokens)})
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     csv_path = out_dir / f"throughput{suffix}.csv"
-    keys = list(rows[0].keys())
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out_dir / f"throughput{suffix}.png")
-    print(f"\nbudgets: tight = {budgets['tight'] / 2**20:.0f} MiB ({rows[0]['num_blocks']} blocks, "
-          f"{args.tight_seqs} uncompressed sequences), ample = {budgets['ample'] / 2**20:.0f} MiB")
-    print("| budget | config | out tok/s | vs stock | req/s | peak running | preemptions | "
-          "peak KV | kept | decode-step tok/s | prefill share | eviction time |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        stock = next(r for r in rows if r["budget"] == row["budget"] and r["config"] == "stock")
-        print(f"| {row['budget']} | {row['config']} | {row['output_tok_s']:.1f} | "
-              f"{row['output_tok_s'] / stock['output_tok_s']:.2f}x | {row['requests_s']:.3f} | "
-              f"{row['peak_running']} | {row['preemptions']} | {100 * row['peak_kv_usage']:.0f}% | "
-              f"{100 * row['mean_kept_fraction']:.0f}% | {row['decode_tok_s']:.1f} | "
-              f"{100 * row['prefill_share']:.0f}% | {100 * row['eviction_share']:.1f}% |")
+    print(f"\nbudgets: tight = {budgets['tight'] / 2**20:.0f} MiB ({tight_tokens} KV tokens), "
+          f"ample = {budgets['ample'] / 2**20:.0f} MiB; blocks per engine: {blocks}")
+    print("shapes: " + ", ".join(f"{s.name} {s.num_prompts} x {s.input_len}/{s.output_len}" for s in shapes))
+    print(table(rows))
     print(f"\nwrote {csv_path} (sweep wall time {(time.perf_counter() - sweep_start) / 60:.1f} min)")
     return 0
 

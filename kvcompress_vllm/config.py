@@ -21,7 +21,10 @@ CONFIG_KEY = "kv_compress"
 #: Scorer names accepted by ``scorer`` / ``kv_compress_scorer``: one class per
 #: name in ``kvcompress_vllm/scorers/`` (this module stays torch-free for the
 #: API server; the scorer registry checks at import that both agree).
-SCORERS = ("kvcompress", "random", "streamingllm", "knorm", "keydiff")
+SCORERS = (
+    "kvcompress", "random", "streamingllm", "knorm", "keydiff",
+    "metric_keydiff", "metric_keydiff_rank", "metric_keydiff_union",
+)
 
 #: How the evicted pages are spread over a request's (layer, KV head)s
 #: (``allocation`` / ``kv_compress_allocation``): ``joint`` takes the

@@ -24,16 +24,28 @@ def _run(script: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess
 def test_throughput_sweep_quick(tmp_path):
     proc = _run("throughput_sweep.py", tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "throughput_quick.csv")))
-    assert {(r["budget"], r["config"]) for r in rows} == {
-        (b, c) for b in ("tight", "ample") for c in ("stock", "kvc 1", "kvc 0.25")
+    shapes = {"mixed", "prefill-heavy", "decode-heavy", "many-requests"}
+    assert {(r["shape"], r["budget"], r["config"]) for r in rows} == {
+        (s, b, c) for s in shapes for b, c in [
+            ("tight", "stock"), ("tight", "kvc 1"), ("tight", "kvc 0.25"),
+            ("ample", "stock"), ("ample", "kvc 0.25")]
     }
     for r in rows:
         assert float(r["output_tok_s"]) > 0 and int(r["output_tokens"]) > 0
         assert 0 < float(r["prefill_share"]) < 1
+        # both ceilings are measured for every row
+        assert 0 < float(r["prefill_only_s"]) < float(r["wall_s"])
+        assert float(r["of_ceiling"]) > 0
+        shares = [float(r[k]) for k in ("schedule_share", "batch_share", "eviction_share",
+                                         "forward_share", "other_share")]
+        assert all(x >= 0 for x in shares) and 0.9 < sum(shares) < 1.1, shares
+        if r["config"] == "stock" and r["budget"] == "ample":
+            assert float(r["of_ceiling"]) == 1.0
     compressed = [r for r in rows if r["config"] == "kvc 0.25"]
     assert all(float(r["mean_kept_fraction"]) < 0.6 for r in compressed)
+    assert all(int(r["compressions"]) > 0 and float(r["eviction_share"]) > 0 for r in compressed)
     assert (tmp_path / "throughput_quick.png").stat().st_size > 0
-    assert "| tight | kvc 0.25 |" in proc.stdout
+    assert "| inproc | decode-heavy | tight | kvc 0.25 |" in proc.stdout
 
 
 def test_quality_quick(tmp_path):

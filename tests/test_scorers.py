@@ -54,11 +54,16 @@ def test_registry_matches_config_and_documents_papers():
         "streamingllm": "2309.17453",
         "knorm": "2406.11430",
         "keydiff": "2504.15364",
+        "metric_keydiff": "2410.00161",
+        "metric_keydiff_rank": "2410.00161",
+        "metric_keydiff_union": "2410.00161",
     }
     for name in SCORERS:
         scorer = scorers.get_scorer(name)
         assert scorer.name == name
         assert type(scorer).__doc__ and papers.get(name, "control") in type(scorer).__doc__
+        if name.startswith("metric_keydiff"):  # combined: both papers
+            assert "2410.00161" in type(scorer).__doc__ and "2504.15364" in type(scorer).__doc__
     assert "kvpress" in type(scorers.get_scorer("keydiff")).__doc__
     with pytest.raises(KeyError, match="unknown scorer 'h2o'"):
         scorers.get_scorer("h2o")
@@ -155,6 +160,129 @@ def test_random_is_deterministic_per_request_and_length():
     assert not torch.equal(a, rand_scores("req-a", 31))
     assert not torch.equal(a[0], a[1])  # heads differ
     assert ((a >= 0) & (a < 1)).all()
+
+
+# --- combined scorers (attention metric + key diversity) -------------------------
+
+COMBINED = ("metric_keydiff", "metric_keydiff_rank", "metric_keydiff_union")
+
+
+def dense_combined(name, metrics, keys, valid):
+    """Independent per-row Python reference of the combined scorers on the
+    valid KVs of each row (``None`` on padding)."""
+    out = []
+    for row in range(metrics.shape[0]):
+        idx = [j for j in range(metrics.shape[1]) if valid[row, j]]
+        n = len(idx)
+        m = [float(metrics[row, j]) for j in idx]
+        kd = kvpress_keydiff(keys[row:row + 1, idx].float())[0].tolist()
+        if name == "metric_keydiff":
+            def z(xs):
+                mu = sum(xs) / len(xs)
+                sd = max((sum((x - mu) ** 2 for x in xs) / len(xs)) ** 0.5, 1e-6)
+                return [(x - mu) / sd for x in xs]
+            import math
+            vals = [a + b for a, b in zip(z([math.log(max(x, 0.0) + 1e-12) for x in m]), z(kd))]
+        else:
+            def ranks(xs):
+                r = [0] * len(xs)
+                for pos, i in enumerate(sorted(range(len(xs)), key=lambda i: (xs[i], i))):
+                    r[i] = pos
+                return r
+            rm, rk = ranks(m), ranks(kd)
+            comb = [a + b if name == "metric_keydiff_rank" else max(a, b) for a, b in zip(rm, rk)]
+            # KVs in (combined, metric rank) order get the row's sorted metric values.
+            order = sorted(range(n), key=lambda i: (comb[i], rm[i]))
+            vals = [0.0] * n
+            for value, i in zip(sorted(m), order):
+                vals[i] = value
+        row_out = [None] * metrics.shape[1]
+        for j, v in zip(idx, vals):
+            row_out[j] = v
+        out.append(row_out)
+    return out
+
+
+@pytest.mark.parametrize("name", COMBINED)
+def test_combined_scorers_match_a_dense_reference(name):
+    g = torch.Generator().manual_seed(6)
+    rows, width = 4, 37
+    keys = torch.randn(rows, width, 8, generator=g).to(torch.bfloat16).float()
+    metrics = torch.rand(rows, width, generator=g) ** 6  # many decades, as squared attention
+    metrics[2, 5] = 0.0  # a KV nobody attended to
+    valid = torch.arange(width).view(1, -1) < torch.tensor([37, 30, 37, 21]).view(-1, 1)
+    keys[~valid] = 0
+    got = scorers.get_scorer(name).score(make_kvs(keys, metrics=metrics, valid=valid, num_tokens=40))
+    ref = dense_combined(name, metrics, keys, valid)
+    for row in range(rows):
+        for j in range(width):
+            if ref[row][j] is not None:
+                assert got[row, j].item() == pytest.approx(ref[row][j], rel=1e-4, abs=1e-5), (row, j)
+
+
+@pytest.mark.parametrize("name", ["metric_keydiff_rank", "metric_keydiff_union"])
+def test_rank_combinations_keep_the_metric_allocation_over_heads(name):
+    """Each head gives up exactly the pages that ``kvcompress`` takes from it
+    (its scores are its own metric values, reordered)."""
+    g = torch.Generator().manual_seed(7)
+    rows, width = 6, 64
+    keys = torch.randn(rows, width, 8, generator=g)
+    scale = torch.tensor([1e-4, 1e-2, 1.0, 1e-3, 10.0, 1e-1]).view(-1, 1)  # very different heads
+    kvs = make_kvs(keys, metrics=torch.rand(rows, width, generator=g) * scale, num_tokens=80)
+    for pages in (5, 20, 40):
+        ref = select_evictions(scorers.score("kvcompress", kvs, 4, 2), pages, 4)
+        got = select_evictions(scorers.score(name, kvs, 4, 2), pages, 4)
+        assert got.pages_per_head.tolist() == ref.pages_per_head.tolist()
+
+
+def _two_signal_head(width=40):
+    """One head where the attention metric and key diversity disagree:
+    KVs 10-13 are the most attended but share the common key direction,
+    KVs 25-28 are the most diverse keys but barely attended."""
+    g = torch.Generator().manual_seed(8)
+    common = F.normalize(torch.ones(16), dim=0)
+    keys = common + 0.05 * torch.randn(width, 16, generator=g)
+    for j in range(25, 29):
+        keys[j] = F.normalize(torch.randn(16, generator=g), dim=0) * 2 - 1.5 * common
+    metrics = 0.01 + 0.01 * torch.rand(width, generator=g)
+    metrics[10:14] = 1.0
+    metrics[25:29] = 0.0001
+    return keys.unsqueeze(0), metrics.unsqueeze(0)
+
+
+def test_union_keeps_what_each_component_keeps():
+    keys, metrics = _two_signal_head()
+    kvs = make_kvs(keys, metrics=metrics, num_tokens=100)
+    attended, diverse = set(range(10, 14)), set(range(25, 29))
+
+    def kept(name, evict):
+        ev = evicted_set(scorers.score(name, kvs, 0, 0), evict)[0]
+        return set(range(40)) - ev
+
+    keep_8 = 32  # evict 32 of 40: 8 stay
+    assert attended <= kept("kvcompress", keep_8) and not diverse & kept("kvcompress", keep_8)
+    assert diverse <= kept("keydiff", keep_8) and not attended & kept("keydiff", keep_8)
+    # The union by construction; the z-score sum here because each signal is
+    # an outlier of its own head distribution.
+    for name in ("metric_keydiff_union", "metric_keydiff"):
+        assert attended | diverse == kept(name, keep_8), name
+    # The mean of ranks is a compromise, not a union: a KV that is top by one
+    # signal and bottom by the other ranks mid-way and can lose.
+    assert not diverse <= kept("metric_keydiff_rank", keep_8)
+
+
+def test_metric_keydiff_is_per_head_normalised():
+    """Scaling one head's metric (or its keys) changes nothing: the z-scores
+    are per head, so heads are compared on their normalised scores."""
+    g = torch.Generator().manual_seed(9)
+    keys = torch.randn(2, 30, 8, generator=g)
+    metrics = torch.rand(2, 30, generator=g)
+    a = scorers.get_scorer("metric_keydiff").score(make_kvs(keys, metrics=metrics, num_tokens=30))
+    b = scorers.get_scorer("metric_keydiff").score(
+        make_kvs(keys * torch.tensor([3.0, 1.0]).view(-1, 1, 1),
+                 metrics=metrics * torch.tensor([1000.0, 1.0]).view(-1, 1), num_tokens=30))
+    assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(a.mean(dim=1), torch.zeros(2), atol=1e-4)
 
 
 # --- protection -----------------------------------------------------------------

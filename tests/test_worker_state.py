@@ -188,3 +188,50 @@ def test_prompt_metric_observation_window_and_pooling():
     batch = fill(state, ["a"])
     assert batch.metric_q_start.tolist() == [0] and batch.record_metrics and not batch.pool_rows
     state.end_step()
+
+
+def test_batched_growth_equals_per_request_growth():
+    """``HeadPageTable.append_tokens`` (one batched check per step) assigns
+    exactly the pages the per-request ``ensure_capacity`` loop assigns, over
+    random steps of prefill chunks and decode tokens, with a compressed
+    request whose heads hold different KV counts."""
+    import random
+
+    rng = random.Random(0)
+    tables = []
+    for _ in range(2):
+        state, _ = make_state()
+        state.begin_step(step(new=[("a", [0, 1, 2], 17), ("b", [3, 4], 9)],
+                              scheduled={"a": 17, "b": 9}, prefill_ends={"a": 17, "b": 9}))
+        state.end_step()
+        geometry = PageGeometry(block_size=N, pages_per_block=L * H)
+        state.begin_step(step(cached=[("a", None)], scheduled={},
+                              plans=[EvictionPlan(req_id="a", num_pages=L * H, num_tokens=17,
+                                                  pages_after=geometry.pages_in_use(17, L * H),
+                                                  released_block_ids=(), protected_window=2,
+                                                  sink_tokens=0, scorer="random")]))
+        state.end_step()
+        tables.append(state.table)
+    batched, looped = tables
+    free = list(range(5, B))  # blocks the scheduler can still hand out
+    evicted = {"a": L * H, "b": 0}
+    for i in range(8):
+        # both requests cross page boundaries in the same step now and then
+        sched = {rid: N if i % 4 == 0 else rng.choice([1, 2, 3]) for rid in ("a", "b")}
+        for rid, n in sched.items():  # the scheduler's allocation, same for both tables
+            req = batched.requests[rid]
+            extra = geometry.blocks_needed(req.num_tokens + n, evicted[rid]) - len(req.blocks)
+            new_blocks = [free.pop(0) for _ in range(max(0, extra))]
+            for t in (batched, looped):
+                t.append_blocks(rid, new_blocks)
+        batched.append_tokens([batched.requests[r] for r in sched], list(sched.values()))
+        for rid, n in sched.items():
+            req = looped.requests[rid]
+            looped.ensure_capacity(req, n)
+            looped.kv_count[req.slot] += n
+            req.num_tokens += n
+        assert torch.equal(batched.page_table, looped.page_table)
+        assert torch.equal(batched.num_pages, looped.num_pages)
+        assert torch.equal(batched.kv_count, looped.kv_count)
+        assert all(batched.requests[r].num_tokens == looped.requests[r].num_tokens for r in sched)
+        assert all(batched.requests[r].step_tokens == sched[r] for r in sched)

@@ -9,6 +9,12 @@ method and its paper in the docstring:
 ``knorm``        largest key norm first (keeps low-norm keys)
 ``keydiff``      keys most similar to the normalised mean key first
 ``random``       random (control)
+``metric_keydiff``        z-scored attention metric + z-scored key diversity
+``metric_keydiff_rank``   mean of the two per-head ranks, the metric's per-head budgets
+``metric_keydiff_union``  max of the two per-head ranks, the metric's per-head budgets
+                 (candidates for a robust default; docs/quality.md, "Robust suite")
+
+``_combine`` holds the per-head normalisation helpers the combined scorers share.
 
 How the chosen pages are spread over (layer, KV head)s is a separate choice,
 the allocation mode (``config.ALLOCATIONS``; ``worker.selection``).

@@ -180,6 +180,27 @@ class HeadPageTable:
         table[row, logical] = pages.to(torch.int32)
         self.num_pages[slot] = torch.maximum(have, need)
 
+    def append_tokens(self, reqs: list[RequestPages], new_tokens: list[int]) -> None:
+        """Make room for and count ``new_tokens[i]`` more KVs in every head of
+        ``reqs[i]`` (one step's scheduled tokens; requests distinct).
+
+        One batched check over all requests (``[R, L, H]``); only requests
+        whose heads run out of pages go through ``ensure_capacity`` (one in
+        ``block_size`` decode steps), so the per-step cost stays a few tensor
+        ops however many requests run."""
+        if not reqs:
+            return
+        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
+        new = torch.tensor(new_tokens, dtype=torch.int32).view(-1, 1, 1)
+        counts = self.kv_count.index_select(0, slots) + new  # [R, L, H]
+        short = (cdiv(counts, self.block_size) > self.num_pages.index_select(0, slots))
+        for i in short.flatten(1).any(1).nonzero().view(-1).tolist():
+            self.ensure_capacity(reqs[i], new_tokens[i])
+        self.kv_count.index_copy_(0, slots, counts)
+        for req, n in zip(reqs, new_tokens):
+            req.num_tokens += n
+            req.step_tokens = n
+
     def used_pages(self, req: RequestPages) -> torch.Tensor:
         """Page ids assigned to any head of ``req`` (1-D int64)."""
         slot = req.slot

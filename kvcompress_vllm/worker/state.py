@@ -169,12 +169,8 @@ class KVCompressWorkerState:
             blocks = cached.new_block_ids[i]
             if rid not in cached.resumed_req_ids and blocks is not None:
                 table.append_blocks(rid, list(blocks[0]))
-        for rid, num_new in scheduler_output.num_scheduled_tokens.items():
-            req = table.requests[rid]
-            table.ensure_capacity(req, num_new)
-            table.kv_count[req.slot] += num_new
-            req.num_tokens += num_new
-            req.step_tokens = num_new
+        scheduled = scheduler_output.num_scheduled_tokens
+        table.append_tokens([table.requests[rid] for rid in scheduled], list(scheduled.values()))
         self._report_pages = step.report_pages
         self.in_step = True
 

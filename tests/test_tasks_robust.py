@@ -1,0 +1,119 @@
+"""The robust suite's generated cases (``kvcompress_vllm.tasks``) and the
+default-scorer selection rule of ``benchmarks/quality.py --suite robust``.
+No engine: a tokenizer stand-in, or the default model's tokenizer if prepared."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from kvcompress_vllm import tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WordTokenizer:
+    """Stand-in tokenizer: one token per word, digit or punctuation mark."""
+
+    def encode(self, text):
+        return re.findall(r"\d|\w+|[^\w\s]", text)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return WordTokenizer()
+
+
+def test_prose_is_deterministic_varied_and_digit_free(tok):
+    a = tasks.prose(tok, 1500, tasks.random.Random(1))
+    assert a == tasks.prose(tok, 1500, tasks.random.Random(1))
+    assert a != tasks.prose(tok, 1500, tasks.random.Random(2))
+    assert 1400 <= len(tok.encode(a)) <= 1500
+    assert not any(ch.isdigit() for ch in a)
+    sentences = [s for s in re.split(r"(?<=\.)\s+", a) if s]
+    assert len(set(sentences)) >= 0.9 * len(sentences)  # not a repeated filler
+
+
+@pytest.mark.parametrize("case", list(tasks.ROBUST_CASES))
+@pytest.mark.parametrize("length", tasks.ROBUST_LENGTHS)
+def test_cases_hit_their_length_and_hold_their_answer(tok, case, length):
+    for seed in (0, 1, 7):
+        task = tasks.ROBUST_CASES[case](tok, length, seed)
+        assert task == tasks.ROBUST_CASES[case](tok, length, seed)  # deterministic
+        assert 0.9 * length <= task.num_tokens <= length
+        assert task.answer in task.prompt
+        assert task.score(task.answer) == 1.0
+        assert 0.0 < task.depth < 1.0
+        if case.startswith("prose"):
+            # Natural prose: the only digits are the needles'.
+            digits = "".join(ch for ch in task.prompt if ch.isdigit())
+            assert len(digits) <= (48 + 4 if case == "prose_copy" else 5 * 3)  # copy: + the 4 given
+
+
+def test_multi_needle_question_names_one_of_several_keys(tok):
+    for make in (tasks.prose_multi, tasks.filler_multi):
+        task = make(tok, 1500, seed=3)
+        keys = re.findall(r"pass key (?:of the \w+ )?is (\d{5})", task.prompt)
+        assert len(keys) == 3 and task.answer in keys and len(set(keys)) == 3
+        label = re.search(r"What is the (?:pass key of the )?(\w+)", task.prompt).group(1)
+        assert label in task.prompt.split("What is")[0]
+
+
+def test_copy_task_scores_the_fraction_of_digits():
+    task = tasks.prose_copy(WordTokenizer(), 1500, seed=2)
+    assert len(task.answer) == 44
+    assert task.score(task.answer[:22] + "x") == pytest.approx(0.5)
+
+
+def test_split_is_by_seed_parity_and_disjoint(tok):
+    held_in = tasks.robust_suite(tok, 3, "held-in", lengths=(1500,), cases=["prose_needle", "prose_copy"])
+    held_out = tasks.robust_suite(tok, 3, "held-out", lengths=(1500,), cases=["prose_needle", "prose_copy"])
+    assert len(held_in) == len(held_out) == 6
+    assert all(tasks.split_of(seed) == "held-in" and seed % 2 == 0 for _, _, seed, _ in held_in)
+    assert all(tasks.split_of(seed) == "held-out" and seed % 2 == 1 for _, _, seed, _ in held_out)
+    assert not {t.prompt for *_, t in held_in} & {t.prompt for *_, t in held_out}
+    every = tasks.robust_suite(tok, 6, "all", lengths=(1500,), cases=["prose_needle", "prose_copy"])
+    assert {s for _, _, s, _ in every} == {s for _, _, s, _ in held_in + held_out}
+
+
+# --- the selection rule ---------------------------------------------------------
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(split, table):
+    """table: {(case, scorer, rate): [scores]} -> CSV-like rows."""
+    return [{"split": split, "case": case, "length": 1500, "scorer": scorer, "rate": rate, "score": s,
+             "kept_fraction": rate}
+            for (case, scorer, rate), scores in table.items() for s in scores]
+
+
+def test_selection_takes_the_best_worst_case_margin_on_held_in_only():
+    q = _quality()
+    table = {}
+    for rate in (0.5, 0.25):
+        # Public: kvcompress wins case a, keydiff wins case b.
+        table |= {("a", "kvcompress", rate): [1, 1], ("a", "keydiff", rate): [0, 0],
+                  ("b", "kvcompress", rate): [0, 0], ("b", "keydiff", rate): [1, 0]}
+        for p in ("knorm", "streamingllm"):
+            table |= {("a", p, rate): [0, 0], ("b", p, rate): [0, 0]}
+        # Candidate x: matches the best everywhere; y: much better on a mean
+        # basis would be impossible (a is at 100), but loses b by 50 points.
+        table |= {("a", "metric_keydiff_union", rate): [1, 1], ("b", "metric_keydiff_union", rate): [1, 0],
+                  ("a", "metric_keydiff_rank", rate): [1, 1], ("b", "metric_keydiff_rank", rate): [0, 0]}
+    rows = _rows("held-in", table)
+    # Held-out rows that would favour the other candidate must not matter.
+    flipped = {k: ([0, 0] if k[1] == "metric_keydiff_union" else v) for k, v in table.items()}
+    rows += _rows("held-out", flipped)
+    best, margins = q.select_default(rows)
+    assert best == "metric_keydiff_union"
+    assert margins["metric_keydiff_union"][0] == 0.0  # meets the bar (>= 0)
+    assert margins["metric_keydiff_rank"][0] == -0.5
+    report = q.robust_report(rows)
+    assert "selected on held-in: metric_keydiff_union" in report and "meets the bar" in report
+    assert "held-out, n = 2 per cell" in report
