@@ -16,6 +16,13 @@
 // against) are kept, so the exact final p = P * exp(m_blk - m) / l is known at
 // the end without a second pass over K: metrics[kv] += sum_rows p^2.
 //
+// ISA paths (csrc/cpu_isa.h): the code below is built for the baseline ISA
+// (AVX2 by default, csrc/vec.h).  For bf16 caches with head_dim % 32 == 0, where
+// the CPU has AVX-512 + AVX512-BF16 (checked at run time), the QK product, the
+// softmax of a block and the PV product run the micro-kernels of
+// csrc/attention_avx512.cpp instead (VDPBF16PS on the raw bf16 rows; P rounded
+// to bf16 for PV only, the metric still uses the fp32 probabilities).
+//
 // Scheduling (torch's intra-op thread pool via at::parallel_for; the thread
 // count follows torch.set_num_threads): work units are dealt out to the threads
 // as contiguous ranges of about equal cost (so a thread keeps the same heads,
@@ -36,10 +43,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "ops.h"
 #include "vec.h"
 
@@ -57,13 +67,13 @@ namespace {
 #define KVC_SPLIT_FACTOR 4  // split single-tile tasks if < this many units per thread
 #endif
 #ifndef KVC_MIN_PART
-#define KVC_MIN_PART 512  // ... into units of at least this many keys (x G rows)
+#define KVC_MIN_PART 256  // ... into units of at least this many keys (x G rows)
 #endif
 constexpr int kKB = KVC_KB;
 constexpr int kRowsPerTile = 32;  // target rows (queries x G) per prefill tile
 constexpr int kSplitFactor = KVC_SPLIT_FACTOR;
 constexpr int kMinPartKeys = KVC_MIN_PART;
-static_assert(kKB % 8 == 0, "kKB must be a multiple of 8");
+static_assert(kKB % 16 == 0, "kKB must be a multiple of 16");
 
 struct Task {
   int32_t r, h;
@@ -85,7 +95,7 @@ struct Item {
 };
 
 struct Scratch {
-  std::vector<float> q, o, s, kf, vf, m, l, contrib, pm, mref;
+  std::vector<float> q, o, s, kf, vf, m, l, contrib, pm, mref, qb, pb;
   static float* get(std::vector<float>& v, size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
@@ -107,6 +117,7 @@ struct Ctx {
   int64_t os0, os1;
   float* metrics;
   float scale;
+  bool bf16_avx512;  // bf16 cache, D % 32 == 0, AVX-512-BF16 path selected
   const Task* tasks;
   // split partials
   float* part_m;
@@ -303,11 +314,25 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   float* m = Scratch::get(sc.m, rows);
   float* l = Scratch::get(sc.l, rows);
 
-  for (int i = qa; i < qb; ++i) {
-    for (int64_t g = 0; g < G; ++g) {
-      float* dst = Q + ((i - qa) * G + g) * Dp;
-      to_f32_scaled(c.q + (t.tok0 + i) * c.qs0 + (t.h * G + g) * c.qs1, dst, D, c.scale);
-      std::fill(dst + D, dst + Dp, 0.f);
+  // AVX-512-BF16 path: raw bf16 query rows (the scale is applied to the dot
+  // products), bf16 probabilities for PV (in Pb).
+  const bool fast = c.bf16_avx512;
+  uint16_t* Qb = nullptr;
+  uint16_t* Pb = nullptr;
+  if (fast) {
+    Qb = reinterpret_cast<uint16_t*>(Scratch::get(sc.qb, (rows * D + 1) / 2));
+    Pb = reinterpret_cast<uint16_t*>(Scratch::get(sc.pb, rows * (kKB / 2 + 8)));
+    for (int i = qa; i < qb; ++i)
+      for (int64_t g = 0; g < G; ++g)
+        std::memcpy(Qb + ((i - qa) * G + g) * D, c.q + (t.tok0 + i) * c.qs0 + (t.h * G + g) * c.qs1,
+                    D * sizeof(uint16_t));
+  } else {
+    for (int i = qa; i < qb; ++i) {
+      for (int64_t g = 0; g < G; ++g) {
+        float* dst = Q + ((i - qa) * G + g) * Dp;
+        to_f32_scaled(c.q + (t.tok0 + i) * c.qs0 + (t.h * G + g) * c.qs1, dst, D, c.scale);
+        std::fill(dst + D, dst + Dp, 0.f);
+      }
     }
   }
   std::fill(O, O + rows * Dp, 0.f);
@@ -347,7 +372,11 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         pfk = reinterpret_cast<const char*>(c.kv + (static_cast<int64_t>(t.pages[pf / N]) * 2 * N + pf % N) * D);
         pfv = pfk + N * row_bytes;
       }
-      qk_block(Q, rows, Dp, kp, D, kn, S, kLdS, pfk, pfv, row_bytes);
+      if (fast)
+        avx512::qk_block_bf16(Qb, rows, D, reinterpret_cast<const uint16_t*>(kp), D, kn, S, kLdS,
+                              c.scale, pfk, pfv, row_bytes);
+      else
+        qk_block(Q, rows, Dp, kp, D, kn, S, kLdS, pfk, pfv, row_bytes);
     } else {
       for (int x = 0; x < kn; ++x) {
         to_f32(kp + x * D, Kf + x * Dp, D);
@@ -362,6 +391,23 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
       const int64_t limit = row_limit0 + r / G;  // exclusive
       const int valid = static_cast<int>(std::clamp<int64_t>(limit - kb0, 0, kn));
       float* s = S + r * kLdS;
+      if (fast) {  // same as below, 16 lanes
+        const float m_old = m[r];
+        float m_new;
+        const float sum = avx512::softmax_row(s, knp, valid, m_old, &m_new);
+        if (m_new != -INFINITY) {
+          const float alpha = std::exp(m_old - m_new);
+          l[r] = l[r] * alpha + sum;
+          if (m_old != -INFINITY && alpha != 1.f) scale_row(O + r * Dp, Dp, alpha);
+          m[r] = m_new;
+        }
+        if (r >= mr0) {
+          const int mr = r - mr0;
+          std::copy(s, s + knp, Pm + (blk * mrows + mr) * kKB);
+          mref[blk * mrows + mr] = m_new;
+        }
+        continue;
+      }
       Vec mv = vset1(-INFINITY);
       for (int j = 0; j < knp; j += 8) {
         Vec x = vload(s + j);
@@ -395,7 +441,9 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         mref[blk * mrows + mr] = m_new;
       }
     }
-    if (direct)
+    if (fast)
+      avx512::pv_block_bf16(S, rows, kLdS, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O, Pb);
+    else if (direct)
       pv_block(S, rows, kLdS, vp, D, kn, Dp, O);
     else
       pv_block(S, rows, kLdS, Vf, Dp, kn, Dp, O);
@@ -731,6 +779,8 @@ void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at
   c.os1 = output.stride(1);
   c.metrics = metrics;
   c.scale = static_cast<float>(scale);
+  c.bf16_avx512 = std::is_same_v<T, c10::BFloat16> && D % 32 == 0 &&
+                  active_isa() == CpuIsa::kAvx512Bf16;
   c.tasks = tasks.data();
   c.part_m = part_m;
   c.part_l = part_l;

@@ -1,6 +1,7 @@
 // Operator registration: torch.ops.kvcompress.<name> (CPU implementations).
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "ops.h"
 
 // The operator namespace (torch.ops.<ns>); overridable only so that differently
@@ -20,6 +21,10 @@ TORCH_LIBRARY(KVC_OP_NAMESPACE, m) {
   m.def(
       "compact_heads(Tensor(a!) kv_pages, Tensor(b!) metrics, Tensor(c!) positions, "
       "Tensor page_table, Tensor kv_lens, Tensor evict_idx, Tensor evict_counts) -> ()");
+  // Run-time ISA of the kernels (csrc/cpu_isa.h): the path in use, and a switch
+  // (auto | avx2 | avx512_bf16) that returns the previous path.
+  m.def("cpu_isa() -> str", [] { return kvc::cpu_isa_name(); });
+  m.def("set_cpu_isa(str isa) -> str", [](std::string isa) { return kvc::set_cpu_isa(isa); });
 }
 
 TORCH_LIBRARY_IMPL(KVC_OP_NAMESPACE, CPU, m) {

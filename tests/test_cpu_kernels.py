@@ -5,11 +5,17 @@ KV counts that differ by several pages, disjoint random pages, decode rows and
 prefill-chunk rows in one batch.  Metrics are checked on zero-initialised
 buffers (so small contributions are not lost in the rounding of large start
 values) and once more on random start values (accumulation, not overwrite).
+
+The attention tests run on each ISA path of the kernels (``cpu_isa`` fixture:
+the baseline AVX2 path and the AVX-512-BF16 path, switched at run time with
+``torch.ops.kvcompress.set_cpu_isa``); the AVX-512 runs skip on CPUs without
+AVX-512 F/BW/VL/DQ + AVX512-BF16.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -26,6 +32,24 @@ METRIC_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 def _load_kernels():
     ops.load_library()  # fails loudly if _C*.so is missing
     assert hasattr(torch.ops.kvcompress, "paged_head_attention")
+
+
+ISAS = ("avx2", "avx512_bf16")
+
+
+def _set_isa_or_skip(name: str) -> str:
+    try:
+        return torch.ops.kvcompress.set_cpu_isa(name)
+    except RuntimeError as e:  # CPU without AVX-512-BF16
+        pytest.skip(f"ISA path {name} unavailable: {e}")
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request):
+    """Run one test on one ISA path of the kernels; restore the path after."""
+    before = _set_isa_or_skip(request.param)
+    yield request.param
+    torch.ops.kvcompress.set_cpu_isa(before)
 
 
 @pytest.fixture
@@ -99,7 +123,7 @@ DTYPES = (torch.float32, torch.bfloat16)
     "group,head_dim,block_size",
     list(itertools.product(GROUPS, HEAD_DIMS, BLOCKS)),
 )
-def test_attention_random(group, head_dim, block_size):
+def test_attention_random(group, head_dim, block_size, cpu_isa):
     """Decode + prefill rows, metrics on and off, fp32 and bf16."""
     for i, dtype in enumerate(DTYPES):
         case = make_attention_case(
@@ -113,7 +137,7 @@ def test_attention_random(group, head_dim, block_size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("max_q", [1, 40])
-def test_attention_dtypes_strided(dtype, max_q):
+def test_attention_dtypes_strided(dtype, max_q, cpu_isa):
     """Strided query/output views (rows of a fused qkv / padded output)."""
     case = make_attention_case(
         num_reqs=5, num_kv_heads=2, group=4, head_dim=64, block_size=32, dtype=dtype,
@@ -124,7 +148,7 @@ def test_attention_dtypes_strided(dtype, max_q):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_accumulates_metrics(dtype):
+def test_attention_accumulates_metrics(dtype, cpu_isa):
     """Metrics are added to the existing (random) values."""
     case = make_attention_case(
         num_reqs=4, num_kv_heads=2, group=2, head_dim=64, block_size=16, dtype=dtype,
@@ -135,7 +159,7 @@ def test_attention_accumulates_metrics(dtype):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("max_q", [1, 4])
-def test_attention_long_heads_split(num_threads, threads, max_q):
+def test_attention_long_heads_split(num_threads, threads, max_q, cpu_isa):
     """Few long heads: flash-decoding partitions (+ merge) when threads > 1."""
     num_threads(threads)
     for dtype in (torch.float32, torch.bfloat16):
@@ -148,7 +172,7 @@ def test_attention_long_heads_split(num_threads, threads, max_q):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_attention_long_prefill(num_threads, threads):
+def test_attention_long_prefill(num_threads, threads, cpu_isa):
     """Multi-tile prefill chunks, metric tiles grouped per head, GQA 8."""
     num_threads(threads)
     case = make_attention_case(
@@ -158,7 +182,7 @@ def test_attention_long_prefill(num_threads, threads):
     _check(case, torch.bfloat16, metrics=True)
 
 
-def test_attention_odd_head_dim():
+def test_attention_odd_head_dim(cpu_isa):
     """head_dim not a multiple of 8 (fp32 staging path)."""
     for dtype in (torch.float32, torch.bfloat16):
         case = make_attention_case(
@@ -168,7 +192,7 @@ def test_attention_odd_head_dim():
         _check(case, dtype, metrics=True)
 
 
-def test_attention_empty_rows_and_metric_start():
+def test_attention_empty_rows_and_metric_start(cpu_isa):
     """q_len == 0 rows are skipped; metric_q_start < 0 / > q_len edge values."""
     case = make_attention_case(
         num_reqs=4, num_kv_heads=2, group=2, head_dim=64, block_size=16,
@@ -184,6 +208,62 @@ def test_attention_empty_rows_and_metric_start():
     case.metric_q_start = torch.tensor([-3, 0, 100, 1], dtype=torch.int32)
     _check(case, torch.float32, metrics=True)
     _check(case, torch.float32, metrics=False)
+
+
+def test_cpu_isa_dispatch():
+    """auto picks AVX-512-BF16 exactly where it is available (never on a CPU
+    without it; a KVC_AVX512=OFF build has none); bad names are rejected."""
+    cpu_has = bool(torch.cpu._is_avx512_bf16_supported())
+    before = torch.ops.kvcompress.set_cpu_isa("auto")
+    try:
+        try:
+            torch.ops.kvcompress.set_cpu_isa("avx512_bf16")
+            has = True
+        except RuntimeError:
+            has = False
+        assert cpu_has or not has
+        torch.ops.kvcompress.set_cpu_isa("auto")
+        want = ("avx512_bf16",) if has else ("avx2", "generic")  # generic: KVC_CPU_ISA=generic
+        assert torch.ops.kvcompress.cpu_isa() in want
+        if os.environ.get("KVCOMPRESS_CPU_ISA", "auto") == "auto":
+            assert before == torch.ops.kvcompress.cpu_isa()
+        with pytest.raises(RuntimeError, match="unknown CPU ISA"):
+            torch.ops.kvcompress.set_cpu_isa("sse9")
+        if not has:
+            with pytest.raises(RuntimeError, match="lacks"):
+                torch.ops.kvcompress.set_cpu_isa("avx512_bf16")
+    finally:
+        torch.ops.kvcompress.set_cpu_isa(before)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("group", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_attention_avx512_bf16_shapes(head_dim, group, block_size):
+    """The AVX-512-BF16 micro-kernels (bf16, head_dim % 32 == 0) on random
+    shapes: every row grouping (4/2/1 rows), odd KV counts, decode + prefill,
+    metrics on and off, 1 and 2 threads; also close to the AVX2 path."""
+    before = _set_isa_or_skip("avx512_bf16")
+    threads = torch.get_num_threads()
+    try:
+        for t, max_q in ((1, 1), (2, 1), (2, 20)):
+            torch.set_num_threads(t)
+            case = make_attention_case(
+                num_reqs=3, num_kv_heads=2, group=group, head_dim=head_dim,
+                block_size=block_size, dtype=torch.bfloat16, max_kv=700, max_q=max_q,
+                seed=head_dim + 10 * group + block_size + max_q + t,
+            )
+            _check(case, torch.bfloat16, metrics=True)
+            _check(case, torch.bfloat16, metrics=False)
+            _, fast, _, m_fast = _run_both(case, metrics=True)
+            torch.ops.kvcompress.set_cpu_isa("avx2")
+            _, base, _, m_base = _run_both(case, metrics=True)
+            torch.ops.kvcompress.set_cpu_isa("avx512_bf16")
+            torch.testing.assert_close(fast.float(), base.float(), atol=2e-2, rtol=0)
+            torch.testing.assert_close(m_fast, m_base, rtol=1e-3, atol=1e-7)
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.kvcompress.set_cpu_isa(before)
 
 
 def test_attention_rejects_bad_input():

@@ -1,0 +1,334 @@
+// AVX-512 + AVX512-BF16 micro-kernels of paged_head_attention (bf16 caches,
+// head_dim % 32 == 0) and the run-time ISA selection (cpu_isa.h).
+//
+// Only the functions below carry the AVX-512 target attribute: the rest of the
+// library stays on the baseline ISA, and these run only after the CPU check
+// (so the library loads and runs on AVX2-only machines).
+//
+//  * QK: VDPBF16PS of raw bf16 query and key rows (products of bf16 values are
+//    exact in fp32; accumulation in fp32), 16 dot products per horizontal
+//    reduction tree, scale applied to the sums.
+//  * PV: the softmax probabilities are rounded to bf16 and paired over two
+//    consecutive keys; the two V rows are interleaved (VPUNPCK{L,H}WD) and
+//    VDPBF16PS accumulates both keys' products into fp32 O.  The interleaving
+//    permutes the head dims inside a 32-dim chunk; O is permuted on load and
+//    back on store.
+// The metric (sum of squared probabilities) is computed by the caller from the
+// fp32 probabilities, so it is not affected by the bf16 rounding of P here.
+#include "cpu_isa.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(KVC_NO_AVX512)
+#define KVC_HAVE_AVX512_CODE 1
+#include <immintrin.h>
+#else
+#define KVC_HAVE_AVX512_CODE 0
+#endif
+
+#include <c10/util/Exception.h>
+
+namespace kvc {
+
+// ------------------------------------------------------------- ISA selection
+
+bool cpu_has_avx512_bf16() {
+#if KVC_HAVE_AVX512_CODE
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+const char* baseline_name() {
+#if defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+CpuIsa parse_isa(const std::string& name) {
+  if (name.empty() || name == "auto")
+    return cpu_has_avx512_bf16() ? CpuIsa::kAvx512Bf16 : CpuIsa::kBaseline;
+  if (name == "avx2" || name == "baseline" || name == "generic") return CpuIsa::kBaseline;
+  if (name == "avx512_bf16" || name == "avx512") {
+    TORCH_CHECK(cpu_has_avx512_bf16(), "kvcompress: CPU ISA '", name,
+                "' requested but this CPU lacks AVX-512 F/BW/VL/DQ + AVX512-BF16");
+    return CpuIsa::kAvx512Bf16;
+  }
+  TORCH_CHECK(false, "kvcompress: unknown CPU ISA '", name,
+              "' (expected auto, avx2 or avx512_bf16)");
+}
+
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> slot{[] {
+    const char* env = std::getenv("KVCOMPRESS_CPU_ISA");
+    return static_cast<int>(parse_isa(env ? env : "auto"));
+  }()};
+  return slot;
+}
+
+std::string name_of(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512Bf16 ? "avx512_bf16" : baseline_name();
+}
+
+}  // namespace
+
+CpuIsa active_isa() { return static_cast<CpuIsa>(isa_slot().load(std::memory_order_relaxed)); }
+
+std::string cpu_isa_name() { return name_of(active_isa()); }
+
+std::string set_cpu_isa(const std::string& name) {
+  const CpuIsa isa = parse_isa(name);
+  return name_of(static_cast<CpuIsa>(isa_slot().exchange(static_cast<int>(isa))));
+}
+
+// ------------------------------------------------------------- micro-kernels
+
+namespace avx512 {
+
+#if KVC_HAVE_AVX512_CODE
+
+#define KVC_AVX512_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+namespace {
+
+// Lane L of the result = sum of the lanes of a[L] (L < 16).
+KVC_AVX512_TARGET inline __m512 reduce16(const __m512* a) {
+  __m512 t[8], u[4], v[2];
+  for (int i = 0; i < 8; ++i)  // 512 -> 256: [a_i partial (8) | a_{i+8} partial (8)]
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44),
+                         _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lanes: [a_i, a_{i+8}, a_{i+4}, a_{i+12}] (4 each)
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[i], t[i + 4], 0x88),
+                         _mm512_shuffle_f32x4(t[i], t[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)  // per lane [x', y', x'', y''] of u_i, u_{i+2}
+    v[i] = _mm512_add_ps(_mm512_unpacklo_ps(u[i], u[i + 2]), _mm512_unpackhi_ps(u[i], u[i + 2]));
+  const __m512 w = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(v[0]), _mm512_castps_pd(v[1]))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(v[0]), _mm512_castps_pd(v[1]))));
+  // Lane 4k + p of w holds a[f(4k + p)], f = [0,8,4,12][k] + [0,2,1,3][p] (an
+  // involution), so this permutation restores the natural order.
+  const __m512i idx = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(idx, w);
+}
+
+// R rows x KJ keys (R * KJ == 16) of S; keys past kn re-read row kn - 1.
+template <int R, int KJ>
+KVC_AVX512_TARGET inline void qk_rows(const uint16_t* Q, int64_t D, const uint16_t* K,
+                                      int64_t ldk, int kn, float* S, int lds, __m512 scale,
+                                      const char* pfk, const char* pfv, int64_t row_bytes) {
+  static_assert(R * KJ == 16, "16 accumulators");
+  for (int j = 0; j < kn; j += KJ) {
+    const uint16_t* k[KJ];
+    for (int x = 0; x < KJ; ++x) k[x] = K + (j + x < kn ? j + x : kn - 1) * ldk;
+    if (pfk) {
+      for (int64_t off = j * row_bytes; off < (j + KJ) * row_bytes; off += 64) {
+        _mm_prefetch(pfk + off, _MM_HINT_T1);
+        _mm_prefetch(pfv + off, _MM_HINT_T1);
+      }
+    }
+    __m512 acc[16];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      __m512bh q[R];
+      for (int r = 0; r < R; ++r) q[r] = (__m512bh)_mm512_loadu_si512(Q + r * D + d);
+      for (int x = 0; x < KJ; ++x) {
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512(k[x] + d);
+        for (int r = 0; r < R; ++r) acc[r * KJ + x] = _mm512_dpbf16_ps(acc[r * KJ + x], q[r], kv);
+      }
+    }
+    const __m512 s = _mm512_mul_ps(reduce16(acc), scale);
+    if constexpr (R == 1) {
+      _mm512_storeu_ps(S + j, s);
+    } else if constexpr (R == 2) {
+      _mm256_storeu_ps(S + j, _mm512_castps512_ps256(s));
+      _mm256_storeu_ps(S + lds + j, _mm512_extractf32x8_ps(s, 1));
+    } else {
+      _mm_storeu_ps(S + j, _mm512_castps512_ps128(s));
+      _mm_storeu_ps(S + lds + j, _mm512_extractf32x4_ps(s, 1));
+      _mm_storeu_ps(S + 2 * lds + j, _mm512_extractf32x4_ps(s, 2));
+      _mm_storeu_ps(S + 3 * lds + j, _mm512_extractf32x4_ps(s, 3));
+    }
+  }
+}
+
+// Natural <-> pair-interleaved order of a 32-dim chunk of O (see the header).
+KVC_AVX512_TARGET inline void to_pair_order(const float* o, __m512& lo, __m512& hi) {
+  const __m512 a = _mm512_loadu_ps(o), b = _mm512_loadu_ps(o + 16);
+  lo = _mm512_permutex2var_ps(
+      a, _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27), b);
+  hi = _mm512_permutex2var_ps(
+      a, _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31), b);
+}
+
+KVC_AVX512_TARGET inline void from_pair_order(__m512 lo, __m512 hi, float* o) {
+  _mm512_storeu_ps(o, _mm512_permutex2var_ps(
+                          lo, _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23), hi));
+  _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(
+                               lo, _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31), hi));
+}
+
+// R rows (<= 4) of O, one 32-dim chunk at offset d.
+template <int R>
+KVC_AVX512_TARGET inline void pv_rows(const uint32_t* Pb, int ldpb, const uint16_t* V, int64_t ldv,
+                                      int kn, int64_t D, float* O) {
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) to_pair_order(O + r * D + d, lo[r], hi[r]);
+    int j = 0;
+    for (; j + 2 <= kn; j += 2) {
+      const __m512i v0 = _mm512_loadu_si512(V + j * ldv + d);
+      const __m512i v1 = _mm512_loadu_si512(V + (j + 1) * ldv + d);
+      const __m512bh a = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+      const __m512bh b = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pb[r * ldpb + j / 2]));
+        lo[r] = _mm512_dpbf16_ps(lo[r], a, p);
+        hi[r] = _mm512_dpbf16_ps(hi[r], b, p);
+      }
+    }
+    if (j < kn) {  // odd kn: pair the last key with a zero row (its P pair is (p, 0))
+      const __m512i v0 = _mm512_loadu_si512(V + j * ldv + d);
+      const __m512i z = _mm512_setzero_si512();
+      const __m512bh a = (__m512bh)_mm512_unpacklo_epi16(v0, z);
+      const __m512bh b = (__m512bh)_mm512_unpackhi_epi16(v0, z);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pb[r * ldpb + j / 2]));
+        lo[r] = _mm512_dpbf16_ps(lo[r], a, p);
+        hi[r] = _mm512_dpbf16_ps(hi[r], b, p);
+      }
+    }
+    for (int r = 0; r < R; ++r) from_pair_order(lo[r], hi[r], O + r * D + d);
+  }
+}
+
+// exp(x) (the Cephes polynomial of vec.h's vexp); exactly 0 for x < -87.3.
+KVC_AVX512_TARGET inline __m512 exp16(__m512 a) {
+  __m512 x = _mm512_min_ps(a, _mm512_set1_ps(88.3762626647949f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365447505531f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447505531f));
+  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  y = _mm512_fmadd_ps(y, x2, x);
+  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+  __m512i e = _mm512_cvttps_epi32(fx);
+  e = _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23);
+  y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+  return _mm512_maskz_mov_ps(keep, y);
+}
+
+}  // namespace
+
+KVC_AVX512_TARGET float softmax_row(float* s, int knp, int valid, float m_old, float* m_new) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 mv = ninf;
+  for (int j = 0; j < knp; j += 16) {
+    const __mmask16 in = static_cast<__mmask16>(knp - j >= 16 ? 0xFFFF : (1u << (knp - j)) - 1);
+    __m512 x = _mm512_mask_loadu_ps(ninf, in, s + j);
+    if (j + 16 > valid) {
+      const int v = valid - j;
+      const __mmask16 ok = static_cast<__mmask16>(v <= 0 ? 0 : v >= 16 ? 0xFFFF : (1u << v) - 1);
+      x = _mm512_mask_mov_ps(ninf, ok, x);
+      _mm512_mask_storeu_ps(s + j, in, x);
+    }
+    mv = _mm512_max_ps(mv, x);
+  }
+  const float m = std::max(m_old, _mm512_reduce_max_ps(mv));
+  *m_new = m;
+  if (m == -INFINITY) {
+    for (int j = 0; j < knp; ++j) s[j] = 0.f;
+    return 0.f;
+  }
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < knp; j += 16) {
+    const __mmask16 in = static_cast<__mmask16>(knp - j >= 16 ? 0xFFFF : (1u << (knp - j)) - 1);
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, in, s + j), mb));
+    _mm512_mask_storeu_ps(s + j, in, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+KVC_AVX512_TARGET void qk_block_bf16(const uint16_t* Q, int rows, int64_t D, const uint16_t* K,
+                                     int64_t ldk, int kn, float* S, int lds, float scale,
+                                     const char* pfk, const char* pfv, int64_t row_bytes) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    qk_rows<4, 4>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, sc, pfk, pfv, row_bytes);
+    pfk = pfv = nullptr;  // prefetch once
+  }
+  if (rows - r >= 2) {
+    qk_rows<2, 8>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, sc, pfk, pfv, row_bytes);
+    pfk = pfv = nullptr;
+    r += 2;
+  }
+  if (rows - r == 1) qk_rows<1, 16>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, sc, pfk, pfv, row_bytes);
+}
+
+KVC_AVX512_TARGET void pv_block_bf16(const float* P, int rows, int ldp, const uint16_t* V,
+                                     int64_t ldv, int kn, int64_t D, float* O, uint16_t* Pb) {
+  // P rows -> bf16 (pairs of consecutive keys form one 32-bit word).
+  const int knp = (kn + 15) / 16 * 16;
+  const int ldpb = knp / 2 + 8;  // in uint32 words
+  uint32_t* Pw = reinterpret_cast<uint32_t*>(Pb);
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < knp; j += 16) {
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * ldp + j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pw + r * ldpb + j / 2), (__m256i)h);
+    }
+  }
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) pv_rows<4>(Pw + r * ldpb, ldpb, V, ldv, kn, D, O + r * D);
+  switch (rows - r) {
+    case 3: pv_rows<3>(Pw + r * ldpb, ldpb, V, ldv, kn, D, O + r * D); break;
+    case 2: pv_rows<2>(Pw + r * ldpb, ldpb, V, ldv, kn, D, O + r * D); break;
+    case 1: pv_rows<1>(Pw + r * ldpb, ldpb, V, ldv, kn, D, O + r * D); break;
+    default: break;
+  }
+}
+
+#else  // no AVX-512 code in this build (never selected: cpu_has_avx512_bf16() is false)
+
+void qk_block_bf16(const uint16_t*, int, int64_t, const uint16_t*, int64_t, int, float*, int,
+                   float, const char*, const char*, int64_t) {
+  TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
+}
+void pv_block_bf16(const float*, int, int, const uint16_t*, int64_t, int, int64_t, float*,
+                   uint16_t*) {
+  TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
+}
+float softmax_row(float*, int, int, float, float*) {
+  TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
+}
+
+#endif
+
+}  // namespace avx512
+}  // namespace kvc

@@ -1,0 +1,60 @@
+// Run-time ISA dispatch of the kvcompress CPU kernels.
+//
+// The library is built for the portable baseline (KVC_CPU_ISA=avx2 by default:
+// AVX2 + FMA + F16C); a few hot micro-kernels also have an AVX-512 + AVX512-BF16
+// version (csrc/attention_avx512.cpp, compiled with per-function target
+// attributes) that is used only where the CPU has those features, detected at
+// run time.  So one wheel runs on AVX2-only machines and uses the faster path
+// where it can.
+//
+// The path in use: "avx512_bf16" where the CPU supports it, else "avx2" (or
+// "generic" in a KVC_CPU_ISA=generic build).  The environment variable
+// KVCOMPRESS_CPU_ISA (read once, at library load) = auto (default) | avx2 |
+// avx512_bf16 forces a path; avx512_bf16 on a CPU without it is an error.
+// torch.ops.kvcompress.set_cpu_isa(name) switches at run time (tests) and
+// returns the previous name; torch.ops.kvcompress.cpu_isa() returns it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace kvc {
+
+enum class CpuIsa : int { kBaseline = 0, kAvx512Bf16 = 1 };
+
+// The path used by the kernels now.
+CpuIsa active_isa();
+// Whether this CPU (and OS) supports AVX-512 F/BW/VL/DQ + AVX512-BF16.
+bool cpu_has_avx512_bf16();
+
+std::string cpu_isa_name();
+// "auto", "avx2"/"baseline"/"generic" or "avx512_bf16"; returns the previous name.
+std::string set_cpu_isa(const std::string& name);
+
+namespace avx512 {
+
+// S[r * lds + j] = scale * <Q[r], K[j]>, r < rows, j < kn (<= 128), for bf16
+// rows of D (D % 32 == 0) elements; Q rows are contiguous (stride D), K rows
+// have stride ldk.  Entries j in [kn, round_up(kn, 16)) of each row are
+// overwritten with garbage.  Prefetches (into L2) the K/V rows of the same
+// indices at pfk/pfv (may be null), row_bytes apart.
+void qk_block_bf16(const uint16_t* Q, int rows, int64_t D, const uint16_t* K, int64_t ldk,
+                   int kn, float* S, int lds, float scale, const char* pfk, const char* pfv,
+                   int64_t row_bytes);
+
+// O[r] += sum_{j < kn} P[r * ldp + j] * V[j] (fp32 O rows of stride D, bf16 V
+// rows of stride ldv, D % 32 == 0).  P is rounded to bf16 (into Pb, a scratch
+// of rows * (round_up(kn, 16) + 16) uint16) and the products are accumulated in
+// fp32 (VDPBF16PS).  P[r * ldp + j] must be readable for j < round_up(kn, 16)
+// and be 0 at j = kn when kn is odd.
+void pv_block_bf16(const float* P, int rows, int ldp, const uint16_t* V, int64_t ldv, int kn,
+                   int64_t D, float* O, uint16_t* Pb);
+
+// One score row s[0, knp) (knp % 8 == 0) of a block: entries j >= valid are
+// set to -inf; m_new = max(m_old, max_j s[j]); if m_new is finite, s[j] =
+// exp(s[j] - m_new) (0 for the masked entries) and the sum of the row is
+// returned, else s is zeroed and 0 returned.  Same exp polynomial as vec.h.
+float softmax_row(float* s, int knp, int valid, float m_old, float* m_new);
+
+}  // namespace avx512
+}  // namespace kvc
