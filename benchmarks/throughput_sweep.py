@@ -85,9 +85,10 @@ SHAPES = [
 QUICK_SHAPES = [
     Shape("mixed", 6, 384, 64),
     Shape("prefill-heavy", 4, 768, 48),
-    Shape("decode-heavy", 4, 128, 256),
-    Shape("many-requests", 16, 128, 16),
+    Shape("decode-heavy", 4, 256, 512),
+    Shape("many-requests", 16, 512, 32),
 ]
+RESULT_TAG = "KVC_SWEEP_RESULT "
 PLUGIN_RATES = {"tight": [0.25, 1.0], "ample": [0.25]}
 
 
@@ -231,7 +232,11 @@ def run_config(spec: dict) -> list[dict]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"engine {spec['name']} failed:\n{(proc.stderr or '')[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # vLLM's engine processes may print to the same stdout after the result.
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if not lines:
+        raise RuntimeError(f"engine {spec['name']} printed no result:\n{proc.stdout[-2000:]}")
+    return json.loads(lines[-1][len(RESULT_TAG):])
 
 
 # --------------------------------------------------------------------------- report
@@ -319,10 +324,10 @@ def main() -> int:
                         help="also run the plugin at the tight budget (rate 0.25) with these extra "
                         "engine arguments, e.g. 'optimistic={\"scheduler_reserve_full_isl\": false}' "
                         "(admit a request once its first chunk fits, not its whole prompt) or "
-                        "'bs32={\"block_size\": 32}' (finer pages); rows are labelled 'kvc 0.25 NAME'")
+                        "'bs32={\"block_size\": 32}' (finer pages); rows are labelled 'kvc 0.25 NAME'; in-process mode only")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_engine(json.loads(args.worker))))
+        print(RESULT_TAG + json.dumps(run_engine(json.loads(args.worker))), flush=True)
         return 0
 
     from kvcompress_vllm.model import kv_budget_bytes, prepare_default_model
@@ -371,6 +376,8 @@ def main() -> int:
         engines.append((True, "tight", label, json.loads(kwargs)))
     for mode in modes:
         for plugin, budget, label, extra_kwargs in engines:
+            if label and mode != "inproc":
+                continue  # variants: in-process only
             name = f"{mode}/{'kvc' if plugin else 'stock'}/{budget}" + (f"/{label}" if label else "")
             jobs = jobs_for(plugin, budget, mode)
             if label:
