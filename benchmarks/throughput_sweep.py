@@ -47,8 +47,8 @@ what ``LLM(...)`` and ``vllm serve`` users get; on this 2-vCPU machine vLLM
 binds its worker to one core).  ``mp`` rows report end-to-end figures only.
 
     python benchmarks/throughput_sweep.py                 # both modes (~45 min here)
-    python benchmarks/throughput_sweep.py --modes inproc  # (~25 min)
-    python benchmarks/throughput_sweep.py --quick         # smoke run (< 4 min)
+    python benchmarks/throughput_sweep.py --modes inproc  # (~21 min)
+    python benchmarks/throughput_sweep.py --quick         # smoke run (~9 min)
 
 Writes docs/throughput.csv and docs/throughput.png (``--out-dir`` to change).
 """
@@ -310,7 +310,7 @@ def memory_bound(shape: Shape, row: dict, tight_tokens: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="small smoke run (< 4 min)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (~9 min)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--modes", default="inproc,mp", help="inproc, mp or both (comma-separated)")
     parser.add_argument("--shapes", default=None, help="subset of shape names (comma-separated)")
