@@ -231,32 +231,41 @@ def prose_needle(tokenizer, num_tokens: int, seed: int) -> Task:
     return Task("prose_needle", prompt, key, _count(tokenizer, prompt), depth)
 
 
+def _labelled_keys(tokenizer, num_tokens: int, seed: int, num_keys: int, *, kind: str,
+                   labels, needle: str, question: str, filler: bool) -> Task:
+    """``num_keys`` labelled keys at random depths of a haystack; the question
+    names one of them.  ``needle``/``question`` are formats of ``label`` (and
+    ``key``)."""
+    rng = random.Random(seed)
+    chosen = rng.sample(labels, num_keys)
+    keys = {label: str(rng.randint(10000, 99999)) for label in chosen}
+    target = rng.choice(chosen)
+    needles = [needle.format(label=label, key=keys[label]) for label in chosen]
+    prompt, depths = _haystack(tokenizer, num_tokens, needles, question.format(label=target),
+                               rng, filler=filler)
+    return Task(kind, prompt, keys[target], _count(tokenizer, prompt), depths[chosen.index(target)])
+
+
 def prose_multi(tokenizer, num_tokens: int, seed: int, num_keys: int = 3) -> Task:
     """``num_keys`` labelled keys at random depths of generated prose; the
     question names one of them."""
-    rng = random.Random(seed)
-    places = rng.sample(PLACES, num_keys)
-    keys = {p: str(rng.randint(10000, 99999)) for p in places}
-    target = rng.choice(places)
-    needles = [f" The pass key of the {p} is {keys[p]}. " for p in places]
-    question = f"\nWhat is the pass key of the {target}? The pass key of the {target} is"
-    prompt, depths = _haystack(tokenizer, num_tokens, needles, question, rng, filler=False)
-    return Task("prose_multi", prompt, keys[target], _count(tokenizer, prompt),
-                depths[places.index(target)])
+    return _labelled_keys(
+        tokenizer, num_tokens, seed, num_keys, kind="prose_multi", labels=PLACES,
+        needle=" The pass key of the {label} is {key}. ",
+        question="\nWhat is the pass key of the {label}? The pass key of the {label} is",
+        filler=False,
+    )
 
 
 def filler_multi(tokenizer, num_tokens: int, seed: int, num_keys: int = 3) -> Task:
     """``num_keys`` labelled keys at random depths of repetitive filler; the
     question names one (as ``multikey``, with random depths)."""
-    rng = random.Random(seed)
-    names = rng.sample(NAMES, num_keys)
-    keys = {n: str(rng.randint(10000, 99999)) for n in names}
-    target = rng.choice(names)
-    needles = [f" The {n} pass key is {keys[n]}. " for n in names]
-    question = f" What is the {target} pass key? The {target} pass key is"
-    prompt, depths = _haystack(tokenizer, num_tokens, needles, question, rng, filler=True)
-    return Task("filler_multi", prompt, keys[target], _count(tokenizer, prompt),
-                depths[names.index(target)])
+    return _labelled_keys(
+        tokenizer, num_tokens, seed, num_keys, kind="filler_multi", labels=NAMES,
+        needle=" The {label} pass key is {key}. ",
+        question=" What is the {label} pass key? The {label} pass key is",
+        filler=True,
+    )
 
 
 def prose_copy(tokenizer, num_tokens: int, seed: int, num_digits: int = 48) -> Task:
