@@ -146,8 +146,12 @@ def run_engine(spec: dict) -> list[dict]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # No prefix caching anywhere: the plugin turns it off, and in a stock
+    # engine the prefill-only job would otherwise hit the blocks cached by the
+    # full run of the same prompts and measure no prefill at all.
     engine_kwargs = dict(
-        enforce_eager=True, seed=0, max_model_len=spec["max_model_len"],
+        enforce_eager=True, seed=0, enable_prefix_caching=False,
+        max_model_len=spec["max_model_len"],
         kv_cache_memory_bytes=spec["budget_bytes"], max_num_seqs=spec["max_num_seqs"],
         max_num_batched_tokens=spec["max_num_batched_tokens"],
     )

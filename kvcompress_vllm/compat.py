@@ -75,6 +75,18 @@ CPU_RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
      ("self", "layer", "key", "value", "kv_cache", "slot_mapping")),
+    # attention/cpu_prefill.py: prefill rows without metric through vLLM's kernel.
+    ("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa",
+     ("dtype", "block_size", "head_size", "kv_cache_dtype")),
+    ("vllm._custom_ops", "cpu_attn_get_scheduler_metadata",
+     ("num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens", "dtype",
+      "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split")),
+    ("vllm._custom_ops", "cpu_attn_reshape_and_cache",
+     ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),
+    ("vllm._custom_ops", "cpu_attention_with_kv_cache",
+     ("query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens", "scale",
+      "causal", "alibi_slopes", "sliding_window", "block_table", "softcap",
+      "scheduler_metadata", "s_aux")),
 ]
 
 #: Hooks of the CUDA path (``worker/gpu_worker.py``, ``attention/cuda_backend.py``;

@@ -39,8 +39,11 @@ def make_attention_case(
     max_kv: int = 300,
     max_q: int = 1,
     seed: int = 0,
+    uniform_heads: bool = False,
 ) -> AttentionCase:
-    """Random case; ``max_q > 1`` adds prefill-chunk rows of up to max_q queries."""
+    """Random case; ``max_q > 1`` adds prefill-chunk rows of up to max_q queries.
+    ``uniform_heads``: all heads of a request hold the same number of KVs (an
+    uncompressed request)."""
     g = torch.Generator().manual_seed(seed)
 
     def randint(lo: int, hi: int) -> int:  # inclusive bounds
@@ -49,6 +52,9 @@ def make_attention_case(
     q_lens = [1 if max_q == 1 or r % 2 == 0 else randint(2, max_q) for r in range(num_reqs)]
     kv_lens = torch.zeros(num_reqs, num_kv_heads, dtype=torch.int32)
     for r in range(num_reqs):
+        if uniform_heads:
+            kv_lens[r, :] = max(q_lens[r], randint(1, max_kv))
+            continue
         for h in range(num_kv_heads):
             # Heads differ by several pages; never fewer KVs than queries.
             kv_lens[r, h] = max(q_lens[r], randint(1, max_kv))

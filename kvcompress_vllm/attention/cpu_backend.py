@@ -14,6 +14,10 @@ Per layer and step, ``forward``:
 3. max-pools the prompt metric along keys for requests whose prompt just
    completed.
 
+Prefill rows that add nothing to the metric (all rows of a chunk before the
+observation window) go to vLLM's own CPU kernel instead, AMX where the CPU has
+it (``cpu_prefill``; the split is planned once per step by the builder).
+
 Warm-up and profiling runs (no registered requests) use the stock CPU path.
 """
 
@@ -22,15 +26,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
+    _get_attn_isa,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvcompress_vllm import ops
+from kvcompress_vllm.attention.cpu_prefill import (
+    SCRATCH_BLOCK,
+    StockKernel,
+    StockPrefill,
+    plan_stock_prefill,
+    prefill_path,
+    run_split,
+)
 from kvcompress_vllm.worker.layouts import to_kvcompress_spec
 from kvcompress_vllm.worker.state import AttentionBatch, get_state
 
@@ -41,6 +55,8 @@ class KVCompressMetadata:
 
     num_actual_tokens: int
     batch: AttentionBatch
+    #: Rows of this step's prefill chunks that vLLM's kernel computes (None: none).
+    stock_prefill: StockPrefill | None
 
 
 class KVCompressCPUBackend(CPUAttentionBackend):
@@ -61,6 +77,21 @@ class KVCompressCPUBackend(CPUAttentionBackend):
 
 
 class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._stock_kernel = (
+            StockKernel(
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                dtype=self.dtype,
+                isa=_get_attn_isa(self.dtype, SCRATCH_BLOCK, self.head_dim, self.kv_cache_dtype),
+                split_kv=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            )
+            if prefill_path() == "vllm"
+            else None
+        )
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         state = get_state()
         if state is None or not state.in_step:
@@ -69,9 +100,18 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         num_reqs = common_attn_metadata.num_reqs
         req_ids = state.runner.input_batch.req_ids[:num_reqs]
         qsl = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1]
+        batch = state.build_batch(req_ids, qsl)
+        stock = None
+        if self._stock_kernel is not None:
+            stock = plan_stock_prefill(
+                batch.page_table, batch.kv_lens, batch.query_start_loc,
+                batch.metric_q_start, batch.record_metrics, state.block_size,
+                self._stock_kernel,
+            )
         return KVCompressMetadata(
             num_actual_tokens=common_attn_metadata.num_actual_tokens,
-            batch=state.build_batch(req_ids, qsl),
+            batch=batch,
+            stock_prefill=stock,
         )
 
 
@@ -126,17 +166,25 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
             pool.positions,
             batch.token_positions,
         )
-        ops.paged_head_attention(
-            query[:num_tokens],
-            pool.kv_pages,
-            batch.page_table[region],
-            batch.kv_lens[region],
-            batch.query_start_loc,
-            self.scale,
-            pool.metrics if batch.record_metrics else None,
-            batch.metric_q_start,
-            output[:num_tokens],
-        )
+        metrics = pool.metrics if batch.record_metrics else None
+        if attn_metadata.stock_prefill is not None:
+            run_split(
+                attn_metadata.stock_prefill, region, query[:num_tokens], pool.kv_pages,
+                batch.page_table[region], batch.kv_lens[region], self.scale, metrics,
+                output[:num_tokens],
+            )
+        else:
+            ops.paged_head_attention(
+                query[:num_tokens],
+                pool.kv_pages,
+                batch.page_table[region],
+                batch.kv_lens[region],
+                batch.query_start_loc,
+                self.scale,
+                metrics,
+                batch.metric_q_start,
+                output[:num_tokens],
+            )
         if batch.pool_rows:
             state.pool_prompt_metrics(batch, region)
         return output
