@@ -21,37 +21,14 @@ import statistics
 import time
 
 import torch
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
 from kvcompress_vllm.config import KVCompressConfig
 from kvcompress_vllm.core import PageGeometry
-from kvcompress_vllm.plan import EvictionPlan, StepPlan
+from kvcompress_vllm.plan import EvictionPlan
+from kvcompress_vllm.testing import scheduler_output
 from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState
 
 L, H, N, D = 30, 3, 128, 64
-
-
-def scheduler_output(new=(), scheduled=None, plans=(), prefill_ends=None, cached=()):
-    new_reqs = [
-        NewRequestData(req_id=rid, prompt_token_ids=[0] * plen, mm_features=[], sampling_params=None,
-                       pooling_params=None, block_ids=(list(blocks),), num_computed_tokens=0,
-                       lora_request=None)
-        for rid, blocks, plen in new
-    ]
-    cr = CachedRequestData(
-        req_ids=list(cached), resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
-        new_block_ids=[None for _ in cached], num_computed_tokens=[0 for _ in cached],
-        num_output_tokens=[0 for _ in cached],
-    )
-    so = SchedulerOutput(
-        scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cr,
-        num_scheduled_tokens=dict(scheduled or {}),
-        total_num_scheduled_tokens=sum((scheduled or {}).values()),
-        scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={}, finished_req_ids=set(),
-        free_encoder_mm_hashes=[],
-    )
-    so.kv_compress = StepPlan(evictions=list(plans), prefill_ends=dict(prefill_ends or {}))
-    return so
 
 
 def make_state(num_reqs: int, context: int, compress: bool) -> tuple[KVCompressWorkerState, list[str]]:
@@ -89,7 +66,7 @@ def make_state(num_reqs: int, context: int, compress: bool) -> tuple[KVCompressW
                          protected_window=32, sink_tokens=4, scorer="kvcompress")
             for i, rid in enumerate(ids)
         ]
-        state.begin_step(scheduler_output(plans=plans, scheduled={}, cached=ids))
+        state.begin_step(scheduler_output(plans=plans, scheduled={}, cached=[(rid, None) for rid in ids]))
         state.end_step()
     return state, ids
 
@@ -109,7 +86,7 @@ def time_steps(state, ids, steps: int, legacy: bool) -> float:
     times = []
     qsl = torch.arange(len(ids) + 1, dtype=torch.int32)
     for _ in range(steps):
-        so = scheduler_output(scheduled={rid: 1 for rid in ids}, cached=ids)
+        so = scheduler_output(scheduled={rid: 1 for rid in ids}, cached=[(rid, None) for rid in ids])
         t0 = time.perf_counter()
         if legacy:
             state.in_step = True

@@ -8,11 +8,11 @@ attention over exactly the kept KVs.
 
 import pytest
 import torch
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
 from kvcompress_vllm.config import KVCompressConfig
 from kvcompress_vllm.ops import reference
-from kvcompress_vllm.plan import EvictionPlan, StepPlan
+from kvcompress_vllm.plan import EvictionPlan
+from kvcompress_vllm.testing import scheduler_output
 from kvcompress_vllm.core import PageGeometry
 from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState
 
@@ -27,26 +27,8 @@ def make_state(**cfg):
     return state, layers
 
 
-def step(new=(), cached=(), plans=(), scheduled=None, finished=(), prefill_ends=None):
-    new_reqs = [
-        NewRequestData(req_id=rid, prompt_token_ids=[0] * plen, mm_features=[], sampling_params=None,
-                       pooling_params=None, block_ids=(list(blocks),), num_computed_tokens=0,
-                       lora_request=None)
-        for rid, blocks, plen in new
-    ]
-    cr = CachedRequestData(
-        req_ids=[c[0] for c in cached], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
-        new_block_ids=[(list(c[1]),) if c[1] else None for c in cached],
-        num_computed_tokens=[0 for _ in cached], num_output_tokens=[0 for _ in cached],
-    )
-    so = SchedulerOutput(
-        scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cr,
-        num_scheduled_tokens=dict(scheduled or {}), total_num_scheduled_tokens=sum((scheduled or {}).values()),
-        scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={}, finished_req_ids=set(finished),
-        free_encoder_mm_hashes=[],
-    )
-    so.kv_compress = StepPlan(evictions=list(plans), prefill_ends=dict(prefill_ends or {}))
-    return so
+#: A vLLM SchedulerOutput carrying the plugin's StepPlan (see kvcompress_vllm.testing).
+step = scheduler_output
 
 
 def fill(state, req_ids, seed=0):
