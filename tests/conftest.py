@@ -21,6 +21,14 @@ def model_path() -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    """The default model's Hugging Face tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
 def pytest_configure(config):
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 

@@ -5,6 +5,7 @@ Each test module starts at most one server (module-scoped fixture)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -126,6 +127,33 @@ def start_server(model_path: str, args: list[str], log: Path, env: dict | None =
     except BaseException:
         server.stop(timeout=10)
         raise
+
+
+@contextlib.contextmanager
+def serving(model_path: str, args: list[str], log: Path, env: dict | None = None):
+    """``start_server`` for the length of a ``with`` block (a module fixture
+    yields inside it); the server is stopped however the block ends."""
+    server = start_server(model_path, args, log, env)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def gather_streams(url: str, bodies: list[dict], *, timeout: float = 420,
+                         disconnect_after: dict[int, int] | None = None) -> list:
+    """``stream_chat`` every body concurrently over one ``httpx.AsyncClient``
+    (connection limit above the number of streams); results in body order.
+    ``disconnect_after``: body index -> chunks after which that client hangs up."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(64, len(bodies)))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
+        return await asyncio.gather(*[
+            stream_chat(client, url, body, timeout=timeout,
+                        disconnect_after=(disconnect_after or {}).get(i))
+            for i, body in enumerate(bodies)
+        ])
 
 
 def chat_prompt_tokens(tokenizer, messages: list[dict]) -> int:

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from kvcompress_vllm import tasks
-from server_harness import VLLM, start_server
+from server_harness import VLLM, serving
 
 pytestmark = pytest.mark.engine
 
@@ -18,16 +18,13 @@ KV_BYTES = 256 << 20
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    srv = start_server(
+    with serving(
         model_path,
         ["--kv-compress-rate", "0.5", "--max-model-len", "4096",
          "--kv-cache-memory-bytes", str(KV_BYTES), "--enforce-eager"],
         tmp_path_factory.mktemp("server") / "serve.log",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +32,6 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 def test_chat_request_is_compressed(client, server, tokenizer):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server_harness import coherent, exact_chat_messages, start_server, stream_chat
+from server_harness import coherent, exact_chat_messages, gather_streams, serving, stream_chat
 
 pytestmark = pytest.mark.engine
 
@@ -24,7 +24,7 @@ def server(model_path, tmp_path_factory):
 
     # Room for two uncompressed 1024-token sequences (17 blocks of 128 tokens).
     budget = kv_budget_bytes(model_path, 2, 1024, max_num_seqs=16, max_model_len=MAX_MODEL_LEN)
-    srv = start_server(
+    with serving(
         model_path,
         ["--kv-compress-rate", "0.25", "--max-model-len", str(MAX_MODEL_LEN),
          "--max-num-seqs", "16", "--max-num-batched-tokens", "512",
@@ -34,26 +34,8 @@ def server(model_path, tmp_path_factory):
          "--no-scheduler-reserve-full-isl",
          "--shutdown-timeout", "60"],
         tmp_path_factory.mktemp("storm") / "serve.log",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
-async def _streams(server, bodies, timeout=480):
-    import httpx
-
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as client:
-        return await asyncio.gather(*[stream_chat(client, server.url, b, timeout=timeout)
-                                      for b in bodies])
 
 
 def _value(scrape, name, **extra):
@@ -79,7 +61,7 @@ def test_preemption_storm_completes_without_leaks(server, tokenizer):
     # 10 x ~1000 prompt tokens into a cache of `blocks` x 128 tokens.
     assert sum(lengths) > 4 * blocks * 128
     t0 = time.monotonic()
-    results = asyncio.run(_streams(server, bodies))
+    results = asyncio.run(gather_streams(server.url, bodies, timeout=480))
     elapsed = time.monotonic() - t0
     for i, res in enumerate(results):
         assert res.status == 200 and res.error is None, f"request {i}: {res.error}"

@@ -16,7 +16,8 @@ import pytest
 from server_harness import (
     coherent,
     exact_chat_messages,
-    start_server,
+    gather_streams,
+    serving,
     stream_chat,
     wait_group_gone,
 )
@@ -49,40 +50,18 @@ OPTIONS = [
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    srv = start_server(
+    with serving(
         model_path,
         ["--kv-compress-rate", "0.5", "--max-model-len", str(MAX_MODEL_LEN),
          "--max-num-seqs", "32", "--max-num-batched-tokens", str(CHUNK),
          "--kv-cache-memory-bytes", str(1 << 30), "--enforce-eager"],
         tmp_path_factory.mktemp("robust") / "serve.log",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 def _run(coro):
     return asyncio.run(coro)
-
-
-async def _gather_streams(server, bodies, disconnect_after=None, timeout=420):
-    import httpx
-
-    limits = httpx.Limits(max_connections=64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
-        return await asyncio.gather(*[
-            stream_chat(client, server.url, body,
-                        disconnect_after=(disconnect_after or {}).get(i), timeout=timeout)
-            for i, body in enumerate(bodies)
-        ])
 
 
 def _post(server, path, body, timeout=120):
@@ -101,7 +80,7 @@ def test_32_concurrent_streams_with_mixed_options(server, tokenizer):
                        "temperature": 0.0, "vllm_xargs": OPTIONS[i % len(OPTIONS)]})
         keys.append(key)
     t0 = time.monotonic()
-    results = _run(_gather_streams(server, bodies))
+    results = _run(gather_streams(server.url, bodies))
     elapsed = time.monotonic() - t0
     assert server.alive(), server.log_tail()
     found = {}
@@ -144,7 +123,7 @@ def test_quarter_of_clients_disconnect(server, tokenizer):
             body["max_tokens"] = 12
         bodies.append(body)
     t0 = time.monotonic()
-    results = _run(_gather_streams(server, bodies, disconnect_after=drop))
+    results = _run(gather_streams(server.url, bodies, disconnect_after=drop))
     for i, res in enumerate(results):
         if i in drop:
             assert res.disconnected and res.chunks == 3, f"request {i}: {res}"

@@ -6,23 +6,20 @@ import json
 
 import pytest
 
-from server_harness import start_server
+from server_harness import serving
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    srv = start_server(
+    with serving(
         model_path,
         ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(128 << 20),
          "--enforce-eager"],
         tmp_path_factory.mktemp("stock") / "serve.log",
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _post(server, path, body):
