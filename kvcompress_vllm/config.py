@@ -25,6 +25,11 @@ SCORERS = (
     "kvcompress", "random", "streamingllm", "knorm", "keydiff",
     "metric_keydiff", "metric_keydiff_rank", "metric_keydiff_union",
 )
+#: The scorers that read the attention metric (``Scorer.needs_metrics``; the
+#: registry checks the two agree).  A request whose scorer is not one of them,
+#: or that is never compressed, records no metric (``RequestPolicy.records_metric``).
+METRIC_SCORERS = frozenset({"kvcompress", "metric_keydiff", "metric_keydiff_rank",
+                            "metric_keydiff_union"})
 
 #: How the evicted pages are spread over a request's (layer, KV head)s
 #: (``allocation`` / ``kv_compress_allocation``): ``joint`` takes the
@@ -248,6 +253,13 @@ class RequestPolicy:
     @property
     def compresses(self) -> bool:
         return self.rate < 1.0 or self.max_cache_tokens is not None
+
+    @property
+    def records_metric(self) -> bool:
+        """Whether the attention metric of this request is ever read: it is
+        compressed, by a scorer that reads the metric.  Otherwise the worker
+        computes no metric for it (its prefill runs wholly on vLLM's kernel)."""
+        return self.compresses and self.scorer in METRIC_SCORERS
 
 
 def request_policy(

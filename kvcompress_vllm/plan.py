@@ -51,6 +51,9 @@ class StepPlan:
     #: tokens the prefill covers.  The last ``observation_window`` of them
     #: score the prompt KVs.
     prefill_ends: dict[str, int] = field(default_factory=dict)
+    #: Those of them whose attention metric is never read
+    #: (``RequestPolicy.records_metric`` false): the worker records none.
+    no_metric: set[str] = field(default_factory=set)
     #: Ask the worker to report every request's page count (debug checks).
     report_pages: bool = False
 

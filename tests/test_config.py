@@ -64,6 +64,21 @@ def test_request_overrides():
         request_policy(cfg, {"protected_window": -2}, 128)
 
 
+def test_records_metric_only_when_a_metric_scorer_compresses():
+    from kvcompress_vllm import scorers
+    from kvcompress_vllm.config import METRIC_SCORERS, SCORERS
+
+    cfg = KVCompressConfig(rate=0.5)
+    for name in SCORERS:
+        p = request_policy(cfg, {"kv_compress_scorer": name}, 128)
+        assert p.records_metric == (name in METRIC_SCORERS)
+        # The registry's classes say the same (it refuses to load otherwise).
+        assert scorers.get_scorer(name).needs_metrics == (name in METRIC_SCORERS)
+    assert not request_policy(cfg, {"kv_compress_rate": 1.0}, 128).records_metric
+    assert request_policy(cfg, {"kv_compress_rate": 1.0, "max_cache_tokens": 500},
+                          128).records_metric
+
+
 def test_allocation_is_an_option_and_uniform_is_no_longer_a_scorer():
     assert KVCompressConfig().allocation == "joint"
     assert KVCompressConfig(allocation="uniform").allocation == "uniform"

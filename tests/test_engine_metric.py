@@ -43,7 +43,10 @@ def setup(request, model_path):
         dtype="float32",
         max_num_batched_tokens=M,
         additional_config={
-            "kv_compress": {"rate": 1.0, "enabled": True, "observation_window": WINDOW, **cfg}
+            # max_cache_tokens far above the prompts: requests are compressed (so
+            # they record the metric) but nothing is ever evicted.
+            "kv_compress": {"rate": 1.0, "enabled": True, "max_cache_tokens": 1 << 20,
+                            "observation_window": WINDOW, **cfg}
         },
     )
     yield eng, cfg

@@ -97,6 +97,16 @@ def test_chunk_ending_one_token_short_is_not_compressed(vllm_config):
     assert out.kv_compress.evictions[0].num_pages == evict_now(65, 0, LH, BS, 0.25, PROTECTED, SINKS)
 
 
+def test_plan_names_requests_whose_metric_is_never_read(vllm_config):
+    sched = make_scheduler(vllm_config, budget=64)
+    add(sched, "metric", 20)  # the server's default: rate 0.25, kvcompress scorer
+    add(sched, "off", 20, kv_compress_rate=1.0)
+    add(sched, "keydiff", 20, kv_compress_scorer="keydiff")
+    out = run_step(sched)
+    assert set(out.kv_compress.prefill_ends) == {"metric", "off", "keydiff"}
+    assert out.kv_compress.no_metric == {"off", "keydiff"}
+
+
 def test_interval_and_pressure(vllm_config):
     sched = make_scheduler(vllm_config, num_blocks=40, budget=64)
     add(sched, "a", 60, max_tokens=200)

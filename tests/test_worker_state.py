@@ -172,6 +172,27 @@ def test_prompt_metric_observation_window_and_pooling():
     state.end_step()
 
 
+def test_requests_without_a_metric_reader_record_none():
+    """StepPlan.no_metric: no metric rows for those requests, in prefill and
+    decode; the others in the same batch keep theirs."""
+    state, _ = make_state(rate=0.5, observation_window=3)
+    n = 20
+    so = step(new=[("a", [0, 1, 2], n), ("b", [3, 4, 5], n)],
+              scheduled={"a": n, "b": n}, prefill_ends={"a": n, "b": n})
+    so.kv_compress.no_metric = {"b"}
+    state.begin_step(so)
+    batch = fill(state, ["a", "b"])
+    assert batch.metric_q_start.tolist() == [n - 3, n] and batch.record_metrics
+    state.end_step()
+    state.begin_step(step(cached=[("a", []), ("b", [])], scheduled={"a": 1, "b": 1}))
+    batch = fill(state, ["a", "b"])
+    assert batch.metric_q_start.tolist() == [0, 1]
+    state.end_step()
+    state.begin_step(step(cached=[("b", [])], scheduled={"b": 1}))
+    assert not fill(state, ["b"]).record_metrics
+    state.end_step()
+
+
 def test_batched_growth_equals_per_request_growth():
     """``HeadPageTable.append_tokens`` (one batched check per step) assigns
     exactly the pages the per-request ``ensure_capacity`` loop assigns, over

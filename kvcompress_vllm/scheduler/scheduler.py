@@ -221,6 +221,7 @@ class KVCompressScheduler(Scheduler):
         # Requests whose prefill (re)starts in this step: the prefill covers
         # every token they have now; they become scorable once it is computed.
         prefill_ends: dict[str, int] = {}
+        no_metric: set[str] = set()
         restarted = [r.req_id for r in output.scheduled_new_reqs]
         restarted += output.scheduled_cached_reqs.resumed_req_ids
         for rid in restarted:
@@ -228,11 +229,14 @@ class KVCompressScheduler(Scheduler):
             state = self._compression_state(request)
             state.prefill_end = prefill_ends[rid] = request.num_tokens
             state.tokens_at_last_check = None
+            if not state.policy.records_metric:
+                no_metric.add(rid)
         attach_plan(
             output,
             StepPlan(
                 evictions=plans,
                 prefill_ends=prefill_ends,
+                no_metric=no_metric,
                 report_pages=self.kvc_config.debug_checks,
             ),
         )

@@ -35,7 +35,7 @@ import pkgutil
 
 import torch
 
-from kvcompress_vllm.config import SCORERS
+from kvcompress_vllm.config import METRIC_SCORERS, SCORERS
 from kvcompress_vllm.scorers.base import (
     CHUNK_BYTES,
     HeadKVs,
@@ -60,6 +60,12 @@ def _check_registry() -> None:
             f"{sorted(registered - configured)}, only in config.SCORERS "
             f"{sorted(configured - registered)}. Add a new scorer's name to "
             "config.SCORERS (the API server validates against it without torch)."
+        )
+    reading = {name for name, cls in _REGISTRY.items() if cls.needs_metrics}
+    if reading != set(METRIC_SCORERS):
+        raise ScorerRegistryError(
+            f"scorers with needs_metrics {sorted(reading)} disagree with "
+            f"config.METRIC_SCORERS {sorted(METRIC_SCORERS)}"
         )
 
 

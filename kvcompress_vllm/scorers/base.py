@@ -107,6 +107,9 @@ class Scorer(ABC):
     #: ``score`` reads the keys: chunks are sized so that the fp32 keys of a
     #: chunk stay within ``CHUNK_BYTES``.
     needs_keys: ClassVar[bool] = False
+    #: ``score`` reads ``kvs.metrics`` (the attention metric): requests with
+    #: any other scorer record no metric (``config.METRIC_SCORERS``).
+    needs_metrics: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

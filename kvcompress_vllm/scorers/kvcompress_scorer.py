@@ -18,6 +18,7 @@ class KVCompressScorer(Scorer):
     """
 
     name = "kvcompress"
+    needs_metrics = True
 
     def score(self, kvs: HeadKVs) -> torch.Tensor:
         return kvs.metrics

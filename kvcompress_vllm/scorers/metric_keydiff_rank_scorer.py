@@ -22,6 +22,7 @@ class MetricKeyDiffRankScorer(Scorer):
     """
 
     name = "metric_keydiff_rank"
+    needs_metrics = True
     needs_keys = True
 
     def score(self, kvs: HeadKVs) -> torch.Tensor:

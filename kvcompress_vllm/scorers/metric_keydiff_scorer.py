@@ -21,6 +21,7 @@ class MetricKeyDiffScorer(Scorer):
     """
 
     name = "metric_keydiff"
+    needs_metrics = True
     needs_keys = True
 
     def score(self, kvs: HeadKVs) -> torch.Tensor:

@@ -24,6 +24,7 @@ class MetricKeyDiffUnionScorer(Scorer):
     """
 
     name = "metric_keydiff_union"
+    needs_metrics = True
     needs_keys = True
 
     def score(self, kvs: HeadKVs) -> torch.Tensor:

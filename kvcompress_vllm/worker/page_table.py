@@ -39,6 +39,8 @@ class RequestPages:
     num_tokens: int
     #: Tokens covered by the request's (re)started prefill.
     prefill_end: int
+    #: Its queries add to the attention metric (``StepPlan.no_metric``).
+    records_metric: bool = True
     #: Head-pages evicted so far (sum over heads).
     evicted_pages: int = 0
     compressions: int = 0
@@ -94,7 +96,8 @@ class HeadPageTable:
         return (pages.to(torch.int64) // self.num_kv_heads) % self.num_blocks
 
     # -- lifecycle ---------------------------------------------------------
-    def add(self, req_id: str, blocks: list[int], num_tokens: int, prefill_end: int) -> RequestPages:
+    def add(self, req_id: str, blocks: list[int], num_tokens: int, prefill_end: int,
+            records_metric: bool = True) -> RequestPages:
         if req_id in self.requests:
             raise RuntimeError(f"request {req_id} is already registered")
         if not self._free_slots:
@@ -103,7 +106,8 @@ class HeadPageTable:
         self.page_table[slot] = -1
         self.num_pages[slot] = 0
         self.kv_count[slot] = num_tokens
-        req = RequestPages(slot=slot, blocks=list(blocks), num_tokens=num_tokens, prefill_end=prefill_end)
+        req = RequestPages(slot=slot, blocks=list(blocks), num_tokens=num_tokens,
+                           prefill_end=prefill_end, records_metric=records_metric)
         self.requests[req_id] = req
         self.ensure_capacity(req, 0)
         return req

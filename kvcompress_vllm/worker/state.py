@@ -149,6 +149,7 @@ class KVCompressWorkerState:
                 list(new_req.block_ids[0]),
                 new_req.num_computed_tokens,
                 self._prefill_end(step, new_req.req_id),
+                new_req.req_id not in step.no_metric,
             )
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
@@ -160,6 +161,7 @@ class KVCompressWorkerState:
                     list(blocks[0]) if blocks is not None else [],
                     cached.num_computed_tokens[i],
                     self._prefill_end(step, rid),
+                    rid not in step.no_metric,
                 )
         # Plans refer to the block lists as they were before this step's
         # allocations, so they run before new blocks are appended.
@@ -373,6 +375,10 @@ class KVCompressWorkerState:
         start = torch.minimum(start, q_lens)
         if not self.cfg.record_decode_metrics:
             start = torch.where(before >= prefill_end, q_lens, start)
+        # Requests whose metric is never read (not compressed, or a scorer
+        # without it) record none.
+        records = torch.tensor([r.records_metric for r in reqs], dtype=torch.bool)
+        start = torch.where(records, start, q_lens)
         pool_rows = []
         if self.cfg.pooling_kernel > 1:
             ends = before + q_lens
