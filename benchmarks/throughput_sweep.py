@@ -92,6 +92,27 @@ RESULT_TAG = "KVC_SWEEP_RESULT "
 PLUGIN_RATES = {"tight": [0.25, 1.0], "ample": [0.25]}
 
 
+class PerfControl:
+    """``perf record --control fifo:CTL,ACK`` from inside the engine process
+    (``KVC_PERF_CTL=CTL,ACK``): the profile covers the jobs, not start-up."""
+
+    def __init__(self, ctl: str | None = None, ack: str | None = None) -> None:
+        self.ctl, self.ack = ctl, ack
+
+    @classmethod
+    def from_env(cls) -> "PerfControl":
+        value = os.environ.get("KVC_PERF_CTL")
+        return cls(*value.split(",")) if value else cls()
+
+    def send(self, command: str) -> None:
+        if self.ctl is None:
+            return
+        with open(self.ctl, "w") as ctl:
+            ctl.write(command + "\n")
+        with open(self.ack) as ack:
+            ack.readline()
+
+
 # --------------------------------------------------------------------------- timing
 class Timers:
     """Seconds spent in wrapped callables, by name (re-entrant safe)."""
@@ -170,6 +191,8 @@ def run_engine(spec: dict) -> list[dict]:
     llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 400)))] * 2,
                  SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     results = []
+    perf = PerfControl.from_env()  # benchmarks/profile_engine.py: sample only the jobs
+    perf.send("enable")
     for job in spec["jobs"]:
         shape = Shape(**job["shape"])
         rng = random.Random(job["seed"])
@@ -219,6 +242,7 @@ def run_engine(spec: dict) -> list[dict]:
         results.append(res)
         print(f"  {spec['name']} {job['name']} {shape.name}: {res['output_tok_s']:.1f} out tok/s "
               f"in {wall:.0f} s", file=sys.stderr, flush=True)
+    perf.send("disable")
     if scheduler is not None:
         results.append({"num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1})
     return results
