@@ -66,6 +66,16 @@ def test_attention_bench_quick():
     assert "stock" in proc.stdout and "SmolLM2" in proc.stdout
 
 
+def test_prefill_bench_quick():
+    """bench_prefill.py --quick: our kernel, the split path and vLLM's kernel on
+    one prefill chunk (no timing assertions)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_prefill.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| SmolLM2")]
+    assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)
+
+
 def test_cluster_bench_quick(tmp_path):
     """Two data-parallel replicas behind one `vllm serve`, stock and rate
     0.25, loaded by `vllm bench serve`: the table, CSV and plot come out."""
