@@ -20,6 +20,7 @@ def scheduler_output(
     scheduled: dict[str, int] | None = None,
     finished: Iterable[str] = (),
     prefill_ends: dict[str, int] | None = None,
+    no_metric: Iterable[str] = (),
 ) -> SchedulerOutput:
     """``new``: (request id, block ids, prompt length) of newly scheduled
     requests; ``cached``: (request id, newly allocated block ids or None) of
@@ -42,5 +43,6 @@ def scheduler_output(
         total_num_scheduled_tokens=sum(scheduled.values()), scheduled_spec_decode_tokens={},
         scheduled_encoder_inputs={}, finished_req_ids=set(finished), free_encoder_mm_hashes=[],
     )
-    so.kv_compress = StepPlan(evictions=list(plans), prefill_ends=dict(prefill_ends or {}))
+    so.kv_compress = StepPlan(evictions=list(plans), prefill_ends=dict(prefill_ends or {}),
+                              no_metric=set(no_metric))
     return so

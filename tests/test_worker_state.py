@@ -177,12 +177,12 @@ def test_requests_without_a_metric_reader_record_none():
     decode; the others in the same batch keep theirs."""
     state, _ = make_state(rate=0.5, observation_window=3)
     n = 20
-    so = step(new=[("a", [0, 1, 2], n), ("b", [3, 4, 5], n)],
-              scheduled={"a": n, "b": n}, prefill_ends={"a": n, "b": n})
-    so.kv_compress.no_metric = {"b"}
-    state.begin_step(so)
+    state.begin_step(step(new=[("a", [0, 1, 2], n), ("b", [3, 4, 5], n)],
+                          scheduled={"a": n, "b": n}, prefill_ends={"a": n, "b": n},
+                          no_metric={"b"}))
     batch = fill(state, ["a", "b"])
     assert batch.metric_q_start.tolist() == [n - 3, n] and batch.record_metrics
+    assert batch.pool_rows == [(0, n, "a")]  # b has no metric to pool
     state.end_step()
     state.begin_step(step(cached=[("a", []), ("b", [])], scheduled={"a": 1, "b": 1}))
     batch = fill(state, ["a", "b"])

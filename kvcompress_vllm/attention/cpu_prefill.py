@@ -88,6 +88,13 @@ def _vllm_ops():
     return _custom_ops
 
 
+def _offsets(count: torch.Tensor) -> torch.Tensor:
+    """``[0, c0) ++ [0, c1) ++ ...``: each element's index within its segment."""
+    return torch.arange(int(count.sum())) - torch.repeat_interleave(
+        torch.cumsum(count, 0) - count, count
+    )
+
+
 def plan_stock_prefill(
     page_table: torch.Tensor,  # [L, R, H, max_pages] int32
     kv_lens: torch.Tensor,  # [L, R, H] int32 (including this step's tokens)
@@ -118,11 +125,7 @@ def plan_stock_prefill(
     req = torch.arange(num_reqs)
 
     def rows(start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        first = torch.repeat_interleave(start, count)
-        offset = torch.arange(int(count.sum())) - torch.repeat_interleave(
-            torch.cumsum(count, 0) - count, count
-        )
-        return first + offset
+        return torch.repeat_interleave(start, count) + _offsets(count)
 
     rows_stock = rows(qsl[:-1], n_stock)
     rows_own = rows(qsl[:-1] + n_stock, n_own)
@@ -139,7 +142,7 @@ def plan_stock_prefill(
     block_table = (base[:, None] + torch.arange(int(nblocks.max()))[None, :]).to(torch.int32)
 
     tok_req = torch.repeat_interleave(fr, seq)  # [Tk] request of each gathered KV
-    j = torch.arange(int(seq.sum())) - torch.repeat_interleave(torch.cumsum(seq, 0) - seq, seq)
+    j = _offsets(seq)  # [Tk] logical index of each gathered KV in its head
     slot_mapping = torch.repeat_interleave(base, seq) * SCRATCH_BLOCK + j
     heads = torch.arange(kernel.num_kv_heads)
     pages = page_table[:, tok_req[:, None], heads[None, :], (j // block_size)[:, None]]

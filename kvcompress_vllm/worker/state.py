@@ -382,7 +382,9 @@ class KVCompressWorkerState:
         pool_rows = []
         if self.cfg.pooling_kernel > 1:
             ends = before + q_lens
-            for r in ((ends == prefill_end) & (q_lens > 0)).nonzero().view(-1).tolist():
+            # Only requests that record a metric have one to pool.
+            done = (ends == prefill_end) & (q_lens > 0) & records
+            for r in done.nonzero().view(-1).tolist():
                 pool_rows.append((r, int(ends[r]), req_ids[r]))
         batch = AttentionBatch(
             page_table=page_table,
