@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput_sweep import Shape  # noqa: E402
+from throughput_sweep import RESULT_TAG, Shape  # noqa: E402
 
 # (label, shape, plugin, rate, budget tokens or None = every request uncompressed)
 RUNS = [
@@ -104,8 +104,8 @@ def profile_one(label, shape, plugin, rate, budget_tokens, model, tmp: Path) -> 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{label} {shape.name} failed:\n{proc.stderr[-3000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("KVC_SWEEP_RESULT "))
-    result = json.loads(line[len("KVC_SWEEP_RESULT "):])[0]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG))
+    result = json.loads(line[len(RESULT_TAG):])[0]
     groups: dict[str, float] = {}
     dsos = report(str(data), "dso")
     print("  libraries: " + "; ".join(f"{p:.1f}% {d}" for p, d in dsos[:10]), flush=True)

@@ -46,7 +46,7 @@ per-step breakdown needs it) and ``mp`` (vLLM's default multi-process engine,
 what ``LLM(...)`` and ``vllm serve`` users get; on this 2-vCPU machine vLLM
 binds its worker to one core).  ``mp`` rows report end-to-end figures only.
 
-    python benchmarks/throughput_sweep.py                 # both modes (~45 min here)
+    python benchmarks/throughput_sweep.py                 # both modes (~50 min here)
     python benchmarks/throughput_sweep.py --modes inproc  # (~21 min)
     python benchmarks/throughput_sweep.py --quick         # smoke run (~9 min)
 
