@@ -16,16 +16,22 @@ Writes docs/quality.csv and docs/quality.png (``--out-dir`` to change).
 
 Robust suite (choosing the default scorer; docs/quality.md "Robust suite"):
 
-    python benchmarks/quality.py --suite robust --split held-in --n 13 --in-process
-    python benchmarks/quality.py --suite robust --split held-out --n 12 --in-process
+    python benchmarks/quality.py --suite robust --split held-in --n 13 --in-process --no-full
+    python benchmarks/quality.py --suite robust --split held-out --n 12 --in-process \
+        --select-from docs/quality_robust_held-in.csv
     python benchmarks/quality.py --suite robust \
         --report docs/quality_robust_held-in.csv,docs/quality_robust_held-out.csv
 
 cells = case (``tasks.ROBUST_CASES``) x length (1500, 3500 tokens), ``--n``
 generated cases per cell and split (seed parity: even = held-in, odd =
 held-out), every public scorer and candidate at keep rates 0.5 and 0.25 plus
-the uncompressed reference; one CSV row per request (``split`` column).  The
-selection (``select_default``) looks at held-in rows only.
+the uncompressed reference; one CSV row per request (``split`` column),
+appended after every ``--chunk`` cases (``--resume`` continues a stopped run).
+The selection (``select_default``) looks at held-in rows only and picks, among
+the combined candidates and the public scorers, the best worst-case margin
+against the per-cell best public scorer; ``bar_test`` decides whether that
+scorer is worse than the bar anywhere beyond noise (paired bootstrap over the
+generated cases, Bonferroni over the cells), on each split.
 
 ``--scorers`` takes configuration labels: a scorer name (joint allocation),
 ``<scorer>+uniform`` for that scorer with ``kv_compress_allocation:
@@ -137,6 +143,10 @@ def main() -> int:
     robust.add_argument("--no-full", action="store_true", help="skip the uncompressed reference")
     robust.add_argument("--in-process", action="store_true",
                         help="VLLM_ENABLE_V1_MULTIPROCESSING=0 (much faster prefill on few cores)")
+    robust.add_argument("--resume", action="store_true",
+                        help="keep the rows already in the output CSV and run only the missing requests")
+    robust.add_argument("--chunk", type=int, default=8,
+                        help="cases per engine call; the CSV is appended after each")
     robust.add_argument("--dry-run", action="store_true", help="print the size and stop")
     robust.add_argument("--select-from", default=None,
                         help="held-in CSV(s): run the public scorers and the candidate selected on them")
@@ -316,15 +326,65 @@ def margins(rows: list[dict], split: str, candidates, public=PUBLIC, rates=ROBUS
     return out
 
 
-def select_default(rows: list[dict], candidates=CANDIDATES) -> tuple[str | None, dict]:
-    """The selection rule, on the ``held-in`` rows only: the candidate whose
-    worst-case margin against the best public scorer (per case x length x
-    rate cell) is largest; it *meets the bar* if that margin is >= 0."""
-    held_in = margins([r for r in rows if r["split"] == "held-in"], "held-in", candidates)
+#: Significance of the bar test: one-sided, Bonferroni-corrected over the cells.
+BAR_ALPHA = 0.05
+BOOTSTRAP_RESAMPLES = 4000
+
+
+def select_default(rows: list[dict], pool=None) -> tuple[str | None, dict]:
+    """The selection rule, on the ``held-in`` rows only: among the combined
+    candidates *and* the public scorers, the one whose worst-case margin
+    against the best public scorer (per case x length x rate cell) is largest
+    (ties: the larger mean margin).  Whether it meets the bar is
+    :func:`bar_test`'s answer, not the sign of this point estimate."""
+    pool = pool or CANDIDATES + PUBLIC
+    held_in = margins([r for r in rows if r["split"] == "held-in"], "held-in", pool)
     if not held_in:
         return None, held_in
     best = max(held_in, key=lambda c: (held_in[c][0], sum(held_in[c][1].values())))
     return best, held_in
+
+
+def bar_test(rows: list[dict], split: str, scorer: str, public=PUBLIC, rates=ROBUST_RATES,
+             alpha=BAR_ALPHA, resamples=BOOTSTRAP_RESAMPLES, seed=0) -> dict:
+    """Is ``scorer`` at least as good as the best public scorer in every cell?
+
+    Per cell (case x length x rate) the margin ``acc(scorer) - max_p acc(p)``
+    is resampled by a paired bootstrap over the cell's generated cases (every
+    configuration ran the same prompts, so a resample draws seeds, not rows;
+    the max over public scorers is re-taken in every resample, so picking the
+    luckiest public scorer per cell is part of what is resampled).  A cell
+    *fails* when the upper ``1 - alpha / cells`` quantile of the margin is
+    below 0: the scorer is worse there beyond noise, one-sided, at family-wise
+    level ``alpha`` over all cells (Bonferroni).  Returns ``{(case, length,
+    rate): (point margin, upper bound)}``; the scorer meets the bar on this
+    split when no cell fails (:func:`meets_bar`)."""
+    import numpy as np
+
+    by_seed = defaultdict(dict)
+    for r in rows:
+        if r["split"] == split:
+            by_seed[(r["case"], int(r["length"]), r["scorer"], float(r["rate"]))][int(r["seed"])] = float(r["score"])
+    cells = sorted({(c, l, rt) for (c, l, sc, rt) in by_seed if sc == scorer and rt in rates})
+    rng = np.random.default_rng(seed)
+    out = {}
+    for case, length, rate in cells:
+        mine = by_seed[(case, length, scorer, rate)]
+        pubs = [by_seed[(case, length, p, rate)] for p in public if (case, length, p, rate) in by_seed]
+        seeds = sorted(set(mine).intersection(*pubs)) if pubs else []
+        if not seeds:
+            continue
+        idx = rng.integers(0, len(seeds), (resamples, len(seeds)))
+        arr = lambda d: np.array([d[s] for s in seeds])[idx].mean(axis=1)  # [resamples]
+        diff = arr(mine) - np.max([arr(p) for p in pubs], axis=0)
+        point = float(np.mean([mine[s] for s in seeds]) - max(np.mean([p[s] for s in seeds]) for p in pubs))
+        out[(case, length, rate)] = (point, float(np.quantile(diff, 1 - alpha / len(cells))))
+    return out
+
+
+def meets_bar(test: dict) -> bool:
+    """:func:`bar_test`'s verdict: no cell significantly below the bar."""
+    return bool(test) and all(upper >= 0 for _, upper in test.values())
 
 
 def robust_table(rows: list[dict], split: str) -> str:
@@ -380,20 +440,30 @@ def robust_report(rows: list[dict]) -> str:
             out.append(f"Margin (points) vs {title}; worst = min over case x length x rate cells, "
                        "mean = mean over them:")
             out.append("")
-            out.append("| scorer | held-in worst | held-in mean | held-out worst | held-out mean |")
-            out.append("|---|---:|---:|---:|---:|")
-            names = CANDIDATES + [p for p in PUBLIC if len(public) > 1 or p not in public]
+            bar = len(public) > 1
+            out.append("| scorer | held-in worst | held-in mean | held-out worst | held-out mean |"
+                       + " cells worse beyond noise (held-in / held-out) |" * bar)
+            out.append("|---|---:|---:|---:|---:|" + "---:|" * bar)
+            names = CANDIDATES + [p for p in PUBLIC if bar or p not in public]
             hi_all = margins(held_in_rows, "held-in", names, public)
             ho_all = margins(held_out_rows, "held-out", names, public)
             for cand in names:
                 if cand not in hi_all and cand not in ho_all:
                     continue
                 tag = " (selected)" if cand == best else "" if cand in CANDIDATES else " (public)"
-                out.append(f"| {cand}{tag} | " + " | ".join(fmt(hi_all.get(cand)) + fmt(ho_all.get(cand))) + " |")
+                cols = fmt(hi_all.get(cand)) + fmt(ho_all.get(cand))
+                if bar:
+                    fails = [sum(u < 0 for _, u in bar_test(rows, split, cand).values()) if m else None
+                             for split, m in (("held-in", hi_all.get(cand)), ("held-out", ho_all.get(cand)))]
+                    cols += (" / ".join("--" if f is None else str(f) for f in fails),)
+                out.append(f"| {cand}{tag} | " + " | ".join(cols) + " |")
             out.append("")
-        meets = held_in[best][0] >= 0
-        out.append(f"selected on held-in: {best} (worst margin {100 * held_in[best][0]:+.0f} points: "
-                   f"{'meets' if meets else 'does not meet'} the bar)")
+        verdict = {split: meets_bar(bar_test(rows, split, best)) for split in ("held-in", "held-out")
+                   if any(r["split"] == split and r["scorer"] == best for r in rows)}
+        out.append(f"selected on held-in: {best} (worst margin {100 * held_in[best][0]:+.0f} points; "
+                   + ", ".join(f"{split}: {'meets' if ok else 'does not meet'} the bar" for split, ok in verdict.items())
+                   + f"; bar = no cell worse than the best public scorer beyond noise, paired bootstrap, "
+                   f"one-sided family-wise {BAR_ALPHA:g})")
     return "\n".join(out)
 
 
@@ -421,9 +491,12 @@ def robust_main(args) -> int:
     scorers = args.scorers.split(",") if args.scorers else PUBLIC + CANDIDATES
     if args.select_from:
         best, held_in = select_default(read_rows(args.select_from.split(",")))
+        # The held-out run reports the public scorers, the selected scorer
+        # and, if a public scorer was selected, the best combined candidate.
+        cand, _ = select_default(read_rows(args.select_from.split(",")), CANDIDATES)
+        scorers = PUBLIC + [c for c in dict.fromkeys([best, cand]) if c not in PUBLIC]
         print(f"selected on {args.select_from}: {best} (held-in worst margin "
-              f"{100 * held_in[best][0]:+.0f} points); running the public scorers and it", flush=True)
-        scorers = PUBLIC + [best]
+              f"{100 * held_in[best][0]:+.0f} points); running {','.join(scorers)}", flush=True)
     rates = [float(r) for r in (args.rates.split(",") if args.rates else ROBUST_RATES)]
     lengths = [int(x) for x in args.lengths.split(",")]
     cases = args.cases.split(",") if args.cases else None
@@ -444,40 +517,57 @@ def robust_main(args) -> int:
         kv_cache_memory_bytes=1536 << 20, max_num_batched_tokens=4096, max_num_seqs=32,
         additional_config={"kv_compress": {"rate": 1.0, "enabled": True}},
     )
-    prompts, params, keys = [], [], []
-    for case, length, seed, task in suite:
-        for scorer, rate in configs:
-            extra = {"kv_compress_rate": rate}
-            if scorer != "full":
-                extra.update(request_options(scorer))
-            prompts.append(task.prompt)
-            params.append(SamplingParams(temperature=0.0, max_tokens=ROBUST_MAX_TOKENS.get(case, 10),
-                                         extra_args=extra))
-            keys.append((case, length, seed, task, scorer, rate))
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=True)
-    wall = time.perf_counter() - start
-    rows = []
-    for (case, length, seed, task, scorer, rate), out in zip(keys, outs):
-        stats = (out.kv_transfer_params or {}).get("kv_compress", {})
-        rows.append({
-            "split": tasks.split_of(seed), "case": case, "length": length, "seed": seed,
-            "prompt_tokens": task.num_tokens, "scorer": scorer, "rate": rate,
-            "score": round(task.score(out.outputs[0].text), 4),
-            "kept_fraction": round(stats.get("kept_fraction", 1.0), 4),
-            "output": out.outputs[0].text.strip()[:60],
-        })
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"quality_robust_{args.split}{args.tag}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwall time {wall:.0f} s ({prompt_tokens / wall:.0f} prompt tok/s); wrote {path}\n")
+    # Rows are appended after every chunk of cases, so an hour-long run that
+    # stops keeps what it measured; --resume skips the requests already there.
+    done = read_rows([path]) if args.resume and path.exists() else []
+    done_keys = {(r["case"], int(r["length"]), int(r["seed"]), r["scorer"], float(r["rate"])) for r in done}
+    todo = [(case, length, seed, task, scorer, rate) for case, length, seed, task in suite
+            for scorer, rate in configs if (case, length, seed, scorer, rate) not in done_keys]
+    if done:
+        print(f"resuming: {len(done)} requests already in {path}, {len(todo)} to run", flush=True)
+    rows = list(done)
+    start = time.perf_counter()
+    tokens_run = 0
+    chunk = args.chunk * len(configs)
+    for i in range(0, len(todo), chunk):
+        part = todo[i:i + chunk]
+        params = []
+        for case, length, seed, task, scorer, rate in part:
+            extra = {"kv_compress_rate": rate}
+            if scorer != "full":
+                extra.update(request_options(scorer))
+            params.append(SamplingParams(temperature=0.0, max_tokens=ROBUST_MAX_TOKENS.get(case, 10),
+                                         extra_args=extra))
+        outs = llm.generate([k[3].prompt for k in part], params, use_tqdm=False)
+        new_rows = []
+        for (case, length, seed, task, scorer, rate), out in zip(part, outs):
+            stats = (out.kv_transfer_params or {}).get("kv_compress", {})
+            new_rows.append({
+                "split": tasks.split_of(seed), "case": case, "length": length, "seed": seed,
+                "prompt_tokens": task.num_tokens, "scorer": scorer, "rate": rate,
+                "score": round(task.score(out.outputs[0].text), 4),
+                "kept_fraction": round(stats.get("kept_fraction", 1.0), 4),
+                "output": out.outputs[0].text.strip()[:60],
+            })
+        write_header = not rows
+        with open(path, "w" if write_header else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(new_rows[0].keys()))
+            if write_header:
+                writer.writeheader()
+            writer.writerows(new_rows)
+        rows += new_rows
+        tokens_run += sum(k[3].num_tokens for k in part)
+        elapsed = time.perf_counter() - start
+        print(f"{i + len(part)}/{len(todo)} requests, {elapsed:.0f} s, {tokens_run / elapsed:.0f} prompt tok/s",
+              flush=True)
+    wall = time.perf_counter() - start
+    print(f"\nwall time {wall:.0f} s ({tokens_run / max(wall, 1e-9):.0f} prompt tok/s); wrote {path}\n")
     kept = defaultdict(list)
     for r in rows:
-        kept[(r["scorer"], r["rate"])].append(r["kept_fraction"])
+        kept[(r["scorer"], float(r["rate"]))].append(float(r["kept_fraction"]))
     print("mean kept fraction: " + ", ".join(
         f"{s}@{r:g} {100 * sum(v) / len(v):.0f}%" for (s, r), v in sorted(kept.items())))
     print(robust_report(rows))

@@ -88,9 +88,9 @@ def _quality():
 
 def _rows(split, table):
     """table: {(case, scorer, rate): [scores]} -> CSV-like rows."""
-    return [{"split": split, "case": case, "length": 1500, "scorer": scorer, "rate": rate, "score": s,
-             "kept_fraction": rate}
-            for (case, scorer, rate), scores in table.items() for s in scores]
+    return [{"split": split, "case": case, "length": 1500, "seed": seed, "scorer": scorer, "rate": rate,
+             "score": s, "kept_fraction": rate}
+            for (case, scorer, rate), scores in table.items() for seed, s in enumerate(scores)]
 
 
 def test_selection_takes_the_best_worst_case_margin_on_held_in_only():
@@ -115,5 +115,50 @@ def test_selection_takes_the_best_worst_case_margin_on_held_in_only():
     assert margins["metric_keydiff_union"][0] == 0.0  # meets the bar (>= 0)
     assert margins["metric_keydiff_rank"][0] == -0.5
     report = q.robust_report(rows)
-    assert "selected on held-in: metric_keydiff_union" in report and "meets the bar" in report
+    assert "selected on held-in: metric_keydiff_union" in report and "held-in: meets the bar" in report
     assert "held-out, n = 2 per cell" in report
+
+
+def test_selection_pool_includes_the_public_scorers():
+    """A public scorer that is the best in every cell is the default the rule
+    picks when every combined candidate loses a cell."""
+    q = _quality()
+    table = {}
+    for rate in (0.5, 0.25):
+        for case in ("a", "b"):
+            table |= {(case, "keydiff", rate): [1, 1, 1], (case, "kvcompress", rate): [1, 0, 0],
+                      (case, "knorm", rate): [0, 0, 0], (case, "streamingllm", rate): [0, 0, 0]}
+            for cand in q.CANDIDATES:
+                table[(case, cand, rate)] = [1, 1, 0] if case == "b" else [1, 1, 1]
+    best, margins = q.select_default(_rows("held-in", table))
+    assert best == "keydiff" and margins["keydiff"][0] == 0.0
+    assert q.select_default(_rows("held-in", table), q.CANDIDATES)[0] in q.CANDIDATES
+
+
+def test_bar_test_separates_noise_from_a_real_loss():
+    """Paired bootstrap per cell, Bonferroni over cells: a candidate that
+    matches the best public scorer passes; one that loses a single prompt of
+    13 is within noise; one that loses 10 of 13 prompts in a cell fails
+    that cell (and only that cell)."""
+    q = _quality()
+    n = 13
+    best = [1] * n
+    table = {}
+    for rate in (0.5, 0.25):
+        for case in ("a", "b"):
+            table |= {(case, "keydiff", rate): best, (case, "kvcompress", rate): [0] * n,
+                      (case, "knorm", rate): [0] * n, (case, "streamingllm", rate): [0] * n,
+                      (case, "metric_keydiff", rate): best,
+                      (case, "metric_keydiff_rank", rate): [0] + [1] * (n - 1),
+                      (case, "metric_keydiff_union", rate): [0] * 10 + [1] * 3 if (case, rate) == ("b", 0.25) else best}
+    rows = _rows("held-in", table)
+    same = q.bar_test(rows, "held-in", "metric_keydiff")
+    assert len(same) == 4 and q.meets_bar(same) and all(p == 0 for p, _ in same.values())
+    one_miss = q.bar_test(rows, "held-in", "metric_keydiff_rank")
+    assert q.meets_bar(one_miss) and all(abs(p + 1 / n) < 1e-9 for p, _ in one_miss.values())
+    loss = q.bar_test(rows, "held-in", "metric_keydiff_union")
+    assert not q.meets_bar(loss)
+    assert [cell for cell, (_, upper) in loss.items() if upper < 0] == [("b", 1500, 0.25)]
+    # Unpaired rows (a scorer run on other seeds) give no cell, not a verdict.
+    other = [dict(r, seed=r["seed"] + 100) if r["scorer"] == "metric_keydiff" else r for r in rows]
+    assert q.bar_test(other, "held-in", "metric_keydiff") == {} and not q.meets_bar({})
