@@ -48,7 +48,11 @@ binds its worker to one core).  ``mp`` rows report end-to-end figures only.
 
     python benchmarks/throughput_sweep.py                 # both modes (~50 min here)
     python benchmarks/throughput_sweep.py --modes inproc  # (~21 min)
-    python benchmarks/throughput_sweep.py --quick         # smoke run (~9 min)
+    python benchmarks/throughput_sweep.py --quick         # smoke run (~5 min)
+    python benchmarks/throughput_sweep.py --scorer kvcompress   # the paper's metric
+
+Every row records the plugin's scorer (``scorer`` column; the default
+scorer unless ``--scorer``).
 
 Writes docs/throughput.csv and docs/throughput.png (``--out-dir`` to change).
 """
@@ -83,10 +87,10 @@ SHAPES = [
     Shape("many-requests", 32, 640, 128),
 ]
 QUICK_SHAPES = [
-    Shape("mixed", 6, 384, 64),
-    Shape("prefill-heavy", 4, 768, 48),
-    Shape("decode-heavy", 4, 256, 512),
-    Shape("many-requests", 16, 512, 32),
+    Shape("mixed", 6, 384, 32),
+    Shape("prefill-heavy", 4, 768, 24),
+    Shape("decode-heavy", 4, 256, 288),  # > 2 pages of output: decode-time compressions
+    Shape("many-requests", 16, 512, 16),
 ]
 RESULT_TAG = "KVC_SWEEP_RESULT "
 PLUGIN_RATES = {"tight": [0.25, 1.0], "ample": [0.25]}
@@ -178,6 +182,8 @@ def run_engine(spec: dict) -> list[dict]:
     )
     if spec["plugin"]:
         engine_kwargs["additional_config"] = {"kv_compress": {"rate": 1.0, "enabled": True}}
+        if spec.get("scorer"):
+            engine_kwargs["additional_config"]["kv_compress"]["scorer"] = spec["scorer"]
     engine_kwargs.update(spec.get("engine_kwargs", {}))
     llm = LLM(spec["model"], **engine_kwargs)
     rec = timers = scheduler = None
@@ -338,12 +344,14 @@ def memory_bound(shape: Shape, row: dict, tight_tokens: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="small smoke run (~9 min)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (~5 min)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--modes", default="inproc,mp", help="inproc, mp or both (comma-separated)")
     parser.add_argument("--shapes", default=None, help="subset of shape names (comma-separated)")
     parser.add_argument("--mp-shapes", default=None,
                         help="shapes run in mp mode (default: the same as inproc)")
+    parser.add_argument("--scorer", default=None,
+                        help="the plugin engines' scorer (default: the plugin's default scorer)")
     parser.add_argument("--tight-tokens", type=int, default=6144,
                         help="the tight budget holds this many uncompressed KV tokens")
     parser.add_argument("--out-dir", default=str(HERE.parent / "docs"))
@@ -395,6 +403,9 @@ def main() -> int:
                     jobs.append(dict(common, name=f"kvc {rate:g}", rate=rate, max_tokens=shape.output_len))
         return jobs
 
+    from kvcompress_vllm.config import KVCompressConfig
+
+    scorer = args.scorer or KVCompressConfig.scorer  # recorded per row
     raw: list[dict] = []
     sweep_start = time.perf_counter()
     blocks = {}
@@ -415,6 +426,7 @@ def main() -> int:
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=2048, jobs=jobs, verbose=args.verbose,
                 engine_kwargs=extra_kwargs, label_suffix=f" {label}" if label else "",
+                scorer=args.scorer,
             )
             t0 = time.perf_counter()
             results = run_config(spec)
@@ -422,7 +434,7 @@ def main() -> int:
                 blocks[name] = results.pop()["num_blocks"]
             for res in results:
                 raw.append({"mode": mode, "budget": budget,
-                            "config": res["job"], **res})
+                            "config": res["job"], "scorer": scorer if plugin else "", **res})
             print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     rows = []
@@ -451,6 +463,7 @@ def main() -> int:
     print(f"\nbudgets: tight = {budgets['tight'] / 2**20:.0f} MiB ({tight_tokens} KV tokens), "
           f"ample = {budgets['ample'] / 2**20:.0f} MiB; blocks per engine: {blocks}")
     print("shapes: " + ", ".join(f"{s.name} {s.num_prompts} x {s.input_len}/{s.output_len}" for s in shapes))
+    print(f"plugin scorer: {scorer}")
     print(table(rows))
     print(f"\nwrote {csv_path} (sweep wall time {(time.perf_counter() - sweep_start) / 60:.1f} min)")
     return 0

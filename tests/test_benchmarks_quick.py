@@ -30,6 +30,10 @@ def test_throughput_sweep_quick(tmp_path):
             ("tight", "stock"), ("tight", "kvc 1"), ("tight", "kvc 0.25"),
             ("ample", "stock"), ("ample", "kvc 0.25")]
     }
+    from kvcompress_vllm.config import KVCompressConfig
+
+    # plugin rows record the scorer they ran (the default one here)
+    assert {r["scorer"] for r in rows if r["config"] != "stock"} == {KVCompressConfig.scorer}
     for r in rows:
         assert float(r["output_tok_s"]) > 0 and int(r["output_tokens"]) > 0
         assert 0 < float(r["prefill_share"]) < 1

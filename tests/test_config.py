@@ -75,8 +75,13 @@ def test_records_metric_only_when_a_metric_scorer_compresses():
         # The registry's classes say the same (it refuses to load otherwise).
         assert scorers.get_scorer(name).needs_metrics == (name in METRIC_SCORERS)
     assert not request_policy(cfg, {"kv_compress_rate": 1.0}, 128).records_metric
-    assert request_policy(cfg, {"kv_compress_rate": 1.0, "max_cache_tokens": 500},
+    metric_cfg = KVCompressConfig(rate=0.5, scorer="kvcompress")
+    assert request_policy(metric_cfg, {}, 128).records_metric
+    assert not request_policy(metric_cfg, {"kv_compress_rate": 1.0}, 128).records_metric
+    assert request_policy(metric_cfg, {"kv_compress_rate": 1.0, "max_cache_tokens": 500},
                           128).records_metric
+    # The default scorer (keydiff) reads keys, not the metric.
+    assert not request_policy(cfg, {}, 128).records_metric
 
 
 def test_allocation_is_an_option_and_uniform_is_no_longer_a_scorer():

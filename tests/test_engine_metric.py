@@ -46,6 +46,7 @@ def setup(request, model_path):
             # max_cache_tokens far above the prompts: requests are compressed (so
             # they record the metric) but nothing is ever evicted.
             "kv_compress": {"rate": 1.0, "enabled": True, "max_cache_tokens": 1 << 20,
+                            "scorer": "kvcompress",  # the scorer that reads the metric
                             "observation_window": WINDOW, **cfg}
         },
     )

@@ -93,10 +93,14 @@ def test_tp2_compression_is_identical_on_both_ranks_and_leaks_nothing(random_mod
         ids = {}
         for i, prompt in enumerate(PROMPTS * 3):
             ext = f"tp-{i}"
+            # Alternate the default scorer (keydiff: reads keys) and the
+            # attention metric (kvcompress: all-reduced over the ranks' heads).
+            extra = {"kv_compress_scorer": "kvcompress"} if i % 2 else None
             ids[ext] = core.add_request(
                 ext, {"prompt_token_ids": prompt},
-                SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True))
+                SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True, extra_args=extra))
         checked = 0
+        scorers_checked = set()
         for step in range(60):
             core.step()
             for ext, rid in ids.items():
@@ -112,9 +116,10 @@ def test_tp2_compression_is_identical_on_both_ranks_and_leaks_nothing(random_mod
                     assert rank_blocks == blocks[: len(rank_blocks)]
                 assert ranks[0][1] == ranks[1][1]
                 checked += 1
+                scorers_checked.add("kvcompress" if int(ext.split("-")[1]) % 2 else "keydiff")
             if step == 30:
                 core.abort_request(list(ids)[::4])
-        assert checked > 0
+        assert checked > 0 and scorers_checked == {"keydiff", "kvcompress"}
         eng.run_until_done()
         assert eng.free_blocks() == free0
         assert sched.kvc_totals.compressions > 0

@@ -99,12 +99,12 @@ def test_chunk_ending_one_token_short_is_not_compressed(vllm_config):
 
 def test_plan_names_requests_whose_metric_is_never_read(vllm_config):
     sched = make_scheduler(vllm_config, budget=64)
-    add(sched, "metric", 20)  # the server's default: rate 0.25, kvcompress scorer
-    add(sched, "off", 20, kv_compress_rate=1.0)
-    add(sched, "keydiff", 20, kv_compress_scorer="keydiff")
+    add(sched, "metric", 20, kv_compress_scorer="kvcompress")
+    add(sched, "off", 20, kv_compress_rate=1.0, kv_compress_scorer="kvcompress")
+    add(sched, "default", 20)  # the default scorer, keydiff: no metric
     out = run_step(sched)
-    assert set(out.kv_compress.prefill_ends) == {"metric", "off", "keydiff"}
-    assert out.kv_compress.no_metric == {"off", "keydiff"}
+    assert set(out.kv_compress.prefill_ends) == {"metric", "off", "default"}
+    assert out.kv_compress.no_metric == {"off", "default"}
 
 
 def test_interval_and_pressure(vllm_config):

@@ -37,9 +37,9 @@ LENGTHS = [50, 127, 128, 129, 300, 511, 512, 513, 700, 1023, 1024, 1025, 1200, 1
 
 #: Per-request options (vllm_xargs), cycled over the requests.
 OPTIONS = [
-    {},  # the server's rate 0.5, kvcompress scorer
+    {},  # the server's rate 0.5 and default scorer (keydiff)
     {"kv_compress_rate": 0.25},
-    {"kv_compress_rate": 0.75, "kv_compress_scorer": "keydiff"},
+    {"kv_compress_rate": 0.75, "kv_compress_scorer": "kvcompress"},  # the attention metric
     {"kv_compress_rate": 0.3, "kv_compress_scorer": "random"},
     {"kv_compress_rate": 0.5, "kv_compress_scorer": "streamingllm"},
     {"kv_compress_rate": 0.5, "kv_compress_scorer": "knorm", "kv_compress_allocation": "uniform"},

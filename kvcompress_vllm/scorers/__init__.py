@@ -4,10 +4,10 @@ One small class per scorer (``<name>_scorer.py``), each with one ``score``
 method and its paper in the docstring:
 
 ``kvcompress``   lowest squared attention of the observation window and decode
-                 queries (KV-Compress, the default)
+                 queries (KV-Compress's metric)
 ``streamingllm`` oldest first (sinks + recent window)
 ``knorm``        largest key norm first (keeps low-norm keys)
-``keydiff``      keys most similar to the normalised mean key first
+``keydiff``      keys most similar to the normalised mean key first (the default)
 ``random``       random (control)
 ``metric_keydiff``        z-scored attention metric + z-scored key diversity
 ``metric_keydiff_rank``   mean of the two per-head ranks, the metric's per-head budgets

@@ -17,24 +17,24 @@ class KeyDiffScorer(Scorer):
     ``score = -cos(k, anchor)``.  (Before this class the plugin used the mean
     of the raw keys, a different definition under the same name.)
 
-    Memory: one chunk's keys are upcast to fp32 and normalised in place; the
-    anchor and the similarities are matrix-vector products per head (per
-    head, so that the result does not depend on how heads are chunked), so no
-    further ``[r, C, D]`` temporary is made.
+    Computed per head as ``-(k . a) / (|k| |a|)`` with ``a`` the mean of
+    ``k / |k|``: the same value as normalising the keys first, without writing
+    normalised keys; each head's keys are upcast to fp32 one head at a time
+    (``[C, D]``), so no ``[r, C, D]`` fp32 temporary is made.
     """
 
     name = "keydiff"
     needs_keys = True
 
     def score(self, kvs: HeadKVs) -> torch.Tensor:
-        keys = kvs.keys().float()  # [r, C, D], fresh: normalised in place
-        norms = torch.linalg.vector_norm(keys, dim=-1, keepdim=True)
-        keys.div_(norms.clamp_min_(1e-12))  # F.normalize
-        valid = kvs.valid.to(torch.float32)  # [r, C]; padding keys are zero
+        keys = kvs.keys()  # [r, C, D], cache dtype; padding keys are zero
+        valid = kvs.valid.to(torch.float32)  # [r, C]
         out = torch.empty(valid.shape, dtype=torch.float32, device=valid.device)
         for i in range(keys.shape[0]):
-            anchor = (valid[i] @ keys[i]) / valid[i].sum().clamp_min(1)  # [D]
-            # cos(k, a) = (k / |k|) . a / |a|
-            out[i] = keys[i] @ anchor
+            k = keys[i].float()  # [C, D]
+            inv_norm = torch.linalg.vector_norm(k, dim=-1).clamp_min_(1e-12).reciprocal_()  # [C]
+            anchor = ((valid[i] * inv_norm) @ k) / valid[i].sum().clamp_min(1)  # [D]
+            # cos(k, a) = (k . a) / |k| / |a|
+            torch.mul(k @ anchor, inv_norm, out=out[i])
             out[i] /= torch.linalg.vector_norm(anchor).clamp_min(1e-8)
         return out.neg_()
