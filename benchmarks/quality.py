@@ -153,6 +153,8 @@ def main() -> int:
     robust.add_argument("--report", default=None,
                         help="comma-separated robust CSVs: print the tables and the selection, no engine")
     args = parser.parse_args()
+    if args.chunk < 1:
+        parser.error(f"--chunk: cases per engine call must be >= 1 (got {args.chunk})")
     if args.suite == "robust":
         return robust_main(args)
     args.scorers = args.scorers or ",".join(SCORERS)
@@ -422,6 +424,13 @@ def kept_table(rows: list[dict]) -> str:
 
 def robust_report(rows: list[dict]) -> str:
     best, held_in = select_default(rows)
+    bar_tests = {}
+
+    def bar_of(split: str, scorer: str) -> dict:  # each bootstrap once per report
+        if (split, scorer) not in bar_tests:
+            bar_tests[split, scorer] = bar_test(rows, split, scorer)
+        return bar_tests[split, scorer]
+
     out = []
     for split in ("held-in", "held-out"):
         if any(r["split"] == split for r in rows):
@@ -453,12 +462,12 @@ def robust_report(rows: list[dict]) -> str:
                 tag = " (selected)" if cand == best else "" if cand in CANDIDATES else " (public)"
                 cols = fmt(hi_all.get(cand)) + fmt(ho_all.get(cand))
                 if bar:
-                    fails = [sum(u < 0 for _, u in bar_test(rows, split, cand).values()) if m else None
+                    fails = [sum(u < 0 for _, u in bar_of(split, cand).values()) if m else None
                              for split, m in (("held-in", hi_all.get(cand)), ("held-out", ho_all.get(cand)))]
                     cols += (" / ".join("--" if f is None else str(f) for f in fails),)
                 out.append(f"| {cand}{tag} | " + " | ".join(cols) + " |")
             out.append("")
-        verdict = {split: meets_bar(bar_test(rows, split, best)) for split in ("held-in", "held-out")
+        verdict = {split: meets_bar(bar_of(split, best)) for split in ("held-in", "held-out")
                    if any(r["split"] == split and r["scorer"] == best for r in rows)}
         out.append(f"selected on held-in: {best} (worst margin {100 * held_in[best][0]:+.0f} points; "
                    + ", ".join(f"{split}: {'meets' if ok else 'does not meet'} the bar" for split, ok in verdict.items())
@@ -490,10 +499,11 @@ def robust_main(args) -> int:
     model = args.model or str(prepare_default_model())
     scorers = args.scorers.split(",") if args.scorers else PUBLIC + CANDIDATES
     if args.select_from:
-        best, held_in = select_default(read_rows(args.select_from.split(",")))
+        held_in_rows = read_rows(args.select_from.split(","))
+        best, held_in = select_default(held_in_rows)
         # The held-out run reports the public scorers, the selected scorer
         # and, if a public scorer was selected, the best combined candidate.
-        cand, _ = select_default(read_rows(args.select_from.split(",")), CANDIDATES)
+        cand, _ = select_default(held_in_rows, CANDIDATES)
         scorers = PUBLIC + [c for c in dict.fromkeys([best, cand]) if c not in PUBLIC]
         print(f"selected on {args.select_from}: {best} (held-in worst margin "
               f"{100 * held_in[best][0]:+.0f} points); running {','.join(scorers)}", flush=True)
@@ -565,12 +575,7 @@ def robust_main(args) -> int:
               flush=True)
     wall = time.perf_counter() - start
     print(f"\nwall time {wall:.0f} s ({tokens_run / max(wall, 1e-9):.0f} prompt tok/s); wrote {path}\n")
-    kept = defaultdict(list)
-    for r in rows:
-        kept[(r["scorer"], float(r["rate"]))].append(float(r["kept_fraction"]))
-    print("mean kept fraction: " + ", ".join(
-        f"{s}@{r:g} {100 * sum(v) / len(v):.0f}%" for (s, r), v in sorted(kept.items())))
-    print(robust_report(rows))
+    print(robust_report(rows))  # includes the kept fractions (kept_table)
     llm.llm_engine.engine_core.shutdown()
     return 0
 

@@ -181,9 +181,8 @@ def run_engine(spec: dict) -> list[dict]:
         max_num_batched_tokens=spec["max_num_batched_tokens"],
     )
     if spec["plugin"]:
-        engine_kwargs["additional_config"] = {"kv_compress": {"rate": 1.0, "enabled": True}}
-        if spec.get("scorer"):
-            engine_kwargs["additional_config"]["kv_compress"]["scorer"] = spec["scorer"]
+        engine_kwargs["additional_config"] = {
+            "kv_compress": {"rate": 1.0, "enabled": True, "scorer": spec["scorer"]}}
     engine_kwargs.update(spec.get("engine_kwargs", {}))
     llm = LLM(spec["model"], **engine_kwargs)
     rec = timers = scheduler = None
@@ -403,9 +402,12 @@ def main() -> int:
                     jobs.append(dict(common, name=f"kvc {rate:g}", rate=rate, max_tokens=shape.output_len))
         return jobs
 
-    from kvcompress_vllm.config import KVCompressConfig
+    from kvcompress_vllm.config import KVCompressConfig, KVCompressConfigError, check_scorer
 
-    scorer = args.scorer or KVCompressConfig.scorer  # recorded per row
+    try:  # the plugin engines' scorer, passed to them and recorded per row
+        scorer = check_scorer(args.scorer, "--scorer") if args.scorer else KVCompressConfig.scorer
+    except KVCompressConfigError as err:
+        parser.error(str(err))
     raw: list[dict] = []
     sweep_start = time.perf_counter()
     blocks = {}
@@ -426,7 +428,7 @@ def main() -> int:
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=2048, jobs=jobs, verbose=args.verbose,
                 engine_kwargs=extra_kwargs, label_suffix=f" {label}" if label else "",
-                scorer=args.scorer,
+                scorer=scorer,
             )
             t0 = time.perf_counter()
             results = run_config(spec)

@@ -90,11 +90,12 @@ def test_tp2_compression_is_identical_on_both_ranks_and_leaks_nothing(random_mod
         core, sched = eng.engine, eng.scheduler
         assert sched.geometry.pages_per_block == 4 * 2  # layers x KV heads per rank
         free0 = eng.free_blocks()
-        ids = {}
+        ids, scorer_of = {}, {}
         for i, prompt in enumerate(PROMPTS * 3):
             ext = f"tp-{i}"
             # Alternate the default scorer (keydiff: reads keys) and the
             # attention metric (kvcompress: all-reduced over the ranks' heads).
+            scorer_of[ext] = "kvcompress" if i % 2 else "keydiff"
             extra = {"kv_compress_scorer": "kvcompress"} if i % 2 else None
             ids[ext] = core.add_request(
                 ext, {"prompt_token_ids": prompt},
@@ -116,7 +117,7 @@ def test_tp2_compression_is_identical_on_both_ranks_and_leaks_nothing(random_mod
                     assert rank_blocks == blocks[: len(rank_blocks)]
                 assert ranks[0][1] == ranks[1][1]
                 checked += 1
-                scorers_checked.add("kvcompress" if int(ext.split("-")[1]) % 2 else "keydiff")
+                scorers_checked.add(scorer_of[ext])
             if step == 30:
                 core.abort_request(list(ids)[::4])
         assert checked > 0 and scorers_checked == {"keydiff", "kvcompress"}
