@@ -17,7 +17,7 @@ demo: install model
 
 ## make test: the whole test suite (sets up everything it needs first).
 test: install model
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests --durations=30
 
 $(STAMP): requirements/cpu.txt requirements/dev.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)

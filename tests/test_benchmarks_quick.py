@@ -37,8 +37,10 @@ def test_throughput_sweep_quick(tmp_path):
     for r in rows:
         assert float(r["output_tok_s"]) > 0 and int(r["output_tokens"]) > 0
         assert 0 < float(r["prefill_share"]) < 1
-        # both ceilings are measured for every row
-        assert 0 < float(r["prefill_only_s"]) < float(r["wall_s"])
+        # both ceilings are measured for every row (the prefill-only run is a
+        # separate timing, so it is not compared with wall_s: the quick shapes'
+        # outputs are short enough for noise to put it either side)
+        assert float(r["prefill_only_s"]) > 0
         assert float(r["of_ceiling"]) > 0
         shares = [float(r[k]) for k in ("schedule_share", "batch_share", "eviction_share",
                                          "forward_share", "other_share")]
