@@ -22,6 +22,15 @@ Robust suite (choosing the default scorer; docs/quality.md "Robust suite"):
     python benchmarks/quality.py --suite robust \
         --report docs/quality_robust_held-in.csv,docs/quality_robust_held-out.csv
 
+Long-generation suite (``tasks.LONG_CASES``: needle prompts continued for 512
+tokens, so a request is re-compressed while it decodes; `keydiff` vs
+`kvcompress` by default, paired per generated case; each continuation scored
+against the uncompressed one by ``overlap`` = ``tasks.word_recall`` and by the
+agreeing prefix, ``score``):
+
+    python benchmarks/quality.py --suite long --split all --n 24 --lengths 1500 --in-process
+    python benchmarks/quality.py --suite long --report docs/quality_long_all.csv
+
 cells = case (``tasks.ROBUST_CASES``) x length (1500, 3500 tokens), ``--n``
 generated cases per cell and split (seed parity: even = held-in, odd =
 held-out), every public scorer and candidate at keep rates 0.5 and 0.25 plus
@@ -134,7 +143,8 @@ def main() -> int:
                         "(robust suite: the public scorers and the candidates)")
     parser.add_argument("--rates", default=None, help="default: 1,0.5,0.25,0.125,0.0625 (robust: 0.5,0.25)")
     robust = parser.add_argument_group("robust suite (--suite robust)")
-    robust.add_argument("--suite", choices=("classic", "robust"), default="classic")
+    robust.add_argument("--suite", choices=("classic", "robust", "long"), default="classic",
+                        help="long: the long-generation suite (same options as robust)")
     robust.add_argument("--split", choices=("held-in", "held-out", "all"), default="held-in",
                         help="seeds of this split only (even = held-in, odd = held-out)")
     robust.add_argument("--n", type=int, default=13, help="cases per case x length cell")
@@ -155,7 +165,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.chunk < 1:
         parser.error(f"--chunk: cases per engine call must be >= 1 (got {args.chunk})")
-    if args.suite == "robust":
+    if args.suite in ("robust", "long"):
         return robust_main(args)
     args.scorers = args.scorers or ",".join(SCORERS)
     args.rates = args.rates or ",".join(map(str, RATES))
@@ -476,6 +486,55 @@ def robust_report(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+#: The long suite compares these two by default (the default scorer and the paper's).
+LONG_SCORERS = ["keydiff", "kvcompress"]
+
+
+#: Fewer paired cases than this in a cell: no verdict (a bootstrap over 2-4
+#: cases calls any consistent difference significant).
+MIN_VERDICT_CASES = 5
+#: The long suite's measures: CSV column -> what it is.
+LONG_MEASURES = {
+    "overlap": "words of the uncompressed continuation reproduced in order (tasks.word_recall), %",
+    "score": "agreeing prefix: tokens before the first difference from the uncompressed continuation, %",
+}
+
+
+def long_report(rows: list[dict], scorers=None) -> str:
+    """The long-generation suite's tables, for each measure (``LONG_MEASURES``):
+    the mean per configuration and cell (both splits together: nothing is
+    selected on this suite), then for every pair of scorers the per-cell
+    difference and whether either is worse beyond noise (:func:`bar_test`
+    with the other as the only "public" scorer, Bonferroni over the cells)."""
+    rows = [dict(r, split="all") for r in rows]
+    scorers = scorers or sorted({r["scorer"] for r in rows if r["scorer"] != "full"},
+                                key=lambda sc: (LONG_SCORERS + [sc]).index(sc))
+    out = ["Mean fraction of KVs kept:", "", kept_table(rows), ""]
+    for measure, what in LONG_MEASURES.items():
+        mrows = [dict(r, score=r[measure]) for r in rows if measure in r]
+        if not mrows:
+            continue
+        out += [f"**{measure}**: {what}", "", robust_table(mrows, "all"), ""]
+        pairs = defaultdict(set)
+        for r in mrows:
+            pairs[(r["case"], int(r["length"]), float(r["rate"]))].add(int(r["seed"]))
+        for i, a in enumerate(scorers):
+            for b in scorers[i + 1:]:
+                ab, ba = bar_test(mrows, "all", a, [b]), bar_test(mrows, "all", b, [a])
+                out += [f"`{a}` minus `{b}`, {measure} (points, paired by case; worse beyond noise: "
+                        f"one-sided, family-wise {BAR_ALPHA:g} over the cells):", "",
+                        "| case | length | rate | difference | verdict |", "|---|---:|---:|---:|---|"]
+                for cell in sorted(ab, key=lambda k: (k[0], k[1], -k[2])):
+                    if len(pairs[cell]) < MIN_VERDICT_CASES:
+                        verdict = f"fewer than {MIN_VERDICT_CASES} cases"
+                    else:
+                        verdict = (f"{a} worse" if ab[cell][1] < 0 else f"{b} worse" if ba[cell][1] < 0
+                                   else "within noise")
+                    out.append(f"| {cell[0]} | {cell[1]} | {cell[2]:g} | {100 * ab[cell][0]:+.1f} | {verdict} |")
+                out.append("")
+    return "\n".join(out)
+
+
 def read_rows(paths) -> list[dict]:
     rows = []
     for p in paths:
@@ -484,10 +543,25 @@ def read_rows(paths) -> list[dict]:
     return rows
 
 
+def long_params(task, extra: dict):
+    """Sampling of a long-suite request: greedy, ``CONTINUE_TOKENS`` past EOS."""
+    from vllm import SamplingParams
+
+    if task.kind != "continue":
+        raise ValueError(f"the long suite continues prompts; got a {task.kind!r} case")
+    return SamplingParams(temperature=0.0, max_tokens=CONTINUE_TOKENS, ignore_eos=True, extra_args=extra)
+
+
 def robust_main(args) -> int:
+    long = args.suite == "long"
     if args.report:
-        print(robust_report(read_rows(args.report.split(","))))
+        report = long_report if long else robust_report
+        print(report(read_rows(args.report.split(","))))
         return 0
+    if long and args.no_full:
+        raise SystemExit("--no-full: the long suite scores continuations against the uncompressed one")
+    if long and args.select_from:
+        raise SystemExit("--select-from: nothing is selected on the long suite")
     if args.in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -497,7 +571,7 @@ def robust_main(args) -> int:
     from kvcompress_vllm.model import prepare_default_model
 
     model = args.model or str(prepare_default_model())
-    scorers = args.scorers.split(",") if args.scorers else PUBLIC + CANDIDATES
+    scorers = args.scorers.split(",") if args.scorers else LONG_SCORERS if long else PUBLIC + CANDIDATES
     if args.select_from:
         held_in_rows = read_rows(args.select_from.split(","))
         best, held_in = select_default(held_in_rows)
@@ -511,10 +585,11 @@ def robust_main(args) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     cases = args.cases.split(",") if args.cases else None
     tokenizer = AutoTokenizer.from_pretrained(model)
-    suite = tasks.robust_suite(tokenizer, args.n, args.split, lengths, cases)
+    registry = tasks.LONG_CASES if long else tasks.ROBUST_CASES
+    suite = tasks.robust_suite(tokenizer, args.n, args.split, lengths, cases, registry)
     configs = ([] if args.no_full else [("full", 1.0)]) + [(s, r) for s in scorers for r in rates]
     prompt_tokens = sum(t.num_tokens for *_, t in suite) * len(configs)
-    print(f"robust suite, split {args.split}: {len(suite)} cases ({args.n} per case x length cell) x "
+    print(f"{args.suite} suite, split {args.split}: {len(suite)} cases ({args.n} per case x length cell) x "
           f"{len(configs)} configs = {len(suite) * len(configs)} requests, {prompt_tokens} prompt tokens "
           f"(~{prompt_tokens / PREFILL_TOKENS_PER_S / 60:.1f} min at {PREFILL_TOKENS_PER_S} tok/s)", flush=True)
     if args.dry_run:
@@ -529,7 +604,7 @@ def robust_main(args) -> int:
     )
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"quality_robust_{args.split}{args.tag}.csv"
+    path = out_dir / f"quality_{args.suite}_{args.split}{args.tag}.csv"
     # Rows are appended after every chunk of cases, so an hour-long run that
     # stops keeps what it measured; --resume skips the requests already there.
     done = read_rows([path]) if args.resume and path.exists() else []
@@ -542,6 +617,10 @@ def robust_main(args) -> int:
     start = time.perf_counter()
     tokens_run = 0
     chunk = args.chunk * len(configs)
+    # The continuation cases are scored against the uncompressed continuation
+    # of the same prompt, which runs in the same chunk (configs are contiguous
+    # per case, "full" first); a resumed run re-runs nothing it cannot score.
+    full_out: dict[tuple, tuple[list[int], str]] = {}  # (case, length, seed) -> (ids, text)
     for i in range(0, len(todo), chunk):
         part = todo[i:i + chunk]
         params = []
@@ -549,19 +628,38 @@ def robust_main(args) -> int:
             extra = {"kv_compress_rate": rate}
             if scorer != "full":
                 extra.update(request_options(scorer))
-            params.append(SamplingParams(temperature=0.0, max_tokens=ROBUST_MAX_TOKENS.get(case, 10),
-                                         extra_args=extra))
+            params.append(long_params(task, extra) if long else SamplingParams(
+                temperature=0.0, max_tokens=ROBUST_MAX_TOKENS.get(case, 10), extra_args=extra))
         outs = llm.generate([k[3].prompt for k in part], params, use_tqdm=False)
+        for (case, length, seed, task, scorer, rate), out in zip(part, outs):
+            if scorer == "full":
+                full_out[(case, length, seed)] = (list(out.outputs[0].token_ids), out.outputs[0].text)
         new_rows = []
         for (case, length, seed, task, scorer, rate), out in zip(part, outs):
             stats = (out.kv_transfer_params or {}).get("kv_compress", {})
-            new_rows.append({
+            ids, text = list(out.outputs[0].token_ids), out.outputs[0].text
+            overlap = None
+            if task.kind == "continue":
+                if (case, length, seed) not in full_out:
+                    raise SystemExit(f"{case} {length} seed {seed}: no uncompressed continuation in this "
+                                     "run to score against (do not --resume a partly run case)")
+                ref_ids, ref_text = full_out[(case, length, seed)]
+                score = prefix_agreement(ids, ref_ids)
+                overlap = tasks.word_recall(ref_text, text)
+            else:
+                score = task.score(text)
+            row = {
                 "split": tasks.split_of(seed), "case": case, "length": length, "seed": seed,
                 "prompt_tokens": task.num_tokens, "scorer": scorer, "rate": rate,
-                "score": round(task.score(out.outputs[0].text), 4),
+                "score": round(score, 4),
                 "kept_fraction": round(stats.get("kept_fraction", 1.0), 4),
-                "output": out.outputs[0].text.strip()[:60],
-            })
+            }
+            if long:
+                row["overlap"] = round(overlap, 4)
+                row["output_tokens"] = len(ids)
+                row["compressions"] = stats.get("compressions", 0)
+            row["output"] = out.outputs[0].text.strip()[:60]
+            new_rows.append(row)
         write_header = not rows
         with open(path, "w" if write_header else "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(new_rows[0].keys()))
@@ -575,7 +673,7 @@ def robust_main(args) -> int:
               flush=True)
     wall = time.perf_counter() - start
     print(f"\nwall time {wall:.0f} s ({tokens_run / max(wall, 1e-9):.0f} prompt tok/s); wrote {path}\n")
-    print(robust_report(rows))  # includes the kept fractions (kept_table)
+    print(long_report(rows) if long else robust_report(rows))  # includes the kept fractions
     llm.llm_engine.engine_core.shutdown()
     return 0
 

@@ -162,3 +162,51 @@ def test_bar_test_separates_noise_from_a_real_loss():
     # Unpaired rows (a scorer run on other seeds) give no cell, not a verdict.
     other = [dict(r, seed=r["seed"] + 100) if r["scorer"] == "metric_keydiff" else r for r in rows]
     assert q.bar_test(other, "held-in", "metric_keydiff") == {} and not q.meets_bar({})
+
+
+# --- the long-generation suite ----------------------------------------------------
+
+def test_word_recall_counts_words_in_order():
+    ref = "the old miller carried a basket of apples near the river"
+    assert tasks.word_recall(ref, ref) == 1.0
+    assert tasks.word_recall(ref, ref.upper() + ' " and then more text') == 1.0  # extra words are free
+    # one slipped word costs one word, not the rest
+    assert tasks.word_recall(ref, ref.replace("basket", "bag")) == pytest.approx(10 / 11)
+    # order matters: the reversed sentence aligns on a few words (the two "the"s)
+    assert tasks.word_recall(ref, " ".join(reversed(ref.split()))) <= 3 / 11
+    assert tasks.word_recall(ref, "") == 0.0
+    with pytest.raises(ValueError, match="reference"):
+        tasks.word_recall("  ", "x")
+
+
+def test_long_suite_uses_its_own_registry(tok):
+    suite = tasks.robust_suite(tok, 2, "all", lengths=(1500,), registry=tasks.LONG_CASES)
+    assert [(c, s) for c, _, s, _ in suite] == [
+        ("filler_continue", 100_000), ("filler_continue", 100_001),
+        ("prose_continue", 101_000), ("prose_continue", 101_001)]
+    assert all(t.kind == "continue" for *_, t in suite)
+    # the same prompts as the robust suite's needle cases of that seed
+    assert suite[2][3].prompt == tasks.prose_needle(tok, 1500, 101_000).prompt
+    assert suite[0][3].prompt == tasks.ROBUST_CASES["filler_needle"](tok, 1500, 100_000).prompt
+    with pytest.raises(ValueError, match="prose_copy"):
+        tasks.robust_suite(tok, 1, "all", lengths=(1500,), cases=["prose_copy"], registry=tasks.LONG_CASES)
+
+
+def test_long_report_compares_the_scorers_per_cell():
+    q = _quality()
+    table = {("prose_continue", "full", 1.0): [1.0] * 12}
+    for rate in (0.5, 0.25):
+        table |= {("prose_continue", "kvcompress", rate): [0.9] * 12,
+                  ("prose_continue", "keydiff", rate): [0.9] * 11 + [0.2] if rate == 0.5 else [0.3] * 12}
+    rows = [dict(r, split=tasks.split_of(r["seed"]), overlap=r["score"]) for r in _rows("all", table)]
+    report = q.long_report(rows)
+    assert "all, n = 12 per cell" in report  # both splits reported together
+    assert "**overlap**" in report and "**score**" in report  # both measures
+    lines = [ln for ln in report.splitlines() if ln.startswith("| prose_continue |")]
+    by_rate = {ln.split("|")[3].strip(): ln for ln in lines}
+    assert len(lines) == 4  # 2 rates x 2 measures
+    assert "within noise" in by_rate["0.5"] and "-5.8" in by_rate["0.5"]  # one bad case in 12
+    assert "keydiff worse" in by_rate["0.25"] and "-60.0" in by_rate["0.25"]
+    # too few cases: no verdict, however consistent the difference
+    few = [r for r in rows if r["seed"] < 3]
+    assert "fewer than 5 cases" in q.long_report(few) and "worse |" not in q.long_report(few)
