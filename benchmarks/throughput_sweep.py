@@ -54,6 +54,15 @@ binds its worker to one core).  ``mp`` rows report end-to-end figures only.
 Every row records the plugin's scorer (``scorer`` column; the default
 scorer unless ``--scorer``).
 
+Drift: this VM's speed moves by 20-40% over minutes to an hour, and the
+engines run one after another, so a single pass biases ratios between engines
+that ran far apart.  ``--rounds 2`` runs every engine twice, the second time
+in the reverse order (A B C D, D C B A); rows average the rounds (rates
+harmonically: total work / total time, so a drift linear in time cancels),
+the ratios are taken between those averages and the ``*_per_round`` columns
+show each round's own ratio (their spread is the noise the average works
+against).  Per-round rows go to ``throughput_rounds.csv``.
+
 Writes docs/throughput.csv and docs/throughput.png (``--out-dir`` to change).
 """
 
@@ -87,10 +96,10 @@ SHAPES = [
     Shape("many-requests", 32, 640, 128),
 ]
 QUICK_SHAPES = [
-    Shape("mixed", 6, 384, 32),
-    Shape("prefill-heavy", 4, 768, 24),
-    Shape("decode-heavy", 4, 256, 288),  # > 2 pages of output: decode-time compressions
-    Shape("many-requests", 16, 512, 16),
+    Shape("mixed", 4, 384, 32),
+    Shape("prefill-heavy", 3, 768, 16),
+    Shape("decode-heavy", 3, 256, 288),  # > 2 pages of output: decode-time compressions
+    Shape("many-requests", 12, 512, 16),
 ]
 RESULT_TAG = "KVC_SWEEP_RESULT "
 PLUGIN_RATES = {"tight": [0.25, 1.0], "ample": [0.25]}
@@ -315,10 +324,15 @@ def table(rows: list[dict]) -> str:
     def pct(r, key):
         return f"{100 * r[key]:.1f}%" if key in r else "n/a"
 
+    def spread(r, key, fmt):  # "(lo-hi)" of the rounds' own ratios, when there are several
+        vals = [float(x) for x in str(r.get(f"{key}_per_round", "")).split("/") if x]
+        return f" ({fmt(min(vals))}-{fmt(max(vals))})" if len(vals) > 1 else ""
+
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['shape']} | {r['budget']} | {r['config']} | {r['output_tok_s']:.1f} | "
-            f"{r['vs_stock']:.2f}x | {100 * r['of_ceiling']:.0f}% | {r['wall_s']:.1f} | "
+            f"{r['vs_stock']:.2f}x{spread(r, 'vs_stock', lambda v: f'{v:.2f}')} | "
+            f"{100 * r['of_ceiling']:.0f}%{spread(r, 'of_ceiling', lambda v: f'{100 * v:.0f}')} | {r['wall_s']:.1f} | "
             f"{r['prefill_only_s']:.1f} | {r['memory_bound']} | {r.get('peak_running', 'n/a')} | {r.get('preemptions', 'n/a')} | "
             + (f"{r['mean_running_decode']:.1f}" if "mean_running_decode" in r else "n/a")
             + f" | {100 * r['mean_kept_fraction']:.0f}% | {pct(r, 'schedule_share')} | "
@@ -326,6 +340,76 @@ def table(rows: list[dict]) -> str:
             f"{pct(r, 'other_share')} |"
         )
     return "\n".join(lines)
+
+
+#: What identifies a row across rounds.
+ROW_KEY = ("mode", "shape", "budget", "config")
+
+
+def engine_order(engines: list, rnd: int) -> list:
+    """Round ``rnd`` (0-based) runs the engines forward when even, reversed
+    when odd: A B C D, D C B A, A B C D, ... so that over an even number of
+    rounds a linear drift of the machine weighs on every engine equally."""
+    return list(engines) if rnd % 2 == 0 else list(reversed(engines))
+
+
+#: Rates among the per-job fields: averaged harmonically (same work every
+#: round, so that is total work / total time, and a drift linear in time cancels).
+RATE_FIELDS = ("output_tok_s", "requests_s")
+
+
+def average_rounds(raw: list[dict]) -> list[dict]:
+    """One row per ``ROW_KEY``: numeric fields averaged over its rounds (rates
+    harmonically, ``RATE_FIELDS``; times and counts arithmetically; a field
+    equal in every round is kept as is), others taken from the first round;
+    ``rounds`` = how many were averaged."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in raw:
+        groups.setdefault(tuple(r[k] for k in ROW_KEY), []).append(r)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
+                vals = [g[k] for g in group if k in g]
+                if len(set(vals)) == 1:
+                    continue  # the same in every round: kept as is (counts stay ints)
+                row[k] = (len(vals) / sum(1 / v for v in vals) if k in RATE_FIELDS
+                          else sum(vals) / len(vals))
+        row.pop("round", None)
+        row["rounds"] = len(group)
+        out.append(row)
+    return out
+
+
+def with_ratios(raw: list[dict], shapes: list[Shape], tight_tokens: int) -> list[dict]:
+    """The report rows (prefill-only runs dropped): each row's ratio to stock
+    at its budget and to stock unlimited (``of_ceiling``), the prefill-only
+    ceiling and the memory bound, from rows of the same mode, shape and round
+    (rows without a ``round``: averaged ones)."""
+    rows = []
+    for r in raw:
+        if r["config"] == "prefill-only":
+            continue
+        same = [x for x in raw if x["mode"] == r["mode"] and x["shape"] == r["shape"]
+                and x.get("round") == r.get("round")]
+        stock = next(x for x in same if x["config"] == "stock" and x["budget"] == r["budget"])
+        ceiling = next(x for x in same if x["config"] == "stock" and x["budget"] == "ample")
+        prefill = next(x for x in same if x["config"] == "prefill-only")
+        shape = next(s for s in shapes if s.name == r["shape"])
+        rows.append({**r, "vs_stock": r["output_tok_s"] / stock["output_tok_s"],
+                     "of_ceiling": r["output_tok_s"] / ceiling["output_tok_s"],
+                     "prefill_only_s": prefill["wall_s"],
+                     "memory_bound": memory_bound(shape, r, tight_tokens)})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def memory_bound(shape: Shape, row: dict, tight_tokens: int) -> int:
@@ -355,12 +439,17 @@ def main() -> int:
                         help="the tight budget holds this many uncompressed KV tokens")
     parser.add_argument("--out-dir", default=str(HERE.parent / "docs"))
     parser.add_argument("--verbose", action="store_true", help="show the engines' stderr")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every engine this many times, alternating forward and reverse "
+                        "order (2: A B C D D C B A), and average (see Drift above)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="also run the plugin at the tight budget (rate 0.25) with these extra "
                         "engine arguments, e.g. 'optimistic={\"scheduler_reserve_full_isl\": false}' "
                         "(admit a request once its first chunk fits, not its whole prompt) or "
                         "'bs32={\"block_size\": 32}' (finer pages); rows are labelled 'kvc 0.25 NAME'; in-process mode only")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds: engine passes must be >= 1 (got {args.rounds})")
     if args.worker:
         print(RESULT_TAG + json.dumps(run_engine(json.loads(args.worker))), flush=True)
         return 0
@@ -416,51 +505,45 @@ def main() -> int:
         label, _, kwargs = variant.partition("=")
         engines.append((True, "tight", label, json.loads(kwargs)))
     for mode in modes:
-        for plugin, budget, label, extra_kwargs in engines:
-            if label and mode != "inproc":
-                continue  # variants: in-process only
-            name = f"{mode}/{'kvc' if plugin else 'stock'}/{budget}" + (f"/{label}" if label else "")
-            jobs = jobs_for(plugin, budget, mode)
-            if label:
-                jobs = [j for j in jobs if j["rate"] == 0.25]
-            spec = dict(
-                name=name, mode=mode, plugin=plugin, model=model, budget_bytes=budgets[budget],
-                max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=2048, jobs=jobs, verbose=args.verbose,
-                engine_kwargs=extra_kwargs, label_suffix=f" {label}" if label else "",
-                scorer=scorer,
-            )
-            t0 = time.perf_counter()
-            results = run_config(spec)
-            if results and "num_blocks" in results[-1]:
-                blocks[name] = results.pop()["num_blocks"]
-            for res in results:
-                raw.append({"mode": mode, "budget": budget,
-                            "config": res["job"], "scorer": scorer if plugin else "", **res})
-            print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+        for rnd in range(args.rounds):
+            for plugin, budget, label, extra_kwargs in engine_order(engines, rnd):
+                if label and mode != "inproc":
+                    continue  # variants: in-process only
+                name = f"{mode}/{'kvc' if plugin else 'stock'}/{budget}" + (f"/{label}" if label else "")
+                if args.rounds > 1:
+                    name += f"/round{rnd + 1}"
+                jobs = jobs_for(plugin, budget, mode)
+                if label:
+                    jobs = [j for j in jobs if j["rate"] == 0.25]
+                spec = dict(
+                    name=name, mode=mode, plugin=plugin, model=model, budget_bytes=budgets[budget],
+                    max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=2048, jobs=jobs, verbose=args.verbose,
+                    engine_kwargs=extra_kwargs, label_suffix=f" {label}" if label else "",
+                    scorer=scorer,
+                )
+                t0 = time.perf_counter()
+                results = run_config(spec)
+                if results and "num_blocks" in results[-1]:
+                    blocks[name] = results.pop()["num_blocks"]
+                for res in results:
+                    raw.append({"mode": mode, "budget": budget, "round": rnd + 1,
+                                "config": res["job"], "scorer": scorer if plugin else "", **res})
+                print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    rows = []
-    for r in raw:
-        if r["config"] == "prefill-only":
-            continue
-        same = [x for x in raw if x["mode"] == r["mode"] and x["shape"] == r["shape"]]
-        stock = next(x for x in same if x["config"] == "stock" and x["budget"] == r["budget"])
-        ceiling = next(x for x in same if x["config"] == "stock" and x["budget"] == "ample")
-        prefill = next(x for x in same if x["config"] == "prefill-only")
-        shape = next(s for s in shapes if s.name == r["shape"])
-        rows.append({**r, "vs_stock": r["output_tok_s"] / stock["output_tok_s"],
-                     "of_ceiling": r["output_tok_s"] / ceiling["output_tok_s"],
-                     "prefill_only_s": prefill["wall_s"],
-                     "memory_bound": memory_bound(shape, r, tight_tokens)})
+    per_round = with_ratios(raw, shapes, tight_tokens)
+    rows = with_ratios(average_rounds(raw), shapes, tight_tokens)
+    for r in rows:  # each round's own ratios: their spread is the drift between engines
+        mine = [x for x in per_round if all(x[k] == r[k] for k in ROW_KEY)]
+        for k in ("vs_stock", "of_ceiling"):
+            r[f"{k}_per_round"] = "/".join(f"{x[k]:.3f}" for x in sorted(mine, key=lambda x: x["round"]))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     csv_path = out_dir / f"throughput{suffix}.csv"
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(csv_path, rows)
+    if args.rounds > 1:
+        write_csv(out_dir / f"throughput{suffix}_rounds.csv", per_round)
     plot(rows, out_dir / f"throughput{suffix}.png")
     print(f"\nbudgets: tight = {budgets['tight'] / 2**20:.0f} MiB ({tight_tokens} KV tokens), "
           f"ample = {budgets['ample'] / 2**20:.0f} MiB; blocks per engine: {blocks}")
