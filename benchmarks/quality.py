@@ -22,15 +22,6 @@ Robust suite (choosing the default scorer; docs/quality.md "Robust suite"):
     python benchmarks/quality.py --suite robust \
         --report docs/quality_robust_held-in.csv,docs/quality_robust_held-out.csv
 
-Long-generation suite (``tasks.LONG_CASES``: needle prompts continued for 512
-tokens, so a request is re-compressed while it decodes; `keydiff` vs
-`kvcompress` by default, paired per generated case; each continuation scored
-against the uncompressed one by ``overlap`` = ``tasks.word_recall`` and by the
-agreeing prefix, ``score``):
-
-    python benchmarks/quality.py --suite long --split all --n 24 --lengths 1500 --in-process
-    python benchmarks/quality.py --suite long --report docs/quality_long_all.csv
-
 cells = case (``tasks.ROBUST_CASES``) x length (1500, 3500 tokens), ``--n``
 generated cases per cell and split (seed parity: even = held-in, odd =
 held-out), every public scorer and candidate at keep rates 0.5 and 0.25 plus
@@ -41,6 +32,15 @@ the combined candidates and the public scorers, the best worst-case margin
 against the per-cell best public scorer; ``bar_test`` decides whether that
 scorer is worse than the bar anywhere beyond noise (paired bootstrap over the
 generated cases, Bonferroni over the cells), on each split.
+
+Long-generation suite (``tasks.LONG_CASES``: needle prompts continued for 512
+tokens, so a request is re-compressed while it decodes; `keydiff` vs
+`kvcompress` by default, paired per generated case; each continuation scored
+against the uncompressed one by ``overlap`` = ``tasks.word_recall`` and by the
+agreeing prefix, ``score``):
+
+    python benchmarks/quality.py --suite long --split all --n 24 --lengths 1500 --in-process
+    python benchmarks/quality.py --suite long --report docs/quality_long_all.csv
 
 ``--scorers`` takes configuration labels: a scorer name (joint allocation),
 ``<scorer>+uniform`` for that scorer with ``kv_compress_allocation:
@@ -144,9 +144,11 @@ def main() -> int:
     parser.add_argument("--rates", default=None, help="default: 1,0.5,0.25,0.125,0.0625 (robust: 0.5,0.25)")
     robust = parser.add_argument_group("robust suite (--suite robust)")
     robust.add_argument("--suite", choices=("classic", "robust", "long"), default="classic",
-                        help="long: the long-generation suite (same options as robust)")
-    robust.add_argument("--split", choices=("held-in", "held-out", "all"), default="held-in",
-                        help="seeds of this split only (even = held-in, odd = held-out)")
+                        help="long: the long-generation suite (the robust suite's options but "
+                        "--no-full and --select-from)")
+    robust.add_argument("--split", choices=("held-in", "held-out", "all"), default=None,
+                        help="seeds of this split only (even = held-in, odd = held-out; "
+                        "default: held-in, or all for the long suite)")
     robust.add_argument("--n", type=int, default=13, help="cases per case x length cell")
     robust.add_argument("--lengths", default="1500,3500")
     robust.add_argument("--cases", default=None, help="default: every case of tasks.ROBUST_CASES")
@@ -399,8 +401,8 @@ def meets_bar(test: dict) -> bool:
     return bool(test) and all(upper >= 0 for _, upper in test.values())
 
 
-def robust_table(rows: list[dict], split: str) -> str:
-    """Markdown: accuracy (%) per scorer x rate (rows) and case x length (columns)."""
+def robust_table(rows: list[dict], split: str, what: str = "accuracy") -> str:
+    """Markdown: mean score (%) per scorer x rate (rows) and case x length (columns)."""
     cells = robust_cells(rows)
     keys = sorted({(c, l) for (s, c, l, _, _) in cells if s == split}, key=lambda k: (k[1], k[0]))
     has_full = any(s == split and sc == "full" for (s, _, _, sc, _) in cells)
@@ -408,7 +410,7 @@ def robust_table(rows: list[dict], split: str) -> str:
         {(sc, rt) for (s, _, _, sc, rt) in cells if s == split and sc != "full"},
         key=lambda k: (-k[1], (PUBLIC + CANDIDATES).index(k[0]) if k[0] in PUBLIC + CANDIDATES else 99, k[0]))
     ns = sorted({len(v) for (s, *_), v in cells.items() if s == split})
-    lines = [f"{split}, n = {'/'.join(map(str, ns))} per cell; accuracy (%)",
+    lines = [f"{split}, n = {'/'.join(map(str, ns))} per cell; {what} (%)",
              "", "| scorer | rate | " + " | ".join(f"{c} {l // 100 / 10:g}k" for c, l in keys) + " | mean |",
              "|---|---:|" + "---:|" * (len(keys) + 1)]
     for scorer, rate in configs:
@@ -514,18 +516,20 @@ def long_report(rows: list[dict], scorers=None) -> str:
         mrows = [dict(r, score=r[measure]) for r in rows if measure in r]
         if not mrows:
             continue
-        out += [f"**{measure}**: {what}", "", robust_table(mrows, "all"), ""]
-        pairs = defaultdict(set)
+        out += [f"**{measure}**: {what}", "", robust_table(mrows, "all", measure), ""]
+        seeds = defaultdict(set)  # (case, length, rate, scorer) -> seeds run
         for r in mrows:
-            pairs[(r["case"], int(r["length"]), float(r["rate"]))].add(int(r["seed"]))
+            seeds[(r["case"], int(r["length"]), float(r["rate"]), r["scorer"])].add(int(r["seed"]))
+        rates = sorted({float(r["rate"]) for r in mrows if r["scorer"] != "full"}, reverse=True)
         for i, a in enumerate(scorers):
             for b in scorers[i + 1:]:
-                ab, ba = bar_test(mrows, "all", a, [b]), bar_test(mrows, "all", b, [a])
+                ab = bar_test(mrows, "all", a, [b], rates=rates)
+                ba = bar_test(mrows, "all", b, [a], rates=rates)
                 out += [f"`{a}` minus `{b}`, {measure} (points, paired by case; worse beyond noise: "
                         f"one-sided, family-wise {BAR_ALPHA:g} over the cells):", "",
                         "| case | length | rate | difference | verdict |", "|---|---:|---:|---:|---|"]
                 for cell in sorted(ab, key=lambda k: (k[0], k[1], -k[2])):
-                    if len(pairs[cell]) < MIN_VERDICT_CASES:
+                    if len(seeds[(*cell, a)] & seeds[(*cell, b)]) < MIN_VERDICT_CASES:
                         verdict = f"fewer than {MIN_VERDICT_CASES} cases"
                     else:
                         verdict = (f"{a} worse" if ab[cell][1] < 0 else f"{b} worse" if ba[cell][1] < 0
@@ -554,6 +558,7 @@ def long_params(task, extra: dict):
 
 def robust_main(args) -> int:
     long = args.suite == "long"
+    args.split = args.split or ("all" if long else "held-in")
     if args.report:
         report = long_report if long else robust_report
         print(report(read_rows(args.report.split(","))))

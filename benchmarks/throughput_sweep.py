@@ -57,7 +57,8 @@ scorer unless ``--scorer``).
 Drift: this VM's speed moves by 20-40% over minutes to an hour, and the
 engines run one after another, so a single pass biases ratios between engines
 that ran far apart.  ``--rounds 2`` runs every engine twice, the second time
-in the reverse order (A B C D, D C B A); rows average the rounds (rates
+in the reverse order, jobs inside each engine too (A B C D, D C B A), so
+every job's two runs sit at mirrored times; rows average the rounds (rates
 harmonically: total work / total time, so a drift linear in time cancels),
 the ratios are taken between those averages and the ``*_per_round`` columns
 show each round's own ratio (their spread is the noise the average works
@@ -346,11 +347,12 @@ def table(rows: list[dict]) -> str:
 ROW_KEY = ("mode", "shape", "budget", "config")
 
 
-def engine_order(engines: list, rnd: int) -> list:
-    """Round ``rnd`` (0-based) runs the engines forward when even, reversed
-    when odd: A B C D, D C B A, A B C D, ... so that over an even number of
-    rounds a linear drift of the machine weighs on every engine equally."""
-    return list(engines) if rnd % 2 == 0 else list(reversed(engines))
+def engine_order(items: list, rnd: int) -> list:
+    """Round ``rnd`` (0-based) runs the engines -- and the jobs inside each --
+    forward when even, reversed when odd: A B C D, D C B A, A B C D, ...  Over
+    an even number of rounds every job's runs then have the same mean time,
+    so a linear drift of the machine weighs on every job equally."""
+    return list(items) if rnd % 2 == 0 else list(reversed(items))
 
 
 #: Rates among the per-job fields: averaged harmonically (same work every
@@ -502,7 +504,9 @@ def main() -> int:
     blocks = {}
     engines = [(plugin, budget, "", {}) for plugin in (False, True) for budget in ("tight", "ample")]
     for variant in args.variant:
-        label, _, kwargs = variant.partition("=")
+        label, eq, kwargs = variant.partition("=")
+        if not label or not eq or label in {e[2] for e in engines}:
+            parser.error(f"--variant: expected a new, non-empty NAME=JSON (got {variant!r})")
         engines.append((True, "tight", label, json.loads(kwargs)))
     for mode in modes:
         for rnd in range(args.rounds):
@@ -515,6 +519,7 @@ def main() -> int:
                 jobs = jobs_for(plugin, budget, mode)
                 if label:
                     jobs = [j for j in jobs if j["rate"] == 0.25]
+                jobs = engine_order(jobs, rnd)  # mirrored inside the engine too
                 spec = dict(
                     name=name, mode=mode, plugin=plugin, model=model, budget_bytes=budgets[budget],
                     max_model_len=max_model_len, max_num_seqs=max_num_seqs,

@@ -293,14 +293,16 @@ def prose_copy(tokenizer, num_tokens: int, seed: int, num_digits: int = 48) -> T
 
 
 def word_recall(reference: str, completion: str) -> float:
-    """Fraction of the reference's words reproduced in order: the size of the
-    longest matching (difflib) alignment of the two word sequences over the
-    reference's length.  One slipped word costs one word, not the rest."""
+    """Fraction of the reference's words reproduced in order: the words in
+    difflib's matching blocks of the two word sequences (a greedy alignment,
+    close to but not always the longest common subsequence) over the
+    reference's length.  One slipped word costs one word, not the rest.  An
+    empty reference is reproduced only by an empty completion."""
     from difflib import SequenceMatcher
 
     ref, got = reference.lower().split(), completion.lower().split()
     if not ref:
-        raise ValueError("word_recall: the reference has no words")
+        return 0.0 if got else 1.0
     blocks = SequenceMatcher(None, ref, got, autojunk=False).get_matching_blocks()
     return sum(b.size for b in blocks) / len(ref)
 
@@ -324,7 +326,7 @@ ROBUST_LENGTHS = (1500, 3500)
 #: The long-generation suite's cases (same contract as ``ROBUST_CASES``).
 LONG_CASES = {
     "filler_continue": lambda tok, n, seed: as_continuation(ROBUST_CASES["filler_needle"](tok, n, seed)),
-    "prose_continue": lambda tok, n, seed: as_continuation(prose_needle(tok, n, seed)),
+    "prose_continue": lambda tok, n, seed: as_continuation(ROBUST_CASES["prose_needle"](tok, n, seed)),
 }
 
 
@@ -339,8 +341,8 @@ def robust_suite(tokenizer, n: int, split: str, lengths=ROBUST_LENGTHS, cases=No
     """``(case, length, seed, task)`` for the first ``n`` seeds of ``split``
     (``held-in``: seeds 0, 2, 4, ...; ``held-out``: 1, 3, 5, ...; ``all``:
     0, 1, 2, ...) in every case x length cell of ``registry`` (default
-    ``ROBUST_CASES``; ``LONG_CASES`` for the long-generation suite).  The seed
-    of a cell's ``s``-th case is ``100_000 * (length_index + 1) + 1000 *
+    ``ROBUST_CASES``; ``LONG_CASES`` for the long-generation suite).  Seed
+    offset ``s`` of a cell becomes ``100_000 * (length_index + 1) + 1000 *
     case_index + s``, so the parity of ``s`` decides the split."""
     registry = ROBUST_CASES if registry is None else registry
     names = list(cases or registry)

@@ -18,10 +18,15 @@ def test_vllm_cli_lists_flag():
     procs = {sub: subprocess.Popen([VLLM, *sub, "--help=kv-compress-rate"], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
              for sub in (("serve",), ("bench", "throughput"), ("bench", "latency"))}
-    for sub, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, (sub, stderr[-2000:])
-        assert "--kv-compress-rate" in stdout and "KEPT" in stdout, sub
+    try:
+        for sub, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, (sub, stderr[-2000:])
+            assert "--kv-compress-rate" in stdout and "KEPT" in stdout, sub
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_bench_throughput_runs_with_flag(model_path, tmp_path):

@@ -72,6 +72,7 @@ def test_one_round_rows_are_the_rows_of_that_round(sweep):
     raw = [r for r in _raw(sweep, drift=0.1) if r["round"] == 1]
     single = sweep.with_ratios(raw, shapes, 6144)
     averaged = sweep.with_ratios(sweep.average_rounds(raw), shapes, 6144)
+    assert len(single) == len(averaged) == 3
     for a, b in zip(single, averaged):
         assert a["vs_stock"] == b["vs_stock"] and a["of_ceiling"] == b["of_ceiling"]
 
