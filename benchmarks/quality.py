@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import os
 import sys
 import time
@@ -92,7 +91,7 @@ def build_tasks(tokenizer, size: str):
             out.append(tasks.digit_repeat(tokenizer, 600, seed=400 + seed))
         for i, depth in enumerate((0.1, 0.3, 0.5, 0.7, 0.9, 0.5)):
             t = tasks.passkey(tokenizer, 1500, depth, seed=500 + i)
-            out.append(dataclasses.replace(t, kind="continue"))
+            out.append(tasks.as_continuation(t))
         return out
     if size == "quick":
         for depth in (0.25, 0.75):

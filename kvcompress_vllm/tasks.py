@@ -36,7 +36,7 @@ held-out split is by seed parity (``split_of``: even = held-in).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. "
@@ -310,7 +310,7 @@ def word_recall(reference: str, completion: str) -> float:
 def as_continuation(task: Task) -> Task:
     """``task``'s prompt, to be continued well past its answer (kind
     ``continue``: scored by the caller against the uncompressed continuation)."""
-    return Task("continue", task.prompt, task.answer, task.num_tokens, task.depth)
+    return replace(task, kind="continue")
 
 
 #: The robust suite's cases: name -> ``f(tokenizer, num_tokens, seed) -> Task``.
