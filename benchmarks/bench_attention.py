@@ -94,6 +94,33 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 3, budget_s: float =
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def stock_decode(vops, isa: str, cache: torch.Tensor, block_table: torch.Tensor,
+                 query: torch.Tensor, seq_lens: torch.Tensor, scale: float):
+    """One decode step of vLLM's CPU attention over ``cache`` (``[num_blocks,
+    H, N, 2D]``, vLLM's layout), one query token per request (``query [R, Hq,
+    D]``): returns ``(call, out)``; ``call()`` runs the kernel into ``out``."""
+    num_blocks, h, block, _ = cache.shape
+    batch, hq, d = query.shape
+    key_cache, value_cache = cache.view(num_blocks, h, 2 * block, d).chunk(2, dim=2)
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    sched = vops.cpu_attn_get_scheduler_metadata(
+        num_reqs=batch, num_heads=hq, num_kv_heads=h, head_dim=d, seq_lens=seq_lens,
+        dtype=query.dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=True,
+    )
+    out = torch.empty_like(query)
+
+    def call():
+        vops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+            query_start_loc=qsl, seq_lens=seq_lens, scale=scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=block_table, softcap=0.0,
+            scheduler_metadata=sched, s_aux=None,
+        )
+
+    return call, out
+
+
 def bench_one(vops, get_isa, shape: str, batch: int, ctx: int, block: int, repeats: int,
               dtype=torch.bfloat16, seed: int = 0, check: bool = False,
               budget_s: float = 1.0) -> dict:
@@ -114,22 +141,7 @@ def bench_one(vops, get_isa, shape: str, batch: int, ctx: int, block: int, repea
 
     # ---- stock vLLM CPU attention
     isa = get_isa(dtype, block, d, "auto")
-    kv_view = cache.view(num_blocks, h, 2 * block, d)
-    key_cache, value_cache = kv_view.chunk(2, dim=2)
-    sched = vops.cpu_attn_get_scheduler_metadata(
-        num_reqs=batch, num_heads=hq, num_kv_heads=h, head_dim=d, seq_lens=seq_lens,
-        dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
-        enable_kv_split=True,
-    )
-    out_stock = torch.empty_like(query)
-
-    def stock():
-        vops.cpu_attention_with_kv_cache(
-            query=query, key_cache=key_cache, value_cache=value_cache, output=out_stock,
-            query_start_loc=qsl, seq_lens=seq_lens, scale=scale, causal=True,
-            alibi_slopes=None, sliding_window=-1, block_table=block_table, softcap=0.0,
-            scheduler_metadata=sched, s_aux=None,
-        )
+    stock, _ = stock_decode(vops, isa, cache, block_table, query, seq_lens, scale)
 
     # ---- kvcompress on the same bytes
     kv_pages = cache.view(num_blocks * h, 2, block, d)

@@ -54,6 +54,11 @@ class StepPlan:
     #: Those of them whose attention metric is never read
     #: (``RequestPolicy.records_metric`` false): the worker records none.
     no_metric: set[str] = field(default_factory=set)
+    #: Those of them that are never compressed (``RequestPolicy.compresses``
+    #: false): nothing ever scores, moves or evicts their KVs, so the CPU
+    #: worker keeps them in vLLM's own cache layout and attends them with
+    #: vLLM's kernel (``attention.cpu_prefill``), as stock vLLM would.
+    stock_layout: set[str] = field(default_factory=set)
     #: Ask the worker to report every request's page count (debug checks).
     report_pages: bool = False
 

@@ -21,6 +21,7 @@ def scheduler_output(
     finished: Iterable[str] = (),
     prefill_ends: dict[str, int] | None = None,
     no_metric: Iterable[str] = (),
+    stock_layout: Iterable[str] = (),
 ) -> SchedulerOutput:
     """``new``: (request id, block ids, prompt length) of newly scheduled
     requests; ``cached``: (request id, newly allocated block ids or None) of
@@ -44,5 +45,5 @@ def scheduler_output(
         scheduled_encoder_inputs={}, finished_req_ids=set(finished), free_encoder_mm_hashes=[],
     )
     so.kv_compress = StepPlan(evictions=list(plans), prefill_ends=dict(prefill_ends or {}),
-                              no_metric=set(no_metric))
+                              no_metric=set(no_metric), stock_layout=set(stock_layout))
     return so

@@ -94,3 +94,15 @@ def test_cluster_bench_quick(tmp_path):
         assert r["peak_kv_usage_per_replica"].count("=") == 2
     assert (tmp_path / "cluster_quick.png").stat().st_size > 0
     assert "crossover" in proc.stdout
+
+
+def test_layout_probe_quick():
+    """layout_probe.py --quick: the probe's two rows, or a clear refusal on a
+    CPU without the AVX-512-BF16 path (no timing assertions)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layout_probe.py"), "--quick"],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode == 1 and "needs the AVX-512-BF16 path" in proc.stdout:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| SmolLM2") or ln.startswith("| Llama")]
+    assert len(rows) >= 2 and "projected" in proc.stdout

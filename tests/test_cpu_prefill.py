@@ -5,7 +5,9 @@ ours) against ``ops.reference.paged_head_attention`` on random batches that mix
 decode rows, first prefill chunks, later chunks (KVs of earlier chunks already
 in the pages), observation windows that start before, inside or after a
 chunk, and requests whose heads hold different KV counts (compressed: never
-routed to vLLM's kernel).
+routed to vLLM's kernel); and stock-layout requests (never compressed: K/V
+written in vLLM's layout at vLLM's slots, every row on vLLM's kernel over the
+real cache) mixed with all of those.
 """
 
 from __future__ import annotations
@@ -137,3 +139,121 @@ def test_prefill_path_env(monkeypatch):
     monkeypatch.setenv(cpu_prefill.ENV, "amx")
     with pytest.raises(ValueError, match="KVCOMPRESS_CPU_PREFILL='amx'.*vllm, own"):
         cpu_prefill.prefill_path()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stock_isa):
+    """Requests that are never compressed keep vLLM's own cache layout: their
+    K/V are written at vLLM's slots with vLLM's writer and all their rows --
+    decode and prefill -- are attended by vLLM's kernel with vLLM's block
+    table, in a batch mixed with requests in our layout (gathered prefill rows
+    and our kernel).  Outputs and metrics against the reference over the same
+    KVs in plain head-pages; the stock-layout requests' metrics stay zero."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    heads, group, dim = [(1, 1, 64), (2, 3, 128), (3, 3, 64)][seed % 3]
+    n, dtype = 128, torch.bfloat16
+    num_reqs = int(torch.randint(2, 7, (1,), generator=g))
+    direct = torch.rand(num_reqs, generator=g) < 0.5
+    direct[seed % num_reqs] = True  # at least one of each kind, but one case all stock-layout
+    direct[(seed + 1) % num_reqs] = seed == 5
+    past = torch.randint(0, 700, (num_reqs,), generator=g)
+    q_len = torch.where(torch.rand(num_reqs, generator=g) < 0.4, 1,
+                        torch.randint(1, 300, (num_reqs,), generator=g))
+    total = past + q_len
+    nblocks = (total + n - 1) // n
+    num_blocks = int(nblocks.sum()) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    blocks, start = [], 0
+    for r in range(num_reqs):
+        blocks.append(perm[start:start + int(nblocks[r])])
+        start += int(nblocks[r])
+    width = int(nblocks.max())
+    block_table = torch.zeros(num_reqs, width + 2, dtype=torch.int32)  # stale tail columns
+    page_table = torch.full((num_reqs, heads, width), -1, dtype=torch.int32)
+    for r in range(num_reqs):
+        block_table[r, :len(blocks[r])] = blocks[r].int()
+        block_table[r, len(blocks[r]):] = 7
+        page_table[r, :, :len(blocks[r])] = (blocks[r].view(1, -1) * heads
+                                             + torch.arange(heads).view(-1, 1)).int()
+    cache = torch.zeros(num_blocks, heads, n, 2 * dim, dtype=dtype)
+    kv_pages = cache.view(num_blocks * heads, 2, n, dim)  # the worker's view of the same bytes
+    ref_pages = torch.zeros_like(kv_pages)
+    metrics = torch.zeros(num_blocks * heads, n)
+    positions = torch.zeros(num_blocks * heads, n, dtype=torch.int32)
+    keys = [torch.randn(int(total[r]), heads, dim, generator=g).to(dtype) for r in range(num_reqs)]
+    vals = [torch.randn(int(total[r]), heads, dim, generator=g).to(dtype) for r in range(num_reqs)]
+
+    def slots(r, pos):  # (our write slots [t, H], vLLM's slot mapping [t]) of positions pos
+        pages = page_table[r, :, pos // n].T.long()
+        return pages * n + (pos % n).view(-1, 1), blocks[r][pos // n].long() * n + pos % n
+
+    import vllm._custom_ops as vops
+
+    key_cache, value_cache = cache.view(num_blocks, heads, 2 * n, dim).chunk(2, dim=2)
+    isa = stock_isa(dtype, dim)
+    for r in range(num_reqs):  # the KVs of earlier steps
+        pos = torch.arange(int(past[r]))
+        ours, theirs = slots(r, pos)
+        k, v = keys[r][: int(past[r])], vals[r][: int(past[r])]
+        if direct[r]:
+            vops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, theirs, isa)
+        else:
+            reference.write_kv(k, v, kv_pages, ours, metrics, positions, pos)
+        all_pos = torch.arange(int(total[r]))
+        reference.write_kv(keys[r], vals[r], ref_pages, slots(r, all_pos)[0], None, None, all_pos)
+    # This step's tokens.
+    qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(q_len, 0)
+    step_pos = torch.cat([torch.arange(int(past[r]), int(total[r])) for r in range(num_reqs)])
+    write_slots = torch.cat([slots(r, torch.arange(int(past[r]), int(total[r])))[0]
+                             for r in range(num_reqs)])
+    slot_mapping = torch.cat([slots(r, torch.arange(int(past[r]), int(total[r])))[1]
+                              for r in range(num_reqs)])
+    key = torch.cat([keys[r][int(past[r]):] for r in range(num_reqs)])
+    value = torch.cat([vals[r][int(past[r]):] for r in range(num_reqs)])
+    query = torch.randn(key.shape[0], heads * group, dim, generator=g).to(dtype)
+    window = torch.randint(0, 40, (num_reqs,), generator=g)
+    mqs = torch.where(direct, q_len, (q_len - window).clamp(min=0)).to(torch.int32)
+    kv_lens = total.view(-1, 1).expand(num_reqs, heads).to(torch.int32).contiguous()
+    kernel = cpu_prefill.StockKernel(num_heads=heads * group, num_kv_heads=heads, head_dim=dim,
+                                     dtype=dtype, isa=isa)
+    plan = cpu_prefill.plan_stock_prefill(
+        page_table[None], kv_lens[None], qsl, mqs, True, n, kernel, min_rows=8,
+        vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, block_table=block_table,
+                                           slot_mapping=slot_mapping, isa=isa),
+    )
+    rows_direct = set(plan.stock_layout.rows.tolist())
+    assert plan.stock_layout.all_rows == bool(direct.all())
+    for r in range(num_reqs):
+        rows_r = set(range(int(qsl[r]), int(qsl[r + 1])))
+        assert (rows_r <= rows_direct) if direct[r] else not (rows_r & rows_direct)
+    assert sorted(rows_direct | set(plan.rows_stock.tolist()) | set(plan.rows_own.tolist())) \
+        == list(range(key.shape[0]))
+    cpu_prefill.write_kv_split(plan, key, value, cache, kv_pages, write_slots, metrics, positions,
+                               step_pos)
+    out = torch.zeros_like(query)
+    cpu_prefill.run_split(plan, 0, query, kv_pages, page_table, kv_lens, dim**-0.5, metrics, out,
+                          kv_cache=cache)
+    want, want_m = torch.zeros_like(query), torch.zeros_like(metrics)
+    reference.paged_head_attention(query, ref_pages, page_table, kv_lens, qsl, dim**-0.5, want_m,
+                                   mqs, want)
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=0)
+    torch.testing.assert_close(metrics, want_m, rtol=2e-2, atol=1e-6)
+    for r in range(num_reqs):
+        pages = page_table[r][page_table[r] >= 0].long()
+        if direct[r]:
+            assert not bool(metrics[pages].any())
+        else:  # our layout: every KV where the reference put it
+            pos = torch.arange(int(total[r]))
+            page = page_table[r, :, pos // n].long()  # [H, t]
+            assert torch.equal(kv_pages[page, :, pos % n], ref_pages[page, :, pos % n])
+    # A stock-layout request whose block table disagrees with its pages is refused.
+    bad = block_table.clone()
+    r = int(torch.nonzero(direct)[0])
+    bad[r, 0] = int(blocks[r][0]) + num_blocks
+    with pytest.raises(RuntimeError, match="vLLM's block table"):
+        cpu_prefill.plan_stock_prefill(
+            page_table[None], kv_lens[None], qsl, mqs, True, n, kernel,
+            vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, block_table=bad,
+                                               slot_mapping=slot_mapping, isa=isa),
+        )

@@ -46,8 +46,7 @@ def engine_kwargs():
     return dict(ENGINE_DEFAULTS)
 
 
-@pytest.fixture(scope="module")
-def stock(model_path, prompt_ids, engine_kwargs):
+def _run_stock(model_path, prompt_ids, engine_kwargs):
     env = {**os.environ, "VLLM_PLUGINS": "", "KVCOMPRESS_VLLM_AUTOPATCH": "0"}
     spec = {
         "model": model_path,
@@ -64,6 +63,18 @@ def stock(model_path, prompt_ids, engine_kwargs):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "kvcompress" not in result["scheduler_cls"]
     return result
+
+
+@pytest.fixture(scope="module")
+def stock(model_path, prompt_ids, engine_kwargs):
+    return _run_stock(model_path, prompt_ids, engine_kwargs)
+
+
+@pytest.fixture(scope="module")
+def stock_no_prefix_cache(model_path, prompt_ids, engine_kwargs):
+    """Stock vLLM as the plugin runs it: prefix caching off (the plugin turns
+    it off), so both engines schedule the same chunks and batches."""
+    return _run_stock(model_path, prompt_ids, {**engine_kwargs, "enable_prefix_caching": False})
 
 
 def _greedy(engine, prompt_ids):
@@ -88,23 +99,21 @@ def test_rate_one_is_off_too(engine_factory, stock, prompt_ids):
     assert ids == [o["token_ids"] for o in stock["outputs"]]
 
 
-def test_enabled_without_eviction_matches_stock(engine_factory, stock, prompt_ids):
-    """Per-head tables, our kernels and live metrics, but nothing evicted.
+def _logprobs(completion) -> list[dict[int, float]]:
+    """Per step {token: logprob} of a completion run with ``logprobs=2``."""
+    return [{tok: lp.logprob for tok, lp in step.items()} for step in completion.logprobs]
 
-    Our kernel sums in float32 in a different order than vLLM's, so the bf16
-    attention outputs can differ in the last bit.  Greedy sequences must be
-    identical, except that a sequence may take the other branch at a step
-    where stock vLLM's top-2 log-probabilities are within ``TIE_GAP`` (a
-    bf16 near-tie) -- checked, not assumed, at the first differing step.
-    """
-    engine = engine_factory(
-        additional_config={"kv_compress": {"rate": 1.0, "enabled": True, "debug_checks": True}}
-    )
-    assert type(engine.scheduler).__name__ == "KVCompressScheduler"
-    outs, ids = _greedy(engine, prompt_ids)
+
+def _stock_logprobs(ref) -> list[dict[int, float]]:
+    return [{tok: lp for tok, lp in step} for step in ref["logprobs"]]
+
+
+def _near_tie_or_equal(ids, stock_outputs):
+    """Number of exactly equal sequences; a differing one must take stock's
+    runner-up at its first difference, where stock's top-2 log-probabilities
+    are within ``TIE_GAP`` (a bf16 near-tie) -- checked, not assumed."""
     exact = 0
-    for got, ref, out in zip(ids, stock["outputs"], outs):
-        assert out.kv_transfer_params["kv_compress"]["pages_evicted"] == 0
+    for got, ref in zip(ids, stock_outputs):
         if got == ref["token_ids"]:
             exact += 1
             continue
@@ -112,4 +121,70 @@ def test_enabled_without_eviction_matches_stock(engine_factory, stock, prompt_id
         top = sorted(ref["logprobs"][step], key=lambda t: -t[1])
         assert len(top) >= 2 and got[step] == top[1][0], f"step {step}: {got[step]} not stock's runner-up {top}"
         assert top[0][1] - top[1][1] < TIE_GAP, f"step {step}: gap {top[0][1] - top[1][1]:.3f}"
-    assert exact >= len(ids) - 2
+    return exact
+
+
+def test_enabled_without_eviction_matches_stock(engine_factory, stock_no_prefix_cache, prompt_ids):
+    """The plugin active, nothing evicted, two kinds of requests in one engine.
+
+    * Rate 1.0 (never compressed): their K/V stay in vLLM's own layout and
+      vLLM's kernel attends them (``attention.cpu_prefill``, stock-layout
+      requests), so their outputs are *bit-identical* to stock vLLM's: the
+      same tokens and the same top-2 log-probabilities at every step (our
+      kernel sums in another order and moves them).
+    * ``max_cache_tokens`` far above the prompt (compressible, never
+      compressed here): per-head tables and our kernels.  Our kernel sums in
+      float32 in a different order than vLLM's, so the bf16 attention outputs
+      can differ in the last bit: greedy sequences must be identical except at
+      a bf16 near-tie of stock's top-2 (``_near_tie_or_equal``).
+    """
+    from vllm import SamplingParams
+
+    engine = engine_factory(
+        additional_config={"kv_compress": {"rate": 1.0, "enabled": True, "debug_checks": True}}
+    )
+    assert type(engine.scheduler).__name__ == "KVCompressScheduler"
+    outs = engine.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                      logprobs=2))
+    for out, ref in zip(outs, stock_no_prefix_cache["outputs"]):
+        assert out.kv_transfer_params["kv_compress"]["pages_evicted"] == 0
+        assert list(out.outputs[0].token_ids) == ref["token_ids"]
+        assert _logprobs(out.outputs[0]) == _stock_logprobs(ref)
+
+    own = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                         extra_args={"max_cache_tokens": 100_000})
+    outs = engine.generate(prompt_ids, own)
+    for out in outs:
+        assert out.kv_transfer_params["kv_compress"]["pages_evicted"] == 0
+    ids = [list(o.outputs[0].token_ids) for o in outs]
+    assert _near_tie_or_equal(ids, stock_no_prefix_cache["outputs"]) >= len(ids) - 2
+
+
+def test_rate_one_requests_are_stock_beside_compressed_ones(engine_factory, stock_no_prefix_cache,
+                                                            prompt_ids):
+    """Every other request at rate 1.0 in an engine that compresses the rest
+    (rate 0.25, a short interval so that they are compressed while the
+    rate-1.0 ones decode in the same batches): the rate-1.0 requests' greedy
+    outputs are stock vLLM's, the others were compressed.  Not bit-identical
+    here: vLLM's kernel splits its work by the batch it is given, which holds
+    only the rate-1.0 requests, so its sums run in another order than in
+    stock's all-request call; a different token is allowed only at a bf16
+    near-tie of stock's top-2 (``_near_tie_or_equal``)."""
+    from vllm import SamplingParams
+
+    engine = engine_factory(additional_config={"kv_compress": {
+        "rate": 0.25, "debug_checks": True, "protected_window": 16, "compress_interval": 8}})
+    keep = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                          extra_args={"kv_compress_rate": 1.0})
+    squeeze = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    params = [keep if i % 2 else squeeze for i in range(len(prompt_ids))]
+    outs = engine.generate(prompt_ids, params)
+    refs = stock_no_prefix_cache["outputs"]
+    kept = [i for i in range(len(outs)) if i % 2]
+    _near_tie_or_equal([list(outs[i].outputs[0].token_ids) for i in kept], [refs[i] for i in kept])
+    for i, out in enumerate(outs):
+        stats = out.kv_transfer_params["kv_compress"]
+        if i % 2:
+            assert stats["pages_evicted"] == 0
+        elif len(prompt_ids[i]) > 600:
+            assert stats["pages_evicted"] > 0, f"request {i} ({len(prompt_ids[i])} tokens)"

@@ -105,6 +105,12 @@ def test_plan_names_requests_whose_metric_is_never_read(vllm_config):
     out = run_step(sched)
     assert set(out.kv_compress.prefill_ends) == {"metric", "off", "default"}
     assert out.kv_compress.no_metric == {"off", "default"}
+    # Only the never-compressed request keeps vLLM's own cache layout
+    # (max_cache_tokens makes a request compressible even at rate 1.0).
+    assert out.kv_compress.stock_layout == {"off"}
+    add(sched, "capped", 20, kv_compress_rate=1.0, max_cache_tokens=4000)
+    out = run_step(sched)
+    assert "capped" in out.kv_compress.prefill_ends and out.kv_compress.stock_layout == set()
 
 
 def test_interval_and_pressure(vllm_config):

@@ -238,3 +238,22 @@ def test_batched_growth_equals_per_request_growth():
         assert torch.equal(batched.kv_count, looped.kv_count)
         assert all(batched.requests[r].num_tokens == looped.requests[r].num_tokens for r in sched)
         assert all(batched.requests[r].step_tokens == sched[r] for r in sched)
+
+
+def test_stock_layout_requests_are_marked_and_never_evicted():
+    """``StepPlan.stock_layout`` reaches the batch (``AttentionBatch.stock_layout``,
+    the CPU backend keeps those requests in vLLM's layout); an eviction plan
+    for such a request is refused loudly."""
+    state, _ = make_state(rate=0.5)
+    state.begin_step(step(new=[("a", [0, 1, 2], 20), ("b", [3, 4, 5], 20)],
+                          scheduled={"a": 20, "b": 20}, prefill_ends={"a": 20, "b": 20},
+                          no_metric={"b"}, stock_layout={"b"}))
+    batch = fill(state, ["a", "b"])
+    assert batch.stock_layout.tolist() == [False, True]
+    state.end_step()
+    geom = PageGeometry(N, L * H)
+    plan = EvictionPlan(req_id="b", num_pages=L * H, num_tokens=20,
+                        pages_after=geom.pages_in_use(20, L * H), released_block_ids=(),
+                        protected_window=2, sink_tokens=0, scorer="random")
+    with pytest.raises(RuntimeError, match="request b, which is never compressed"):
+        state.begin_step(step(cached=[("b", None)], scheduled={}, plans=[plan]))

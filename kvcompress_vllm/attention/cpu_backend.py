@@ -16,7 +16,9 @@ Per layer and step, ``forward``:
 
 Prefill rows that add nothing to the metric (all rows of a chunk before the
 observation window) go to vLLM's own CPU kernel instead, AMX where the CPU has
-it (``cpu_prefill``; the split is planned once per step by the builder).
+it, and so do all rows of requests that are never compressed, whose K/V stay in
+vLLM's own layout (``cpu_prefill``; the split is planned once per step by the
+builder).
 
 Warm-up and profiling runs (no registered requests) use the stock CPU path.
 """
@@ -41,9 +43,11 @@ from kvcompress_vllm.attention.cpu_prefill import (
     SCRATCH_BLOCK,
     StockKernel,
     StockPrefill,
+    VllmInputs,
     plan_stock_prefill,
     prefill_path,
     run_split,
+    write_kv_split,
 )
 from kvcompress_vllm.worker.layouts import to_kvcompress_spec
 from kvcompress_vllm.worker.state import AttentionBatch, get_state
@@ -103,10 +107,19 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         batch = state.build_batch(req_ids, qsl)
         stock = None
         if self._stock_kernel is not None:
+            vllm_inputs = None
+            if batch.stock_layout is not None and bool(batch.stock_layout.any()):
+                num_tokens = common_attn_metadata.num_actual_tokens
+                vllm_inputs = VllmInputs(
+                    stock_layout=batch.stock_layout,
+                    block_table=common_attn_metadata.block_table_tensor[:num_reqs],
+                    slot_mapping=common_attn_metadata.slot_mapping[:num_tokens],
+                    isa=self.isa,
+                )
             stock = plan_stock_prefill(
                 batch.page_table, batch.kv_lens, batch.query_start_loc,
                 batch.metric_q_start, batch.record_metrics, state.block_size,
-                self._stock_kernel,
+                self._stock_kernel, vllm_inputs=vllm_inputs,
             )
         return KVCompressMetadata(
             num_actual_tokens=common_attn_metadata.num_actual_tokens,
@@ -157,9 +170,11 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
         region = self._region
         batch = attn_metadata.batch
         num_tokens = attn_metadata.num_actual_tokens
-        ops.write_kv(
+        write_kv_split(
+            attn_metadata.stock_prefill,
             key[:num_tokens],
             value[:num_tokens],
+            kv_cache,
             pool.kv_pages,
             batch.write_slots[region],
             pool.metrics,
@@ -171,7 +186,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
             run_split(
                 attn_metadata.stock_prefill, region, query[:num_tokens], pool.kv_pages,
                 batch.page_table[region], batch.kv_lens[region], self.scale, metrics,
-                output[:num_tokens],
+                output[:num_tokens], kv_cache=kv_cache,
             )
         else:
             ops.paged_head_attention(

@@ -23,7 +23,16 @@ the head-pages into a scratch cache in vLLM's layout (with vLLM's
 kernel attends the stock rows, ours the own rows.  Metrics are unchanged:
 stock rows are exactly the rows that add nothing to them.
 
-``KVCOMPRESS_CPU_PREFILL=own`` sends every row to our kernel (for comparison).
+*Stock-layout requests* (never compressed: ``StepPlan.stock_layout``) go to
+vLLM's kernel whole, prefill and decode rows alike, and without a gather:
+nothing ever scores, moves or evicts their KVs, so ``forward`` writes them into
+the real cache in vLLM's own layout (``cpu_attn_reshape_and_cache`` with
+vLLM's slot mapping) and vLLM's kernel reads them there with vLLM's block
+table -- exactly what stock vLLM does for them.  Their head-pages in our
+layout are never written; only the page bookkeeping (counts, blocks) is kept.
+
+``KVCOMPRESS_CPU_PREFILL=own`` sends every row to our kernel (for comparison);
+it also keeps every request in our layout.
 """
 
 from __future__ import annotations
@@ -65,10 +74,36 @@ class StockKernel:
 
 
 @dataclass
+class StockLayoutRows:
+    """The rows of stock-layout requests: vLLM's kernel on the real cache."""
+
+    rows: torch.Tensor  # [Td] int64 token rows (all rows of those requests)
+    write_rows_own: torch.Tensor | None  # [T - Td] int64 the other token rows (None: none)
+    #: Every row of the step is a stock-layout row (Td == T): no row gathering.
+    all_rows: bool
+    slot_mapping: torch.Tensor  # [Td] int64 vLLM's slot of each row's K/V
+    qsl: torch.Tensor  # [Rd + 1] int32
+    seq_lens: torch.Tensor  # [Rd] int32
+    block_table: torch.Tensor  # [Rd, max_blocks] int32 vLLM's block table rows
+    scheduler_metadata: torch.Tensor
+    isa: str  # vLLM's ISA for the real cache's block size
+
+
+@dataclass
+class VllmInputs:
+    """What vLLM's own metadata says about the step (stock-layout requests)."""
+
+    stock_layout: torch.Tensor  # [R] bool
+    block_table: torch.Tensor  # [R, max_blocks] int32 vLLM's block table
+    slot_mapping: torch.Tensor  # [T] int64 vLLM's slot of every token
+    isa: str  # vLLM's ISA for the real cache's block size
+
+
+@dataclass
 class StockPrefill:
     """One step's split of the query rows (shared by all layers)."""
 
-    rows_stock: torch.Tensor  # [Ts] int64 query rows vLLM's kernel computes
+    rows_stock: torch.Tensor  # [Ts] int64 query rows vLLM's kernel computes (scratch)
     rows_own: torch.Tensor  # [To] int64 query rows ours computes
     own_qsl: torch.Tensor  # [R + 1] int32 query_start_loc of the own rows
     own_mqs: torch.Tensor  # [R] int32 metric_q_start of the own rows
@@ -78,14 +113,44 @@ class StockPrefill:
     qsl: torch.Tensor  # [Rs + 1] int32 stock rows per stock request
     seq_lens: torch.Tensor  # [Rs] int32 KVs the last stock row of a request sees
     block_table: torch.Tensor  # [Rs, max_blocks] int32 into the scratch cache
-    scheduler_metadata: torch.Tensor
+    scheduler_metadata: torch.Tensor | None  # None: no gathered rows
     kernel: StockKernel
+    stock_layout: StockLayoutRows | None = None
 
 
 def _vllm_ops():
     from vllm import _custom_ops
 
     return _custom_ops
+
+
+def _scheduler_metadata(kernel: StockKernel, seq_lens: torch.Tensor, qsl: torch.Tensor,
+                        isa: str) -> torch.Tensor:
+    """vLLM's CPU attention schedule for ``len(seq_lens)`` causal requests."""
+    return _vllm_ops().cpu_attn_get_scheduler_metadata(
+        num_reqs=seq_lens.numel(),
+        num_heads=kernel.num_heads,
+        num_kv_heads=kernel.num_kv_heads,
+        head_dim=kernel.head_dim,
+        seq_lens=seq_lens,
+        dtype=kernel.dtype,
+        query_start_loc=qsl,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=kernel.split_kv,
+    )
+
+
+def _vllm_attention(query, key_cache, value_cache, out, qsl, seq_lens, block_table,
+                    scheduler_metadata, scale) -> None:
+    """vLLM's CPU attention kernel (causal, no window/ALiBi/soft-cap/sinks)."""
+    _vllm_ops().cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=qsl, seq_lens=seq_lens, scale=scale, causal=True,
+        alibi_slopes=None, sliding_window=-1, block_table=block_table, softcap=0.0,
+        scheduler_metadata=scheduler_metadata, s_aux=None,
+    )
 
 
 def _offsets(count: torch.Tensor) -> torch.Tensor:
@@ -104,11 +169,23 @@ def plan_stock_prefill(
     block_size: int,
     kernel: StockKernel,
     min_rows: int = MIN_STOCK_ROWS,
+    vllm_inputs: VllmInputs | None = None,
 ) -> StockPrefill | None:
-    """Split the step's rows; ``None`` when no row goes to vLLM's kernel."""
+    """Split the step's rows; ``None`` when no row goes to vLLM's kernel.
+
+    ``vllm_inputs`` marks the stock-layout requests (all their rows go to
+    vLLM's kernel on the real cache); without it every request is in our
+    layout."""
     qsl = query_start_loc.long()
     q_len = qsl[1:] - qsl[:-1]  # [R]
-    if q_len.numel() == 0 or int(q_len.max()) < min_rows:
+    num_reqs = q_len.numel()
+    direct = (
+        vllm_inputs.stock_layout.to(torch.bool)
+        if vllm_inputs is not None
+        else torch.zeros(num_reqs, dtype=torch.bool)
+    )
+    any_direct = bool(direct.any())
+    if num_reqs == 0 or (not any_direct and int(q_len.max()) < min_rows):
         return None
     lens = kv_lens.long()
     uniform = (lens == lens[:1, :, :1]).all(dim=2).all(dim=0)  # [R]
@@ -116,12 +193,12 @@ def plan_stock_prefill(
         n_stock = torch.minimum(metric_q_start.long().clamp(min=0), q_len)
     else:
         n_stock = q_len.clone()
-    fast = uniform & (n_stock >= min_rows)
-    if not bool(fast.any()):
+    fast = uniform & (n_stock >= min_rows) & ~direct
+    if not bool(fast.any()) and not any_direct:
         return None
     n_stock = torch.where(fast, n_stock, 0)
-    n_own = q_len - n_stock
-    num_reqs = q_len.numel()
+    n_direct = torch.where(direct, q_len, 0)
+    n_own = q_len - n_stock - n_direct
     req = torch.arange(num_reqs)
 
     def rows(start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -132,11 +209,26 @@ def plan_stock_prefill(
     own_qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
     own_qsl[1:] = torch.cumsum(n_own, 0)
     own_mqs = (metric_q_start.long() - n_stock).clamp(min=0).to(torch.int32)
+    stock_layout = (
+        _plan_stock_layout(vllm_inputs, direct, qsl, q_len, lens, page_table, kernel, rows)
+        if any_direct
+        else None
+    )
 
     fr = req[fast]
     seq = lens[0, fr, 0] - n_own[fr]  # [Rs] KVs the stock rows see
     stock_qsl = torch.zeros(fr.numel() + 1, dtype=torch.int32)
     stock_qsl[1:] = torch.cumsum(n_stock[fr], 0)
+    seq_lens = seq.to(torch.int32)
+    if fr.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return StockPrefill(
+            rows_stock=empty, rows_own=rows_own, own_qsl=own_qsl, own_mqs=own_mqs,
+            kv_rows=torch.zeros(page_table.shape[0], 0, dtype=torch.int64),
+            slot_mapping=empty, scratch=torch.zeros(0), qsl=stock_qsl, seq_lens=seq_lens,
+            block_table=torch.zeros(0, 1, dtype=torch.int32), scheduler_metadata=None,
+            kernel=kernel, stock_layout=stock_layout,
+        )
     nblocks = cdiv(seq, SCRATCH_BLOCK)
     base = torch.cumsum(nblocks, 0) - nblocks
     block_table = (base[:, None] + torch.arange(int(nblocks.max()))[None, :]).to(torch.int32)
@@ -159,25 +251,103 @@ def plan_stock_prefill(
         int(nblocks.sum()), kernel.num_kv_heads, SCRATCH_BLOCK, 2 * kernel.head_dim,
         dtype=kernel.dtype,
     )
-    seq_lens = seq.to(torch.int32)
-    sched = _vllm_ops().cpu_attn_get_scheduler_metadata(
-        num_reqs=fr.numel(),
-        num_heads=kernel.num_heads,
-        num_kv_heads=kernel.num_kv_heads,
-        head_dim=kernel.head_dim,
-        seq_lens=seq_lens,
-        dtype=kernel.dtype,
-        query_start_loc=stock_qsl,
-        causal=True,
-        sliding_window_size=-1,
-        isa=kernel.isa,
-        enable_kv_split=kernel.split_kv,
-    )
+    sched = _scheduler_metadata(kernel, seq_lens, stock_qsl, kernel.isa)
     return StockPrefill(
         rows_stock=rows_stock, rows_own=rows_own, own_qsl=own_qsl, own_mqs=own_mqs,
         kv_rows=kv_rows, slot_mapping=slot_mapping, scratch=scratch, qsl=stock_qsl,
         seq_lens=seq_lens, block_table=block_table, scheduler_metadata=sched, kernel=kernel,
+        stock_layout=stock_layout,
     )
+
+
+def _plan_stock_layout(
+    inputs: VllmInputs,
+    direct: torch.Tensor,  # [R] bool
+    qsl: torch.Tensor,  # [R + 1] int64
+    q_len: torch.Tensor,  # [R] int64
+    lens: torch.Tensor,  # [L, R, H] int64
+    page_table: torch.Tensor,  # [L, R, H, max_pages] int32
+    kernel: StockKernel,
+    rows,
+) -> StockLayoutRows:
+    """vLLM's kernel inputs for the stock-layout requests' rows.
+
+    Checks the invariant that makes the real cache readable with vLLM's block
+    table: such a request is uncompressed, so every head of every layer holds
+    all its tokens and its head-pages are ``page_id(l, block, h)`` of exactly
+    the blocks in vLLM's block table, in order."""
+    dr = torch.nonzero(direct).view(-1)
+    seq = lens[0, dr, 0]  # [Rd]
+    if not bool((lens[:, dr, :] == seq.view(1, -1, 1)).all()):
+        raise RuntimeError(
+            f"stock-layout requests (batch rows {dr.tolist()}) hold different KV counts "
+            "per head: they must never be compressed"
+        )
+    heads = kernel.num_kv_heads
+    width = page_table.shape[-1]
+    block_table = inputs.block_table.index_select(0, dr)
+    used = min(width, block_table.shape[1])
+    pages = page_table[0, dr, 0, :used].long()  # layer 0, head 0: page = block * H
+    valid = pages >= 0
+    if not bool((block_table[:, :used].long()[valid] == pages[valid] // heads).all()):
+        raise RuntimeError(
+            f"stock-layout requests (batch rows {dr.tolist()}): vLLM's block table "
+            f"{block_table[:, :used].tolist()[:4]} differs from the worker's pages "
+            f"{(pages // heads).tolist()[:4]}"
+        )
+    n_direct = torch.where(direct, q_len, 0)
+    d_rows = rows(qsl[:-1], n_direct)
+    others = rows(qsl[:-1], torch.where(direct, 0, q_len))
+    d_qsl = torch.zeros(dr.numel() + 1, dtype=torch.int32)
+    d_qsl[1:] = torch.cumsum(q_len[dr], 0)
+    seq_lens = seq.to(torch.int32)
+    sched = _scheduler_metadata(kernel, seq_lens, d_qsl, inputs.isa)
+    return StockLayoutRows(
+        rows=d_rows,
+        write_rows_own=others if others.numel() else None,
+        all_rows=others.numel() == 0,
+        slot_mapping=inputs.slot_mapping.index_select(0, d_rows).long(),
+        qsl=d_qsl,
+        seq_lens=seq_lens,
+        block_table=block_table.contiguous(),
+        scheduler_metadata=sched,
+        isa=inputs.isa,
+    )
+
+
+def _vllm_cache(cache: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H, block, 2D]`` -> vLLM's (key_cache, value_cache) views."""
+    view = cache.view(cache.shape[0], cache.shape[1], 2 * block, -1)
+    key_cache, value_cache = view.chunk(2, dim=2)
+    return key_cache, value_cache
+
+
+def write_kv_split(
+    plan: StockPrefill | None,
+    key: torch.Tensor,  # [T, H, D]
+    value: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,  # [B, H, N, 2D] this layer's real cache
+    kv_pages: torch.Tensor,  # [P, 2, N, D]
+    write_slots: torch.Tensor,  # [T, H] of this layer
+    metrics: torch.Tensor,
+    positions: torch.Tensor,
+    token_positions: torch.Tensor,  # [T]
+) -> None:
+    """Write the step's K/V: stock-layout requests' in vLLM's layout at vLLM's
+    slots, everyone else's into their head-pages (``ops.write_kv``)."""
+    sl = plan.stock_layout if plan is not None else None
+    if sl is None:
+        ops.write_kv(key, value, kv_pages, write_slots, metrics, positions, token_positions)
+        return
+    key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
+    k, v = (key, value) if sl.all_rows else (key.index_select(0, sl.rows), value.index_select(0, sl.rows))
+    _vllm_ops().cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, sl.slot_mapping, sl.isa)
+    r = sl.write_rows_own
+    if r is not None:
+        ops.write_kv(
+            key.index_select(0, r), value.index_select(0, r), kv_pages,
+            write_slots.index_select(0, r), metrics, positions, token_positions.index_select(0, r),
+        )
 
 
 def run_split(
@@ -190,29 +360,23 @@ def run_split(
     scale: float,
     metrics: torch.Tensor | None,
     output: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor | None = None,  # [B, H, N, 2D] this layer's real cache
 ) -> None:
-    """Attention of one layer's rows: stock rows by vLLM, own rows by ours."""
-    vops = _vllm_ops()
-    heads, dim = plan.kernel.num_kv_heads, kv_pages.shape[-1]
-    block = kv_pages.shape[2]
-    flat = kv_pages.view(-1, dim)
-    idx = plan.kv_rows[layer]
-    key = flat.index_select(0, idx).view(-1, heads, dim)
-    value = flat.index_select(0, idx + block).view(-1, heads, dim)
-    cache = plan.scratch.view(plan.scratch.shape[0], heads, 2 * SCRATCH_BLOCK, dim)
-    key_cache, value_cache = cache.chunk(2, dim=2)
-    vops.cpu_attn_reshape_and_cache(
-        key, value, key_cache, value_cache, plan.slot_mapping, plan.kernel.isa
-    )
-    q = query.index_select(0, plan.rows_stock)
-    out = torch.empty_like(q)
-    vops.cpu_attention_with_kv_cache(
-        query=q, key_cache=key_cache, value_cache=value_cache, output=out,
-        query_start_loc=plan.qsl, seq_lens=plan.seq_lens, scale=scale, causal=True,
-        alibi_slopes=None, sliding_window=-1, block_table=plan.block_table, softcap=0.0,
-        scheduler_metadata=plan.scheduler_metadata, s_aux=None,
-    )
-    output.index_copy_(0, plan.rows_stock, out)
+    """Attention of one layer's rows: stock-layout requests by vLLM on the real
+    cache, gathered prefill rows by vLLM on the scratch cache, own rows by ours."""
+    sl = plan.stock_layout
+    if sl is not None:
+        if kv_cache is None:
+            raise ValueError("run_split: stock-layout rows need the layer's real cache")
+        key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
+        q = query if sl.all_rows else query.index_select(0, sl.rows)
+        out = output if sl.all_rows else torch.empty_like(q)
+        _vllm_attention(q, key_cache, value_cache, out, sl.qsl, sl.seq_lens, sl.block_table,
+                        sl.scheduler_metadata, scale)
+        if not sl.all_rows:
+            output.index_copy_(0, sl.rows, out)
+    if plan.rows_stock.numel():
+        _run_gathered(plan, layer, query, kv_pages, scale, output)
     if plan.rows_own.numel():
         q = query.index_select(0, plan.rows_own)
         out = torch.empty_like(q)
@@ -220,3 +384,31 @@ def run_split(
             q, kv_pages, page_table, kv_lens, plan.own_qsl, scale, metrics, plan.own_mqs, out
         )
         output.index_copy_(0, plan.rows_own, out)
+
+
+def _run_gathered(
+    plan: StockPrefill,
+    layer: int,
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_pages: torch.Tensor,  # [P, 2, N, D]
+    scale: float,
+    output: torch.Tensor,  # [T, Hq, D]
+) -> None:
+    """Gathered prefill rows: their KVs copied from the head-pages into the
+    scratch cache in vLLM's layout, then vLLM's kernel."""
+    vops = _vllm_ops()
+    heads, dim = plan.kernel.num_kv_heads, kv_pages.shape[-1]
+    block = kv_pages.shape[2]
+    flat = kv_pages.view(-1, dim)
+    idx = plan.kv_rows[layer]
+    key = flat.index_select(0, idx).view(-1, heads, dim)
+    value = flat.index_select(0, idx + block).view(-1, heads, dim)
+    key_cache, value_cache = _vllm_cache(plan.scratch, SCRATCH_BLOCK)
+    vops.cpu_attn_reshape_and_cache(
+        key, value, key_cache, value_cache, plan.slot_mapping, plan.kernel.isa
+    )
+    q = query.index_select(0, plan.rows_stock)
+    out = torch.empty_like(q)
+    _vllm_attention(q, key_cache, value_cache, out, plan.qsl, plan.seq_lens, plan.block_table,
+                    plan.scheduler_metadata, scale)
+    output.index_copy_(0, plan.rows_stock, out)

@@ -222,6 +222,7 @@ class KVCompressScheduler(Scheduler):
         # every token they have now; they become scorable once it is computed.
         prefill_ends: dict[str, int] = {}
         no_metric: set[str] = set()
+        stock_layout: set[str] = set()
         restarted = [r.req_id for r in output.scheduled_new_reqs]
         restarted += output.scheduled_cached_reqs.resumed_req_ids
         for rid in restarted:
@@ -231,12 +232,15 @@ class KVCompressScheduler(Scheduler):
             state.tokens_at_last_check = None
             if not state.policy.records_metric:
                 no_metric.add(rid)
+            if not state.policy.compresses:
+                stock_layout.add(rid)
         attach_plan(
             output,
             StepPlan(
                 evictions=plans,
                 prefill_ends=prefill_ends,
                 no_metric=no_metric,
+                stock_layout=stock_layout,
                 report_pages=self.kvc_config.debug_checks,
             ),
         )

@@ -41,6 +41,9 @@ class RequestPages:
     prefill_end: int
     #: Its queries add to the attention metric (``StepPlan.no_metric``).
     records_metric: bool = True
+    #: Never compressed: its K/V are in vLLM's own layout, read by vLLM's
+    #: kernel (``StepPlan.stock_layout``; CPU worker).
+    stock_layout: bool = False
     #: Head-pages evicted so far (sum over heads).
     evicted_pages: int = 0
     compressions: int = 0
@@ -97,7 +100,7 @@ class HeadPageTable:
 
     # -- lifecycle ---------------------------------------------------------
     def add(self, req_id: str, blocks: list[int], num_tokens: int, prefill_end: int,
-            records_metric: bool = True) -> RequestPages:
+            records_metric: bool = True, stock_layout: bool = False) -> RequestPages:
         if req_id in self.requests:
             raise RuntimeError(f"request {req_id} is already registered")
         if not self._free_slots:
@@ -107,7 +110,8 @@ class HeadPageTable:
         self.num_pages[slot] = 0
         self.kv_count[slot] = num_tokens
         req = RequestPages(slot=slot, blocks=list(blocks), num_tokens=num_tokens,
-                           prefill_end=prefill_end, records_metric=records_metric)
+                           prefill_end=prefill_end, records_metric=records_metric,
+                           stock_layout=stock_layout)
         self.requests[req_id] = req
         self.ensure_capacity(req, 0)
         return req

@@ -102,6 +102,9 @@ class AttentionBatch:
     #: Rows whose prompt completes in this step (their prompt metric is
     #: max-pooled along keys): list of (row, prompt length, request id).
     pool_rows: list[tuple[int, int, str]]
+    #: [R] bool: requests kept in vLLM's own cache layout (never compressed;
+    #: ``RequestPages.stock_layout``).
+    stock_layout: torch.Tensor | None = None
 
 
 class KVCompressWorkerState:
@@ -150,6 +153,7 @@ class KVCompressWorkerState:
                 new_req.num_computed_tokens,
                 self._prefill_end(step, new_req.req_id),
                 new_req.req_id not in step.no_metric,
+                new_req.req_id in step.stock_layout,
             )
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
@@ -162,6 +166,7 @@ class KVCompressWorkerState:
                     cached.num_computed_tokens[i],
                     self._prefill_end(step, rid),
                     rid not in step.no_metric,
+                    rid in step.stock_layout,
                 )
         # Plans refer to the block lists as they were before this step's
         # allocations, so they run before new blocks are appended.
@@ -269,6 +274,11 @@ class KVCompressWorkerState:
         req = table.requests.get(plan.req_id)
         if req is None:
             raise RuntimeError(f"eviction plan for unknown request {plan.req_id}")
+        if req.stock_layout:
+            raise RuntimeError(
+                f"eviction plan for request {plan.req_id}, which is never compressed "
+                f"(its KVs are in vLLM's layout): {plan.num_pages} pages at {plan.num_tokens} tokens"
+            )
         if req.num_tokens != plan.num_tokens:
             raise RuntimeError(
                 f"request {plan.req_id}: worker holds {req.num_tokens} tokens, "
@@ -395,6 +405,7 @@ class KVCompressWorkerState:
             metric_q_start=start.to(torch.int32),
             record_metrics=bool((start < q_lens).any()),
             pool_rows=pool_rows,
+            stock_layout=torch.tensor([r.stock_layout for r in reqs], dtype=torch.bool),
         )
         self._batch, self._batch_key = batch, key
         return batch
