@@ -120,6 +120,10 @@ FIELDS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.sched.output", "CachedRequestData",
      ("req_ids", "resumed_req_ids", "new_block_ids", "num_computed_tokens")),
     ("vllm.v1.metrics.stats", "SchedulerStats", ("kv_connector_stats", "kv_cache_usage")),
+    # attention/cpu_backend.py: never-compressed requests on vLLM's own kernel.
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata",
+     ("query_start_loc_cpu", "num_reqs", "num_actual_tokens", "seq_lens", "block_table_tensor",
+      "slot_mapping")),
 ]
 
 #: Fields the CUDA metadata builder reads.

@@ -155,7 +155,9 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
     num_reqs = int(torch.randint(2, 7, (1,), generator=g))
     direct = torch.rand(num_reqs, generator=g) < 0.5
     direct[seed % num_reqs] = True  # at least one of each kind, but one case all stock-layout
-    direct[(seed + 1) % num_reqs] = seed == 5
+    direct[(seed + 1) % num_reqs] = False
+    if seed == 5:
+        direct[:] = True
     past = torch.randint(0, 700, (num_reqs,), generator=g)
     q_len = torch.where(torch.rand(num_reqs, generator=g) < 0.4, 1,
                         torch.randint(1, 300, (num_reqs,), generator=g))
@@ -219,7 +221,7 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
                                      dtype=dtype, isa=isa)
     plan = cpu_prefill.plan_stock_prefill(
         page_table[None], kv_lens[None], qsl, mqs, True, n, kernel, min_rows=8,
-        vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, block_table=block_table,
+        vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, seq_lens=total.int(), block_table=block_table,
                                            slot_mapping=slot_mapping, isa=isa),
     )
     rows_direct = set(plan.stock_layout.rows.tolist())
@@ -247,6 +249,16 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
             pos = torch.arange(int(total[r]))
             page = page_table[r, :, pos // n].long()  # [H, t]
             assert torch.equal(kv_pages[page, :, pos % n], ref_pages[page, :, pos % n])
+    # A stock-layout request whose heads hold fewer KVs than vLLM's sequence is refused.
+    uneven = kv_lens.clone()
+    r = int(torch.nonzero(direct)[0])
+    uneven[r, 0] -= n
+    with pytest.raises(RuntimeError, match="vLLM's sequence lengths are"):
+        cpu_prefill.plan_stock_prefill(
+            page_table[None], uneven[None], qsl, mqs, True, n, kernel,
+            vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, seq_lens=total.int(), block_table=block_table,
+                                               slot_mapping=slot_mapping, isa=isa),
+        )
     # A stock-layout request whose block table disagrees with its pages is refused.
     bad = block_table.clone()
     r = int(torch.nonzero(direct)[0])
@@ -254,6 +266,6 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
     with pytest.raises(RuntimeError, match="vLLM's block table"):
         cpu_prefill.plan_stock_prefill(
             page_table[None], kv_lens[None], qsl, mqs, True, n, kernel,
-            vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, block_table=bad,
+            vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, seq_lens=total.int(), block_table=bad,
                                                slot_mapping=slot_mapping, isa=isa),
         )

@@ -6,7 +6,9 @@ environment never sees it.
 
 Per layer and step, ``forward``:
 1. writes the step's K/V of every (token, KV head) into that head's next slot
-   (``ops.write_kv``; the slot comes from the head's own page table),
+   (``ops.write_kv``; the slot comes from the head's own page table) -- except
+   for requests that are never compressed, written in vLLM's layout at vLLM's
+   slots (``cpu_prefill.write_kv_split``),
 2. runs attention over each head's variable number of KVs, query heads of a
    GQA group reading their KV head's pages once, and adds each query's
    squared attention probabilities (summed over the group) to the metric of
@@ -59,12 +61,14 @@ class KVCompressMetadata:
 
     num_actual_tokens: int
     batch: AttentionBatch
-    #: Rows of this step's prefill chunks that vLLM's kernel computes (None: none).
+    #: Rows vLLM's kernel computes: prefill rows gathered from our pages, and
+    #: every row (prefill or decode) of never-compressed requests (None: none).
     stock_prefill: StockPrefill | None
 
 
 class KVCompressCPUBackend(CPUAttentionBackend):
-    # K/V are written per head inside forward(), not through vLLM's slot mapping.
+    # K/V are written inside forward(): per head for requests in our layout,
+    # through vLLM's slot mapping only for never-compressed requests.
     forward_includes_kv_cache_update: bool = True
 
     @classmethod
@@ -112,6 +116,7 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 num_tokens = common_attn_metadata.num_actual_tokens
                 vllm_inputs = VllmInputs(
                     stock_layout=batch.stock_layout,
+                    seq_lens=common_attn_metadata.seq_lens[:num_reqs],
                     block_table=common_attn_metadata.block_table_tensor[:num_reqs],
                     slot_mapping=common_attn_metadata.slot_mapping[:num_tokens],
                     isa=self.isa,

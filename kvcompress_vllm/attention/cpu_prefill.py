@@ -94,6 +94,7 @@ class VllmInputs:
     """What vLLM's own metadata says about the step (stock-layout requests)."""
 
     stock_layout: torch.Tensor  # [R] bool
+    seq_lens: torch.Tensor  # [R] int32 vLLM's tokens per request (this step's included)
     block_table: torch.Tensor  # [R, max_blocks] int32 vLLM's block table
     slot_mapping: torch.Tensor  # [T] int64 vLLM's slot of every token
     isa: str  # vLLM's ISA for the real cache's block size
@@ -274,14 +275,17 @@ def _plan_stock_layout(
 
     Checks the invariant that makes the real cache readable with vLLM's block
     table: such a request is uncompressed, so every head of every layer holds
-    all its tokens and its head-pages are ``page_id(l, block, h)`` of exactly
-    the blocks in vLLM's block table, in order."""
+    all of vLLM's ``seq_lens`` tokens, and its head-pages are ``page_id(l,
+    block, h)`` of exactly the blocks in vLLM's block table, in order (checked
+    on layer 0, head 0; the other heads' pages follow from the same identity
+    layout)."""
     dr = torch.nonzero(direct).view(-1)
-    seq = lens[0, dr, 0]  # [Rd]
+    seq = inputs.seq_lens.index_select(0, dr).long()  # [Rd]
     if not bool((lens[:, dr, :] == seq.view(1, -1, 1)).all()):
         raise RuntimeError(
-            f"stock-layout requests (batch rows {dr.tolist()}) hold different KV counts "
-            "per head: they must never be compressed"
+            f"stock-layout requests (batch rows {dr.tolist()}): heads hold "
+            f"{sorted(set(lens[:, dr, :].flatten().tolist()))[:8]} KVs, vLLM's sequence "
+            f"lengths are {seq.tolist()[:8]}: they must never be compressed"
         )
     heads = kernel.num_kv_heads
     width = page_table.shape[-1]

@@ -23,8 +23,10 @@ contiguous ``N * 2D`` run, which we read as ``[2, N, D]``: the head-page.
 
 * **CPU**: vLLM's own CPU backend only supports ``LBHNC`` and our CPU backend
   subclasses it (``attention/cpu_backend.py``).  The stock CPU kernel stores K
-  transposed inside a page; only our kernels read the cache while the plugin
-  is active, so that never mixes (see docs/design.md).
+  transposed inside a page; a block holds one of the two layouts, that of the
+  request that owns it: vLLM's for never-compressed requests (read only by
+  vLLM's kernel), ours for all others (read only by our kernels; see
+  docs/design.md).
 * **CUDA**: our backend (``attention/cuda_backend.py``) declares
   ``supported_kv_cache_layouts() == (LBHNC,)``, so vLLM allocates exactly the
   same shape; the Triton kernels take ``kv_pages`` and its strides.
