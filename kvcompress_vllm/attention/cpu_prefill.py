@@ -79,14 +79,17 @@ class StockLayoutRows:
 
     rows: torch.Tensor  # [Td] int64 token rows (all rows of those requests)
     write_rows_own: torch.Tensor | None  # [T - Td] int64 the other token rows (None: none)
-    #: Every row of the step is a stock-layout row (Td == T): no row gathering.
-    all_rows: bool
     slot_mapping: torch.Tensor  # [Td] int64 vLLM's slot of each row's K/V
     qsl: torch.Tensor  # [Rd + 1] int32
     seq_lens: torch.Tensor  # [Rd] int32
     block_table: torch.Tensor  # [Rd, max_blocks] int32 vLLM's block table rows
     scheduler_metadata: torch.Tensor
     isa: str  # vLLM's ISA for the real cache's block size
+
+    @property
+    def all_rows(self) -> bool:
+        """Every row of the step is a stock-layout row: no row gathering."""
+        return self.write_rows_own is None
 
 
 @dataclass
@@ -154,6 +157,11 @@ def _vllm_attention(query, key_cache, value_cache, out, qsl, seq_lens, block_tab
     )
 
 
+def _segment_rows(start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Rows ``start[i] + [0, count[i])`` of every segment, concatenated."""
+    return torch.repeat_interleave(start, count) + _offsets(count)
+
+
 def _offsets(count: torch.Tensor) -> torch.Tensor:
     """``[0, c0) ++ [0, c1) ++ ...``: each element's index within its segment."""
     return torch.arange(int(count.sum())) - torch.repeat_interleave(
@@ -202,16 +210,13 @@ def plan_stock_prefill(
     n_own = q_len - n_stock - n_direct
     req = torch.arange(num_reqs)
 
-    def rows(start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        return torch.repeat_interleave(start, count) + _offsets(count)
-
-    rows_stock = rows(qsl[:-1], n_stock)
-    rows_own = rows(qsl[:-1] + n_stock, n_own)
+    rows_stock = _segment_rows(qsl[:-1], n_stock)
+    rows_own = _segment_rows(qsl[:-1] + n_stock, n_own)
     own_qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
     own_qsl[1:] = torch.cumsum(n_own, 0)
     own_mqs = (metric_q_start.long() - n_stock).clamp(min=0).to(torch.int32)
     stock_layout = (
-        _plan_stock_layout(vllm_inputs, direct, qsl, q_len, lens, page_table, kernel, rows)
+        _plan_stock_layout(vllm_inputs, direct, n_direct, qsl, q_len, lens, page_table, kernel)
         if any_direct
         else None
     )
@@ -264,12 +269,12 @@ def plan_stock_prefill(
 def _plan_stock_layout(
     inputs: VllmInputs,
     direct: torch.Tensor,  # [R] bool
+    n_direct: torch.Tensor,  # [R] int64 rows of each request on this path (q_len or 0)
     qsl: torch.Tensor,  # [R + 1] int64
     q_len: torch.Tensor,  # [R] int64
     lens: torch.Tensor,  # [L, R, H] int64
     page_table: torch.Tensor,  # [L, R, H, max_pages] int32
     kernel: StockKernel,
-    rows,
 ) -> StockLayoutRows:
     """vLLM's kernel inputs for the stock-layout requests' rows.
 
@@ -299,9 +304,8 @@ def _plan_stock_layout(
             f"{block_table[:, :used].tolist()[:4]} differs from the worker's pages "
             f"{(pages // heads).tolist()[:4]}"
         )
-    n_direct = torch.where(direct, q_len, 0)
-    d_rows = rows(qsl[:-1], n_direct)
-    others = rows(qsl[:-1], torch.where(direct, 0, q_len))
+    d_rows = _segment_rows(qsl[:-1], n_direct)
+    others = _segment_rows(qsl[:-1], torch.where(direct, 0, q_len))
     d_qsl = torch.zeros(dr.numel() + 1, dtype=torch.int32)
     d_qsl[1:] = torch.cumsum(q_len[dr], 0)
     seq_lens = seq.to(torch.int32)
@@ -309,7 +313,6 @@ def _plan_stock_layout(
     return StockLayoutRows(
         rows=d_rows,
         write_rows_own=others if others.numel() else None,
-        all_rows=others.numel() == 0,
         slot_mapping=inputs.slot_mapping.index_select(0, d_rows).long(),
         qsl=d_qsl,
         seq_lens=seq_lens,
