@@ -444,11 +444,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every engine this many times, alternating forward and reverse "
                         "order (2: A B C D D C B A), and average (see Drift above)")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+    parser.add_argument("--variant", action="append", default=[], metavar="[stock:]NAME=JSON",
                         help="also run the plugin at the tight budget (rate 0.25) with these extra "
                         "engine arguments, e.g. 'optimistic={\"scheduler_reserve_full_isl\": false}' "
                         "(admit a request once its first chunk fits, not its whole prompt) or "
-                        "'bs32={\"block_size\": 32}' (finer pages); rows are labelled 'kvc 0.25 NAME'; in-process mode only")
+                        "'bs32={\"block_size\": 32}' (finer pages); rows are labelled 'kvc 0.25 NAME'. "
+                        "With the prefix 'stock:' the engine is stock vLLM at the tight budget instead, "
+                        "e.g. 'stock:b48={\"num_gpu_blocks_override\": 49}' (stock with the plugin's "
+                        "block count); rows are labelled 'stock NAME'. Variants run in every mode of --modes")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds: engine passes must be >= 1 (got {args.rounds})")
@@ -505,19 +508,19 @@ def main() -> int:
     engines = [(plugin, budget, "", {}) for plugin in (False, True) for budget in ("tight", "ample")]
     for variant in args.variant:
         label, eq, kwargs = variant.partition("=")
+        plugin = not label.startswith("stock:")
+        label = label.removeprefix("stock:")
         if not label or not eq or label in {e[2] for e in engines}:
-            parser.error(f"--variant: expected a new, non-empty NAME=JSON (got {variant!r})")
-        engines.append((True, "tight", label, json.loads(kwargs)))
+            parser.error(f"--variant: expected a new, non-empty [stock:]NAME=JSON (got {variant!r})")
+        engines.append((plugin, "tight", label, json.loads(kwargs)))
     for mode in modes:
         for rnd in range(args.rounds):
             for plugin, budget, label, extra_kwargs in engine_order(engines, rnd):
-                if label and mode != "inproc":
-                    continue  # variants: in-process only
                 name = f"{mode}/{'kvc' if plugin else 'stock'}/{budget}" + (f"/{label}" if label else "")
                 if args.rounds > 1:
                     name += f"/round{rnd + 1}"
                 jobs = jobs_for(plugin, budget, mode)
-                if label:
+                if label and plugin:
                     jobs = [j for j in jobs if j["rate"] == 0.25]
                 jobs = engine_order(jobs, rnd)  # mirrored inside the engine too
                 spec = dict(

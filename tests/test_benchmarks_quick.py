@@ -22,18 +22,22 @@ def _run(script: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess
 
 
 def test_throughput_sweep_quick(tmp_path):
-    proc = _run("throughput_sweep.py", tmp_path)
+    # A stock variant: stock vLLM at the tight budget with 8 usable blocks
+    # (the quick tight budget gives it more), rows labelled "stock b8".
+    proc = _run("throughput_sweep.py", tmp_path,
+                "--variant", 'stock:b8={"num_gpu_blocks_override": 9}')
     rows = list(csv.DictReader(open(tmp_path / "throughput_quick.csv")))
     shapes = {"mixed", "prefill-heavy", "decode-heavy", "many-requests"}
     assert {(r["shape"], r["budget"], r["config"]) for r in rows} == {
         (s, b, c) for s in shapes for b, c in [
             ("tight", "stock"), ("tight", "kvc 1"), ("tight", "kvc 0.25"),
-            ("ample", "stock"), ("ample", "kvc 0.25")]
+            ("ample", "stock"), ("ample", "kvc 0.25"), ("tight", "stock b8")]
     }
+    assert "'inproc/stock/tight/b8': 8" in proc.stdout
     from kvcompress_vllm.config import KVCompressConfig
 
     # plugin rows record the scorer they ran (the default one here)
-    assert {r["scorer"] for r in rows if r["config"] != "stock"} == {KVCompressConfig.scorer}
+    assert {r["scorer"] for r in rows if not r["config"].startswith("stock")} == {KVCompressConfig.scorer}
     for r in rows:
         assert float(r["output_tok_s"]) > 0 and int(r["output_tokens"]) > 0
         assert 0 < float(r["prefill_share"]) < 1
