@@ -231,6 +231,7 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
         assert (rows_r <= rows_direct) if direct[r] else not (rows_r & rows_direct)
     assert sorted(rows_direct | set(plan.rows_stock.tolist()) | set(plan.rows_own.tolist())) \
         == list(range(key.shape[0]))
+    cache_before = cache.clone()
     cpu_prefill.write_kv_split(plan, key, value, cache, kv_pages, write_slots, metrics, positions,
                                step_pos)
     out = torch.zeros_like(query)
@@ -269,3 +270,21 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
             vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, seq_lens=total.int(), block_table=bad,
                                                slot_mapping=slot_mapping, isa=isa),
         )
+    if not bool(direct.all()):
+        return
+    # Every request never compressed: the builder's shortcut (no per-head
+    # tensors) writes and attends exactly as the general split does, and
+    # refuses the same broken invariants.
+    def stock_only(kv_counts, table):
+        inputs = cpu_prefill.VllmInputs(stock_layout=direct, seq_lens=total.int(), block_table=table,
+                                        slot_mapping=slot_mapping, isa=isa)
+        return cpu_prefill.plan_stock_only(inputs, kv_counts, page_table[:, 0], qsl, kernel)
+
+    out_only = torch.zeros_like(query)
+    cpu_prefill.run_stock_only(stock_only(kv_lens, block_table), query, key, value, cache_before,
+                               out_only, dim**-0.5)
+    assert torch.equal(out_only, out) and torch.equal(cache_before, cache)
+    with pytest.raises(RuntimeError, match="vLLM's sequence lengths are"):
+        stock_only(uneven, block_table)
+    with pytest.raises(RuntimeError, match="vLLM's block table"):
+        stock_only(kv_lens, bad)

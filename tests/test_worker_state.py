@@ -257,3 +257,21 @@ def test_stock_layout_requests_are_marked_and_never_evicted():
                         protected_window=2, sink_tokens=0, scorer="random")
     with pytest.raises(RuntimeError, match="request b, which is never compressed"):
         state.begin_step(step(cached=[("b", None)], scheduled={}, plans=[plan]))
+
+
+def test_stock_layout_heads_only_when_every_request_is_never_compressed():
+    """The CPU builder's shortcut (``stock_layout_heads``): for a step whose
+    requests all stay in vLLM's layout it returns every head's KV count and
+    the layer-0/head-0 pages (``block * H``) in batch order, and checks the
+    step's query lengths; with any request in our layout it returns None."""
+    state, _ = make_state(rate=0.5)
+    state.begin_step(step(new=[("a", [0, 1, 2], 20), ("b", [3, 4, 5], 12), ("c", [6, 7], 9)],
+                          scheduled={"a": 20, "b": 12, "c": 9},
+                          prefill_ends={"a": 20, "b": 12, "c": 9},
+                          no_metric={"b", "c"}, stock_layout={"b", "c"}))
+    assert state.stock_layout_heads(["a", "b", "c"], qsl_of(state, ["a", "b", "c"])) is None
+    counts, pages = state.stock_layout_heads(["c", "b"], qsl_of(state, ["c", "b"]))
+    assert counts.tolist() == [[9] * (L * H), [12] * (L * H)]
+    assert pages[0, :2].tolist() == [6 * H, 7 * H] and pages[1, :2].tolist() == [3 * H, 4 * H]
+    with pytest.raises(RuntimeError, match="differ from the scheduled tokens"):
+        state.stock_layout_heads(["c", "b"], torch.tensor([0, 1, 2], dtype=torch.int32))

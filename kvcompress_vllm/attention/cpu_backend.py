@@ -20,7 +20,8 @@ Prefill rows that add nothing to the metric (all rows of a chunk before the
 observation window) go to vLLM's own CPU kernel instead, AMX where the CPU has
 it, and so do all rows of requests that are never compressed, whose K/V stay in
 vLLM's own layout (``cpu_prefill``; the split is planned once per step by the
-builder).
+builder).  A step whose requests are all never compressed skips our per-head
+tensors altogether (``KVCompressMetadata.stock_only``).
 
 Warm-up and profiling runs (no registered requests) use the stock CPU path.
 """
@@ -44,11 +45,14 @@ from kvcompress_vllm import ops
 from kvcompress_vllm.attention.cpu_prefill import (
     SCRATCH_BLOCK,
     StockKernel,
+    StockLayoutRows,
     StockPrefill,
     VllmInputs,
+    plan_stock_only,
     plan_stock_prefill,
     prefill_path,
     run_split,
+    run_stock_only,
     write_kv_split,
 )
 from kvcompress_vllm.worker.layouts import to_kvcompress_spec
@@ -60,10 +64,15 @@ class KVCompressMetadata:
     """Metadata of a step with registered requests (all layers share it)."""
 
     num_actual_tokens: int
-    batch: AttentionBatch
+    #: None when every request of the step stays in vLLM's layout
+    #: (``stock_only`` then says everything the layers need).
+    batch: AttentionBatch | None
     #: Rows vLLM's kernel computes: prefill rows gathered from our pages, and
     #: every row (prefill or decode) of never-compressed requests (None: none).
     stock_prefill: StockPrefill | None
+    #: A step whose requests are all never compressed: vLLM's kernel inputs
+    #: for all its rows (``cpu_prefill.plan_stock_only``), no per-head tensors.
+    stock_only: StockLayoutRows | None = None
 
 
 class KVCompressCPUBackend(CPUAttentionBackend):
@@ -106,31 +115,40 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             # Profiling / warm-up: no KV-Compress requests exist yet.
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         num_reqs = common_attn_metadata.num_reqs
+        num_tokens = common_attn_metadata.num_actual_tokens
         req_ids = state.runner.input_batch.req_ids[:num_reqs]
         qsl = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1]
+
+        def vllm_inputs(stock_layout: torch.Tensor) -> VllmInputs:
+            return VllmInputs(
+                stock_layout=stock_layout,
+                seq_lens=common_attn_metadata.seq_lens[:num_reqs],
+                block_table=common_attn_metadata.block_table_tensor[:num_reqs],
+                slot_mapping=common_attn_metadata.slot_mapping[:num_tokens],
+                isa=self.isa,
+            )
+
+        if self._stock_kernel is not None:
+            heads = state.stock_layout_heads(req_ids, qsl)
+            if heads is not None:  # all never compressed: vLLM's metadata says it all
+                return KVCompressMetadata(
+                    num_actual_tokens=num_tokens, batch=None, stock_prefill=None,
+                    stock_only=plan_stock_only(
+                        vllm_inputs(torch.ones(num_reqs, dtype=torch.bool)), *heads,
+                        qsl, self._stock_kernel,
+                    ),
+                )
         batch = state.build_batch(req_ids, qsl)
         stock = None
         if self._stock_kernel is not None:
-            vllm_inputs = None
-            if batch.stock_layout is not None and bool(batch.stock_layout.any()):
-                num_tokens = common_attn_metadata.num_actual_tokens
-                vllm_inputs = VllmInputs(
-                    stock_layout=batch.stock_layout,
-                    seq_lens=common_attn_metadata.seq_lens[:num_reqs],
-                    block_table=common_attn_metadata.block_table_tensor[:num_reqs],
-                    slot_mapping=common_attn_metadata.slot_mapping[:num_tokens],
-                    isa=self.isa,
-                )
+            any_stock = batch.stock_layout is not None and bool(batch.stock_layout.any())
             stock = plan_stock_prefill(
                 batch.page_table, batch.kv_lens, batch.query_start_loc,
                 batch.metric_q_start, batch.record_metrics, state.block_size,
-                self._stock_kernel, vllm_inputs=vllm_inputs,
+                self._stock_kernel,
+                vllm_inputs=vllm_inputs(batch.stock_layout) if any_stock else None,
             )
-        return KVCompressMetadata(
-            num_actual_tokens=common_attn_metadata.num_actual_tokens,
-            batch=batch,
-            stock_prefill=stock,
-        )
+        return KVCompressMetadata(num_actual_tokens=num_tokens, batch=batch, stock_prefill=stock)
 
 
 class KVCompressCPUImpl(CPUAttentionBackendImpl):
@@ -168,13 +186,19 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                 layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale, output_block_scale,
             )
+        num_tokens = attn_metadata.num_actual_tokens
+        if attn_metadata.stock_only is not None:
+            run_stock_only(
+                attn_metadata.stock_only, query[:num_tokens], key[:num_tokens],
+                value[:num_tokens], kv_cache, output[:num_tokens], self.scale,
+            )
+            return output
         state = get_state()
         pool = state.pool
         if self._region is None:
             self._region = pool.region_of(kv_cache)
         region = self._region
         batch = attn_metadata.batch
-        num_tokens = attn_metadata.num_actual_tokens
         write_kv_split(
             attn_metadata.stock_prefill,
             key[:num_tokens],

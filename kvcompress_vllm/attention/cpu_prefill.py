@@ -276,44 +276,86 @@ def _plan_stock_layout(
     page_table: torch.Tensor,  # [L, R, H, max_pages] int32
     kernel: StockKernel,
 ) -> StockLayoutRows:
-    """vLLM's kernel inputs for the stock-layout requests' rows.
-
-    Checks the invariant that makes the real cache readable with vLLM's block
-    table: such a request is uncompressed, so every head of every layer holds
-    all of vLLM's ``seq_lens`` tokens, and its head-pages are ``page_id(l,
-    block, h)`` of exactly the blocks in vLLM's block table, in order (checked
-    on layer 0, head 0; the other heads' pages follow from the same identity
-    layout)."""
+    """vLLM's kernel inputs for the stock-layout requests' rows (a step that
+    also has requests in our layout; see ``_stock_layout_rows``)."""
     dr = torch.nonzero(direct).view(-1)
+    d_rows = _segment_rows(qsl[:-1], n_direct)
+    others = _segment_rows(qsl[:-1], torch.where(direct, 0, q_len))
+    return _stock_layout_rows(
+        inputs, dr,
+        kv_counts=lens[:, dr, :].permute(1, 0, 2).reshape(dr.numel(), -1),
+        first_pages=page_table[0, dr, 0],
+        rows=d_rows,
+        write_rows_own=others if others.numel() else None,
+        q_len=q_len.index_select(0, dr),
+        kernel=kernel,
+    )
+
+
+def plan_stock_only(
+    inputs: VllmInputs,
+    kv_counts: torch.Tensor,  # [R, L*H] int32 KVs of every head
+    first_pages: torch.Tensor,  # [R, max_pages] int32 pages of layer 0, head 0 (-1: none)
+    query_start_loc: torch.Tensor,  # [R + 1] int32
+    kernel: StockKernel,
+) -> StockLayoutRows:
+    """A step whose requests all stay in vLLM's layout: every row is computed
+    by vLLM's kernel on the real cache and written at vLLM's slots, so no
+    per-head tensors are built (``KVCompressWorkerState.stock_layout_heads``
+    gives what the invariant checks read)."""
+    qsl = query_start_loc.long()
+    num_tokens = int(qsl[-1])
+    return _stock_layout_rows(
+        inputs, torch.arange(qsl.numel() - 1),
+        kv_counts=kv_counts, first_pages=first_pages,
+        rows=torch.arange(num_tokens), write_rows_own=None,
+        q_len=qsl[1:] - qsl[:-1], kernel=kernel,
+    )
+
+
+def _stock_layout_rows(
+    inputs: VllmInputs,
+    dr: torch.Tensor,  # [Rd] int64 batch rows of the stock-layout requests
+    *,
+    kv_counts: torch.Tensor,  # [Rd, L*H] KVs of every head of those requests
+    first_pages: torch.Tensor,  # [Rd, max_pages] their pages of layer 0, head 0
+    rows: torch.Tensor,  # [Td] int64 their token rows
+    write_rows_own: torch.Tensor | None,  # the other token rows (None: none)
+    q_len: torch.Tensor,  # [Rd] int64 their query rows
+    kernel: StockKernel,
+) -> StockLayoutRows:
+    """Checks the invariant that makes the real cache readable with vLLM's
+    block table -- such a request is uncompressed, so every head of every
+    layer holds all of vLLM's ``seq_lens`` tokens, and its head-pages are
+    ``page_id(l, block, h)`` of exactly the blocks in vLLM's block table, in
+    order (checked on layer 0, head 0; the other heads' pages follow from the
+    same identity layout) -- and builds vLLM's kernel inputs."""
     seq = inputs.seq_lens.index_select(0, dr).long()  # [Rd]
-    if not bool((lens[:, dr, :] == seq.view(1, -1, 1)).all()):
+    if not bool((kv_counts == seq.view(-1, 1)).all()):
         raise RuntimeError(
-            f"stock-layout requests (batch rows {dr.tolist()}): heads hold "
-            f"{sorted(set(lens[:, dr, :].flatten().tolist()))[:8]} KVs, vLLM's sequence "
+            f"stock-layout requests (batch rows {dr.tolist()[:8]}): heads hold "
+            f"{sorted(set(kv_counts.flatten().tolist()))[:8]} KVs, vLLM's sequence "
             f"lengths are {seq.tolist()[:8]}: they must never be compressed"
         )
     heads = kernel.num_kv_heads
-    width = page_table.shape[-1]
     block_table = inputs.block_table.index_select(0, dr)
-    used = min(width, block_table.shape[1])
-    pages = page_table[0, dr, 0, :used].long()  # layer 0, head 0: page = block * H
+    used = min(first_pages.shape[1], block_table.shape[1])
+    pages = first_pages[:, :used].long()  # layer 0, head 0: page = block * H
     valid = pages >= 0
     if not bool((block_table[:, :used].long()[valid] == pages[valid] // heads).all()):
         raise RuntimeError(
-            f"stock-layout requests (batch rows {dr.tolist()}): vLLM's block table "
+            f"stock-layout requests (batch rows {dr.tolist()[:8]}): vLLM's block table "
             f"{block_table[:, :used].tolist()[:4]} differs from the worker's pages "
             f"{(pages // heads).tolist()[:4]}"
         )
-    d_rows = _segment_rows(qsl[:-1], n_direct)
-    others = _segment_rows(qsl[:-1], torch.where(direct, 0, q_len))
     d_qsl = torch.zeros(dr.numel() + 1, dtype=torch.int32)
-    d_qsl[1:] = torch.cumsum(q_len[dr], 0)
+    d_qsl[1:] = torch.cumsum(q_len, 0)
     seq_lens = seq.to(torch.int32)
     sched = _scheduler_metadata(kernel, seq_lens, d_qsl, inputs.isa)
     return StockLayoutRows(
-        rows=d_rows,
-        write_rows_own=others if others.numel() else None,
-        slot_mapping=inputs.slot_mapping.index_select(0, d_rows).long(),
+        rows=rows,
+        write_rows_own=write_rows_own,
+        slot_mapping=inputs.slot_mapping.index_select(0, rows).long(),
         qsl=d_qsl,
         seq_lens=seq_lens,
         block_table=block_table.contiguous(),
@@ -327,6 +369,23 @@ def _vllm_cache(cache: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Te
     view = cache.view(cache.shape[0], cache.shape[1], 2 * block, -1)
     key_cache, value_cache = view.chunk(2, dim=2)
     return key_cache, value_cache
+
+
+def run_stock_only(
+    sl: StockLayoutRows,
+    query: torch.Tensor,  # [T, Hq, D]
+    key: torch.Tensor,  # [T, H, D]
+    value: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,  # [B, H, N, 2D] this layer's real cache
+    output: torch.Tensor,  # [T, Hq, D]
+    scale: float,
+) -> None:
+    """One layer of a step whose requests all stay in vLLM's layout
+    (``plan_stock_only``): vLLM's cache write and vLLM's kernel, nothing else."""
+    key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
+    _vllm_ops().cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, sl.slot_mapping, sl.isa)
+    _vllm_attention(query, key_cache, value_cache, output, sl.qsl, sl.seq_lens, sl.block_table,
+                    sl.scheduler_metadata, scale)
 
 
 def write_kv_split(

@@ -344,6 +344,35 @@ class KVCompressWorkerState:
         stats.compaction_ms += 1000.0 * (time.perf_counter() - start)
 
     # ------------------------------------------------------------------
+    def _check_step_tokens(self, reqs: list[RequestPages], q_lens: torch.Tensor) -> None:
+        step = torch.tensor([r.step_tokens for r in reqs], dtype=torch.int64)
+        if not torch.equal(step, q_lens):
+            raise RuntimeError(
+                f"attention batch query lengths {q_lens.tolist()} differ from the "
+                f"scheduled tokens {step.tolist()}"
+            )
+
+    def stock_layout_heads(
+        self, req_ids: list[str], query_start_loc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """When every request of the step stays in vLLM's layout (never
+        compressed): what the builder checks against vLLM's metadata instead
+        of building an ``AttentionBatch`` -- ``kv_count [R, L*H]`` int32 (every
+        head's KVs) and ``first_pages [R, max_pages]`` int32 (layer 0, head 0:
+        page ``block * H``, -1 past the request's pages).  ``None`` when some
+        request is in our layout (the builder then calls ``build_batch``)."""
+        table = self.table
+        reqs = [table.requests[rid] for rid in req_ids]
+        if not reqs or not all(r.stock_layout for r in reqs):
+            return None
+        qsl = query_start_loc.to(torch.int64)
+        self._check_step_tokens(reqs, qsl[1:] - qsl[:-1])
+        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
+        return (
+            table.kv_count.index_select(0, slots).flatten(1),  # [R, L*H]
+            table.page_table[:, 0, 0].index_select(0, slots),  # [R, max_pages]
+        )
+
     def build_batch(self, req_ids: list[str], query_start_loc: torch.Tensor) -> AttentionBatch:
         """Per-step attention tensors in the runner's batch order."""
         key = (tuple(req_ids), tuple(query_start_loc.tolist()))
@@ -353,12 +382,7 @@ class KVCompressWorkerState:
         reqs = [table.requests[rid] for rid in req_ids]
         qsl = query_start_loc.to(torch.int64)
         q_lens = qsl[1:] - qsl[:-1]
-        step = torch.tensor([r.step_tokens for r in reqs], dtype=torch.int64)
-        if not torch.equal(step, q_lens):
-            raise RuntimeError(
-                f"attention batch query lengths {q_lens.tolist()} differ from the "
-                f"scheduled tokens {step.tolist()}"
-            )
+        self._check_step_tokens(reqs, q_lens)
         slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
         width = int(table.num_pages.index_select(0, slots).max())
         page_table = (
