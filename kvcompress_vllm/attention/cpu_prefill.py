@@ -382,9 +382,22 @@ def run_stock_only(
 ) -> None:
     """One layer of a step whose requests all stay in vLLM's layout
     (``plan_stock_only``): vLLM's cache write and vLLM's kernel, nothing else."""
+    _write_stock_layout(sl, key, value, kv_cache)
+    _attend_stock_layout(sl, query, kv_cache, output, scale)
+
+
+def _write_stock_layout(sl: StockLayoutRows, key: torch.Tensor, value: torch.Tensor,
+                        kv_cache: torch.Tensor) -> None:
+    """``key``/``value`` ``[Td, H, D]`` of ``sl.rows`` at vLLM's slots, in vLLM's layout."""
     key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
     _vllm_ops().cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, sl.slot_mapping, sl.isa)
-    _vllm_attention(query, key_cache, value_cache, output, sl.qsl, sl.seq_lens, sl.block_table,
+
+
+def _attend_stock_layout(sl: StockLayoutRows, query: torch.Tensor, kv_cache: torch.Tensor,
+                         out: torch.Tensor, scale: float) -> None:
+    """vLLM's kernel on the real cache for ``query``/``out`` ``[Td, Hq, D]`` of ``sl.rows``."""
+    key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
+    _vllm_attention(query, key_cache, value_cache, out, sl.qsl, sl.seq_lens, sl.block_table,
                     sl.scheduler_metadata, scale)
 
 
@@ -405,9 +418,8 @@ def write_kv_split(
     if sl is None:
         ops.write_kv(key, value, kv_pages, write_slots, metrics, positions, token_positions)
         return
-    key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
     k, v = (key, value) if sl.all_rows else (key.index_select(0, sl.rows), value.index_select(0, sl.rows))
-    _vllm_ops().cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, sl.slot_mapping, sl.isa)
+    _write_stock_layout(sl, k, v, kv_cache)
     r = sl.write_rows_own
     if r is not None:
         ops.write_kv(
@@ -434,11 +446,9 @@ def run_split(
     if sl is not None:
         if kv_cache is None:
             raise ValueError("run_split: stock-layout rows need the layer's real cache")
-        key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
         q = query if sl.all_rows else query.index_select(0, sl.rows)
         out = output if sl.all_rows else torch.empty_like(q)
-        _vllm_attention(q, key_cache, value_cache, out, sl.qsl, sl.seq_lens, sl.block_table,
-                        sl.scheduler_metadata, scale)
+        _attend_stock_layout(sl, q, kv_cache, out, scale)
         if not sl.all_rows:
             output.index_copy_(0, sl.rows, out)
     if plan.rows_stock.numel():
