@@ -1,5 +1,12 @@
 """Decode-step attention: kvcompress paged_head_attention vs vLLM's stock CPU attention.
 
+Three ways of ours: our kernel with metrics off / on (requests whose scorer
+reads the attention metric, and the fallback ``KVCOMPRESS_CPU_PREFILL=own``),
+and ``per-head``: what the engine runs for requests whose metric is never
+read (the default scorer) -- their pages in vLLM's in-page layout, vLLM's
+kernel called with one sequence per (request, KV head)
+(``attention/cpu_packed.py``), its per-layer scheduler metadata included.
+
 Both kernels read the same bytes: the stock cache ``[num_blocks, H, N, 2D]``
 (viewed by vLLM as ``[num_blocks, H, 2N, D]`` and split into K/V halves) is, per
 (block, KV head), exactly one kvcompress head-page ``[2, N, D]``; so the cache is
@@ -167,13 +174,62 @@ def bench_one(vops, get_isa, shape: str, batch: int, ctx: int, block: int, repea
                                  mqs, out_ours)
         torch.testing.assert_close(out_ours.float(), want.float(), atol=2e-2, rtol=0)
         torch.testing.assert_close(m_got, m_want, rtol=2e-2, atol=1e-6)
+    per_head, kernel_only = per_head_decode(isa, kv_pages, page_table, kv_lens, query, scale, check)
     t = time_interleaved(
-        {"stock": stock, "off": lambda: ours(None), "on": lambda: ours(metrics)}, repeats,
-        budget_s=budget_s,
+        {"stock": stock, "off": lambda: ours(None), "on": lambda: ours(metrics),
+         "per_head": per_head, "kernel_only": kernel_only}, repeats, budget_s=budget_s,
     )
-    s, off, on = t["stock"], t["off"], t["on"]
-    return dict(shape=shape, batch=batch, ctx=ctx, isa=isa, stock=s, off=off, on=on,
-                r_off=off / s, r_on=on / s)
+    s, off, on, ph, ko = t["stock"], t["off"], t["on"], t["per_head"], t["kernel_only"]
+    return dict(shape=shape, batch=batch, ctx=ctx, isa=isa, stock=s, off=off, on=on, ph=ph,
+                r_off=off / s, r_on=on / s, r_ph=ph / s, r_ko=ko / s)
+
+
+def per_head_decode(isa: str, kv_pages: torch.Tensor, page_table: torch.Tensor,
+                    kv_lens: torch.Tensor, query: torch.Tensor, scale: float, check: bool):
+    """The engine's path for metric-free requests over the same bytes:
+    ``(call, kernel_only)`` -- one layer's ``attend_packed`` plus its scheduler
+    metadata (the builder makes one per layer), and ``attend_packed`` alone.
+    With ``check``, the output on pages packed by our writer against the
+    reference over the plain pages."""
+    import dataclasses
+
+    from kvcompress_vllm.attention import cpu_packed, vllm_cpu
+
+    batch, hq, d = query.shape
+    h, block = page_table.shape[1], kv_pages.shape[2]
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    kernel = vllm_cpu.StockKernel(num_heads=hq, num_kv_heads=h, head_dim=d, dtype=query.dtype,
+                                  isa=isa)
+    ph = cpu_packed.plan_packed(torch.ones(batch, dtype=torch.bool), page_table[None],
+                                kv_lens[None], qsl, kernel, kv_pages)
+    one_head = dataclasses.replace(kernel, num_heads=hq // h, num_kv_heads=1)
+    out = torch.empty_like(query)
+
+    seq_lens, block_table, _ = ph.layers[0]
+
+    def call():
+        sched = vllm_cpu.scheduler_metadata(one_head, seq_lens, ph.qsl, isa)
+        ph.layers[0] = (seq_lens, block_table, sched)
+        cpu_packed.attend_packed(ph, 0, query, out, scale)
+
+    if check:
+        from kvcompress_vllm import ops
+        from kvcompress_vllm.ops import reference
+
+        packing = cpu_packed.PagePacking.learn(query.dtype, block, d, isa)
+        packed = torch.zeros_like(kv_pages)
+        p = kv_pages.shape[0]
+        ops.write_kv(kv_pages[:, 0].reshape(-1, 1, d), kv_pages[:, 1].reshape(-1, 1, d), packed,
+                     torch.arange(p * block).view(-1, 1), None, None,
+                     torch.zeros(p * block, dtype=torch.int64), packing=packing.offsets)
+        want = torch.empty_like(query)
+        reference.paged_head_attention(query, kv_pages, page_table, kv_lens, qsl, scale, None,
+                                       torch.ones(batch, dtype=torch.int32), want)
+        packed_ph = cpu_packed.plan_packed(torch.ones(batch, dtype=torch.bool), page_table[None],
+                                           kv_lens[None], qsl, kernel, packed)
+        cpu_packed.attend_packed(packed_ph, 0, query, out, scale)
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)
+    return call, lambda: cpu_packed.attend_packed(ph, 0, query, out, scale)
 
 
 def main() -> None:
@@ -207,8 +263,9 @@ def main() -> None:
         cases = [(s, b, c) for s in SHAPES for b in BATCHES for c in CONTEXTS]
     rows = []
     header = (f"| shape (Hq/H/D) | batch | ctx | stock ms | ours ms (metrics off) | "
-              f"ours ms (metrics on) | off/stock | on/stock |")
-    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+              f"ours ms (metrics on) | per-head ms | off/stock | on/stock | per-head/stock | "
+              f"per-head kernel only/stock |")
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     print(header)
     print(sep)
     for shape, b, c in cases:
@@ -216,7 +273,8 @@ def main() -> None:
                       budget_s=0.5 if args.quick else 1.5)
         hq, h, d = SHAPES[shape]
         line = (f"| {shape} ({hq}/{h}/{d}) | {b} | {c} | {r['stock']:.3f} | {r['off']:.3f} | "
-                f"{r['on']:.3f} | {r['r_off']:.2f} | {r['r_on']:.2f} |")
+                f"{r['on']:.3f} | {r['ph']:.3f} | {r['r_off']:.2f} | {r['r_on']:.2f} | "
+                f"{r['r_ph']:.2f} | {r['r_ko']:.2f} |")
         print(line, flush=True)
         rows.append(line)
         isa = r["isa"]
@@ -246,12 +304,17 @@ def main() -> None:
             f"{args.threads} torch threads, {cpu}; stock: vLLM {vllm_version} `{vllm_lib}`, "
             f"isa `{isa}`; ours: `{Path(ops_lib()).name}`, `{our_isa}` path. "
             f"Times are medians over at least {repeats} calls after warm-up (more for short "
-            "calls: about 1.5 s of calls per row); the three variants take turns in 8 rounds, "
+            "calls: about 1.5 s of calls per row); the five variants take turns in 8 rounds, "
             "each turn a block of consecutive calls whose first call is not counted. Both kernels read the same cache bytes: the stock cache "
             "`[num_blocks, H, N, 2D]` viewed as head-pages `[num_blocks * H, 2, N, D]`, "
             "page id `block * H + h` (vLLM's kernel stores K transposed inside a block, so "
             "the two interpret the bytes differently but do the same memory traffic and "
-            "FLOPs). `off`: metrics=None; `on`: metrics recorded for every decode query.",
+            "FLOPs). `off`: metrics=None; `on`: metrics recorded for every decode query "
+            "(our kernel); `per-head`: the engine's path for requests whose metric is never "
+            "read -- vLLM's kernel with one sequence per (request, KV head) over head-pages "
+            "in vLLM's layout, plus that layer's scheduler metadata (computed once per layer "
+            "and step; stock computes one per step for all layers); `kernel only`: the same "
+            "without the metadata.",
             "",
             header,
             sep,

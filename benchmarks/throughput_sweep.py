@@ -268,6 +268,7 @@ def run_config(spec: dict) -> list[dict]:
     if not spec["plugin"]:  # stock vLLM, nothing of the plugin loaded
         env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.update(spec.get("env", {}))
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)],
         stdout=subprocess.PIPE, stderr=None if spec.get("verbose") else subprocess.PIPE,
@@ -451,7 +452,10 @@ def main() -> int:
                         "'bs32={\"block_size\": 32}' (finer pages); rows are labelled 'kvc 0.25 NAME'. "
                         "With the prefix 'stock:' the engine is stock vLLM at the tight budget instead, "
                         "e.g. 'stock:b48={\"num_gpu_blocks_override\": 49}' (stock with the plugin's "
-                        "block count); rows are labelled 'stock NAME'. Variants run in every mode of --modes")
+                        "block count); rows are labelled 'stock NAME'. Variants run in every mode of --modes. "
+                        "A key \"env\" sets environment variables of that engine's process instead of an "
+                        "engine argument, e.g. 'own={\"env\": {\"KVCOMPRESS_CPU_PREFILL\": \"own\"}}' (every "
+                        "request in the plugin's own page layout and kernels)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds: engine passes must be >= 1 (got {args.rounds})")
@@ -512,7 +516,14 @@ def main() -> int:
         label = label.removeprefix("stock:")
         if not label or not eq or label in {e[2] for e in engines}:
             parser.error(f"--variant: expected a new, non-empty [stock:]NAME=JSON (got {variant!r})")
-        engines.append((plugin, "tight", label, json.loads(kwargs)))
+        try:
+            kwargs = json.loads(kwargs)
+            env = kwargs.pop("env", {})
+            if not isinstance(env, dict):
+                raise ValueError(f"env must be an object, got {env!r}")
+        except ValueError as err:
+            parser.error(f"--variant {variant!r}: {err}")
+        engines.append((plugin, "tight", label, dict(kwargs, env={k: str(v) for k, v in env.items()})))
     for mode in modes:
         for rnd in range(args.rounds):
             for plugin, budget, label, extra_kwargs in engine_order(engines, rnd):
@@ -523,11 +534,13 @@ def main() -> int:
                 if label and plugin:
                     jobs = [j for j in jobs if j["rate"] == 0.25]
                 jobs = engine_order(jobs, rnd)  # mirrored inside the engine too
+                engine_kwargs = dict(extra_kwargs)
                 spec = dict(
                     name=name, mode=mode, plugin=plugin, model=model, budget_bytes=budgets[budget],
                     max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=2048, jobs=jobs, verbose=args.verbose,
-                    engine_kwargs=extra_kwargs, label_suffix=f" {label}" if label else "",
+                    env=engine_kwargs.pop("env", {}),
+                    engine_kwargs=engine_kwargs, label_suffix=f" {label}" if label else "",
                     scorer=scorer,
                 )
                 t0 = time.perf_counter()

@@ -20,13 +20,21 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
 // metric and set the position of every written slot.
 void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_pages,
               const at::Tensor& slots, const std::optional<at::Tensor>& metrics,
-              const std::optional<at::Tensor>& positions, const at::Tensor& token_positions);
+              const std::optional<at::Tensor>& positions, const at::Tensor& token_positions,
+              const std::optional<at::Tensor>& packing);
 
 // Remove the listed KVs of every head and close the holes (K, V, metric,
-// position move together), exactly like reference.compaction_moves.
+// position move together), exactly like reference.compaction_moves.  With
+// `packing` ([2, N, D] int32) a page's K and V halves are in vLLM's in-page
+// layout: element (slot, d) of half h lies at offset packing[h, slot, d].
 void compact_heads(const at::Tensor& kv_pages, const at::Tensor& metrics,
                    const at::Tensor& positions, const at::Tensor& page_table,
                    const at::Tensor& kv_lens, const at::Tensor& evict_idx,
-                   const at::Tensor& evict_counts);
+                   const at::Tensor& evict_counts, const std::optional<at::Tensor>& packing);
+
+// The K (half 0) or V (half 1) of whole head-pages in vLLM's in-page layout,
+// in plain order: page_rows [...] int page ids (< 0: zeros) -> [..., N, D].
+at::Tensor unpack_pages(const at::Tensor& kv_pages, const at::Tensor& page_rows,
+                        const at::Tensor& packing, int64_t half);
 
 }  // namespace kvc

@@ -17,10 +17,13 @@ TORCH_LIBRARY(KVC_OP_NAMESPACE, m) {
       "Tensor metric_q_start, Tensor(c!) output) -> ()");
   m.def(
       "write_kv(Tensor key, Tensor value, Tensor(a!) kv_pages, Tensor slots, "
-      "Tensor(b!)? metrics, Tensor(c!)? positions, Tensor token_positions) -> ()");
+      "Tensor(b!)? metrics, Tensor(c!)? positions, Tensor token_positions, "
+      "Tensor? packing=None) -> ()");
   m.def(
       "compact_heads(Tensor(a!) kv_pages, Tensor(b!) metrics, Tensor(c!) positions, "
-      "Tensor page_table, Tensor kv_lens, Tensor evict_idx, Tensor evict_counts) -> ()");
+      "Tensor page_table, Tensor kv_lens, Tensor evict_idx, Tensor evict_counts, "
+      "Tensor? packing=None) -> ()");
+  m.def("unpack_pages(Tensor kv_pages, Tensor page_rows, Tensor packing, int half) -> Tensor");
   // Run-time ISA of the kernels (csrc/cpu_isa.h): the path in use, and a switch
   // (auto | avx2 | avx512_bf16) that returns the previous path.
   m.def("cpu_isa() -> str", [] { return kvc::cpu_isa_name(); });
@@ -31,4 +34,5 @@ TORCH_LIBRARY_IMPL(KVC_OP_NAMESPACE, CPU, m) {
   m.impl("paged_head_attention", &kvc::paged_head_attention);
   m.impl("write_kv", &kvc::write_kv);
   m.impl("compact_heads", &kvc::compact_heads);
+  m.impl("unpack_pages", &kvc::unpack_pages);
 }

@@ -23,15 +23,19 @@ def _run(script: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess
 
 def test_throughput_sweep_quick(tmp_path):
     # A stock variant: stock vLLM at the tight budget with 8 usable blocks
-    # (the quick tight budget gives it more), rows labelled "stock b8".
+    # (the quick tight budget gives it more), rows labelled "stock b8"; a
+    # plugin variant run with an environment variable (every request in the
+    # plugin's own page layout and kernels), rows labelled "kvc 0.25 own".
     proc = _run("throughput_sweep.py", tmp_path,
-                "--variant", 'stock:b8={"num_gpu_blocks_override": 9}')
+                "--variant", 'stock:b8={"num_gpu_blocks_override": 9}',
+                "--variant", 'own={"env": {"KVCOMPRESS_CPU_PREFILL": "own"}}')
     rows = list(csv.DictReader(open(tmp_path / "throughput_quick.csv")))
     shapes = {"mixed", "prefill-heavy", "decode-heavy", "many-requests"}
     assert {(r["shape"], r["budget"], r["config"]) for r in rows} == {
         (s, b, c) for s in shapes for b, c in [
             ("tight", "stock"), ("tight", "kvc 1"), ("tight", "kvc 0.25"),
-            ("ample", "stock"), ("ample", "kvc 0.25"), ("tight", "stock b8")]
+            ("ample", "stock"), ("ample", "kvc 0.25"), ("tight", "stock b8"),
+            ("tight", "kvc 0.25 own")]
     }
     assert "'inproc/stock/tight/b8': 8" in proc.stdout
     from kvcompress_vllm.config import KVCompressConfig
@@ -51,7 +55,7 @@ def test_throughput_sweep_quick(tmp_path):
         assert all(x >= 0 for x in shares) and 0.9 < sum(shares) < 1.1, shares
         if r["config"] == "stock" and r["budget"] == "ample":
             assert float(r["of_ceiling"]) == 1.0
-    compressed = [r for r in rows if r["config"] == "kvc 0.25"]
+    compressed = [r for r in rows if r["config"] in ("kvc 0.25", "kvc 0.25 own")]
     assert all(float(r["mean_kept_fraction"]) < 0.6 for r in compressed)
     assert all(int(r["compressions"]) > 0 and float(r["eviction_share"]) > 0 for r in compressed)
     assert (tmp_path / "throughput_quick.png").stat().st_size > 0
@@ -70,10 +74,12 @@ def test_quality_quick(tmp_path):
 
 
 def test_attention_bench_quick():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick"],
-                          capture_output=True, text=True, timeout=600)
+    # --check: our kernel and the per-head path (vLLM's kernel over packed
+    # head-pages) against the reference on every row
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick",
+                           "--check"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stock" in proc.stdout and "SmolLM2" in proc.stdout
+    assert "stock" in proc.stdout and "SmolLM2" in proc.stdout and "per-head/stock" in proc.stdout
 
 
 def test_prefill_bench_quick():

@@ -275,3 +275,61 @@ def test_stock_layout_heads_only_when_every_request_is_never_compressed():
     assert pages[0, :2].tolist() == [6 * H, 7 * H] and pages[1, :2].tolist() == [3 * H, 4 * H]
     with pytest.raises(RuntimeError, match="differ from the scheduled tokens"):
         state.stock_layout_heads(["c", "b"], torch.tensor([0, 1, 2], dtype=torch.int32))
+
+
+def test_packed_requests_evict_what_plain_ones_evict():
+    """A request in vLLM's in-page layout (the pool has a packing, its metric
+    is never read) goes through eviction -- key gather for the scorer,
+    compaction, page moves out of released blocks -- exactly like the same
+    request in plain pages: same page tables and counts, and every kept KV,
+    unpacked, equal to the plain state's.  A random permutation stands in for
+    vLLM's packing (the worker only uses the offsets)."""
+    from kvcompress_vllm.attention.cpu_packed import PagePacking
+
+    g = torch.Generator().manual_seed(7)
+    offsets = torch.stack([torch.randperm(N * D, generator=g) for _ in range(2)]).view(2, N, D)
+    packing = PagePacking(isa="test", dtype=torch.float32, block_size=N, head_dim=D,
+                          offsets=offsets.to(torch.int32))
+    n, blocks, num_pages = 37, [3, 7, 1, 9, 4], 12
+    geom = PageGeometry(N, L * H)
+    keep = geom.blocks_needed(n, num_pages)
+    states = []
+    for packed in (False, True):
+        state, _ = make_state(rate=0.25, protected_window=4, sink_tokens=1)
+        if packed:
+            state.pool.packing = packing
+        state.begin_step(step(new=[("r", blocks, n)], scheduled={"r": n}, prefill_ends={"r": n},
+                              no_metric=["r"]))
+        assert state.table.requests["r"].packed == packed
+        batch = state.build_batch(["r"], qsl_of(state, ["r"]))
+        assert (batch.packed is not None) == packed
+        kv = torch.Generator().manual_seed(1)
+        for layer in range(L):
+            k, v = torch.randn(n, H, D, generator=kv), torch.randn(n, H, D, generator=kv)
+            reference.write_kv(k, v, state.pool.kv_pages, batch.write_slots[layer],
+                               state.pool.metrics, state.pool.positions, batch.token_positions,
+                               packing=offsets.int() if packed else None)
+        state.end_step()
+        plan = EvictionPlan(req_id="r", num_pages=num_pages, num_tokens=n,
+                            pages_after=geom.pages_in_use(n, num_pages),
+                            released_block_ids=tuple(blocks[keep:]), protected_window=4,
+                            sink_tokens=1, scorer="keydiff", allocation="joint")
+        state.begin_step(step(plans=[plan]))
+        stats = state.end_step()
+        assert stats.pages_evicted == num_pages and stats.pages_migrated > 0
+        if packed:  # read the pages back in plain order for head_kvs
+            pages = state.pool.kv_pages
+            halves = pages.reshape(pages.shape[0], 2, N * D)
+            plain = torch.stack([halves[:, h, offsets[h].view(-1)] for h in range(2)], 1)
+            pages.copy_(plain.view(pages.shape))
+        states.append(state)
+    plain, packed = states
+    slot_a, slot_b = plain.table.requests["r"].slot, packed.table.requests["r"].slot
+    assert torch.equal(plain.table.kv_count[slot_a], packed.table.kv_count[slot_b])
+    assert torch.equal(plain.table.page_table[slot_a], packed.table.page_table[slot_b])
+    want, got = head_kvs(plain, "r"), head_kvs(packed, "r")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert want[key].keys() == got[key].keys()
+        for pos, (k, v) in want[key].items():
+            assert torch.equal(k, got[key][pos][0]) and torch.equal(v, got[key][pos][1])

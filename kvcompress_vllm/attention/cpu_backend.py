@@ -6,9 +6,10 @@ environment never sees it.
 
 Per layer and step, ``forward``:
 1. writes the step's K/V of every (token, KV head) into that head's next slot
-   (``ops.write_kv``; the slot comes from the head's own page table) -- except
-   for requests that are never compressed, written in vLLM's layout at vLLM's
-   slots (``cpu_prefill.write_kv_split``),
+   (``ops.write_kv``; the slot comes from the head's own page table) -- in
+   vLLM's in-page layout for requests whose metric is never read
+   (``cpu_packed``), and for requests that are never compressed in vLLM's
+   layout at vLLM's slots (``cpu_prefill.write_kv_split``),
 2. runs attention over each head's variable number of KVs, query heads of a
    GQA group reading their KV head's pages once, and adds each query's
    squared attention probabilities (summed over the group) to the metric of
@@ -19,8 +20,9 @@ Per layer and step, ``forward``:
 Prefill rows that add nothing to the metric (all rows of a chunk before the
 observation window) go to vLLM's own CPU kernel instead, AMX where the CPU has
 it, and so do all rows of requests that are never compressed, whose K/V stay in
-vLLM's own layout (``cpu_prefill``; the split is planned once per step by the
-builder).  A step whose requests are all never compressed skips our per-head
+vLLM's own layout (``cpu_prefill``), and all rows of compressed requests whose
+metric is never read, one sequence per KV head (``cpu_packed``; the split is
+planned once per step by the builder).  A step whose requests are all never compressed skips our per-head
 tensors altogether (``KVCompressMetadata.stock_only``).
 
 Warm-up and profiling runs (no registered requests) use the stock CPU path.
@@ -28,6 +30,7 @@ Warm-up and profiling runs (no registered requests) use the stock CPU path.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvcompress_vllm import ops
+from kvcompress_vllm.attention.cpu_packed import plan_packed
 from kvcompress_vllm.attention.cpu_prefill import (
     SCRATCH_BLOCK,
     StockKernel,
@@ -142,13 +146,34 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         stock = None
         if self._stock_kernel is not None:
             any_stock = batch.stock_layout is not None and bool(batch.stock_layout.any())
+            packed = None
+            if batch.packed is not None:
+                self._check_packing(state.pool.packing)
+                packed = plan_packed(
+                    batch.packed, batch.page_table, batch.kv_lens, batch.query_start_loc,
+                    dataclasses.replace(self._stock_kernel, isa=self.isa),
+                    state.pool.kv_pages, req_ids,
+                )
             stock = plan_stock_prefill(
                 batch.page_table, batch.kv_lens, batch.query_start_loc,
                 batch.metric_q_start, batch.record_metrics, state.block_size,
                 self._stock_kernel,
                 vllm_inputs=vllm_inputs(batch.stock_layout) if any_stock else None,
+                packed=packed,
             )
         return KVCompressMetadata(num_actual_tokens=num_tokens, batch=batch, stock_prefill=stock)
+
+    def _check_packing(self, packing) -> None:
+        """The pool's packing must be the one vLLM's kernel reads in this group."""
+        kernel = self._stock_kernel
+        if packing is None or (packing.isa, packing.dtype, packing.head_dim) != (
+            self.isa, kernel.dtype, kernel.head_dim
+        ):
+            raise RuntimeError(
+                f"KV-Compress: requests in vLLM's layout, but the pool's packing "
+                f"{None if packing is None else (packing.isa, packing.dtype, packing.head_dim)} "
+                f"is not vLLM's kernel's ({self.isa}, {kernel.dtype}, {kernel.head_dim})"
+            )
 
 
 class KVCompressCPUImpl(CPUAttentionBackendImpl):
@@ -209,6 +234,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
             pool.metrics,
             pool.positions,
             batch.token_positions,
+            packing=pool.packing,
         )
         metrics = pool.metrics if batch.record_metrics else None
         if attn_metadata.stock_prefill is not None:

@@ -31,6 +31,10 @@ vLLM's slot mapping) and vLLM's kernel reads them there with vLLM's block
 table -- exactly what stock vLLM does for them.  Their head-pages in our
 layout are never written; only the page bookkeeping (counts, blocks) is kept.
 
+*Packed requests* (compressed, metric never read: ``cpu_packed``) go to
+vLLM's kernel whole as well, one sequence per (request, KV head) over their
+head-pages in vLLM's in-page layout.
+
 ``KVCOMPRESS_CPU_PREFILL=own`` sends every row to our kernel (for comparison);
 it also keeps every request in our layout.
 """
@@ -44,6 +48,15 @@ import torch
 from vllm.utils.math_utils import cdiv
 
 from kvcompress_vllm import ops
+from kvcompress_vllm.attention.cpu_packed import PackedHeads, attend_packed, write_packed
+from kvcompress_vllm.attention.vllm_cpu import (
+    StockKernel,
+    offsets,
+    scheduler_metadata,
+    segment_rows,
+    vllm_attention,
+    vllm_ops,
+)
 
 ENV = "KVCOMPRESS_CPU_PREFILL"
 PATHS = ("vllm", "own")
@@ -59,18 +72,6 @@ def prefill_path() -> str:
     if path not in PATHS:
         raise ValueError(f"{ENV}={path!r}: allowed values are {', '.join(PATHS)}")
     return path
-
-
-@dataclass(frozen=True)
-class StockKernel:
-    """Static facts vLLM's CPU kernel needs (one attention layer group)."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    isa: str
-    split_kv: bool = True
 
 
 @dataclass
@@ -120,53 +121,10 @@ class StockPrefill:
     scheduler_metadata: torch.Tensor | None  # None: no gathered rows
     kernel: StockKernel
     stock_layout: StockLayoutRows | None = None
-
-
-def _vllm_ops():
-    from vllm import _custom_ops
-
-    return _custom_ops
-
-
-def _scheduler_metadata(kernel: StockKernel, seq_lens: torch.Tensor, qsl: torch.Tensor,
-                        isa: str) -> torch.Tensor:
-    """vLLM's CPU attention schedule for ``len(seq_lens)`` causal requests."""
-    return _vllm_ops().cpu_attn_get_scheduler_metadata(
-        num_reqs=seq_lens.numel(),
-        num_heads=kernel.num_heads,
-        num_kv_heads=kernel.num_kv_heads,
-        head_dim=kernel.head_dim,
-        seq_lens=seq_lens,
-        dtype=kernel.dtype,
-        query_start_loc=qsl,
-        causal=True,
-        sliding_window_size=-1,
-        isa=isa,
-        enable_kv_split=kernel.split_kv,
-    )
-
-
-def _vllm_attention(query, key_cache, value_cache, out, qsl, seq_lens, block_table,
-                    scheduler_metadata, scale) -> None:
-    """vLLM's CPU attention kernel (causal, no window/ALiBi/soft-cap/sinks)."""
-    _vllm_ops().cpu_attention_with_kv_cache(
-        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
-        query_start_loc=qsl, seq_lens=seq_lens, scale=scale, causal=True,
-        alibi_slopes=None, sliding_window=-1, block_table=block_table, softcap=0.0,
-        scheduler_metadata=scheduler_metadata, s_aux=None,
-    )
-
-
-def _segment_rows(start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Rows ``start[i] + [0, count[i])`` of every segment, concatenated."""
-    return torch.repeat_interleave(start, count) + _offsets(count)
-
-
-def _offsets(count: torch.Tensor) -> torch.Tensor:
-    """``[0, c0) ++ [0, c1) ++ ...``: each element's index within its segment."""
-    return torch.arange(int(count.sum())) - torch.repeat_interleave(
-        torch.cumsum(count, 0) - count, count
-    )
+    #: Rows of requests in vLLM's layout attended per KV head (``cpu_packed``).
+    packed: PackedHeads | None = None
+    #: Rows ``ops.write_kv`` writes into our layout (None: every row).
+    write_rows_own: torch.Tensor | None = None
 
 
 def plan_stock_prefill(
@@ -179,12 +137,14 @@ def plan_stock_prefill(
     kernel: StockKernel,
     min_rows: int = MIN_STOCK_ROWS,
     vllm_inputs: VllmInputs | None = None,
+    packed: PackedHeads | None = None,
 ) -> StockPrefill | None:
     """Split the step's rows; ``None`` when no row goes to vLLM's kernel.
 
     ``vllm_inputs`` marks the stock-layout requests (all their rows go to
-    vLLM's kernel on the real cache); without it every request is in our
-    layout."""
+    vLLM's kernel on the real cache), ``packed`` the requests in vLLM's
+    layout attended per KV head (all their rows too); without them every
+    request is in our layout."""
     qsl = query_start_loc.long()
     q_len = qsl[1:] - qsl[:-1]  # [R]
     num_reqs = q_len.numel()
@@ -194,7 +154,10 @@ def plan_stock_prefill(
         else torch.zeros(num_reqs, dtype=torch.bool)
     )
     any_direct = bool(direct.any())
-    if num_reqs == 0 or (not any_direct and int(q_len.max()) < min_rows):
+    if packed is not None and packed.rows is None and not any_direct:
+        return _packed_only(packed, num_reqs, page_table.shape[0], kernel)
+    in_vllm = direct if packed is None else direct | packed.mask  # every row to vLLM's kernel
+    if num_reqs == 0 or (packed is None and not any_direct and int(q_len.max()) < min_rows):
         return None
     lens = kv_lens.long()
     uniform = (lens == lens[:1, :, :1]).all(dim=2).all(dim=0)  # [R]
@@ -202,21 +165,22 @@ def plan_stock_prefill(
         n_stock = torch.minimum(metric_q_start.long().clamp(min=0), q_len)
     else:
         n_stock = q_len.clone()
-    fast = uniform & (n_stock >= min_rows) & ~direct
-    if not bool(fast.any()) and not any_direct:
+    fast = uniform & (n_stock >= min_rows) & ~in_vllm
+    if not bool(fast.any()) and not any_direct and packed is None:
         return None
     n_stock = torch.where(fast, n_stock, 0)
-    n_direct = torch.where(direct, q_len, 0)
-    n_own = q_len - n_stock - n_direct
+    n_own = torch.where(in_vllm, 0, q_len - n_stock)
+    ours = ~in_vllm
+    write_rows_own = None if bool(ours.all()) else segment_rows(qsl[:-1], torch.where(ours, q_len, 0))
     req = torch.arange(num_reqs)
 
-    rows_stock = _segment_rows(qsl[:-1], n_stock)
-    rows_own = _segment_rows(qsl[:-1] + n_stock, n_own)
+    rows_stock = segment_rows(qsl[:-1], n_stock)
+    rows_own = segment_rows(qsl[:-1] + n_stock, n_own)
     own_qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
     own_qsl[1:] = torch.cumsum(n_own, 0)
     own_mqs = (metric_q_start.long() - n_stock).clamp(min=0).to(torch.int32)
     stock_layout = (
-        _plan_stock_layout(vllm_inputs, direct, n_direct, qsl, q_len, lens, page_table, kernel)
+        _plan_stock_layout(vllm_inputs, direct, qsl, q_len, lens, page_table, kernel)
         if any_direct
         else None
     )
@@ -233,14 +197,14 @@ def plan_stock_prefill(
             kv_rows=torch.zeros(page_table.shape[0], 0, dtype=torch.int64),
             slot_mapping=empty, scratch=torch.zeros(0), qsl=stock_qsl, seq_lens=seq_lens,
             block_table=torch.zeros(0, 1, dtype=torch.int32), scheduler_metadata=None,
-            kernel=kernel, stock_layout=stock_layout,
+            kernel=kernel, stock_layout=stock_layout, packed=packed, write_rows_own=write_rows_own,
         )
     nblocks = cdiv(seq, SCRATCH_BLOCK)
     base = torch.cumsum(nblocks, 0) - nblocks
     block_table = (base[:, None] + torch.arange(int(nblocks.max()))[None, :]).to(torch.int32)
 
     tok_req = torch.repeat_interleave(fr, seq)  # [Tk] request of each gathered KV
-    j = _offsets(seq)  # [Tk] logical index of each gathered KV in its head
+    j = offsets(seq)  # [Tk] logical index of each gathered KV in its head
     slot_mapping = torch.repeat_interleave(base, seq) * SCRATCH_BLOCK + j
     heads = torch.arange(kernel.num_kv_heads)
     pages = page_table[:, tok_req[:, None], heads[None, :], (j // block_size)[:, None]]
@@ -257,19 +221,32 @@ def plan_stock_prefill(
         int(nblocks.sum()), kernel.num_kv_heads, SCRATCH_BLOCK, 2 * kernel.head_dim,
         dtype=kernel.dtype,
     )
-    sched = _scheduler_metadata(kernel, seq_lens, stock_qsl, kernel.isa)
+    sched = scheduler_metadata(kernel, seq_lens, stock_qsl, kernel.isa)
     return StockPrefill(
         rows_stock=rows_stock, rows_own=rows_own, own_qsl=own_qsl, own_mqs=own_mqs,
         kv_rows=kv_rows, slot_mapping=slot_mapping, scratch=scratch, qsl=stock_qsl,
         seq_lens=seq_lens, block_table=block_table, scheduler_metadata=sched, kernel=kernel,
-        stock_layout=stock_layout,
+        stock_layout=stock_layout, packed=packed, write_rows_own=write_rows_own,
+    )
+
+
+def _packed_only(packed: PackedHeads, num_reqs: int, num_layers: int,
+                 kernel: StockKernel) -> StockPrefill:
+    """Every row of the step is a packed request's: nothing else to split."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    zeros = torch.zeros(num_reqs + 1, dtype=torch.int32)
+    return StockPrefill(
+        rows_stock=empty, rows_own=empty, own_qsl=zeros, own_mqs=zeros[:-1],
+        kv_rows=torch.zeros(num_layers, 0, dtype=torch.int64), slot_mapping=empty,
+        scratch=torch.zeros(0), qsl=zeros[:1], seq_lens=torch.zeros(0, dtype=torch.int32),
+        block_table=torch.zeros(0, 1, dtype=torch.int32), scheduler_metadata=None,
+        kernel=kernel, packed=packed, write_rows_own=empty,
     )
 
 
 def _plan_stock_layout(
     inputs: VllmInputs,
     direct: torch.Tensor,  # [R] bool
-    n_direct: torch.Tensor,  # [R] int64 rows of each request on this path (q_len or 0)
     qsl: torch.Tensor,  # [R + 1] int64
     q_len: torch.Tensor,  # [R] int64
     lens: torch.Tensor,  # [L, R, H] int64
@@ -279,8 +256,8 @@ def _plan_stock_layout(
     """vLLM's kernel inputs for the stock-layout requests' rows (a step that
     also has requests in our layout; see ``_stock_layout_rows``)."""
     dr = torch.nonzero(direct).view(-1)
-    d_rows = _segment_rows(qsl[:-1], n_direct)
-    others = _segment_rows(qsl[:-1], torch.where(direct, 0, q_len))
+    d_rows = segment_rows(qsl[:-1], torch.where(direct, q_len, 0))
+    others = segment_rows(qsl[:-1], torch.where(direct, 0, q_len))
     return _stock_layout_rows(
         inputs, dr,
         kv_counts=lens[:, dr, :].permute(1, 0, 2).reshape(dr.numel(), -1),
@@ -351,7 +328,7 @@ def _stock_layout_rows(
     d_qsl = torch.zeros(dr.numel() + 1, dtype=torch.int32)
     d_qsl[1:] = torch.cumsum(q_len, 0)
     seq_lens = seq.to(torch.int32)
-    sched = _scheduler_metadata(kernel, seq_lens, d_qsl, inputs.isa)
+    sched = scheduler_metadata(kernel, seq_lens, d_qsl, inputs.isa)
     return StockLayoutRows(
         rows=rows,
         write_rows_own=write_rows_own,
@@ -390,14 +367,14 @@ def _write_stock_layout(sl: StockLayoutRows, key: torch.Tensor, value: torch.Ten
                         kv_cache: torch.Tensor) -> None:
     """``key``/``value`` ``[Td, H, D]`` of ``sl.rows`` at vLLM's slots, in vLLM's layout."""
     key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
-    _vllm_ops().cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, sl.slot_mapping, sl.isa)
+    vllm_ops().cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, sl.slot_mapping, sl.isa)
 
 
 def _attend_stock_layout(sl: StockLayoutRows, query: torch.Tensor, kv_cache: torch.Tensor,
                          out: torch.Tensor, scale: float) -> None:
     """vLLM's kernel on the real cache for ``query``/``out`` ``[Td, Hq, D]`` of ``sl.rows``."""
     key_cache, value_cache = _vllm_cache(kv_cache, kv_cache.shape[2])
-    _vllm_attention(query, key_cache, value_cache, out, sl.qsl, sl.seq_lens, sl.block_table,
+    vllm_attention(query, key_cache, value_cache, out, sl.qsl, sl.seq_lens, sl.block_table,
                     sl.scheduler_metadata, scale)
 
 
@@ -411,17 +388,25 @@ def write_kv_split(
     metrics: torch.Tensor,
     positions: torch.Tensor,
     token_positions: torch.Tensor,  # [T]
+    packing=None,  # cpu_packed.PagePacking of the pool (packed rows only)
 ) -> None:
     """Write the step's K/V: stock-layout requests' in vLLM's layout at vLLM's
-    slots, everyone else's into their head-pages (``ops.write_kv``)."""
-    sl = plan.stock_layout if plan is not None else None
-    if sl is None:
+    slots, packed requests' in vLLM's layout at their heads' slots, everyone
+    else's into their head-pages (``ops.write_kv``)."""
+    if plan is None:
         ops.write_kv(key, value, kv_pages, write_slots, metrics, positions, token_positions)
         return
-    k, v = (key, value) if sl.all_rows else (key.index_select(0, sl.rows), value.index_select(0, sl.rows))
-    _write_stock_layout(sl, k, v, kv_cache)
-    r = sl.write_rows_own
-    if r is not None:
+    sl = plan.stock_layout
+    if sl is not None:
+        k, v = (key, value) if sl.all_rows else (key.index_select(0, sl.rows), value.index_select(0, sl.rows))
+        _write_stock_layout(sl, k, v, kv_cache)
+    if plan.packed is not None:
+        write_packed(plan.packed, packing, key, value, kv_pages, write_slots, metrics, positions,
+                     token_positions)
+    r = plan.write_rows_own
+    if r is None:
+        ops.write_kv(key, value, kv_pages, write_slots, metrics, positions, token_positions)
+    elif r.numel():
         ops.write_kv(
             key.index_select(0, r), value.index_select(0, r), kv_pages,
             write_slots.index_select(0, r), metrics, positions, token_positions.index_select(0, r),
@@ -441,7 +426,8 @@ def run_split(
     kv_cache: torch.Tensor | None = None,  # [B, H, N, 2D] this layer's real cache
 ) -> None:
     """Attention of one layer's rows: stock-layout requests by vLLM on the real
-    cache, gathered prefill rows by vLLM on the scratch cache, own rows by ours."""
+    cache, packed requests by vLLM per KV head on the head-pages, gathered
+    prefill rows by vLLM on the scratch cache, own rows by ours."""
     sl = plan.stock_layout
     if sl is not None:
         if kv_cache is None:
@@ -451,6 +437,8 @@ def run_split(
         _attend_stock_layout(sl, q, kv_cache, out, scale)
         if not sl.all_rows:
             output.index_copy_(0, sl.rows, out)
+    if plan.packed is not None:
+        attend_packed(plan.packed, layer, query, output, scale)
     if plan.rows_stock.numel():
         _run_gathered(plan, layer, query, kv_pages, scale, output)
     if plan.rows_own.numel():
@@ -472,7 +460,7 @@ def _run_gathered(
 ) -> None:
     """Gathered prefill rows: their KVs copied from the head-pages into the
     scratch cache in vLLM's layout, then vLLM's kernel."""
-    vops = _vllm_ops()
+    vops = vllm_ops()
     heads, dim = plan.kernel.num_kv_heads, kv_pages.shape[-1]
     block = kv_pages.shape[2]
     flat = kv_pages.view(-1, dim)
@@ -485,6 +473,6 @@ def _run_gathered(
     )
     q = query.index_select(0, plan.rows_stock)
     out = torch.empty_like(q)
-    _vllm_attention(q, key_cache, value_cache, out, plan.qsl, plan.seq_lens, plan.block_table,
+    vllm_attention(q, key_cache, value_cache, out, plan.qsl, plan.seq_lens, plan.block_table,
                     plan.scheduler_metadata, scale)
     output.index_copy_(0, plan.rows_stock, out)

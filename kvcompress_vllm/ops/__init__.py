@@ -116,20 +116,46 @@ def write_kv(
     metrics: torch.Tensor | None,
     positions: torch.Tensor | None,
     token_positions: torch.Tensor,
+    packing: torch.Tensor | None = None,
 ) -> None:
     """See ``reference.write_kv``."""
     backend = backend_for(kv_pages)
     if backend == "reference":
         return reference.write_kv(**_args(locals()))
     if backend == "triton":
+        _no_packing("write_kv", packing)
         slots, token_positions = _on(kv_pages.device, slots, token_positions)
         return _triton().write_kv(
             key, value, kv_pages, slots, metrics, positions, token_positions
         )
     load_library()
     torch.ops.kvcompress.write_kv(
-        key, value, kv_pages, slots, metrics, positions, token_positions
+        key, value, kv_pages, slots, metrics, positions, token_positions, packing
     )
+
+
+def unpack_pages(
+    kv_pages: torch.Tensor,
+    page_rows: torch.Tensor,
+    packing: torch.Tensor,
+    half: int,
+) -> torch.Tensor:
+    """See ``reference.unpack_pages``."""
+    backend = backend_for(kv_pages)
+    if backend == "reference":
+        return reference.unpack_pages(**_args(locals()))
+    if backend == "triton":
+        _no_packing("unpack_pages", packing)
+    load_library()
+    return torch.ops.kvcompress.unpack_pages(kv_pages, page_rows, packing, half)
+
+
+def _no_packing(op: str, packing: torch.Tensor | None) -> None:
+    if packing is not None:
+        raise ValueError(
+            f"{op}: packing (vLLM's CPU in-page layout) is a CPU-only layout; "
+            "the CUDA pool keeps plain [N, D] pages"
+        )
 
 
 def compact_heads(
@@ -140,12 +166,14 @@ def compact_heads(
     kv_lens: torch.Tensor,
     evict_idx: torch.Tensor,
     evict_counts: torch.Tensor,
+    packing: torch.Tensor | None = None,
 ) -> None:
     """See ``reference.compact_heads``."""
     backend = backend_for(kv_pages)
     if backend == "reference":
         return reference.compact_heads(**_args(locals()))
     if backend == "triton":
+        _no_packing("compact_heads", packing)
         page_table, kv_lens, evict_idx, evict_counts = _on(
             kv_pages.device, page_table, kv_lens, evict_idx, evict_counts
         )
@@ -154,7 +182,7 @@ def compact_heads(
         )
     load_library()
     torch.ops.kvcompress.compact_heads(
-        kv_pages, metrics, positions, page_table, kv_lens, evict_idx, evict_counts
+        kv_pages, metrics, positions, page_table, kv_lens, evict_idx, evict_counts, packing
     )
 
 

@@ -94,19 +94,43 @@ def write_kv(
     metrics: torch.Tensor | None,  # [P, N] float32, reset to 0 at written slots
     positions: torch.Tensor | None,  # [P, N] int32, set at written slots
     token_positions: torch.Tensor,  # [T] int64/int32 position of each token
+    packing: torch.Tensor | None = None,  # [2, N, D] int32 in-page element offsets
 ) -> None:
-    """Store new keys/values of every (token, KV head) at its head slot."""
+    """Store new keys/values of every (token, KV head) at its head slot (with
+    ``packing``: element ``(slot, d)`` of each half at ``packing[half, slot, d]``,
+    see ``compact_heads``)."""
     block = kv_pages.shape[2]
     valid = slots >= 0
     t_idx, h_idx = valid.nonzero(as_tuple=True)
     flat = slots[t_idx, h_idx]
     page, off = flat // block, flat % block
-    kv_pages[page, 0, off] = key[t_idx, h_idx].to(kv_pages.dtype)
-    kv_pages[page, 1, off] = value[t_idx, h_idx].to(kv_pages.dtype)
+    if packing is None:
+        kv_pages[page, 0, off] = key[t_idx, h_idx].to(kv_pages.dtype)
+        kv_pages[page, 1, off] = value[t_idx, h_idx].to(kv_pages.dtype)
+    else:
+        halves = kv_pages.view(kv_pages.shape[0], 2, -1)  # [P, 2, N*D]
+        for h, src in enumerate((key, value)):
+            elems = packing[h].long()[off]  # [K, D]
+            halves[page.view(-1, 1), h, elems] = src[t_idx, h_idx].to(kv_pages.dtype)
     if metrics is not None:
         metrics[page, off] = 0.0
     if positions is not None:
         positions[page, off] = token_positions[t_idx].to(positions.dtype)
+
+
+def unpack_pages(
+    kv_pages: torch.Tensor,  # [P, 2, N, D] in vLLM's in-page layout
+    page_rows: torch.Tensor,  # [...] int page ids; < 0: zeros
+    packing: torch.Tensor,  # [2, N, D] int32 in-page element offsets
+    half: int,  # 0: keys, 1: values
+) -> torch.Tensor:
+    """The K or V half of whole head-pages in plain order: ``[..., N, D]``."""
+    num_pages, _, block, dim = kv_pages.shape
+    rows = page_rows.to(torch.int64)
+    halves = kv_pages.reshape(num_pages, 2, block * dim)[:, half]  # [P, N*D]
+    out = halves[rows.clamp(min=0)][..., packing[half].view(-1).long()]
+    out[rows < 0] = 0
+    return out.view(*page_rows.shape, block, dim)
 
 
 def compaction_moves(
@@ -137,13 +161,18 @@ def compact_heads(
     kv_lens: torch.Tensor,  # [S] int32
     evict_idx: torch.Tensor,  # [S, max_evict] int32, ascending prefix per row
     evict_counts: torch.Tensor,  # [S] int32
+    packing: torch.Tensor | None = None,  # [2, N, D] int32 in-page element offsets
 ) -> None:
     """Remove the listed KVs from each head and close the holes in place.
 
     Moves K, V, metric and position together (see ``compaction_moves``).
-    The caller sets the new length ``kv_lens - evict_counts``.
+    The caller sets the new length ``kv_lens - evict_counts``.  With
+    ``packing`` the K and V halves of a page hold element ``(slot, d)`` at
+    offset ``packing[half, slot, d]`` (vLLM's CPU in-page layout,
+    ``attention.cpu_packed``) instead of ``slot * D + d``.
     """
     block = kv_pages.shape[2]
+    halves = kv_pages.view(kv_pages.shape[0], 2, -1)  # [P, 2, N*D]
     for s in range(page_table.shape[0]):
         count = int(evict_counts[s])
         if count == 0:
@@ -152,6 +181,10 @@ def compact_heads(
         for src, dst in compaction_moves(int(kv_lens[s]), evicted):
             sp, so = int(page_table[s, src // block]), src % block
             dp, do = int(page_table[s, dst // block]), dst % block
-            kv_pages[dp, :, do] = kv_pages[sp, :, so]
+            if packing is None:
+                kv_pages[dp, :, do] = kv_pages[sp, :, so]
+            else:
+                for h in range(2):
+                    halves[dp, h, packing[h, do].long()] = halves[sp, h, packing[h, so].long()]
             metrics[dp, do] = metrics[sp, so]
             positions[dp, do] = positions[sp, so]

@@ -44,6 +44,10 @@ class RequestPages:
     #: Never compressed: its K/V are in vLLM's own layout, read by vLLM's
     #: kernel (``StepPlan.stock_layout``; CPU worker).
     stock_layout: bool = False
+    #: Compressible, but its metric is never read: its K/V are in vLLM's
+    #: in-page layout (``HeadPool.packing``), read by vLLM's kernel one
+    #: sequence per KV head (``attention.cpu_packed``; CPU worker).
+    packed: bool = False
     #: Head-pages evicted so far (sum over heads).
     evicted_pages: int = 0
     compressions: int = 0
@@ -100,7 +104,8 @@ class HeadPageTable:
 
     # -- lifecycle ---------------------------------------------------------
     def add(self, req_id: str, blocks: list[int], num_tokens: int, prefill_end: int,
-            records_metric: bool = True, stock_layout: bool = False) -> RequestPages:
+            records_metric: bool = True, stock_layout: bool = False,
+            packed: bool = False) -> RequestPages:
         if req_id in self.requests:
             raise RuntimeError(f"request {req_id} is already registered")
         if not self._free_slots:
@@ -111,7 +116,7 @@ class HeadPageTable:
         self.kv_count[slot] = num_tokens
         req = RequestPages(slot=slot, blocks=list(blocks), num_tokens=num_tokens,
                            prefill_end=prefill_end, records_metric=records_metric,
-                           stock_layout=stock_layout)
+                           stock_layout=stock_layout, packed=packed)
         self.requests[req_id] = req
         self.ensure_capacity(req, 0)
         return req

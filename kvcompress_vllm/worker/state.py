@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from vllm.utils.math_utils import cdiv
 
 from kvcompress_vllm import ops, scorers
 from kvcompress_vllm.config import KVCompressConfig
@@ -20,6 +22,9 @@ from kvcompress_vllm.plan import EvictionPlan, StepPlan, WorkerStats, take_plan
 from kvcompress_vllm.core.geometry import max_pages_per_head
 from kvcompress_vllm.worker.page_table import HeadPageTable, RequestPages
 from kvcompress_vllm.worker.selection import choose_pages, evict_indices, rank_heads
+
+if TYPE_CHECKING:
+    from kvcompress_vllm.attention.cpu_packed import PagePacking
 
 _STATE: "KVCompressWorkerState | None" = None
 
@@ -51,6 +56,9 @@ class HeadPool:
     num_blocks: int
     num_kv_heads: int
     layer_numel: int  # elements of one layer region (B * H * 2 * N * D)
+    #: vLLM's in-page layout, for requests kept in it (``RequestPages.packed``);
+    #: None: every compressible request is in plain ``[N, D]`` pages.
+    packing: "PagePacking | None" = None
 
     @classmethod
     def from_layer_caches(cls, layer_caches: list[torch.Tensor], layout=None) -> "HeadPool":
@@ -105,6 +113,9 @@ class AttentionBatch:
     #: [R] bool: requests kept in vLLM's own cache layout (never compressed;
     #: ``RequestPages.stock_layout``).
     stock_layout: torch.Tensor | None = None
+    #: [R] bool: requests in vLLM's in-page layout, attended per KV head
+    #: (``RequestPages.packed``); None: none.
+    packed: torch.Tensor | None = None
 
 
 class KVCompressWorkerState:
@@ -154,6 +165,7 @@ class KVCompressWorkerState:
                 self._prefill_end(step, new_req.req_id),
                 new_req.req_id not in step.no_metric,
                 new_req.req_id in step.stock_layout,
+                self._packed(step, new_req.req_id),
             )
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
@@ -167,6 +179,7 @@ class KVCompressWorkerState:
                     self._prefill_end(step, rid),
                     rid not in step.no_metric,
                     rid in step.stock_layout,
+                    self._packed(step, rid),
                 )
         # Plans refer to the block lists as they were before this step's
         # allocations, so they run before new blocks are appended.
@@ -180,6 +193,15 @@ class KVCompressWorkerState:
         table.append_tokens([table.requests[rid] for rid in scheduled], list(scheduled.values()))
         self._report_pages = step.report_pages
         self.in_step = True
+
+    def _packed(self, step: StepPlan, req_id: str) -> bool:
+        """Kept in vLLM's in-page layout: compressible, no metric read, and the
+        pool has vLLM's packing (CPU worker with vLLM's prefill path)."""
+        return (
+            self.pool.packing is not None
+            and req_id in step.no_metric
+            and req_id not in step.stock_layout
+        )
 
     @staticmethod
     def _prefill_end(step: StepPlan, req_id: str) -> int:
@@ -229,9 +251,13 @@ class KVCompressWorkerState:
         head_dim = pool.kv_pages.shape[3]
 
         def keys() -> torch.Tensor:
-            # kv_pages [P, 2, N, D] as rows of D: key (page, slot) is row page*2N + slot.
-            rows = pages.to(torch.int64).mul_(2 * n).add_(slot).view(-1)
-            out = pool.kv_pages.view(-1, head_dim).index_select(0, rows)
+            if req.packed:  # vLLM's in-page layout: the head's pages, unpacked
+                used = rows[:, : cdiv(width, n)]
+                out = pool.packing.unpack_keys(pool.kv_pages, used)[:, :width].contiguous()
+            else:
+                # kv_pages [P, 2, N, D] as rows of D: key (page, slot) is row page*2N + slot.
+                key_rows = pages.to(torch.int64).mul_(2 * n).add_(slot).view(-1)
+                out = pool.kv_pages.view(-1, head_dim).index_select(0, key_rows)
             out = out.view(stop - start, width, head_dim)
             return out.masked_fill_(~valid.unsqueeze(-1), 0)
 
@@ -267,7 +293,9 @@ class KVCompressWorkerState:
 
         About 32 + 102 MiB for a 32k-token request on a Llama-3-8B shape
         (R = 256, D = N = 128, bf16); ``tests/test_memory_budget.py``
-        measures it (99-134 MiB).
+        measures it (99-134 MiB).  A request in vLLM's in-page layout
+        (``req.packed``) gathers its keys as whole pages and then unpacks
+        them: ``2*e/4`` instead of ``e/4`` (about +16 MiB in that example).
         """
         start = time.perf_counter()
         table = self.table
@@ -317,6 +345,7 @@ class KVCompressWorkerState:
             ops.compact_heads(
                 pool.kv_pages, pool.metrics, pool.positions, page_rows[a:b], counts[a:b],
                 evict_indices(order[a:b], pages[a:b], n), evict_counts[a:b],
+                packing=pool.packing.offsets if req.packed else None,
             )
         del order, costs
         counts -= evict_counts  # view of table.kv_count
@@ -430,6 +459,8 @@ class KVCompressWorkerState:
             record_metrics=bool((start < q_lens).any()),
             pool_rows=pool_rows,
             stock_layout=torch.tensor([r.stock_layout for r in reqs], dtype=torch.bool),
+            packed=(torch.tensor([r.packed for r in reqs], dtype=torch.bool)
+                    if any(r.packed for r in reqs) else None),
         )
         self._batch, self._batch_key = batch, key
         return batch

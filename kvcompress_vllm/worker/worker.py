@@ -8,8 +8,11 @@ before the forward pass, stats back to the scheduler after it.
 
 from __future__ import annotations
 
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from kvcompress_vllm.attention.cpu_packed import PagePacking
+from kvcompress_vllm.attention.cpu_prefill import prefill_path
 from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.worker.common import KVCompressWorkerMixin, kv_budget_after_plugin
 
@@ -39,6 +42,15 @@ class KVCompressCPUWorker(KVCompressWorkerMixin, CPUWorker):
     def initialize_from_config(self, kv_cache_config) -> None:
         super().initialize_from_config(kv_cache_config)
         pool = self._install_state(kv_cache_config)
+        if prefill_path() == "vllm":
+            # Requests whose metric is never read stay in vLLM's in-page layout
+            # and are attended by vLLM's kernel (attention/cpu_packed.py).
+            _, _, block_size, head_dim = pool.kv_pages.shape
+            isa = _get_attn_isa(
+                pool.kv_pages.dtype, block_size, head_dim, self.vllm_config.cache_config.cache_dtype
+            )
+            pool.packing = PagePacking.learn(pool.kv_pages.dtype, block_size, head_dim, isa)
+            logger.info("KV-Compress: metric-free requests stay in vLLM's %s page layout", isa)
         logger.info(
             "KV-Compress: %d layers x %d KV heads x %d blocks = %d head-pages of %d "
             "tokens; keep rate %.3g, scorer %s",

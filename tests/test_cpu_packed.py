@@ -1,0 +1,216 @@
+"""Compressible requests kept in vLLM's in-page layout and attended per KV
+head by vLLM's kernel (``attention/cpu_packed.py``).
+
+* ``PagePacking.learn`` against vLLM's own writer: our ``write_kv`` (C++ and
+  reference) with the learned packing writes the same bytes as
+  ``cpu_attn_reshape_and_cache``, for every ISA this CPU runs, and
+  ``unpack_keys`` reads the keys back.
+* ``compact_heads`` on packed pages (C++ and reference) against the plain
+  compaction of the same heads.
+* A batch mixing requests in our layout (metric rows, our kernel, gathered
+  prefill rows) and packed requests (prefill chunks and decode rows, heads
+  with different KV counts) through ``write_kv_split`` / ``run_split``,
+  against the reference kernel over plain pages; refusals of broken inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import make_attention_case
+
+from kvcompress_vllm import ops
+from kvcompress_vllm.attention import cpu_packed, cpu_prefill
+from kvcompress_vllm.ops import reference
+
+
+@pytest.fixture(scope="module")
+def vllm_ready():
+    import vllm  # noqa: F401  (before vllm._custom_ops)
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()  # what vLLM's CPU worker does at start-up
+    return True
+
+
+def _isa_cases():
+    """(isa, dtype, block_size, head_dim) vLLM's CPU kernels accept here."""
+    cases = [("vec", torch.bfloat16, 32, 64), ("vec", torch.float32, 128, 128),
+             ("vec16", torch.bfloat16, 16, 80)]
+    if torch.cpu._is_amx_tile_supported():
+        cases += [("amx", torch.bfloat16, 128, 64), ("amx", torch.bfloat16, 32, 128)]
+    return cases
+
+
+def _unpack(pages: torch.Tensor, packing: cpu_packed.PagePacking) -> torch.Tensor:
+    """Packed ``[P, 2, N, D]`` -> the same KVs in plain order (both halves)."""
+    p, _, n, d = pages.shape
+    halves = pages.reshape(p, 2, n * d)
+    out = torch.stack([halves[:, h, packing.offsets[h].view(-1).long()] for h in range(2)], 1)
+    return out.view(p, 2, n, d)
+
+
+def _pack(plain: torch.Tensor, packing: cpu_packed.PagePacking) -> torch.Tensor:
+    """Plain ``[P, 2, N, D]`` -> packed, with our writer (checked against vLLM's below)."""
+    p, _, n, d = plain.shape
+    out = torch.zeros_like(plain)
+    slots = torch.arange(p * n).view(-1, 1)
+    ops.write_kv(plain[:, 0].reshape(-1, 1, d), plain[:, 1].reshape(-1, 1, d), out, slots, None,
+                 None, torch.zeros(p * n, dtype=torch.int64), packing=packing.offsets)
+    return out
+
+
+@pytest.mark.parametrize("isa,dtype,block,dim", _isa_cases())
+def test_learned_packing_is_vllms_writer(vllm_ready, isa, dtype, block, dim):
+    from vllm import _custom_ops as vops
+
+    packing = cpu_packed.PagePacking.learn(dtype, block, dim, isa)
+    g = torch.Generator().manual_seed(block + dim)
+    num_pages, tokens = 6, 3 * block + 5
+    slots = torch.randperm(num_pages * block, generator=g)[:tokens]
+    key = torch.randn(tokens, 1, dim, generator=g).to(dtype)
+    value = torch.randn(tokens, 1, dim, generator=g).to(dtype)
+    theirs = torch.zeros(num_pages, 2, block, dim, dtype=dtype)
+    vops.cpu_attn_reshape_and_cache(key, value, theirs[:, 0:1], theirs[:, 1:2], slots, isa)
+    positions = torch.randint(0, 9999, (tokens,), generator=g)
+    for writer in (ops.write_kv, reference.write_kv):
+        ours = torch.zeros_like(theirs)
+        pos = torch.zeros(num_pages, block, dtype=torch.int32)
+        writer(key, value, ours, slots.view(-1, 1), None, pos, positions, packing=packing.offsets)
+        assert torch.equal(ours, theirs)  # the same bytes as vLLM's writer
+        assert torch.equal(pos.view(-1)[slots], positions.int())
+    plain = _unpack(theirs, packing)
+    assert torch.equal(plain[:, 0].reshape(-1, dim)[slots], key[:, 0])
+    assert torch.equal(plain[:, 1].reshape(-1, dim)[slots], value[:, 0])
+    # unpack_keys: whole pages per head row, padding (-1) as zeros; unpack_pages
+    # (C++ and reference) for both halves.
+    rows = torch.tensor([[3, 1, -1], [0, 5, 2]], dtype=torch.int32)
+    got = packing.unpack_keys(theirs, rows)
+    assert got.shape == (2, 3 * block, dim)
+    assert torch.equal(got[1], plain[[0, 5, 2], 0].reshape(-1, dim))
+    assert torch.equal(got[0, : 2 * block], plain[[3, 1], 0].reshape(-1, dim))
+    assert not bool(got[0, 2 * block:].any())
+    for half in (0, 1):
+        want = plain[rows.clamp(min=0).long(), half] * (rows >= 0).view(2, 3, 1, 1)
+        for unpack in (ops.unpack_pages, reference.unpack_pages):
+            assert torch.equal(unpack(theirs, rows, packing.offsets, half), want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_compaction_moves_what_plain_compaction_moves(vllm_ready, seed):
+    isa, dtype, block, dim = _isa_cases()[-1 if seed % 2 else 0]
+    packing = cpu_packed.PagePacking.learn(dtype, block, dim, isa)
+    g = torch.Generator().manual_seed(seed)
+    heads = 5
+    lens = torch.randint(1, 4 * block, (heads,), generator=g, dtype=torch.int32)
+    npages = (lens + block - 1) // block
+    total = int(npages.sum()) + 2
+    perm = torch.randperm(total, generator=g).int()
+    table = torch.full((heads, int(npages.max())), -1, dtype=torch.int32)
+    evict = torch.zeros(heads, int(lens.max()), dtype=torch.int32)
+    counts = torch.zeros(heads, dtype=torch.int32)
+    at = 0
+    for h in range(heads):
+        table[h, : int(npages[h])] = perm[at: at + int(npages[h])]
+        at += int(npages[h])
+        k = int(torch.randint(0, int(lens[h]) + 1, (1,), generator=g))
+        chosen = torch.sort(torch.randperm(int(lens[h]), generator=g)[:k]).values
+        evict[h, :k], counts[h] = chosen.int(), k
+    plain = torch.randn(total, 2, block, dim, generator=g).to(dtype)
+    metrics = torch.rand(total, block, generator=g)
+    positions = torch.randint(0, 9999, (total, block), generator=g, dtype=torch.int32)
+    want = [plain.clone(), metrics.clone(), positions.clone()]
+    ops.compact_heads(*want, table, lens, evict, counts)
+    for compact in (ops.compact_heads, reference.compact_heads):
+        got = [_pack(plain, packing), metrics.clone(), positions.clone()]
+        compact(*got, table, lens, evict, counts, packing=packing.offsets)
+        assert torch.equal(_unpack(got[0], packing), want[0])
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def _write_slots(case, rows_of):
+    """[T, H] slot (page * N + offset) of every step token of every head."""
+    n = case.kv_pages.shape[2]
+    out = []
+    for r, rows in enumerate(rows_of):
+        logical = case.kv_lens[r].long().view(1, -1) - len(rows) + torch.arange(len(rows)).view(-1, 1)
+        page = torch.gather(case.page_table[r].long(), 1, (logical // n).T).T
+        out.append(page * n + logical % n)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed):
+    """Packed requests (compressed: heads hold different KV counts; decode rows
+    and prefill chunks) beside requests in our layout that record the metric:
+    outputs and metrics against the reference over plain pages; the step's
+    K/V written by ``write_kv_split`` land packed or plain per request."""
+    g = torch.Generator().manual_seed(3000 + seed)
+    heads, group, dim = [(1, 3, 64), (3, 3, 64), (2, 4, 128)][seed % 3]
+    block = 128 if torch.cpu._is_amx_tile_supported() else 32
+    dtype = torch.bfloat16
+    num_reqs = int(torch.randint(2, 7, (1,), generator=g))
+    case = make_attention_case(num_reqs=num_reqs, num_kv_heads=heads, group=group, head_dim=dim,
+                               block_size=block, dtype=dtype, max_kv=700, max_q=300, seed=seed)
+    packed = torch.rand(num_reqs, generator=g) < 0.5
+    packed[seed % num_reqs] = True
+    if seed != 4:  # seed 4: every request packed
+        packed[(seed + 1) % num_reqs] = False
+    else:
+        packed[:] = True
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, block, dim)
+    packing = cpu_packed.PagePacking.learn(dtype, block, dim, isa)
+    kernel = cpu_prefill.StockKernel(num_heads=heads * group, num_kv_heads=heads, head_dim=dim,
+                                     dtype=dtype, isa=isa)
+    qsl = case.query_start_loc
+    q_len = (qsl[1:] - qsl[:-1]).long()
+    mqs = torch.where(packed, q_len, case.metric_q_start.long()).int()  # packed: no metric rows
+    want, want_m = torch.zeros_like(case.query), torch.zeros_like(case.metrics)
+    reference.paged_head_attention(case.query, case.kv_pages, case.page_table, case.kv_lens, qsl,
+                                   case.scale, want_m, mqs, want)
+    # The cache as the worker holds it: packed requests' pages in vLLM's layout.
+    pages = case.kv_pages.clone()
+    packed_pages = case.page_table[packed][case.page_table[packed] >= 0].long()
+    pages[packed_pages] = _pack(case.kv_pages, packing)[packed_pages]
+    expected = pages.clone()
+    # This step's K/V: taken from the case, their slots scrambled, rewritten by write_kv_split.
+    rows_of = [range(int(qsl[r]), int(qsl[r + 1])) for r in range(num_reqs)]
+    slots = _write_slots(case, rows_of)
+    key = torch.stack([case.kv_pages[s // block, 0, s % block] for s in slots.view(-1)]).view(-1, heads, dim)
+    value = torch.stack([case.kv_pages[s // block, 1, s % block] for s in slots.view(-1)]).view(-1, heads, dim)
+    ph = cpu_packed.plan_packed(packed, case.page_table[None], case.kv_lens[None], qsl, kernel,
+                                pages)
+    plan = cpu_prefill.plan_stock_prefill(case.page_table[None], case.kv_lens[None], qsl, mqs,
+                                          True, block, kernel, min_rows=8, packed=ph)
+    assert plan is not None and plan.packed is ph
+    packed_rows = {i for r in range(num_reqs) if packed[r] for i in rows_of[r]}
+    assert not packed_rows & (set(plan.rows_stock.tolist()) | set(plan.rows_own.tolist()))
+    metrics = torch.zeros_like(case.metrics)
+    positions = torch.zeros(pages.shape[0], block, dtype=torch.int32)
+    token_pos = torch.arange(slots.shape[0])
+    for k, v in ((torch.randn(key.shape, generator=g).to(dtype),) * 2, (key, value)):
+        cpu_prefill.write_kv_split(plan, k, v, None, pages, slots, metrics, positions,
+                                   token_pos, packing=packing)
+        assert torch.equal(pages, expected) == (k is key)  # garbage first, then the step's K/V
+    assert torch.equal(positions.view(-1)[slots], token_pos.view(-1, 1).expand_as(slots).int())
+    metrics.zero_()
+    out = torch.zeros_like(case.query)
+    cpu_prefill.run_split(plan, 0, case.query, pages, case.page_table, case.kv_lens, case.scale,
+                          metrics, out)
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=0)
+    torch.testing.assert_close(metrics, want_m, rtol=2e-2, atol=1e-6)
+
+    # Refusals: a head holding fewer KVs than the step's tokens, a missing page.
+    r = int(torch.nonzero(packed)[0])
+    short = case.kv_lens.clone()
+    short[r, 0] = int(q_len[r]) - 1
+    with pytest.raises(RuntimeError, match=r"request batch row \d+ .* layer 0 head 0 holds"):
+        cpu_packed.plan_packed(packed, case.page_table[None], short[None], qsl, kernel, pages)
+    hole = case.page_table.clone()
+    hole[r, heads - 1, 0] = -1
+    with pytest.raises(RuntimeError, match=f"head {heads - 1} holds"):
+        cpu_packed.plan_packed(packed, hole[None], case.kv_lens[None], qsl, kernel, pages)
