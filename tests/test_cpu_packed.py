@@ -204,6 +204,21 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed):
     torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=0)
     torch.testing.assert_close(metrics, want_m, rtol=2e-2, atol=1e-6)
 
+    # Several layers: one schedule per run of layers whose heads hold the same
+    # counts; each layer attends over its own counts.
+    fewer = torch.maximum(case.kv_lens - 5, q_len.view(-1, 1).int())
+    layers = cpu_packed.plan_packed(packed, case.page_table[None].expand(3, -1, -1, -1),
+                                    torch.stack([case.kv_lens, case.kv_lens, fewer]), qsl, kernel,
+                                    pages)
+    sched = [entry[2] for entry in layers.layers]
+    assert sched[1] is sched[0] and sched[2] is not sched[1]
+    out, want = torch.zeros_like(case.query), torch.zeros_like(case.query)
+    cpu_packed.attend_packed(layers, 2, case.query, out, case.scale)
+    reference.paged_head_attention(case.query, case.kv_pages, case.page_table, fewer, qsl,
+                                   case.scale, None, q_len.int(), want)
+    rows = sorted(packed_rows)
+    torch.testing.assert_close(out[rows].float(), want[rows].float(), atol=3e-2, rtol=0)
+
     # Refusals: a head holding fewer KVs than the step's tokens, a missing page.
     r = int(torch.nonzero(packed)[0])
     short = case.kv_lens.clone()

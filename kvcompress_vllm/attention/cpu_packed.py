@@ -191,8 +191,14 @@ def plan_packed(
     per_head = dataclasses.replace(
         kernel, num_heads=kernel.num_heads // kernel.num_kv_heads, num_kv_heads=1
     )
-    sched = [scheduler_metadata(per_head, seq_lens[l], seq_qsl, kernel.isa)
-             for l in range(num_layers)]
+    # One schedule per distinct run of layers: a layer whose heads hold what
+    # the previous layer's hold (every layer of an uncompressed request)
+    # reuses its schedule.
+    same_as_prev = [False] + (seq_lens[1:] == seq_lens[:-1]).all(1).tolist()
+    sched = []
+    for layer in range(num_layers):
+        sched.append(sched[-1] if same_as_prev[layer] else
+                     scheduler_metadata(per_head, seq_lens[layer], seq_qsl, kernel.isa))
     return PackedHeads(
         mask=mask,
         rows=None if identity else rows,
