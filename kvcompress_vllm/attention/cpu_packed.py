@@ -45,6 +45,7 @@ from kvcompress_vllm.attention.vllm_cpu import (
     scheduler_metadata,
     segment_rows,
     vllm_attention,
+    vllm_ops,
 )
 
 #: Values written to learn the layout: every coordinate c as (c % _BASE, c // _BASE),
@@ -68,8 +69,7 @@ class PagePacking:
         """Write coordinates with vLLM's ``cpu_attn_reshape_and_cache`` into two
         scratch pages and read back where they landed.  Raises if the writer
         does not place every (slot, dim) at one offset, the same in every page."""
-        from vllm import _custom_ops as vops
-
+        vops = vllm_ops()
         n, d = block_size, head_dim
         if max(n, d) > _BASE * _BASE:
             raise ValueError(f"PagePacking: block_size {n} / head_dim {d} above {_BASE * _BASE}")
@@ -122,15 +122,12 @@ class PackedHeads:
     #: order; None: the identity (every row of the step is a packed decode row).
     q_index: torch.Tensor | None
     qsl: torch.Tensor  # [Rp * H + 1] int32
-    seq_lens: torch.Tensor  # [L, Rp * H] int32 KVs of every head (this step's included)
-    block_table: torch.Tensor  # [L, Rp * H, width] int32 head-page ids
-    scheduler_metadata: list[torch.Tensor]  # per layer
-    isa: str
     #: ``kv_pages`` as vLLM's (key_cache, value_cache) of one KV head: ``[P, 1, N, D]``.
     caches: tuple[torch.Tensor, torch.Tensor]
     seq_heads: int  # KV heads per token row (sequences per request)
-    #: Per layer: (seq_lens, block_table, scheduler_metadata) -- what
-    #: ``attend_packed`` passes, split once per step.
+    #: Per layer: (seq_lens [Rp * H] int32 KVs of every head, this step's
+    #: included; block_table [Rp * H, width] int32 head-page ids; vLLM's
+    #: scheduler metadata) -- what ``attend_packed`` passes.
     layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -204,10 +201,6 @@ def plan_packed(
         rows=None if identity else rows,
         q_index=q_index,
         qsl=seq_qsl,
-        seq_lens=seq_lens,
-        block_table=block_table,
-        scheduler_metadata=sched,
-        isa=kernel.isa,
         caches=(kv_pages[:, 0:1], kv_pages[:, 1:2]),
         seq_heads=heads,
         layers=list(zip(seq_lens.unbind(0), block_table.unbind(0), sched)),
