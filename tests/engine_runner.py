@@ -1,12 +1,21 @@
-"""Run greedy generation on plain vLLM and print the results as JSON.
+"""Run greedy generation in a fresh interpreter and print the results as JSON.
 
-Started by the tests in a fresh interpreter with ``VLLM_PLUGINS=`` (no
-general plugin loaded) and ``KVCOMPRESS_VLLM_AUTOPATCH=0``, so nothing of
-kvcompress-vllm is active: the reference that the plugin must reproduce.
+Started by the tests as a subprocess, so that the two sides of a
+bit-identity comparison run under the same conditions: a fresh process with
+the same environment and CPU affinity, none of the state that earlier
+in-process engines leave in the pytest process (vLLM freezes its environment
+variables once an engine has started, and binds the process's OpenMP threads).
+
+* ``plugin: false`` (stock): started with ``VLLM_PLUGINS=`` (no general plugin
+  loaded) and ``KVCOMPRESS_VLLM_AUTOPATCH=0``, so nothing of kvcompress-vllm is
+  active: the reference that the plugin must reproduce.
+* ``plugin: true``: kvcompress-vllm loaded as users get it; ``engine`` carries
+  its ``additional_config``.
 
 stdin:  {"model": ..., "engine": {...}, "prompt_token_ids": [[...]],
          "max_tokens": N, "logprobs": K}
-stdout: last line = {"outputs": [{"token_ids": [...], "logprobs": [[[tok, lp], ...], ...]}],
+stdout: last line = {"outputs": [{"token_ids": [...], "logprobs": [[[tok, lp], ...], ...],
+                                  "kv_compress": {...} | null}],
                      "scheduler_cls": ..., "worker_cls": ...}
 """
 
@@ -30,7 +39,8 @@ def main() -> None:
         lps = None
         if comp.logprobs is not None:
             lps = [[[tok, lp.logprob] for tok, lp in step.items()] for step in comp.logprobs]
-        results.append({"token_ids": list(comp.token_ids), "logprobs": lps})
+        stats = (out.kv_transfer_params or {}).get("kv_compress")
+        results.append({"token_ids": list(comp.token_ids), "logprobs": lps, "kv_compress": stats})
     cfg = llm.llm_engine.vllm_config
     print(json.dumps({
         "outputs": results,
