@@ -16,7 +16,7 @@ stdin:  {"model": ..., "engine": {...}, "prompt_token_ids": [[...]],
          "max_tokens": N, "logprobs": K}
 stdout: last line = {"outputs": [{"token_ids": [...], "logprobs": [[[tok, lp], ...], ...],
                                   "kv_compress": {...} | null}],
-                     "scheduler_cls": ..., "worker_cls": ...}
+                     "scheduler_cls": ..., "scheduler_type": ..., "worker_cls": ...}
 """
 
 import json
@@ -45,6 +45,7 @@ def main() -> None:
     print(json.dumps({
         "outputs": results,
         "scheduler_cls": str(cfg.scheduler_config.scheduler_cls),
+        "scheduler_type": type(llm.llm_engine.engine_core.engine_core.scheduler).__name__,
         "worker_cls": cfg.parallel_config.worker_cls,
     }))
     llm.llm_engine.engine_core.shutdown()
