@@ -15,7 +15,7 @@ variables once an engine has started, and binds the process's OpenMP threads).
 stdin:  {"model": ..., "engine": {...}, "prompt_token_ids": [[...]],
          "max_tokens": N, "logprobs": K}
 stdout: last line = {"outputs": [{"token_ids": [...], "logprobs": [[[tok, lp], ...], ...],
-                                  "kv_compress": {...} | null}],
+                                  "kv_transfer_params": {...} | null}],
                      "scheduler_cls": ..., "scheduler_type": ..., "worker_cls": ...}
 """
 
@@ -39,8 +39,8 @@ def main() -> None:
         lps = None
         if comp.logprobs is not None:
             lps = [[[tok, lp.logprob] for tok, lp in step.items()] for step in comp.logprobs]
-        stats = (out.kv_transfer_params or {}).get("kv_compress")
-        results.append({"token_ids": list(comp.token_ids), "logprobs": lps, "kv_compress": stats})
+        results.append({"token_ids": list(comp.token_ids), "logprobs": lps,
+                        "kv_transfer_params": out.kv_transfer_params})
     cfg = llm.llm_engine.vllm_config
     print(json.dumps({
         "outputs": results,

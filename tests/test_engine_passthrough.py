@@ -100,14 +100,14 @@ def test_plugin_installed_but_off_is_exact_passthrough(stock, model_path, prompt
     """Plugin loaded (entry point), no kv_compress config: stock vLLM, bit for bit."""
     got = _run_fresh(model_path, prompt_ids, engine_kwargs, plugin=True)
     assert got["scheduler_type"] == "Scheduler"
-    assert all(o["kv_compress"] is None for o in got["outputs"])
+    assert all(o["kv_transfer_params"] is None for o in got["outputs"])
     _assert_exact(got, stock)
 
 
 def test_rate_one_is_off_too(stock, model_path, prompt_ids, engine_kwargs):
     got = _run_fresh(model_path, prompt_ids, {**engine_kwargs, "kv_compress_rate": 1.0}, plugin=True)
     assert got["scheduler_type"] == "Scheduler"
-    assert all(o["kv_compress"] is None for o in got["outputs"])
+    assert all(o["kv_transfer_params"] is None for o in got["outputs"])
     _assert_exact(got, stock)
 
 
@@ -153,17 +153,16 @@ def test_enabled_without_eviction_matches_stock(engine_factory, stock_no_prefix_
     """
     from vllm import SamplingParams
 
+    config = {"kv_compress": {"rate": 1.0, "enabled": True, "debug_checks": True}}
     plugin = _run_fresh(model_path, prompt_ids, {
-        **engine_kwargs, "enable_prefix_caching": False,
-        "additional_config": {"kv_compress": {"rate": 1.0, "enabled": True, "debug_checks": True}},
+        **engine_kwargs, "enable_prefix_caching": False, "additional_config": config,
     }, plugin=True)
     assert plugin["scheduler_type"] == "KVCompressScheduler"
-    assert all(o["kv_compress"]["pages_evicted"] == 0 for o in plugin["outputs"])
+    assert all(o["kv_transfer_params"]["kv_compress"]["pages_evicted"] == 0
+               for o in plugin["outputs"])
     _assert_exact(plugin, stock_no_prefix_cache)
 
-    engine = engine_factory(
-        additional_config={"kv_compress": {"rate": 1.0, "enabled": True, "debug_checks": True}}
-    )
+    engine = engine_factory(additional_config=config)
     assert type(engine.scheduler).__name__ == "KVCompressScheduler"
     own = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                          extra_args={"max_cache_tokens": 100_000})
