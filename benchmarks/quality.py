@@ -302,7 +302,7 @@ def plot(rows, scorers, path: Path) -> None:
 #: The public scorers a default must match (the best of them, cell by cell).
 PUBLIC = ["kvcompress", "keydiff", "knorm", "streamingllm"]
 #: Combined candidates for the default (``kvcompress_vllm/scorers``).
-CANDIDATES = ["metric_keydiff", "metric_keydiff_rank", "metric_keydiff_union"]
+CANDIDATES = ["metric_keydiff", "metric_keydiff_rank", "metric_keydiff_union", "adaptive"]
 ROBUST_RATES = [0.5, 0.25]
 #: Output tokens: needles need about 8, the 44 remaining copy digits ~46.
 ROBUST_MAX_TOKENS = {"prose_copy": 52}

@@ -22,13 +22,13 @@ CONFIG_KEY = "kv_compress"
 #: name in ``kvcompress_vllm/scorers/`` (this module stays torch-free for the
 #: API server; the scorer registry checks at import that both agree).
 SCORERS = (
-    "kvcompress", "random", "streamingllm", "knorm", "keydiff",
+    "kvcompress", "random", "streamingllm", "knorm", "keydiff", "adaptive",
     "metric_keydiff", "metric_keydiff_rank", "metric_keydiff_union",
 )
 #: The scorers that read the attention metric (``Scorer.needs_metrics``; the
 #: registry checks the two agree).  A request whose scorer is not one of them,
 #: or that is never compressed, records no metric (``RequestPolicy.records_metric``).
-METRIC_SCORERS = frozenset({"kvcompress", "metric_keydiff", "metric_keydiff_rank",
+METRIC_SCORERS = frozenset({"kvcompress", "adaptive", "metric_keydiff", "metric_keydiff_rank",
                             "metric_keydiff_union"})
 
 #: How the evicted pages are spread over a request's (layer, KV head)s

@@ -54,6 +54,7 @@ def test_registry_matches_config_and_documents_papers():
         "streamingllm": "2309.17453",
         "knorm": "2406.11430",
         "keydiff": "2504.15364",
+        "adaptive": "2504.15364",
         "metric_keydiff": "2410.00161",
         "metric_keydiff_rank": "2410.00161",
         "metric_keydiff_union": "2410.00161",
@@ -62,7 +63,7 @@ def test_registry_matches_config_and_documents_papers():
         scorer = scorers.get_scorer(name)
         assert scorer.name == name
         assert type(scorer).__doc__ and papers.get(name, "control") in type(scorer).__doc__
-        if name.startswith("metric_keydiff"):  # combined: both papers
+        if name.startswith("metric_keydiff") or name == "adaptive":  # combined: both papers
             assert "2410.00161" in type(scorer).__doc__ and "2504.15364" in type(scorer).__doc__
     assert "kvpress" in type(scorers.get_scorer("keydiff")).__doc__
     with pytest.raises(KeyError, match="unknown scorer 'h2o'"):
@@ -127,6 +128,66 @@ def test_keydiff_matches_kvpress_and_ignores_padding():
     s = scorers.get_scorer("keydiff").score(make_kvs(padded, valid=valid))
     assert torch.allclose(s[0], kvpress_keydiff(keys[0:1])[0], atol=1e-6)
     assert torch.allclose(s[1, :12], kvpress_keydiff(keys[1:2, :12])[0], atol=1e-6)
+
+
+def rope_neox(x, positions, theta=10000.0):
+    """Llama-style rotary embedding (rotate-half pairs ``j``, ``j + D/2``)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64) / half)
+    angle = positions.double()[:, None] * freqs[None, :]
+    cos, sin = angle.cos().float(), angle.sin().float()
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def rotary_keys(contents, noise, generator):
+    """Post-RoPE keys ``[1, C, D]`` of the content vectors ``[C, D]``."""
+    c = contents + noise * torch.randn(contents.shape, generator=generator)
+    return rope_neox(c, torch.arange(c.shape[0])).unsqueeze(0)
+
+
+def test_repetition_sees_repeated_text_through_rope():
+    from kvcompress_vllm.scorers.adaptive_scorer import repetition
+
+    g = torch.Generator().manual_seed(9)
+    period, copies, dim = 20, 10, 64
+    pattern = torch.randn(period, dim, generator=g)
+    repeated = rotary_keys(pattern.repeat(copies, 1), 0.01, g)
+    varied = rotary_keys(torch.randn(period * copies, dim, generator=g), 0.0, g)
+    # Every copy but the newest recurs within the 64-KV window.
+    assert repetition(make_kvs(repeated)) == pytest.approx((copies - 1) / copies, abs=0.02)
+    assert repetition(make_kvs(varied)) < 0.02
+    # RoPE hides the repetition from the keys themselves: the same content
+    # at another position is another key.
+    units = F.normalize(repeated[0], dim=-1)
+    assert float((units[:period] * units[period:2 * period]).sum(-1).mean()) < 0.9
+    # Padding is not counted.
+    valid = torch.ones(1, period * copies, dtype=torch.bool)
+    valid[0, period * 2:] = False
+    padded = repeated.clone()
+    padded[~valid] = 0
+    assert repetition(make_kvs(padded, valid=valid)) == pytest.approx(0.5, abs=0.03)
+
+
+def test_adaptive_ranks_repetitive_requests_by_the_metric_and_others_by_keydiff():
+    g = torch.Generator().manual_seed(10)
+    rows, period, copies, dim = 6, 16, 8, 64
+    width = period * copies
+    metrics = torch.rand(rows, width, generator=g)
+    repeated = torch.cat([rotary_keys(torch.randn(period, dim, generator=g).repeat(copies, 1), 0.01, g)
+                          for _ in range(rows)])
+    varied = torch.cat([rotary_keys(torch.randn(width, dim, generator=g), 0.0, g) for _ in range(rows)])
+
+    def ranked(name, keys):
+        kvs = make_kvs(keys, metrics=metrics)
+        return rank_heads(scorers.get_scorer(name), kvs.rows, rows, width, dim, 16, 4, 2, chunk_rows=2)
+
+    for keys, delegate in ((repeated, "kvcompress"), (varied, "keydiff")):
+        got, want = ranked("adaptive", keys), ranked(delegate, keys)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), delegate
+    # The two delegates really rank these requests differently.
+    assert not torch.equal(ranked("kvcompress", repeated)[1], ranked("keydiff", repeated)[1])
+    assert not torch.equal(ranked("kvcompress", varied)[1], ranked("keydiff", varied)[1])
 
 
 def test_streamingllm_evicts_oldest_first():

@@ -8,6 +8,8 @@ method and its paper in the docstring:
 ``streamingllm`` oldest first (sinks + recent window)
 ``knorm``        largest key norm first (keeps low-norm keys)
 ``keydiff``      keys most similar to the normalised mean key first (the default)
+``adaptive``     ``keydiff``, or ``kvcompress`` for requests whose context is
+                 repetitive (records the metric)
 ``random``       random (control)
 ``metric_keydiff``        z-scored attention metric + z-scored key diversity
 ``metric_keydiff_rank``   mean of the two per-head ranks, the metric's per-head budgets

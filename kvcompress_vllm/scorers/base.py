@@ -127,6 +127,13 @@ class Scorer(ABC):
     def score(self, kvs: HeadKVs) -> torch.Tensor:
         """``[r, C]`` scores (any float dtype), lower = evicted first."""
 
+    def for_request(self, gather: Callable[[int, int], "HeadKVs"], num_rows: int) -> "Scorer":
+        """The scorer that ranks this request (``gather(start, stop)`` reads
+        rows of it, ``num_rows`` in all): ``self``, unless a scorer chooses
+        per request (``adaptive``); the worker calls it once per compression,
+        before scoring the request chunk by chunk."""
+        return self
+
 
 def keep_mask(kvs: HeadKVs, protected_window: int, sink_tokens: int) -> torch.Tensor:
     """``[r, C]`` bool: KVs that are never evicted (padding, the newest

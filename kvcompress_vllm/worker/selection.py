@@ -143,13 +143,15 @@ def rank_heads(
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score a request chunk by chunk: ``(costs [R, U] float32, order [R, C]
-    int32)`` as ``unit_costs`` of the protected scores of all rows.
+    int32)`` as ``unit_costs`` of the protected scores of all rows, by the
+    scorer ``scorer.for_request`` picks for the request.
 
     ``gather(start, stop)`` returns the ``HeadKVs`` of rows ``[start, stop)``
     with ``width`` columns.  Chunks hold ``chunk_rows`` rows (default
     ``scorers.rows_per_chunk``: the fp32 keys, or the per-KV score/sort
     temporaries, of a chunk stay within ``scorers.CHUNK_BYTES``).
     """
+    scorer = scorer.for_request(gather, num_rows)
     units = width // block_size
     costs = torch.empty(num_rows, units, dtype=torch.float32)
     order = torch.empty(num_rows, width, dtype=torch.int32)
