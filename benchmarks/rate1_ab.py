@@ -19,7 +19,7 @@ builder.  *Outside the runner* = everything else of a step (the scheduler, the
 plugin worker's ``begin_step``, output processing).
 
     python benchmarks/rate1_ab.py --pairs 6          # ~20 min here
-    python benchmarks/rate1_ab.py --quick            # 1 pair, 64 tokens (~3 min)
+    python benchmarks/rate1_ab.py --quick            # 1 pair, 4 x 32 tokens (~1 min)
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--child", choices=("stock", "plugin"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.pairs, args.output = 1, 64
+        args.pairs, args.requests, args.output = 1, 4, 32
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.model, args.requests, args.prompt, args.output)))
         return

@@ -116,3 +116,17 @@ def test_layout_probe_quick():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| SmolLM2") or ln.startswith("| Llama")]
     assert len(rows) >= 2 and "projected" in proc.stdout
+
+
+def test_rate1_ab_quick():
+    """rate1_ab.py --quick: one stock / plugin pair at rate 1.0 in fresh
+    processes, every request run to its end, a table of ratios (no timing
+    assertions)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rate1_ab.py"), "--quick"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "run 1: stock" in proc.stdout and "run 2: plugin" in proc.stdout
+    row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert all(float(c) > 0 for c in cells[1:5]), row  # both sides timed every part
+    assert "geometric mean over the pairs" in proc.stdout
