@@ -59,10 +59,15 @@ def child(mode: str, model: str, requests: int, prompt: int, output: int) -> dic
     wrap(cpu_attn.CPUAttentionBackendImpl, "forward", "attention")
     wrap(cpu_attn.CPUAttentionBackendImpl, "do_kv_cache_update", "attention")
     wrap(cpu_attn.CPUAttentionMetadataBuilder, "build", "metadata")
-    kwargs = dict(enforce_eager=True, seed=0, enable_prefix_caching=False,
-                  max_model_len=max(1024, prompt + output + 128),
-                  kv_cache_memory_bytes=(requests * (prompt + output) * 30 * 3 * 256 * 2) + (64 << 20),
-                  max_num_seqs=max(64, requests), max_num_batched_tokens=2048)
+    from kvcompress_vllm.model import kv_budget_bytes
+
+    max_model_len, max_num_seqs = max(1024, prompt + output + 128), max(64, requests)
+    # Every request fits uncompressed, on stock and on the plugin (its
+    # per-slot metadata and page tables counted): no preemption.
+    budget = kv_budget_bytes(model, requests, prompt + output, max_num_seqs=max_num_seqs,
+                             max_model_len=max_model_len)
+    kwargs = dict(enforce_eager=True, seed=0, enable_prefix_caching=False, max_model_len=max_model_len,
+                  kv_cache_memory_bytes=budget, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
     extra = None
     if mode == "plugin":
         from kvcompress_vllm.attention import cpu_backend

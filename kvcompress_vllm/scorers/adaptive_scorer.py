@@ -39,8 +39,9 @@ def repetition(kvs: HeadKVs, window: int = 64, threshold: float = 0.98) -> float
     the head's mean and normalised; a later key with cosine above
     ``threshold`` is a recurrence.  On the quality suites' prompts (SmolLM2,
     1.5k-3.5k tokens, 4 sampled rows; docs/quality.md): repetitive filler
-    0.87-0.96, generated prose 0.05-0.06.  With another rotary layout the fingerprint mixes unrelated dims,
-    recurrences go unseen and the value falls toward the prose figure."""
+    0.87-0.96, generated prose 0.05-0.06.  With another rotary layout the
+    fingerprint mixes unrelated dims, recurrences go unseen and the value
+    falls toward the prose figure."""
     keys = kvs.keys().float()  # [r, C, D]
     half = keys.shape[-1] // 2
     prints = torch.sqrt(keys[..., :half] ** 2 + keys[..., half:] ** 2)  # [r, C, D/2]
