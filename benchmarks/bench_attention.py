@@ -161,6 +161,22 @@ def bench_one(vops, get_isa, shape: str, batch: int, ctx: int, block: int, repea
     def ours(m):
         ops.paged_head_attention(query, kv_pages, page_table, kv_lens, qsl, scale, m, mqs, out_ours)
 
+    # The same KVs in vLLM's AMX in-page layout (the engine's layout for
+    # requests that record the metric, where the pool has that packing).
+    from kvcompress_vllm.ops import reference as ref_ops
+
+    packing = ref_ops.amx_packing(block, d)
+    packed_pages = torch.empty_like(kv_pages)
+    flat = kv_pages.reshape(kv_pages.shape[0], 2, -1)
+    for half in range(2):
+        packed_pages.view(kv_pages.shape[0], 2, -1)[:, half, packing[half].view(-1).long()] = flat[:, half]
+    all_packed = torch.ones(batch, dtype=torch.bool)
+    out_packed = torch.empty_like(query)
+
+    def ours_packed(m):
+        ops.paged_head_attention(query, packed_pages, page_table, kv_lens, qsl, scale, m, mqs,
+                                 out_packed, packing, all_packed)
+
     if check:
         # Our kernel vs the reference (vLLM's vec/amx kernels store K transposed
         # inside a block, so the stock output of these bytes is not comparable).
@@ -174,14 +190,20 @@ def bench_one(vops, get_isa, shape: str, batch: int, ctx: int, block: int, repea
                                  mqs, out_ours)
         torch.testing.assert_close(out_ours.float(), want.float(), atol=2e-2, rtol=0)
         torch.testing.assert_close(m_got, m_want, rtol=2e-2, atol=1e-6)
+        m_got.zero_()
+        ours_packed(m_got)
+        torch.testing.assert_close(out_packed.float(), want.float(), atol=2e-2, rtol=0)
+        torch.testing.assert_close(m_got, m_want, rtol=2e-2, atol=1e-6)
     per_head, kernel_only = per_head_decode(isa, kv_pages, page_table, kv_lens, query, scale, check)
     t = time_interleaved(
         {"stock": stock, "off": lambda: ours(None), "on": lambda: ours(metrics),
+         "packed_off": lambda: ours_packed(None), "packed_on": lambda: ours_packed(metrics),
          "per_head": per_head, "kernel_only": kernel_only}, repeats, budget_s=budget_s,
     )
     s, off, on, ph, ko = t["stock"], t["off"], t["on"], t["per_head"], t["kernel_only"]
     return dict(shape=shape, batch=batch, ctx=ctx, isa=isa, stock=s, off=off, on=on, ph=ph,
-                r_off=off / s, r_on=on / s, r_ph=ph / s, r_ko=ko / s)
+                p_on=t["packed_on"], r_off=off / s, r_on=on / s, r_ph=ph / s, r_ko=ko / s,
+                r_poff=t["packed_off"] / s, r_pon=t["packed_on"] / s)
 
 
 def per_head_decode(isa: str, kv_pages: torch.Tensor, page_table: torch.Tensor,
@@ -244,7 +266,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--isa", default="auto",
                     help="ISA path of our kernels (torch.ops.kvcompress.set_cpu_isa): auto "
-                         "(AVX-512-BF16 where the CPU has it, else AVX2), avx2 or avx512_bf16")
+                         "(the best this CPU has), avx2, avx512_bf16 or avx512_amx")
     ap.add_argument("--check", action="store_true",
                     help="also check our outputs/metrics against ops.reference")
     args = ap.parse_args()
@@ -262,19 +284,19 @@ def main() -> None:
     else:
         cases = [(s, b, c) for s in SHAPES for b in BATCHES for c in CONTEXTS]
     rows = []
-    header = (f"| shape (Hq/H/D) | batch | ctx | stock ms | ours ms (metrics off) | "
-              f"ours ms (metrics on) | per-head ms | off/stock | on/stock | per-head/stock | "
-              f"per-head kernel only/stock |")
-    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    header = ("| shape (Hq/H/D) | batch | ctx | stock ms | ours ms, packed, metrics on | "
+              "per-head ms | plain off/stock | plain on/stock | packed off/stock | "
+              "packed on/stock | per-head/stock | per-head kernel only/stock |")
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     print(header)
     print(sep)
     for shape, b, c in cases:
         r = bench_one(vops, get_isa, shape, b, c, args.block_size, repeats, check=args.check,
                       budget_s=0.5 if args.quick else 1.5)
         hq, h, d = SHAPES[shape]
-        line = (f"| {shape} ({hq}/{h}/{d}) | {b} | {c} | {r['stock']:.3f} | {r['off']:.3f} | "
-                f"{r['on']:.3f} | {r['ph']:.3f} | {r['r_off']:.2f} | {r['r_on']:.2f} | "
-                f"{r['r_ph']:.2f} | {r['r_ko']:.2f} |")
+        line = (f"| {shape} ({hq}/{h}/{d}) | {b} | {c} | {r['stock']:.3f} | {r['p_on']:.3f} | "
+                f"{r['ph']:.3f} | {r['r_off']:.2f} | {r['r_on']:.2f} | {r['r_poff']:.2f} | "
+                f"{r['r_pon']:.2f} | {r['r_ph']:.2f} | {r['r_ko']:.2f} |")
         print(line, flush=True)
         rows.append(line)
         isa = r["isa"]
@@ -304,13 +326,17 @@ def main() -> None:
             f"{args.threads} torch threads, {cpu}; stock: vLLM {vllm_version} `{vllm_lib}`, "
             f"isa `{isa}`; ours: `{Path(ops_lib()).name}`, `{our_isa}` path. "
             f"Times are medians over at least {repeats} calls after warm-up (more for short "
-            "calls: about 1.5 s of calls per row); the five variants take turns in 8 rounds, "
+            "calls: about 1.5 s of calls per row); the seven variants take turns in 8 rounds, "
             "each turn a block of consecutive calls whose first call is not counted. Both kernels read the same cache bytes: the stock cache "
             "`[num_blocks, H, N, 2D]` viewed as head-pages `[num_blocks * H, 2, N, D]`, "
             "page id `block * H + h` (vLLM's kernel stores K transposed inside a block, so "
             "the two interpret the bytes differently but do the same memory traffic and "
-            "FLOPs). `off`: metrics=None; `on`: metrics recorded for every decode query "
-            "(our kernel); `per-head`: the engine's path for requests whose metric is never "
+            "FLOPs). Our kernel: `off`: metrics=None; `on`: metrics recorded for every decode "
+            "query; `plain`: head-pages as plain `[N, D]` rows; `packed`: the same KVs in "
+            "vLLM's AMX in-page layout (`ops.reference.amx_packing`), the engine's layout for "
+            "requests that record the metric where vLLM's pool has that packing (the "
+            "`avx512_amx` path reads it with AMX tiles); `per-head`: the engine's path for "
+            "requests whose metric is never "
             "read -- vLLM's kernel with one sequence per (request, KV head) over head-pages "
             "in vLLM's layout, plus that layer's scheduler metadata (computed once per layer "
             "and step; stock computes one per step for all layers); `kernel only`: the same "
@@ -324,7 +350,7 @@ def main() -> None:
             "(e.g. batch 1 up to ctx 2048) stay in the L2 caches between calls, so "
             "they measure compute and per-call overhead; the other rows stream the cache "
             "from L3 or DRAM (depending on the CPU's L3 size). "
-            "`off/stock` and `on/stock` are the ratios of the medians; on a shared "
+            "The ratios are those of the medians; on a shared "
             "machine expect +-10% noise on the sub-0.1 ms rows.",
             "",
         ])

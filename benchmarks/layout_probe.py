@@ -169,7 +169,7 @@ def main() -> int:
     from kvcompress_vllm import ops
 
     ops.load_library()
-    if torch.ops.kvcompress.cpu_isa() != "avx512_bf16":
+    if torch.ops.kvcompress.cpu_isa() not in ("avx512_bf16", "avx512_amx"):
         print(f"layout probe: needs the AVX-512-BF16 path (in use: {torch.ops.kvcompress.cpu_isa()})")
         return 1
     vops, get_isa = load_stock()  # also asks for AMX tile permission where there are tiles

@@ -82,6 +82,7 @@ struct Task {
   int32_t n;             // KVs of this head (incl. this step's)
   int32_t first_metric;  // queries >= first_metric record metrics (q_len: none)
   const int32_t* pages;
+  bool packed;           // head-pages in vLLM's AMX in-page layout (cpu_isa.h)
 };
 
 struct Item {
@@ -118,6 +119,7 @@ struct Ctx {
   float* metrics;
   float scale;
   bool bf16_avx512;  // bf16 cache, D % 32 == 0, AVX-512-BF16 path selected
+  bool amx;          // ... and AMX for packed pages (decode tiles of <= 16 rows)
   const Task* tasks;
   // split partials
   float* part_m;
@@ -304,7 +306,12 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   const int64_t G = c.G, D = c.D, Dp = c.Dp, N = c.N;
   const int rows = (qb - qa) * static_cast<int>(G);
   const int64_t kend = std::min<int64_t>(k1, t.n - t.q_len + qb);
-  const bool direct = Dp == D;  // read K/V rows in place
+  // AVX-512-BF16 path: raw bf16 query rows (the scale is applied to the dot
+  // products), bf16 probabilities for PV (in Pb).
+  const bool fast = c.bf16_avx512;
+  // Read K/V in place (plain rows, or packed pages by the AVX-512 micro-
+  // kernels); otherwise each block is staged as fp32 rows in Kf / Vf.
+  const bool direct = Dp == D && (fast || !t.packed);
 
   float* Q = Scratch::get(sc.q, rows * Dp);
   float* O = Scratch::get(sc.o, rows * Dp);
@@ -314,14 +321,15 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   float* m = Scratch::get(sc.m, rows);
   float* l = Scratch::get(sc.l, rows);
 
-  // AVX-512-BF16 path: raw bf16 query rows (the scale is applied to the dot
-  // products), bf16 probabilities for PV (in Pb).
-  const bool fast = c.bf16_avx512;
   uint16_t* Qb = nullptr;
   uint16_t* Pb = nullptr;
+  // AMX tiles for packed pages: at most 16 rows (decode tiles; prefill tiles
+  // with more rows take the AVX-512 micro-kernels).
+  const bool amx = c.amx && t.packed && rows <= 16;
+  if (amx) avx512::amx_tile_config(rows);
   if (fast) {
     Qb = reinterpret_cast<uint16_t*>(Scratch::get(sc.qb, (rows * D + 1) / 2));
-    Pb = reinterpret_cast<uint16_t*>(Scratch::get(sc.pb, rows * (kKB / 2 + 8)));
+    Pb = reinterpret_cast<uint16_t*>(Scratch::get(sc.pb, rows * (kKB / 2 + 16)));
     for (int i = qa; i < qb; ++i)
       for (int64_t g = 0; g < G; ++g)
         std::memcpy(Qb + ((i - qa) * G + g) * D, c.q + (t.tok0 + i) * c.qs0 + (t.h * G + g) * c.qs1,
@@ -362,9 +370,14 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   int64_t blk = 0;
   for (int64_t kb0 = k0; kb0 < kend; ++blk) {
     const int kn = block_len(kb0, kend, N);
-    const T* kp = c.kv + (static_cast<int64_t>(t.pages[kb0 / N]) * 2 * N + kb0 % N) * D;
+    const T* page = c.kv + static_cast<int64_t>(t.pages[kb0 / N]) * 2 * N * D;  // K half
+    const int s0 = static_cast<int>(kb0 % N);
+    const T* kp = page + s0 * D;  // plain rows
     const T* vp = kp + N * D;
-    if (direct) {
+    if (direct && t.packed) {  // fast: in-page layout read as it lies
+      (amx ? avx512::qk_block_amx_packed : avx512::qk_block_bf16_packed)(
+          Qb, rows, D, reinterpret_cast<const uint16_t*>(page), s0, kn, S, kLdS, c.scale);
+    } else if (direct) {
       const char* pfk = nullptr;
       const char* pfv = nullptr;
       const int64_t pf = kb0 + KVC_PREFETCH_DIST * kKB;
@@ -377,6 +390,16 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
                               c.scale, pfk, pfv, row_bytes);
       else
         qk_block(Q, rows, Dp, kp, D, kn, S, kLdS, pfk, pfv, row_bytes);
+    } else if (t.packed) {  // baseline ISA: unpack the block into fp32 rows
+      for (int x = 0; x < kn; ++x) {
+        for (int64_t d = 0; d < D; ++d) {
+          Kf[x * Dp + d] = static_cast<float>(page[packed_k_offset(s0 + x, d, D)]);
+          Vf[x * Dp + d] = static_cast<float>(page[N * D + packed_v_offset(s0 + x, d, N)]);
+        }
+        std::fill(Kf + x * Dp + D, Kf + (x + 1) * Dp, 0.f);
+        std::fill(Vf + x * Dp + D, Vf + (x + 1) * Dp, 0.f);
+      }
+      qk_block(Q, rows, Dp, Kf, Dp, kn, S, kLdS, nullptr, nullptr, 0);
     } else {
       for (int x = 0; x < kn; ++x) {
         to_f32(kp + x * D, Kf + x * Dp, D);
@@ -441,7 +464,10 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         mref[blk * mrows + mr] = m_new;
       }
     }
-    if (fast)
+    if (fast && t.packed)
+      (amx ? avx512::pv_block_amx_packed : avx512::pv_block_bf16_packed)(
+          S, rows, kLdS, reinterpret_cast<const uint16_t*>(page + N * D), N, s0, kn, D, O, Pb);
+    else if (fast)
       avx512::pv_block_bf16(S, rows, kLdS, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O, Pb);
     else if (direct)
       pv_block(S, rows, kLdS, vp, D, kn, Dp, O);
@@ -592,7 +618,8 @@ void run_units(int64_t n, const std::vector<double>& cost, const F& fn) {
 template <typename T>
 void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at::Tensor& pt,
                    const at::Tensor& kv_lens, const at::Tensor& qsl, double scale,
-                   float* metrics, const at::Tensor& mqs, const at::Tensor& output) {
+                   float* metrics, const at::Tensor& mqs, const at::Tensor& output,
+                   const uint8_t* packed) {
   const int64_t R = pt.size(0), H = pt.size(1), max_pages = pt.size(2);
   const int64_t P = kv_pages.size(0), N = kv_pages.size(2), D = kv_pages.size(3);
   const int64_t Hq = query.size(1);
@@ -625,7 +652,7 @@ void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at
         TORCH_CHECK(pages[p] >= 0 && pages[p] < P, "paged_head_attention: page_table[", r, ", ",
                     h, ", ", p, "] = ", pages[p], " out of range");
       tasks.push_back(Task{static_cast<int32_t>(r), static_cast<int32_t>(h), tok0, q_len, n,
-                           first_metric, pages});
+                           first_metric, pages, packed != nullptr && packed[r] != 0});
     }
   }
 
@@ -779,8 +806,9 @@ void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at
   c.os1 = output.stride(1);
   c.metrics = metrics;
   c.scale = static_cast<float>(scale);
-  c.bf16_avx512 = std::is_same_v<T, c10::BFloat16> && D % 32 == 0 &&
-                  active_isa() == CpuIsa::kAvx512Bf16;
+  const CpuIsa isa = active_isa();
+  c.bf16_avx512 = std::is_same_v<T, c10::BFloat16> && D % 32 == 0 && isa != CpuIsa::kBaseline;
+  c.amx = c.bf16_avx512 && isa == CpuIsa::kAvx512Amx;
   c.tasks = tasks.data();
   c.part_m = part_m;
   c.part_l = part_l;
@@ -814,7 +842,8 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
                           const at::Tensor& page_table, const at::Tensor& kv_lens,
                           const at::Tensor& query_start_loc, double scale,
                           const std::optional<at::Tensor>& metrics,
-                          const at::Tensor& metric_q_start, const at::Tensor& output) {
+                          const at::Tensor& metric_q_start, const at::Tensor& output,
+                          const std::optional<at::Tensor>& packed) {
   TORCH_CHECK(kv_pages.device().is_cpu(), "paged_head_attention: CPU tensors expected");
   TORCH_CHECK(kv_pages.dim() == 4 && kv_pages.size(1) == 2 && kv_pages.is_contiguous(),
               "paged_head_attention: kv_pages must be a contiguous [P, 2, N, D] tensor");
@@ -847,17 +876,31 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
   const at::Tensor kvl = kv_lens.to(at::kInt).contiguous();
   const at::Tensor qsl = query_start_loc.to(at::kInt).contiguous();
   const at::Tensor mqs = metric_q_start.to(at::kInt).contiguous();
+  at::Tensor packed_u8;
+  const uint8_t* packed_p = nullptr;
+  if (packed.has_value()) {
+    TORCH_CHECK(packed->dim() == 1 && packed->size(0) == R,
+                "paged_head_attention: packed must be [R] (one flag per request), got ",
+                packed->sizes());
+    packed_u8 = packed->to(at::kByte).contiguous();
+    packed_p = packed_u8.data_ptr<uint8_t>();
+    const int64_t N = kv_pages.size(2), D = kv_pages.size(3);
+    TORCH_CHECK(N % 16 == 0 && D % 32 == 0,
+                "paged_head_attention: packed head-pages (vLLM's AMX in-page layout) need "
+                "block_size % 16 == 0 and head_dim % 32 == 0, got block_size ", N,
+                ", head_dim ", D);
+  }
   if (query.size(0) == 0 || R == 0) return;
 
   switch (kv_pages.scalar_type()) {
     case at::kFloat:
-      run_attention<float>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output);
+      run_attention<float>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p);
       break;
     case at::kBFloat16:
-      run_attention<c10::BFloat16>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output);
+      run_attention<c10::BFloat16>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p);
       break;
     case at::kHalf:
-      run_attention<c10::Half>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output);
+      run_attention<c10::Half>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p);
       break;
     default:
       TORCH_CHECK(false, "paged_head_attention: unsupported dtype ", kv_pages.scalar_type());

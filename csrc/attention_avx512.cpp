@@ -26,7 +26,10 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(KVC_NO_AVX512)
 #define KVC_HAVE_AVX512_CODE 1
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #else
 #define KVC_HAVE_AVX512_CODE 0
 #endif
@@ -51,6 +54,22 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+bool cpu_has_amx() {
+#if KVC_HAVE_AVX512_CODE
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!cpu_has_avx512_bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return false;  // AMX-TILE, AMX-BF16
+    // Linux hands out the tile state on request only (what torch.cpu._init_amx
+    // does for vLLM's worker): ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA.
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 const char* baseline_name() {
@@ -63,15 +82,21 @@ const char* baseline_name() {
 
 CpuIsa parse_isa(const std::string& name) {
   if (name.empty() || name == "auto")
-    return cpu_has_avx512_bf16() ? CpuIsa::kAvx512Bf16 : CpuIsa::kBaseline;
+    return cpu_has_amx() ? CpuIsa::kAvx512Amx
+                         : cpu_has_avx512_bf16() ? CpuIsa::kAvx512Bf16 : CpuIsa::kBaseline;
   if (name == "avx2" || name == "baseline" || name == "generic") return CpuIsa::kBaseline;
   if (name == "avx512_bf16" || name == "avx512") {
     TORCH_CHECK(cpu_has_avx512_bf16(), "kvcompress: CPU ISA '", name,
                 "' requested but this CPU lacks AVX-512 F/BW/VL/DQ + AVX512-BF16");
     return CpuIsa::kAvx512Bf16;
   }
+  if (name == "avx512_amx" || name == "amx") {
+    TORCH_CHECK(cpu_has_amx(), "kvcompress: CPU ISA '", name,
+                "' requested but this CPU (or the OS) lacks AMX-TILE + AMX-BF16");
+    return CpuIsa::kAvx512Amx;
+  }
   TORCH_CHECK(false, "kvcompress: unknown CPU ISA '", name,
-              "' (expected auto, avx2 or avx512_bf16)");
+              "' (expected auto, avx2, avx512_bf16 or avx512_amx)");
 }
 
 std::atomic<int>& isa_slot() {
@@ -83,7 +108,9 @@ std::atomic<int>& isa_slot() {
 }
 
 std::string name_of(CpuIsa isa) {
-  return isa == CpuIsa::kAvx512Bf16 ? "avx512_bf16" : baseline_name();
+  return isa == CpuIsa::kAvx512Amx    ? "avx512_amx"
+         : isa == CpuIsa::kAvx512Bf16 ? "avx512_bf16"
+                                      : baseline_name();
 }
 
 }  // namespace
@@ -314,6 +341,234 @@ KVC_AVX512_TARGET void pv_block_bf16(const float* P, int rows, int ldp, const ui
   }
 }
 
+// ------------------------------------------------- vLLM's AMX in-page layout
+
+namespace {
+
+// S rows [R] x KG 16-key groups starting at group g of the page: per dim pair
+// p, the group's line (16 keys x 2 dims) against the broadcast query pair.
+template <int R, int KG>
+KVC_AVX512_TARGET inline void qk_groups_packed(const uint32_t* q32, int64_t D, const uint32_t* k32,
+                                               int g, float* S, int lds, int j0, __m512 sc) {
+  __m512 acc[R][KG];
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < KG; ++x) acc[r][x] = _mm512_setzero_ps();
+  const uint32_t* kg = k32 + static_cast<int64_t>(g) * (D / 2) * 16;
+  for (int64_t p = 0; p < D / 2; ++p) {
+    __m512bh qb[R];
+    for (int r = 0; r < R; ++r) qb[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(q32[r * (D / 2) + p]));
+    for (int x = 0; x < KG; ++x) {
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(kg + (x * (D / 2) + p) * 16);
+      for (int r = 0; r < R; ++r) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], k, qb[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < KG; ++x)
+      _mm512_storeu_ps(S + r * lds + j0 + 16 * x, _mm512_mul_ps(acc[r][x], sc));
+}
+
+template <int R>
+KVC_AVX512_TARGET inline void qk_rows_packed(const uint32_t* q32, int64_t D, const uint32_t* k32,
+                                             int g0, int ng, float* S, int lds, __m512 sc) {
+  int x = 0;
+  for (; x + 4 <= ng; x += 4) qk_groups_packed<R, 4>(q32, D, k32, g0 + x, S, lds, 16 * x, sc);
+  for (; x < ng; ++x) qk_groups_packed<R, 1>(q32, D, k32, g0 + x, S, lds, 16 * x, sc);
+}
+
+// O rows [R] (fp32, natural order), 16-dim chunks [c0, c0 + CH): per key pair,
+// the pair's line of each chunk against the broadcast P pair.
+template <int R, int CH>
+KVC_AVX512_TARGET inline void pv_chunks_packed(const uint32_t* Pw, int ldpb, const uint32_t* v32,
+                                               int64_t N, int jp0, int kn, int64_t D, int c0,
+                                               float* O) {
+  __m512 acc[R][CH];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CH; ++c) acc[r][c] = _mm512_loadu_ps(O + r * D + (c0 + c) * 16);
+  // Key pairs; an odd kn's last pair drops its stale partner key (P is 0
+  // there, but the slot may hold anything, NaN included).
+  const int npairs = (kn + 1) / 2;
+  for (int j = 0; j < npairs; ++j) {
+    const __mmask32 keep = 2 * j + 1 < kn ? 0xFFFFFFFFu : 0x55555555u;
+    __m512bh pb[R];
+    for (int r = 0; r < R; ++r)
+      pb[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pw[r * ldpb + j]));
+    for (int c = 0; c < CH; ++c) {
+      const __m512i v =
+          _mm512_maskz_loadu_epi16(keep, v32 + ((c0 + c) * (N / 2) + jp0 + j) * 16);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)v, pb[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CH; ++c) _mm512_storeu_ps(O + r * D + (c0 + c) * 16, acc[r][c]);
+}
+
+template <int R>
+KVC_AVX512_TARGET inline void pv_rows_packed(const uint32_t* Pw, int ldpb, const uint32_t* v32,
+                                             int64_t N, int jp0, int kn, int64_t D, float* O) {
+  // R x CH accumulators <= 16 (+ R broadcasts + the line in flight).
+  constexpr int CH = R <= 2 ? 8 : 4;
+  const int C = static_cast<int>(D / 16);
+  int c0 = 0;
+  for (; c0 + CH <= C; c0 += CH) pv_chunks_packed<R, CH>(Pw, ldpb, v32, N, jp0, kn, D, c0, O);
+  for (; c0 + 2 <= C; c0 += 2) pv_chunks_packed<R, 2>(Pw, ldpb, v32, N, jp0, kn, D, c0, O);
+}
+
+}  // namespace
+
+KVC_AVX512_TARGET void qk_block_bf16_packed(const uint16_t* Q, int rows, int64_t D,
+                                            const uint16_t* Kp, int s0, int kn, float* S, int lds,
+                                            float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  const uint32_t* q32 = reinterpret_cast<const uint32_t*>(Q);
+  const uint32_t* k32 = reinterpret_cast<const uint32_t*>(Kp);
+  const int g0 = s0 / 16, ng = (kn + 15) / 16;
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk_rows_packed<4>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds, sc);
+  switch (rows - r) {
+    case 3: qk_rows_packed<3>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds, sc); break;
+    case 2: qk_rows_packed<2>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds, sc); break;
+    case 1: qk_rows_packed<1>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds, sc); break;
+    default: break;
+  }
+}
+
+KVC_AVX512_TARGET void pv_block_bf16_packed(const float* P, int rows, int ldp, const uint16_t* Vp,
+                                            int64_t N, int s0, int kn, int64_t D, float* O,
+                                            uint16_t* Pb) {
+  const int knp = (kn + 15) / 16 * 16;
+  const int ldpb = knp / 2 + 8;  // in uint32 words
+  uint32_t* Pw = reinterpret_cast<uint32_t*>(Pb);
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < knp; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pw + r * ldpb + j / 2),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * ldp + j)));
+  const uint32_t* v32 = reinterpret_cast<const uint32_t*>(Vp);
+  const int jp0 = s0 / 2;
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) pv_rows_packed<4>(Pw + r * ldpb, ldpb, v32, N, jp0, kn, D, O + r * D);
+  switch (rows - r) {
+    case 3: pv_rows_packed<3>(Pw + r * ldpb, ldpb, v32, N, jp0, kn, D, O + r * D); break;
+    case 2: pv_rows_packed<2>(Pw + r * ldpb, ldpb, v32, N, jp0, kn, D, O + r * D); break;
+    case 1: pv_rows_packed<1>(Pw + r * ldpb, ldpb, v32, N, jp0, kn, D, O + r * D); break;
+    default: break;
+  }
+}
+
+// ------------------------------------------------ AMX on the in-page layout
+//
+// The page lies as AMX wants its B tiles: a K group's 16 dim-pair lines of
+// one 32-dim chunk are the B tile of S = Q K^T (16 keys), a V chunk's 16
+// key-pair lines the B tile of O = P V (16 dims).  Tiles: 0-3 C (rows x 16
+// fp32), 4 A (rows x 32 bf16), 5 B (16 x 64 bytes).
+
+#define KVC_AMX_TARGET \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// One 32-dim chunk c of up to 4 groups (x < cnt) into C tiles 0-3; with a
+// prefetch of the next block's lines of the same groups (K) and keys (V).
+#define KVC_QK_GROUP(X)                                                          \
+  if (X < cnt) {                                                                 \
+    _tile_loadd(5, k32 + ((g + X) * (D / 2) + c * 16) * 16, 64);                \
+    _tile_dpbf16ps(X, 4, 5);                                                     \
+  }
+
+KVC_AMX_TARGET inline void qk_chunk_amx(const uint32_t* k32, int64_t D, int g, int cnt, int64_t c) {
+  KVC_QK_GROUP(0) KVC_QK_GROUP(1) KVC_QK_GROUP(2) KVC_QK_GROUP(3)
+}
+#undef KVC_QK_GROUP
+
+#define KVC_PV_CHUNK(X)                                                             \
+  if (X < cnt) {                                                                    \
+    _tile_loadd(5, v32 + ((c0 + X) * (N / 2) + jp) * 16, 64);                       \
+    _tile_dpbf16ps(X, 4, 5);                                                        \
+  }
+
+KVC_AMX_TARGET inline void pv_step_amx(const uint32_t* v32, int64_t N, int64_t c0, int cnt,
+                                       int64_t jp) {
+  KVC_PV_CHUNK(0) KVC_PV_CHUNK(1) KVC_PV_CHUNK(2) KVC_PV_CHUNK(3)
+}
+#undef KVC_PV_CHUNK
+
+#define KVC_C_TILES(OP, PTR, STRIDE) \
+  OP(0, PTR, STRIDE) if (cnt > 1) OP(1, PTR + 16, STRIDE) if (cnt > 2) OP(2, PTR + 32, STRIDE) if (cnt > 3) OP(3, PTR + 48, STRIDE)
+#define KVC_LOAD(X, P, S) _tile_loadd(X, P, S);
+#define KVC_STORE(X, P, S) _tile_stored(X, P, S);
+
+}  // namespace
+
+KVC_AMX_TARGET void amx_tile_config(int rows) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows);
+    cfg.colsb[t] = 64;
+  }
+  cfg.rows[5] = 16;
+  cfg.colsb[5] = 64;
+  asm volatile("" : : "r"(&cfg) : "memory");  // keep the stores (GCC 12 drops them otherwise)
+  _tile_loadconfig(&cfg);
+}
+
+KVC_AMX_TARGET void qk_block_amx_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kp,
+                                        int s0, int kn, float* S, int lds, float scale) {
+  const uint32_t* k32 = reinterpret_cast<const uint32_t*>(Kp);
+  const int g0 = s0 / 16, ng = (kn + 15) / 16;
+  for (int g = g0; g < g0 + ng; g += 4) {
+    const int cnt = std::min(4, g0 + ng - g);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < D / 32; ++c) {
+      _tile_loadd(4, Q + c * 32, static_cast<int>(D * 2));
+      qk_chunk_amx(k32, D, g, cnt, c);
+    }
+    float* out = S + (g - g0) * 16;
+    KVC_C_TILES(KVC_STORE, out, lds * 4)
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < ng * 16; j += 16)
+      _mm512_storeu_ps(S + r * lds + j, _mm512_mul_ps(_mm512_loadu_ps(S + r * lds + j), sc));
+}
+
+KVC_AMX_TARGET void pv_block_amx_packed(const float* P, int rows, int ldp, const uint16_t* Vp,
+                                        int64_t N, int s0, int kn, int64_t D, float* O,
+                                        uint16_t* Pb) {
+  const int k32n = kn / 32 * 32;  // keys in whole 32-key steps (AMX); the rest by AVX-512
+  if (k32n > 0) {
+    const int ldb = k32n + 32;  // bf16 elements per row
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < k32n; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + r * ldb + j),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * ldp + j)));
+    const uint32_t* v32 = reinterpret_cast<const uint32_t*>(Vp);
+    for (int64_t c0 = 0; c0 < D / 16; c0 += 4) {
+      const int cnt = static_cast<int>(std::min<int64_t>(4, D / 16 - c0));
+      float* o = O + c0 * 16;
+      KVC_C_TILES(KVC_LOAD, o, static_cast<int>(D * 4))
+      for (int j = 0; j < k32n; j += 32) {
+        _tile_loadd(4, Pb + j, ldb * 2);
+        pv_step_amx(v32, N, c0, cnt, (s0 + j) / 2);
+      }
+      KVC_C_TILES(KVC_STORE, o, static_cast<int>(D * 4))
+    }
+  }
+  if (k32n < kn) pv_block_bf16_packed(P + k32n, rows, ldp, Vp, N, s0 + k32n, kn - k32n, D, O, Pb);
+}
+
+#undef KVC_C_TILES
+#undef KVC_LOAD
+#undef KVC_STORE
+
 #else  // no AVX-512 code in this build (never selected: cpu_has_avx512_bf16() is false)
 
 void qk_block_bf16(const uint16_t*, int, int64_t, const uint16_t*, int64_t, int, float*, int,
@@ -326,6 +581,23 @@ void pv_block_bf16(const float*, int, int, const uint16_t*, int64_t, int, int64_
 }
 float softmax_row(float*, int, int, float, float*) {
   TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
+}
+void qk_block_bf16_packed(const uint16_t*, int, int64_t, const uint16_t*, int, int, float*, int,
+                          float) {
+  TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
+}
+void pv_block_bf16_packed(const float*, int, int, const uint16_t*, int64_t, int, int, int64_t,
+                          float*, uint16_t*) {
+  TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
+}
+void amx_tile_config(int) { TORCH_CHECK(false, "kvcompress: no AMX kernels in this build"); }
+void qk_block_amx_packed(const uint16_t*, int, int64_t, const uint16_t*, int, int, float*, int,
+                         float) {
+  TORCH_CHECK(false, "kvcompress: no AMX kernels in this build");
+}
+void pv_block_amx_packed(const float*, int, int, const uint16_t*, int64_t, int, int, int64_t,
+                         float*, uint16_t*) {
+  TORCH_CHECK(false, "kvcompress: no AMX kernels in this build");
 }
 
 #endif

@@ -20,12 +20,17 @@
 
 namespace kvc {
 
-enum class CpuIsa : int { kBaseline = 0, kAvx512Bf16 = 1 };
+// kAvx512Amx: the AVX-512-BF16 micro-kernels, and AMX tiles for decode tiles
+// (<= 16 rows) on head-pages in vLLM's AMX in-page layout.
+enum class CpuIsa : int { kBaseline = 0, kAvx512Bf16 = 1, kAvx512Amx = 2 };
 
 // The path used by the kernels now.
 CpuIsa active_isa();
 // Whether this CPU (and OS) supports AVX-512 F/BW/VL/DQ + AVX512-BF16.
 bool cpu_has_avx512_bf16();
+// ... + AMX-TILE + AMX-BF16, and the OS granted this process the tile state
+// (requested here on first call).
+bool cpu_has_amx();
 
 std::string cpu_isa_name();
 // "auto", "avx2"/"baseline"/"generic" or "avx512_bf16"; returns the previous name.
@@ -56,5 +61,43 @@ void pv_block_bf16(const float* P, int rows, int ldp, const uint16_t* V, int64_t
 // returned, else s is zeroed and 0 returned.  Same exp polynomial as vec.h.
 float softmax_row(float* s, int knp, int valid, float m_old, float* m_new);
 
+// The same two products on head-pages in vLLM's AMX in-page layout
+// (packed_k_offset / packed_v_offset below): keys [s0, s0 + kn) of one page,
+// s0 % 16 == 0, kn <= 128, D % 32 == 0.  Kp / Vp: the page's K / V half; N its
+// slots.  QK writes S[r * lds + j] for j < round_up(kn, 16) (garbage past kn)
+// with 16 keys per vector and no horizontal reduction.  PV needs P as
+// pv_block_bf16 does; the partner of an odd last key is masked out, so stale
+// slots past kn are never multiplied.  No software prefetch: the hardware
+// prefetchers follow these line streams, and prefetching the next block (as
+// the plain-row kernels do) measured slower, streaming rows included.
+void qk_block_bf16_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kp, int s0,
+                          int kn, float* S, int lds, float scale);
+void pv_block_bf16_packed(const float* P, int rows, int ldp, const uint16_t* Vp, int64_t N, int s0,
+                          int kn, int64_t D, float* O, uint16_t* Pb);
+
+// The same on AMX tiles (ISA kAvx512Amx, rows <= 16): amx_tile_config(rows)
+// must have been called on this thread since any other tile user ran (once
+// per tile of queries).  QK also applies the scale; PV does whole 32-key
+// steps on AMX and the rest with pv_block_bf16_packed (Pb: rows * (kn + 32)).
+void amx_tile_config(int rows);
+void qk_block_amx_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kp, int s0, int kn,
+                         float* S, int lds, float scale);
+void pv_block_amx_packed(const float* P, int rows, int ldp, const uint16_t* Vp, int64_t N, int s0,
+                         int kn, int64_t D, float* O, uint16_t* Pb);
+
 }  // namespace avx512
+
+// vLLM's in-page layout of its AMX kernel (what ``cpu_attn_reshape_and_cache``
+// writes for isa "amx"; ``attention/cpu_packed.AMX_PACKING`` is the same
+// formula and is checked against vLLM's writer): element (t, d) of a page's
+// K half lies at packed_k_offset, of its V half at packed_v_offset (elements).
+// K: per 16-key group, per dim pair, the 16 keys' two values (one 64-byte
+// line for bf16); V: per 16-dim chunk, per key pair, the 16 dims' two values.
+inline int64_t packed_k_offset(int64_t t, int64_t d, int64_t D) {
+  return (t / 16) * 16 * D + (d / 2) * 32 + (t % 16) * 2 + d % 2;
+}
+inline int64_t packed_v_offset(int64_t t, int64_t d, int64_t N) {
+  return (d / 16) * 16 * N + (t / 2) * 32 + (d % 16) * 2 + t % 2;
+}
+
 }  // namespace kvc

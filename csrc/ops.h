@@ -14,7 +14,8 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
                           const at::Tensor& page_table, const at::Tensor& kv_lens,
                           const at::Tensor& query_start_loc, double scale,
                           const std::optional<at::Tensor>& metrics,
-                          const at::Tensor& metric_q_start, const at::Tensor& output);
+                          const at::Tensor& metric_q_start, const at::Tensor& output,
+                          const std::optional<at::Tensor>& packed);
 
 // Store the step's K/V of every (token, KV head) at its head slot; reset the
 // metric and set the position of every written slot.

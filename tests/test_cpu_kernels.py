@@ -34,7 +34,7 @@ def _load_kernels():
     assert hasattr(torch.ops.kvcompress, "paged_head_attention")
 
 
-ISAS = ("avx2", "avx512_bf16")
+ISAS = ("avx2", "avx512_bf16", "avx512_amx")
 
 
 def _set_isa_or_skip(name: str) -> str:
@@ -210,20 +210,29 @@ def test_attention_empty_rows_and_metric_start(cpu_isa):
     _check(case, torch.float32, metrics=False)
 
 
+def _isa_available(name: str) -> bool:
+    try:
+        torch.ops.kvcompress.set_cpu_isa(name)
+        return True
+    except RuntimeError:
+        return False
+
+
 def test_cpu_isa_dispatch():
-    """auto picks AVX-512-BF16 exactly where it is available (never on a CPU
-    without it; a KVC_AVX512=OFF build has none); bad names are rejected."""
+    """auto picks the best path this CPU has: AVX-512-BF16 + AMX, else
+    AVX-512-BF16, else the baseline (never a path the CPU lacks; a
+    KVC_AVX512=OFF build has none); bad names are rejected."""
     cpu_has = bool(torch.cpu._is_avx512_bf16_supported())
+    cpu_amx = bool(torch.cpu._is_amx_tile_supported())
     before = torch.ops.kvcompress.set_cpu_isa("auto")
     try:
-        try:
-            torch.ops.kvcompress.set_cpu_isa("avx512_bf16")
-            has = True
-        except RuntimeError:
-            has = False
+        has = _isa_available("avx512_bf16")
+        amx = _isa_available("avx512_amx")
         assert cpu_has or not has
+        assert (cpu_amx and has) or not amx
         torch.ops.kvcompress.set_cpu_isa("auto")
-        want = ("avx512_bf16",) if has else ("avx2", "generic")  # generic: KVC_CPU_ISA=generic
+        want = (("avx512_amx",) if amx else ("avx512_bf16",) if has
+                else ("avx2", "generic"))  # generic: KVC_CPU_ISA=generic
         assert torch.ops.kvcompress.cpu_isa() in want
         if os.environ.get("KVCOMPRESS_CPU_ISA", "auto") == "auto":
             assert before == torch.ops.kvcompress.cpu_isa()
@@ -232,6 +241,9 @@ def test_cpu_isa_dispatch():
         if not has:
             with pytest.raises(RuntimeError, match="lacks"):
                 torch.ops.kvcompress.set_cpu_isa("avx512_bf16")
+        if not amx:
+            with pytest.raises(RuntimeError, match="lacks"):
+                torch.ops.kvcompress.set_cpu_isa("avx512_amx")
     finally:
         torch.ops.kvcompress.set_cpu_isa(before)
 
@@ -264,6 +276,82 @@ def test_attention_avx512_bf16_shapes(head_dim, group, block_size):
     finally:
         torch.set_num_threads(threads)
         torch.ops.kvcompress.set_cpu_isa(before)
+
+
+def _pack_requests(case, packed: torch.Tensor) -> torch.Tensor:
+    """Rewrite the head-pages of the requests with ``packed[r]`` in vLLM's AMX
+    in-page layout (``reference.amx_packing``), and fill every slot past a
+    head's last KV with NaN (stale slots must never reach the output).
+    Returns the packing."""
+    num_pages, _, block, dim = case.kv_pages.shape
+    packing = reference.amx_packing(block, dim)
+    pages = case.kv_pages
+    for r in range(case.page_table.shape[0]):
+        for h in range(case.page_table.shape[1]):
+            n = int(case.kv_lens[r, h])
+            ids = case.page_table[r, h, : -(-n // block)].long()
+            if n % block and pages.is_floating_point():
+                pages[ids[-1], :, n % block :] = float("nan")
+            if bool(packed[r]):
+                plain = pages[ids].reshape(len(ids), 2, block * dim).clone()
+                halves = pages.view(num_pages, 2, block * dim)
+                for half in range(2):
+                    halves[ids.view(-1, 1), half, packing[half].view(-1).long()] = plain[:, half]
+    return packing
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_attention_packed_pages(head_dim, group, block_size, cpu_isa, num_threads):
+    """Requests whose head-pages are in vLLM's AMX in-page layout, mixed with
+    plain ones in one batch (``packed`` per request): decode and prefill rows,
+    odd KV counts, NaN in stale slots, metrics on and off, 1 and 2 threads
+    (flash-decoding partitions), bf16 (AVX-512 micro-kernels where selected)
+    and fp32 (staged rows); against the reference reading the same pages."""
+    for threads, max_q, dtype in ((1, 1, torch.bfloat16), (2, 1, torch.bfloat16),
+                                  (2, 24, torch.bfloat16), (2, 24, torch.float32)):
+        num_threads(threads)
+        case = make_attention_case(
+            num_reqs=4, num_kv_heads=2, group=group, head_dim=head_dim, block_size=block_size,
+            dtype=dtype, max_kv=700 if max_q == 1 else 300, max_q=max_q,
+            seed=head_dim + 10 * group + block_size + max_q + threads,
+        )
+        packed = torch.tensor([True, False, True, True])
+        packing = _pack_requests(case, packed)
+        for metrics in (True, False):
+            ref_out, ref_m = case.clone_outputs()
+            out, got_m = case.clone_outputs()
+            ref_m.zero_()
+            got_m.zero_()
+            args = (case.query, case.kv_pages, case.page_table, case.kv_lens,
+                    case.query_start_loc, case.scale)
+            reference.paged_head_attention(*args, ref_m if metrics else None,
+                                           case.metric_q_start, ref_out, packing, packed)
+            ops.paged_head_attention(*args, got_m if metrics else None, case.metric_q_start,
+                                     out, packing, packed)
+            assert not out.isnan().any()
+            torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
+            if metrics:
+                torch.testing.assert_close(got_m, ref_m, rtol=METRIC_RTOL[dtype],
+                                           atol=1e-6 * float(ref_m.abs().max()))
+            else:
+                assert not got_m.any()
+
+
+def test_attention_packed_rejects_other_layouts():
+    """The C++ kernel reads one in-page layout; any other packing is refused,
+    naming it, and so is a packing without the per-request flags."""
+    case = make_attention_case(num_reqs=2, num_kv_heads=1, group=2, head_dim=64,
+                               block_size=16, dtype=torch.bfloat16, max_kv=40, seed=1)
+    out = torch.zeros_like(case.query)
+    args = (case.query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
+            case.scale, None, case.metric_q_start, out)
+    plain = torch.arange(16 * 64, dtype=torch.int32).view(1, 16, 64).repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="AMX in-page layout"):
+        ops.paged_head_attention(*args, plain, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="go together"):
+        ops.paged_head_attention(*args, reference.amx_packing(16, 64), None)
 
 
 def test_attention_rejects_bad_input():

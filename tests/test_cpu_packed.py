@@ -141,12 +141,16 @@ def _write_slots(case, rows_of):
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("metric_packed", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed):
+def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_packed):
     """Packed requests (compressed: heads hold different KV counts; decode rows
     and prefill chunks) beside requests in our layout that record the metric:
     outputs and metrics against the reference over plain pages; the step's
-    K/V written by ``write_kv_split`` land packed or plain per request."""
+    K/V written by ``write_kv_split`` land packed or plain per request.
+    ``metric_packed``: the packed requests record the metric too
+    (``HeadPool.metric_packed``): their rows before ``metric_q_start`` go to
+    vLLM's kernel per head, the rest to ours on the same packed pages."""
     g = torch.Generator().manual_seed(3000 + seed)
     heads, group, dim = [(1, 3, 64), (3, 3, 64), (2, 4, 128)][seed % 3]
     block = 128 if torch.cpu._is_amx_tile_supported() else 32
@@ -164,11 +168,14 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed):
 
     isa = _get_attn_isa(dtype, block, dim)
     packing = cpu_packed.PagePacking.learn(dtype, block, dim, isa)
+    if metric_packed and not torch.equal(packing.offsets, reference.amx_packing(block, dim)):
+        pytest.skip(f"vLLM's {isa} layout is not the one our kernel reads")
     kernel = cpu_prefill.StockKernel(num_heads=heads * group, num_kv_heads=heads, head_dim=dim,
                                      dtype=dtype, isa=isa)
     qsl = case.query_start_loc
     q_len = (qsl[1:] - qsl[:-1]).long()
-    mqs = torch.where(packed, q_len, case.metric_q_start.long()).int()  # packed: no metric rows
+    mqs = case.metric_q_start if metric_packed else torch.where(
+        packed, q_len, case.metric_q_start.long()).int()  # packed: no metric rows
     want, want_m = torch.zeros_like(case.query), torch.zeros_like(case.metrics)
     reference.paged_head_attention(case.query, case.kv_pages, case.page_table, case.kv_lens, qsl,
                                    case.scale, want_m, mqs, want)
@@ -183,12 +190,21 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed):
     key = torch.stack([case.kv_pages[s // block, 0, s % block] for s in slots.view(-1)]).view(-1, heads, dim)
     value = torch.stack([case.kv_pages[s // block, 1, s % block] for s in slots.view(-1)]).view(-1, heads, dim)
     ph = cpu_packed.plan_packed(packed, case.page_table[None], case.kv_lens[None], qsl, kernel,
-                                pages)
+                                pages, metric_q_start=mqs)
     plan = cpu_prefill.plan_stock_prefill(case.page_table[None], case.kv_lens[None], qsl, mqs,
                                           True, block, kernel, min_rows=8, packed=ph)
     assert plan is not None and plan.packed is ph
     packed_rows = {i for r in range(num_reqs) if packed[r] for i in rows_of[r]}
-    assert not packed_rows & (set(plan.rows_stock.tolist()) | set(plan.rows_own.tolist()))
+    # Packed rows: vLLM's kernel before metric_q_start, ours from it on.
+    packed_metric_rows = {i for r in range(num_reqs) if packed[r]
+                          for i in rows_of[r][int(mqs[r]):]}
+    assert not packed_rows & set(plan.rows_stock.tolist())
+    assert packed_rows & set(plan.rows_own.tolist()) == packed_metric_rows
+    assert metric_packed or not packed_metric_rows
+    if ph.rows is None:  # every row of the step to vLLM's kernel
+        assert not packed_metric_rows and len(packed_rows) == case.query.shape[0]
+    else:
+        assert set(ph.rows.tolist()) == packed_rows - packed_metric_rows
     metrics = torch.zeros_like(case.metrics)
     positions = torch.zeros(pages.shape[0], block, dtype=torch.int32)
     token_pos = torch.arange(slots.shape[0])
@@ -200,7 +216,7 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed):
     metrics.zero_()
     out = torch.zeros_like(case.query)
     cpu_prefill.run_split(plan, 0, case.query, pages, case.page_table, case.kv_lens, case.scale,
-                          metrics, out)
+                          metrics, out, packing=packing.offsets)
     torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=0)
     torch.testing.assert_close(metrics, want_m, rtol=2e-2, atol=1e-6)
 
@@ -229,3 +245,35 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed):
     hole[r, heads - 1, 0] = -1
     with pytest.raises(RuntimeError, match=f"head {heads - 1} holds"):
         cpu_packed.plan_packed(packed, hole[None], case.kv_lens[None], qsl, kernel, pages)
+
+
+def test_metric_pages_packed_choice(vllm_ready, monkeypatch):
+    """Requests that record the metric keep vLLM's layout where our kernel
+    reads it (the AMX layout, an AVX-512 path, bf16); ``plain`` turns that off,
+    ``packed`` insists (an error naming the layout where it cannot), and a bad
+    value is refused naming the variable."""
+    amx = cpu_packed.PagePacking(isa="amx", dtype=torch.bfloat16, block_size=128, head_dim=64,
+                                 offsets=reference.amx_packing(128, 64))
+    other = cpu_packed.PagePacking(
+        isa="vec", dtype=torch.bfloat16, block_size=32, head_dim=64,
+        offsets=torch.arange(32 * 64, dtype=torch.int32).view(1, 32, 64).repeat(2, 1, 1))
+    env = cpu_packed.METRIC_PAGES_ENV
+    fast = ops.cpu_isa() in ("avx512_bf16", "avx512_amx")
+    monkeypatch.setenv(env, "auto")
+    assert cpu_packed.metric_pages_packed(amx) == fast
+    assert not cpu_packed.metric_pages_packed(other)
+    assert not cpu_packed.metric_pages_packed(None)
+    before = torch.ops.kvcompress.set_cpu_isa("avx2")
+    try:  # the baseline path would unpack every block: plain rows are faster
+        assert not cpu_packed.metric_pages_packed(amx)
+        monkeypatch.setenv(env, "packed")
+        assert cpu_packed.metric_pages_packed(amx)
+    finally:
+        torch.ops.kvcompress.set_cpu_isa(before)
+    with pytest.raises(ValueError, match=rf"{env}=packed: .*\(vec\)"):
+        cpu_packed.metric_pages_packed(other)
+    monkeypatch.setenv(env, "plain")
+    assert not cpu_packed.metric_pages_packed(amx)
+    monkeypatch.setenv(env, "fast")
+    with pytest.raises(ValueError, match=f"{env}='fast': expected one of auto, packed, plain"):
+        cpu_packed.metric_pages_packed(amx)

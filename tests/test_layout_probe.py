@@ -36,7 +36,7 @@ def _has_avx512_bf16() -> bool:
     from kvcompress_vllm import ops
 
     ops.load_library()
-    return torch.ops.kvcompress.cpu_isa() == "avx512_bf16"
+    return torch.ops.kvcompress.cpu_isa() in ("avx512_bf16", "avx512_amx")
 
 
 @pytest.mark.skipif(not _has_avx512_bf16(), reason="the probe needs AVX-512-BF16")

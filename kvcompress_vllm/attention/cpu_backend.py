@@ -152,7 +152,7 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 packed = plan_packed(
                     batch.packed, batch.page_table, batch.kv_lens, batch.query_start_loc,
                     dataclasses.replace(self._stock_kernel, isa=self.isa),
-                    state.pool.kv_pages, req_ids,
+                    state.pool.kv_pages, req_ids, batch.metric_q_start,
                 )
             stock = plan_stock_prefill(
                 batch.page_table, batch.kv_lens, batch.query_start_loc,
@@ -242,6 +242,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                 attn_metadata.stock_prefill, region, query[:num_tokens], pool.kv_pages,
                 batch.page_table[region], batch.kv_lens[region], self.scale, metrics,
                 output[:num_tokens], kv_cache=kv_cache,
+                packing=None if pool.packing is None else pool.packing.offsets,
             )
         else:
             ops.paged_head_attention(

@@ -25,6 +25,14 @@ scorers' key gather read pages through it.  The kernel itself is vLLM's:
 AMX where the CPU has it, 0.7-1.0x its time on the same KVs read per request
 (docs/performance.md section 2).
 
+Requests that record the metric (the ``kvcompress`` and ``adaptive``
+scorers) are kept in the same layout where our kernel reads it
+(``metric_pages_packed``: vLLM's AMX layout, ``ops.reference.amx_packing``,
+on the AVX-512 paths of our kernel -- with AMX tiles where the CPU has them).
+Their prompt rows before the observation window go to vLLM's kernel like any
+packed row, without the gather into a scratch cache that plain pages need;
+their window and decode rows go to our kernel, which records the metric.
+
 Per step, ``plan_packed`` (builder, once for all layers) makes the per-layer
 block tables, sequence lengths and vLLM scheduler metadata; ``write_packed`` /
 ``attend_packed`` (``forward``, per layer) only call vLLM's ops.
@@ -33,6 +41,7 @@ block tables, sequence lengths and vLLM scheduler metadata; ``write_packed`` /
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +56,12 @@ from kvcompress_vllm.attention.vllm_cpu import (
     vllm_attention,
     vllm_ops,
 )
+
+#: Where requests that record the metric keep their head-pages: ``auto``
+#: (vLLM's layout where our kernel reads it fast, else plain rows), ``packed``
+#: (vLLM's layout; an error where our kernel cannot read it) or ``plain``.
+METRIC_PAGES_ENV = "KVCOMPRESS_METRIC_PAGES"
+METRIC_PAGES = ("auto", "packed", "plain")
 
 #: Values written to learn the layout: every coordinate c as (c % _BASE, c // _BASE),
 #: both exact in bf16 (8 significant bits) for pages of up to _BASE**2 elements per row.
@@ -110,13 +125,54 @@ class PagePacking:
         return keys.view(page_rows.shape[0], -1, self.head_dim)
 
 
+def metric_pages_packed(packing: "PagePacking | None") -> bool:
+    """Whether requests that record the metric keep vLLM's in-page layout too
+    (``KVCOMPRESS_METRIC_PAGES``).  ``auto``: where the layout is the one our
+    kernel reads (``ops.reference.amx_packing``: vLLM's AMX layout) and our
+    kernel runs an AVX-512 path on bf16 pages (AMX tiles where the CPU has
+    them; on the AVX2 path it would unpack every block, slower than plain)."""
+    mode = os.environ.get(METRIC_PAGES_ENV, "auto")
+    if mode not in METRIC_PAGES:
+        raise ValueError(f"{METRIC_PAGES_ENV}={mode!r}: expected one of {', '.join(METRIC_PAGES)}")
+    if mode == "plain":
+        return False
+    readable = (
+        packing is not None
+        and packing.block_size % 16 == 0
+        and packing.head_dim % 32 == 0
+        and torch.equal(packing.offsets, ops.reference.amx_packing(packing.block_size,
+                                                                  packing.head_dim))
+    )
+    if mode == "packed":
+        if not readable:
+            raise ValueError(
+                f"{METRIC_PAGES_ENV}=packed: vLLM's in-page layout here "
+                f"({'none' if packing is None else packing.isa}) is not the AMX layout "
+                "our kernel reads; use auto or plain"
+            )
+        return True
+    return readable and packing.dtype == torch.bfloat16 and ops.cpu_isa() in (
+        "avx512_bf16", "avx512_amx")
+
+
 @dataclass
 class PackedHeads:
-    """One step's rows of requests in vLLM's layout (``RequestPages.packed``):
-    every row of them goes to vLLM's kernel, one sequence per (request, KV head)."""
+    """One step's rows of requests in vLLM's layout (``RequestPages.packed``).
+
+    A packed request's rows before its ``metric_q_start`` (all rows of a
+    request whose metric is never read) go to vLLM's kernel, one sequence per
+    (request, KV head); the rest (observation-window and decode rows of
+    requests that record the metric) to our kernel, which reads the same
+    pages (``ops.paged_head_attention(..., packing, packed)``)."""
 
     mask: torch.Tensor  # [R] bool: the packed requests of the batch
-    #: [Tp] int64 their token rows; None: every row of the step.
+    #: [R] int64 leading rows of each request that vLLM's kernel attends (0
+    #: for requests that are not packed).
+    vllm_rows: torch.Tensor
+    #: [Tw] int64 every token row of the packed requests (their K/V are
+    #: written in vLLM's layout); None: every row of the step.
+    write_rows: torch.Tensor | None
+    #: [Tp] int64 the rows vLLM's kernel attends; None: every row of the step.
     rows: torch.Tensor | None
     #: [Sq] int64 rows of ``query.view(T * H, G, D)`` in (request, head, token)
     #: order; None: the identity (every row of the step is a packed decode row).
@@ -139,8 +195,10 @@ def plan_packed(
     kernel: StockKernel,  # of the layer group
     kv_pages: torch.Tensor,  # [P, 2, N, D] the pool's head-pages
     req_ids: list[str] | None = None,
+    metric_q_start: torch.Tensor | None = None,  # [R] int32; None: no metric rows
 ) -> PackedHeads:
-    """vLLM's kernel inputs for the packed requests' rows, every layer.
+    """vLLM's kernel inputs for the packed requests' rows before their
+    ``metric_q_start``, every layer.
 
     Checks what vLLM's kernel cannot: every head holds this step's tokens
     (``kv_lens >= q_len``) and every page a head's KVs need is a real
@@ -149,6 +207,8 @@ def plan_packed(
     num_pages, _, block_size, _ = kv_pages.shape
     qsl = query_start_loc.long()
     q_len = qsl[1:] - qsl[:-1]
+    num_tokens = int(qsl[-1])
+    mask = mask.to(torch.bool)
     pr = torch.nonzero(mask).view(-1)
     if pr.numel() == num_reqs:  # every request packed (the usual decode step)
         lens, pq, table = kv_lens, q_len, page_table
@@ -169,14 +229,31 @@ def plan_packed(
             f"holds {int(lens[layer, r, head])} KVs for {int(pq[r])} new tokens in pages "
             f"{table[layer, r, head].tolist()[:8]} (of {num_pages} head-pages)"
         )
+    write_rows = segment_rows(qsl[:-1].index_select(0, pr), pq)  # [Tw]
+    # vLLM's kernel takes each packed request's rows before its first metric row.
+    first = q_len if metric_q_start is None else torch.minimum(
+        metric_q_start.long().clamp(min=0), q_len)
+    vllm_rows = torch.where(mask, first, 0)  # [R]
+    if not bool((vllm_rows.index_select(0, pr) == pq).all()):
+        keep = vllm_rows.index_select(0, pr) > 0  # [Rp] requests with vLLM rows
+        pv = pr[keep]
+        lens = lens[:, keep] - (pq[keep] - vllm_rows.index_select(0, pv)).view(1, -1, 1).to(lens.dtype)
+        table = table[:, keep]
+        pr, pq = pv, vllm_rows.index_select(0, pv)
     rows = segment_rows(qsl[:-1].index_select(0, pr), pq)  # [Tp]
-    num_tokens = int(qsl[-1])
+    if pr.numel() == 0:  # every packed row records the metric: nothing for vLLM's kernel
+        return PackedHeads(
+            mask=mask, vllm_rows=vllm_rows,
+            write_rows=None if write_rows.numel() == num_tokens else write_rows,
+            rows=rows, q_index=None, qsl=torch.zeros(1, dtype=torch.int32),
+            caches=(kv_pages[:, 0:1], kv_pages[:, 1:2]), seq_heads=heads, layers=[],
+        )
     identity = rows.numel() == num_tokens
     decode_only = identity and bool((pq == 1).all())
     head = torch.arange(heads)
     if decode_only:
         q_index = None
-    else:  # sequence (r, h) reads rows qsl[r] + [0, q_len[r]) of query head group h
+    else:  # sequence (r, h) reads rows qsl[r] + [0, pq[r]) of query head group h
         seq_q = pq.repeat_interleave(heads)  # [Rp * H]
         seq_start = (qsl[:-1].index_select(0, pr).view(-1, 1) * heads + head.view(1, -1)).view(-1)
         q_index = torch.repeat_interleave(seq_start, seq_q) + offsets(seq_q) * heads
@@ -198,6 +275,8 @@ def plan_packed(
                      scheduler_metadata(per_head, seq_lens[layer], seq_qsl, kernel.isa))
     return PackedHeads(
         mask=mask,
+        vllm_rows=vllm_rows,
+        write_rows=None if write_rows.numel() == num_tokens else write_rows,
         rows=None if identity else rows,
         q_index=q_index,
         qsl=seq_qsl,
@@ -218,9 +297,9 @@ def write_packed(
     positions: torch.Tensor,  # [P, N] int32
     token_positions: torch.Tensor,  # [T]
 ) -> None:
-    """The packed rows' K/V into their heads' slots in vLLM's in-page layout
-    (``ops.write_kv`` with the packing learned from vLLM's writer)."""
-    r = ph.rows
+    """The packed requests' K/V into their heads' slots in vLLM's in-page
+    layout (``ops.write_kv`` with the packing learned from vLLM's writer)."""
+    r = ph.write_rows
     if r is not None:
         key, value = key.index_select(0, r), value.index_select(0, r)
         write_slots, token_positions = write_slots.index_select(0, r), token_positions.index_select(0, r)
@@ -236,6 +315,8 @@ def attend_packed(
     scale: float,
 ) -> None:
     """vLLM's kernel over the packed rows, one sequence per (request, KV head)."""
+    if ph.rows is not None and ph.rows.numel() == 0:  # every packed row records the metric
+        return
     seq_lens, block_table, sched = ph.layers[layer]
     t, hq, d = query.shape
     per_seq = (t * ph.seq_heads, hq // ph.seq_heads, d)  # [T * H, G, D]

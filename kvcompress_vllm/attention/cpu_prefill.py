@@ -31,9 +31,11 @@ vLLM's slot mapping) and vLLM's kernel reads them there with vLLM's block
 table -- exactly what stock vLLM does for them.  Their head-pages in our
 layout are never written; only the page bookkeeping (counts, blocks) is kept.
 
-*Packed requests* (compressed, metric never read: ``cpu_packed``) go to
-vLLM's kernel whole as well, one sequence per (request, KV head) over their
-head-pages in vLLM's in-page layout.
+*Packed requests* (compressed, head-pages in vLLM's in-page layout:
+``cpu_packed``) go to vLLM's kernel, one sequence per (request, KV head) over
+those head-pages, for every row before their ``metric_q_start`` (all rows when
+the metric is never read); their metric rows are own rows, attended by our
+kernel reading the same pages (``packed`` flags, the pool's packing).
 
 ``KVCOMPRESS_CPU_PREFILL=own`` sends every row to our kernel (for comparison);
 it also keeps every request in our layout.
@@ -125,6 +127,8 @@ class StockPrefill:
     packed: PackedHeads | None = None
     #: Rows ``ops.write_kv`` writes into our layout (None: every row).
     write_rows_own: torch.Tensor | None = None
+    #: [R] bool: requests whose own rows read packed head-pages (None: none).
+    own_packed: torch.Tensor | None = None
 
 
 def plan_stock_prefill(
@@ -156,7 +160,9 @@ def plan_stock_prefill(
     any_direct = bool(direct.any())
     if packed is not None and packed.rows is None and not any_direct:
         return _packed_only(packed, num_reqs, page_table.shape[0], kernel)
-    in_vllm = direct if packed is None else direct | packed.mask  # every row to vLLM's kernel
+    # Requests not in our plain layout: every row to vLLM's kernel, but the
+    # metric rows of packed requests (own rows on packed pages).
+    in_vllm = direct if packed is None else direct | packed.mask
     if num_reqs == 0 or (packed is None and not any_direct and int(q_len.max()) < min_rows):
         return None
     lens = kv_lens.long()
@@ -169,16 +175,22 @@ def plan_stock_prefill(
     if not bool(fast.any()) and not any_direct and packed is None:
         return None
     n_stock = torch.where(fast, n_stock, 0)
-    n_own = torch.where(in_vllm, 0, q_len - n_stock)
+    # Own rows start after the gathered rows (plain requests) or after the
+    # rows vLLM's kernel attends per head (packed requests).
+    own_start = n_stock if packed is None else torch.where(packed.mask, packed.vllm_rows, n_stock)
+    n_own = torch.where(direct, 0, q_len - own_start)
     ours = ~in_vllm
     write_rows_own = None if bool(ours.all()) else segment_rows(qsl[:-1], torch.where(ours, q_len, 0))
     req = torch.arange(num_reqs)
 
     rows_stock = segment_rows(qsl[:-1], n_stock)
-    rows_own = segment_rows(qsl[:-1] + n_stock, n_own)
+    rows_own = segment_rows(qsl[:-1] + own_start, n_own)
     own_qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
     own_qsl[1:] = torch.cumsum(n_own, 0)
-    own_mqs = (metric_q_start.long() - n_stock).clamp(min=0).to(torch.int32)
+    own_mqs = (metric_q_start.long() - own_start).clamp(min=0).to(torch.int32)
+    own_packed = None
+    if packed is not None and bool((packed.mask & (n_own > 0)).any()):
+        own_packed = packed.mask
     stock_layout = (
         _plan_stock_layout(vllm_inputs, direct, qsl, q_len, lens, page_table, kernel)
         if any_direct
@@ -198,6 +210,7 @@ def plan_stock_prefill(
             slot_mapping=empty, scratch=torch.zeros(0), qsl=stock_qsl, seq_lens=seq_lens,
             block_table=torch.zeros(0, 1, dtype=torch.int32), scheduler_metadata=None,
             kernel=kernel, stock_layout=stock_layout, packed=packed, write_rows_own=write_rows_own,
+            own_packed=own_packed,
         )
     nblocks = cdiv(seq, SCRATCH_BLOCK)
     base = torch.cumsum(nblocks, 0) - nblocks
@@ -227,6 +240,7 @@ def plan_stock_prefill(
         kv_rows=kv_rows, slot_mapping=slot_mapping, scratch=scratch, qsl=stock_qsl,
         seq_lens=seq_lens, block_table=block_table, scheduler_metadata=sched, kernel=kernel,
         stock_layout=stock_layout, packed=packed, write_rows_own=write_rows_own,
+        own_packed=own_packed,
     )
 
 
@@ -424,10 +438,12 @@ def run_split(
     metrics: torch.Tensor | None,
     output: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor | None = None,  # [B, H, N, 2D] this layer's real cache
+    packing: torch.Tensor | None = None,  # [2, N, D] the pool's packing (packed own rows)
 ) -> None:
     """Attention of one layer's rows: stock-layout requests by vLLM on the real
     cache, packed requests by vLLM per KV head on the head-pages, gathered
-    prefill rows by vLLM on the scratch cache, own rows by ours."""
+    prefill rows by vLLM on the scratch cache, own rows by ours (on plain or,
+    for packed requests' metric rows, packed head-pages)."""
     sl = plan.stock_layout
     if sl is not None:
         if kv_cache is None:
@@ -444,8 +460,14 @@ def run_split(
     if plan.rows_own.numel():
         q = query.index_select(0, plan.rows_own)
         out = torch.empty_like(q)
+        own_packing = None
+        if plan.own_packed is not None:
+            if packing is None:
+                raise ValueError("run_split: own rows on packed head-pages need the pool's packing")
+            own_packing = packing
         ops.paged_head_attention(
-            q, kv_pages, page_table, kv_lens, plan.own_qsl, scale, metrics, plan.own_mqs, out
+            q, kv_pages, page_table, kv_lens, plan.own_qsl, scale, metrics, plan.own_mqs, out,
+            own_packing, plan.own_packed,
         )
         output.index_copy_(0, plan.rows_own, out)
 

@@ -51,6 +51,13 @@ def load_library() -> None:
     torch.ops.load_library(str(candidates[0]))
 
 
+def cpu_isa() -> str:
+    """The ISA path the C++ kernels run now (``csrc/cpu_isa.h``): ``avx512_amx``,
+    ``avx512_bf16``, ``avx2`` or ``generic``."""
+    load_library()
+    return torch.ops.kvcompress.cpu_isa()
+
+
 def backend_for(kv_pages: torch.Tensor) -> str:
     """``"cpp"``, ``"triton"`` or ``"reference"``: what runs on ``kv_pages``."""
     mode = KERNELS
@@ -88,12 +95,16 @@ def paged_head_attention(
     metrics: torch.Tensor | None,
     metric_q_start: torch.Tensor,
     output: torch.Tensor,
+    packing: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
 ) -> None:
-    """See ``reference.paged_head_attention``."""
+    """See ``reference.paged_head_attention``.  The C++ kernel reads one
+    in-page layout, ``reference.amx_packing``: ``packing`` must be it."""
     backend = backend_for(kv_pages)
     if backend == "reference":
         return reference.paged_head_attention(**_args(locals()))
     if backend == "triton":
+        _no_packing("paged_head_attention", packing)
         page_table, kv_lens, query_start_loc, metric_q_start = _on(
             kv_pages.device, page_table, kv_lens, query_start_loc, metric_q_start
         )
@@ -102,10 +113,33 @@ def paged_head_attention(
             metrics, metric_q_start, output,
         )
     load_library()
+    if (packing is None) != (packed is None):
+        raise ValueError("paged_head_attention: packing and packed go together")
+    if packing is not None:
+        _check_amx_packing(packing)
     torch.ops.kvcompress.paged_head_attention(
         query, kv_pages, page_table, kv_lens, query_start_loc, scale,
-        metrics, metric_q_start, output,
+        metrics, metric_q_start, output, packed,
     )
+
+
+_AMX_CHECKED: list[torch.Tensor] = []  # packings found equal to amx_packing (kept alive)
+
+
+def _check_amx_packing(packing: torch.Tensor) -> None:
+    """The C++ kernel reads packed pages by ``reference.amx_packing``'s formula."""
+    if any(packing is p for p in _AMX_CHECKED):
+        return
+    _, block_size, head_dim = packing.shape
+    if block_size % 16 or head_dim % 32 or not torch.equal(
+        packing.to(torch.int64), reference.amx_packing(block_size, head_dim).to(torch.int64)
+    ):
+        raise ValueError(
+            f"paged_head_attention: the C++ kernel reads head-pages in vLLM's AMX in-page "
+            f"layout only (reference.amx_packing); this packing (block_size {block_size}, "
+            f"head_dim {head_dim}) is another"
+        )
+    _AMX_CHECKED.append(packing)
 
 
 def write_kv(

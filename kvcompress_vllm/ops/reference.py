@@ -21,16 +21,36 @@ import torch
 
 
 def _gather_head(
-    kv_pages: torch.Tensor, pages: torch.Tensor, n: int
+    kv_pages: torch.Tensor, pages: torch.Tensor, n: int, packing: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys, values, page ids and slots of the first ``n`` logical KVs."""
+    """Keys, values, page ids and slots of the first ``n`` logical KVs (with
+    ``packing``: pages in that in-page layout, see ``write_kv``)."""
     block = kv_pages.shape[2]
     idx = torch.arange(n)
     page = pages[idx // block].long()
     slot = idx % block
-    keys = kv_pages[page, 0, slot].float()
-    values = kv_pages[page, 1, slot].float()
+    if packing is None:
+        keys = kv_pages[page, 0, slot].float()
+        values = kv_pages[page, 1, slot].float()
+    else:
+        halves = kv_pages.view(kv_pages.shape[0], 2, -1)  # [P, 2, N*D]
+        keys = halves[page.view(-1, 1), 0, packing[0].long()[slot]].float()
+        values = halves[page.view(-1, 1), 1, packing[1].long()[slot]].float()
     return keys, values, page, slot
+
+
+def amx_packing(block_size: int, head_dim: int) -> torch.Tensor:
+    """``[2, N, D]`` int32 in-page offsets of vLLM's AMX CPU layout (what its
+    ``cpu_attn_reshape_and_cache`` writes for isa ``amx``; N % 16 == 0, D % 32
+    == 0), the one layout the C++ attention kernel reads packed pages in.
+    K: per 16-key group, per dim pair, the 16 keys' two values; V: per 16-dim
+    chunk, per key pair, the 16 dims' two values."""
+    n, d = block_size, head_dim
+    t = torch.arange(n).view(-1, 1)
+    c = torch.arange(d).view(1, -1)
+    k = (t // 16) * 16 * d + (c // 2) * 32 + (t % 16) * 2 + c % 2
+    v = (c // 16) * 16 * n + (t // 2) * 32 + (c % 16) * 2 + t % 2
+    return torch.stack([k, v]).to(torch.int32)
 
 
 def paged_head_attention(
@@ -43,6 +63,8 @@ def paged_head_attention(
     metrics: torch.Tensor | None,  # [P, N] float32, accumulated in place
     metric_q_start: torch.Tensor,  # [R] int32
     output: torch.Tensor,  # [T, Hq, D], written
+    packing: torch.Tensor | None = None,  # [2, N, D] int32 in-page element offsets
+    packed: torch.Tensor | None = None,  # [R] bool: request's pages in ``packing``
 ) -> None:
     """Causal attention over per-(request, KV head) paged KVs.
 
@@ -55,7 +77,12 @@ def paged_head_attention(
     If ``metrics`` is given, every query ``i >= metric_q_start[r]`` adds, for
     each KV it attends to, the squared attention probability summed over the
     ``G`` query heads of the group: ``metrics[page, slot] += sum_g p**2``.
+
+    Requests with ``packed[r]`` hold their head-pages in the in-page layout
+    ``packing`` (see ``write_kv``), the others in plain ``[N, D]`` rows.
     """
+    if (packing is None) != (packed is None):
+        raise ValueError("paged_head_attention: packing and packed go together")
     num_reqs, num_kv_heads, _ = page_table.shape
     num_q_heads = query.shape[1]
     group = num_q_heads // num_kv_heads
@@ -71,7 +98,8 @@ def paged_head_attention(
                     f"kv_lens[{r}, {h}] = {n} < {q_len} queries: kv_lens must include "
                     "the new tokens"
                 )
-            keys, values, page, slot = _gather_head(kv_pages, page_table[r, h], n)
+            layout = packing if packed is not None and bool(packed[r]) else None
+            keys, values, page, slot = _gather_head(kv_pages, page_table[r, h], n, layout)
             q = query[q0:q1, h * group : (h + 1) * group].float()  # [q, G, D]
             scores = torch.einsum("qgd,kd->qgk", q, keys) * scale
             q_idx = torch.arange(q_len)[:, None, None]

@@ -59,6 +59,9 @@ class HeadPool:
     #: vLLM's in-page layout, for requests kept in it (``RequestPages.packed``);
     #: None: every compressible request is in plain ``[N, D]`` pages.
     packing: "PagePacking | None" = None
+    #: Requests that record the metric are kept in ``packing`` too (our kernel
+    #: reads it: ``cpu_packed.metric_pages_packed``); else only metric-free ones.
+    metric_packed: bool = False
 
     @classmethod
     def from_layer_caches(cls, layer_caches: list[torch.Tensor], layout=None) -> "HeadPool":
@@ -195,11 +198,12 @@ class KVCompressWorkerState:
         self.in_step = True
 
     def _packed(self, step: StepPlan, req_id: str) -> bool:
-        """Kept in vLLM's in-page layout: compressible, no metric read, and the
-        pool has vLLM's packing (CPU worker with vLLM's prefill path)."""
+        """Kept in vLLM's in-page layout: compressible, the pool has vLLM's
+        packing (CPU worker with vLLM's prefill path), and no metric read or
+        our kernel reads that packing (``HeadPool.metric_packed``)."""
         return (
             self.pool.packing is not None
-            and req_id in step.no_metric
+            and (req_id in step.no_metric or self.pool.metric_packed)
             and req_id not in step.stock_layout
         )
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from kvcompress_vllm.attention.cpu_packed import PagePacking
+from kvcompress_vllm import ops
+from kvcompress_vllm.attention.cpu_packed import PagePacking, metric_pages_packed
 from kvcompress_vllm.attention.cpu_prefill import prefill_path
 from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.worker.common import KVCompressWorkerMixin, kv_budget_after_plugin
@@ -50,7 +51,13 @@ class KVCompressCPUWorker(KVCompressWorkerMixin, CPUWorker):
                 pool.kv_pages.dtype, block_size, head_dim, self.vllm_config.cache_config.cache_dtype
             )
             pool.packing = PagePacking.learn(pool.kv_pages.dtype, block_size, head_dim, isa)
-            logger.info("KV-Compress: metric-free requests stay in vLLM's %s page layout", isa)
+            # So do requests that record the metric where our kernel reads it.
+            pool.metric_packed = metric_pages_packed(pool.packing)
+            logger.info(
+                "KV-Compress: %s requests stay in vLLM's %s page layout (our kernel: %s path)",
+                "all compressible" if pool.metric_packed else "metric-free", isa,
+                ops.cpu_isa(),
+            )
         logger.info(
             "KV-Compress: %d layers x %d KV heads x %d blocks = %d head-pages of %d "
             "tokens; keep rate %.3g, scorer %s",
