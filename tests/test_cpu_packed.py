@@ -199,7 +199,9 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_pa
     packed_metric_rows = {i for r in range(num_reqs) if packed[r]
                           for i in rows_of[r][int(mqs[r]):]}
     assert not packed_rows & set(plan.rows_stock.tolist())
-    assert packed_rows & set(plan.rows_own.tolist()) == packed_metric_rows
+    own_rows = (set(range(case.query.shape[0])) if plan.rows_own is None
+                else set(plan.rows_own.tolist()))
+    assert packed_rows & own_rows == packed_metric_rows
     assert metric_packed or not packed_metric_rows
     if ph.rows is None:  # every row of the step to vLLM's kernel
         assert not packed_metric_rows and len(packed_rows) == case.query.shape[0]
@@ -277,3 +279,39 @@ def test_metric_pages_packed_choice(vllm_ready, monkeypatch):
     monkeypatch.setenv(env, "fast")
     with pytest.raises(ValueError, match=f"{env}='fast': expected one of auto, packed, plain"):
         cpu_packed.metric_pages_packed(amx)
+
+
+def test_packed_metric_decode_step_runs_our_kernel_on_every_row(vllm_ready):
+    """A decode step whose requests are all packed and all record the metric
+    (the steady state of ``kvcompress`` / ``adaptive`` requests): nothing for
+    vLLM's kernel, our kernel takes every row on the packed pages without
+    splitting or copying rows; outputs and metrics against the reference."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    block, dim, heads, group = 128, 64, 3, 3
+    dtype = torch.bfloat16
+    isa = _get_attn_isa(dtype, block, dim)
+    packing = cpu_packed.PagePacking.learn(dtype, block, dim, isa)
+    if not torch.equal(packing.offsets, reference.amx_packing(block, dim)):
+        pytest.skip(f"vLLM's {isa} layout is not the one our kernel reads")
+    case = make_attention_case(num_reqs=5, num_kv_heads=heads, group=group, head_dim=dim,
+                               block_size=block, dtype=dtype, max_kv=600, max_q=1, seed=11)
+    mask = torch.ones(5, dtype=torch.bool)
+    mqs = torch.zeros(5, dtype=torch.int32)  # decode rows always record
+    kernel = cpu_prefill.StockKernel(num_heads=heads * group, num_kv_heads=heads, head_dim=dim,
+                                     dtype=dtype, isa=isa)
+    want, want_m = torch.zeros_like(case.query), torch.zeros_like(case.metrics)
+    reference.paged_head_attention(case.query, case.kv_pages, case.page_table, case.kv_lens,
+                                   case.query_start_loc, case.scale, want_m, mqs, want)
+    pages = _pack(case.kv_pages, packing)
+    ph = cpu_packed.plan_packed(mask, case.page_table[None], case.kv_lens[None],
+                                case.query_start_loc, kernel, pages, metric_q_start=mqs)
+    plan = cpu_prefill.plan_stock_prefill(case.page_table[None], case.kv_lens[None],
+                                          case.query_start_loc, mqs, True, block, kernel,
+                                          packed=ph)
+    assert ph.layers == [] and plan.rows_own is None and plan.write_rows_own.numel() == 0
+    out, metrics = torch.zeros_like(case.query), torch.zeros_like(case.metrics)
+    cpu_prefill.run_split(plan, 0, case.query, pages, case.page_table, case.kv_lens, case.scale,
+                          metrics, out, packing=packing.offsets)
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=0)
+    torch.testing.assert_close(metrics, want_m, rtol=2e-2, atol=1e-6)

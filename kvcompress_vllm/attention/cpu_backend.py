@@ -7,8 +7,9 @@ environment never sees it.
 Per layer and step, ``forward``:
 1. writes the step's K/V of every (token, KV head) into that head's next slot
    (``ops.write_kv``; the slot comes from the head's own page table) -- in
-   vLLM's in-page layout for requests whose metric is never read
-   (``cpu_packed``), and for requests that are never compressed in vLLM's
+   vLLM's in-page layout for packed requests (``cpu_packed``: those whose
+   metric is never read, and where our kernel reads that layout those that
+   record it too), and for requests that are never compressed in vLLM's
    layout at vLLM's slots (``cpu_prefill.write_kv_split``),
 2. runs attention over each head's variable number of KVs, query heads of a
    GQA group reading their KV head's pages once, and adds each query's
@@ -20,9 +21,10 @@ Per layer and step, ``forward``:
 Prefill rows that add nothing to the metric (all rows of a chunk before the
 observation window) go to vLLM's own CPU kernel instead, AMX where the CPU has
 it, and so do all rows of requests that are never compressed, whose K/V stay in
-vLLM's own layout (``cpu_prefill``), and all rows of compressed requests whose
-metric is never read, one sequence per KV head (``cpu_packed``; the split is
-planned once per step by the builder).  A step whose requests are all never compressed skips our per-head
+vLLM's own layout (``cpu_prefill``), and the rows of packed requests before
+their observation window (all rows when the metric is never read), one
+sequence per KV head (``cpu_packed``; the split is planned once per step by
+the builder).  A step whose requests are all never compressed skips our per-head
 tensors altogether (``KVCompressMetadata.stock_only``).
 
 Warm-up and profiling runs (no registered requests) use the stock CPU path.

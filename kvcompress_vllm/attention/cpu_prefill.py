@@ -111,7 +111,7 @@ class StockPrefill:
     """One step's split of the query rows (shared by all layers)."""
 
     rows_stock: torch.Tensor  # [Ts] int64 query rows vLLM's kernel computes (scratch)
-    rows_own: torch.Tensor  # [To] int64 query rows ours computes
+    rows_own: torch.Tensor | None  # [To] int64 query rows ours computes (None: every row)
     own_qsl: torch.Tensor  # [R + 1] int32 query_start_loc of the own rows
     own_mqs: torch.Tensor  # [R] int32 metric_q_start of the own rows
     kv_rows: torch.Tensor  # [L, Tk * H] int64 key row in kv_pages.view(-1, D); value = +N
@@ -147,7 +147,8 @@ def plan_stock_prefill(
 
     ``vllm_inputs`` marks the stock-layout requests (all their rows go to
     vLLM's kernel on the real cache), ``packed`` the requests in vLLM's
-    layout attended per KV head (all their rows too); without them every
+    layout attended per KV head (their rows before ``metric_q_start``; the
+    rest are own rows, on packed pages: ``own_packed``); without them every
     request is in our layout."""
     qsl = query_start_loc.long()
     q_len = qsl[1:] - qsl[:-1]  # [R]
@@ -160,6 +161,10 @@ def plan_stock_prefill(
     any_direct = bool(direct.any())
     if packed is not None and packed.rows is None and not any_direct:
         return _packed_only(packed, num_reqs, page_table.shape[0], kernel)
+    if (packed is not None and not any_direct and not packed.layers
+            and bool(packed.mask.all())):  # e.g. decode steps of metric-recording requests
+        return _packed_own_only(packed, query_start_loc, metric_q_start, page_table.shape[0],
+                                kernel)
     # Requests not in our plain layout: every row to vLLM's kernel, but the
     # metric rows of packed requests (own rows on packed pages).
     in_vllm = direct if packed is None else direct | packed.mask
@@ -255,6 +260,23 @@ def _packed_only(packed: PackedHeads, num_reqs: int, num_layers: int,
         scratch=torch.zeros(0), qsl=zeros[:1], seq_lens=torch.zeros(0, dtype=torch.int32),
         block_table=torch.zeros(0, 1, dtype=torch.int32), scheduler_metadata=None,
         kernel=kernel, packed=packed, write_rows_own=empty,
+    )
+
+
+def _packed_own_only(packed: PackedHeads, query_start_loc: torch.Tensor,
+                     metric_q_start: torch.Tensor, num_layers: int,
+                     kernel: StockKernel) -> StockPrefill:
+    """Every request is packed and every row records the metric: our kernel
+    takes all rows on the packed pages, nothing to split or copy."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    return StockPrefill(
+        rows_stock=empty, rows_own=None, own_qsl=query_start_loc.to(torch.int32),
+        own_mqs=metric_q_start.to(torch.int32),
+        kv_rows=torch.zeros(num_layers, 0, dtype=torch.int64), slot_mapping=empty,
+        scratch=torch.zeros(0), qsl=torch.zeros(1, dtype=torch.int32),
+        seq_lens=torch.zeros(0, dtype=torch.int32), block_table=torch.zeros(0, 1, dtype=torch.int32),
+        scheduler_metadata=None, kernel=kernel, packed=packed, write_rows_own=empty,
+        own_packed=packed.mask,
     )
 
 
@@ -457,9 +479,10 @@ def run_split(
         attend_packed(plan.packed, layer, query, output, scale)
     if plan.rows_stock.numel():
         _run_gathered(plan, layer, query, kv_pages, scale, output)
-    if plan.rows_own.numel():
-        q = query.index_select(0, plan.rows_own)
-        out = torch.empty_like(q)
+    every = plan.rows_own is None
+    if every or plan.rows_own.numel():
+        q = query if every else query.index_select(0, plan.rows_own)
+        out = output if every else torch.empty_like(q)
         own_packing = None
         if plan.own_packed is not None:
             if packing is None:
@@ -469,7 +492,8 @@ def run_split(
             q, kv_pages, page_table, kv_lens, plan.own_qsl, scale, metrics, plan.own_mqs, out,
             own_packing, plan.own_packed,
         )
-        output.index_copy_(0, plan.rows_own, out)
+        if not every:
+            output.index_copy_(0, plan.rows_own, out)
 
 
 def _run_gathered(
