@@ -200,9 +200,10 @@ def plan_packed(
     """vLLM's kernel inputs for the packed requests' rows before their
     ``metric_q_start``, every layer.
 
-    Checks what vLLM's kernel cannot: every head holds this step's tokens
-    (``kv_lens >= q_len``) and every page a head's KVs need is a real
-    head-page.  Raises naming the request otherwise."""
+    Checks what vLLM's kernel cannot, for the sequences it gets: every head
+    holds this step's tokens (``kv_lens >= q_len``) and every page a head's
+    KVs need is a real head-page.  Raises naming the request otherwise (our
+    kernel checks its own rows)."""
     num_layers, num_reqs, heads, width = page_table.shape
     num_pages, _, block_size, _ = kv_pages.shape
     qsl = query_start_loc.long()
@@ -210,12 +211,29 @@ def plan_packed(
     num_tokens = int(qsl[-1])
     mask = mask.to(torch.bool)
     pr = torch.nonzero(mask).view(-1)
-    if pr.numel() == num_reqs:  # every request packed (the usual decode step)
-        lens, pq, table = kv_lens, q_len, page_table
+    write_rows = segment_rows(qsl[:-1].index_select(0, pr), q_len.index_select(0, pr))  # [Tw]
+    write_rows = None if write_rows.numel() == num_tokens else write_rows
+    # vLLM's kernel takes each packed request's rows before its first metric row.
+    first = q_len if metric_q_start is None else torch.minimum(
+        metric_q_start.long().clamp(min=0), q_len)
+    vllm_rows = torch.where(mask, first, 0)  # [R]
+    if not bool(vllm_rows.any()):  # every packed row records the metric: none for vLLM
+        return PackedHeads(
+            mask=mask, vllm_rows=vllm_rows, write_rows=write_rows,
+            rows=torch.zeros(0, dtype=torch.int64), q_index=None,
+            qsl=torch.zeros(1, dtype=torch.int32),
+            caches=(kv_pages[:, 0:1], kv_pages[:, 1:2]), seq_heads=heads, layers=[],
+        )
+    pr = torch.nonzero(vllm_rows).view(-1)  # requests with rows for vLLM's kernel
+    pq = vllm_rows.index_select(0, pr)  # [Rp] their leading rows
+    if pr.numel() == num_reqs:  # every request (the usual decode step)
+        lens, table = kv_lens, page_table
     else:
         lens = kv_lens.index_select(1, pr)  # [L, Rp, H]
-        pq = q_len.index_select(0, pr)  # [Rp]
         table = page_table.index_select(1, pr)  # [L, Rp, H, width]
+    rest = q_len.index_select(0, pr) - pq  # [Rp] metric rows after them
+    if bool(rest.any()):  # the last vLLM row of a request sees all but its metric rows
+        lens = lens - rest.view(1, -1, 1).to(lens.dtype)
     need = cdiv(lens.long(), block_size)  # [L, Rp, H] pages each head reads
     bad = (lens.long() < pq.view(1, -1, 1)) | (need > width)
     bad |= ((torch.arange(width).view(1, 1, 1, -1) < need.unsqueeze(-1))
@@ -229,25 +247,7 @@ def plan_packed(
             f"holds {int(lens[layer, r, head])} KVs for {int(pq[r])} new tokens in pages "
             f"{table[layer, r, head].tolist()[:8]} (of {num_pages} head-pages)"
         )
-    write_rows = segment_rows(qsl[:-1].index_select(0, pr), pq)  # [Tw]
-    # vLLM's kernel takes each packed request's rows before its first metric row.
-    first = q_len if metric_q_start is None else torch.minimum(
-        metric_q_start.long().clamp(min=0), q_len)
-    vllm_rows = torch.where(mask, first, 0)  # [R]
-    if not bool((vllm_rows.index_select(0, pr) == pq).all()):
-        keep = vllm_rows.index_select(0, pr) > 0  # [Rp] requests with vLLM rows
-        pv = pr[keep]
-        lens = lens[:, keep] - (pq[keep] - vllm_rows.index_select(0, pv)).view(1, -1, 1).to(lens.dtype)
-        table = table[:, keep]
-        pr, pq = pv, vllm_rows.index_select(0, pv)
     rows = segment_rows(qsl[:-1].index_select(0, pr), pq)  # [Tp]
-    if pr.numel() == 0:  # every packed row records the metric: nothing for vLLM's kernel
-        return PackedHeads(
-            mask=mask, vllm_rows=vllm_rows,
-            write_rows=None if write_rows.numel() == num_tokens else write_rows,
-            rows=rows, q_index=None, qsl=torch.zeros(1, dtype=torch.int32),
-            caches=(kv_pages[:, 0:1], kv_pages[:, 1:2]), seq_heads=heads, layers=[],
-        )
     identity = rows.numel() == num_tokens
     decode_only = identity and bool((pq == 1).all())
     head = torch.arange(heads)
@@ -276,7 +276,7 @@ def plan_packed(
     return PackedHeads(
         mask=mask,
         vllm_rows=vllm_rows,
-        write_rows=None if write_rows.numel() == num_tokens else write_rows,
+        write_rows=write_rows,
         rows=None if identity else rows,
         q_index=q_index,
         qsl=seq_qsl,
