@@ -11,7 +11,8 @@
 // to kKB logical keys (never crossing a page), reading K/V rows in place
 // (bf16/fp16 -> fp32 in registers) and computing
 //   S = Q K^T  ->  online softmax (running max m, sum l)  ->  O += P V,
-// while prefetching the next block into L2.  For metric rows the unnormalised
+// while prefetching the next block into L2 (plain rows; on packed pages the
+// hardware prefetchers do better).  For metric rows the unnormalised
 // probabilities P of every block (and the running max they were taken
 // against) are kept, so the exact final p = P * exp(m_blk - m) / l is known at
 // the end without a second pass over K: metrics[kv] += sum_rows p^2.
@@ -22,6 +23,13 @@
 // softmax of a block and the PV product run the micro-kernels of
 // csrc/attention_avx512.cpp instead (VDPBF16PS on the raw bf16 rows; P rounded
 // to bf16 for PV only, the metric still uses the fp32 probabilities).
+//
+// Page layouts: a request's head-pages hold plain [N, D] K and V rows, or,
+// with packed[r], vLLM's AMX in-page layout (cpu_isa.h, packed_k_offset /
+// packed_v_offset).  Packed blocks are read as they lie by the AVX-512 micro-
+// kernels (16 keys / 16 dims per vector) or, on the avx512_amx path, by AMX
+// tiles for tiles of <= 16 rows; on the baseline path (or for fp32 / fp16
+// pages) they are unpacked into the fp32 staging rows first.
 //
 // Scheduling (torch's intra-op thread pool via at::parallel_for; the thread
 // count follows torch.set_num_threads): work units are dealt out to the threads
