@@ -33,7 +33,8 @@ bool cpu_has_avx512_bf16();
 bool cpu_has_amx();
 
 std::string cpu_isa_name();
-// "auto", "avx2"/"baseline"/"generic" or "avx512_bf16"; returns the previous name.
+// "auto", "avx2"/"baseline"/"generic", "avx512_bf16" or "avx512_amx"; returns
+// the previous name.
 std::string set_cpu_isa(const std::string& name);
 
 namespace avx512 {
@@ -88,8 +89,8 @@ void pv_block_amx_packed(const float* P, int rows, int ldp, const uint16_t* Vp, 
 }  // namespace avx512
 
 // vLLM's in-page layout of its AMX kernel (what ``cpu_attn_reshape_and_cache``
-// writes for isa "amx"; ``attention/cpu_packed.AMX_PACKING`` is the same
-// formula and is checked against vLLM's writer): element (t, d) of a page's
+// writes for isa "amx"; ``ops.reference.amx_packing`` is the same formula and
+// is checked against vLLM's writer): element (t, d) of a page's
 // K half lies at packed_k_offset, of its V half at packed_v_offset (elements).
 // K: per 16-key group, per dim pair, the 16 keys' two values (one 64-byte
 // line for bf16); V: per 16-dim chunk, per key pair, the 16 dims' two values.

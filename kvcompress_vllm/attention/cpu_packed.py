@@ -136,13 +136,7 @@ def metric_pages_packed(packing: "PagePacking | None") -> bool:
         raise ValueError(f"{METRIC_PAGES_ENV}={mode!r}: expected one of {', '.join(METRIC_PAGES)}")
     if mode == "plain":
         return False
-    readable = (
-        packing is not None
-        and packing.block_size % 16 == 0
-        and packing.head_dim % 32 == 0
-        and torch.equal(packing.offsets, ops.reference.amx_packing(packing.block_size,
-                                                                  packing.head_dim))
-    )
+    readable = packing is not None and ops.kernel_reads_packing(packing.offsets)
     if mode == "packed":
         if not readable:
             raise ValueError(

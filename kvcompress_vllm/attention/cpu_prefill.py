@@ -163,8 +163,8 @@ def plan_stock_prefill(
         return _packed_only(packed, num_reqs, page_table.shape[0], kernel)
     if (packed is not None and not any_direct and not packed.layers
             and bool(packed.mask.all())):  # e.g. decode steps of metric-recording requests
-        return _packed_own_only(packed, query_start_loc, metric_q_start, page_table.shape[0],
-                                kernel)
+        return _packed_only(packed, num_reqs, page_table.shape[0], kernel,
+                            own_all=(query_start_loc, metric_q_start))
     # Requests not in our plain layout: every row to vLLM's kernel, but the
     # metric rows of packed requests (own rows on packed pages).
     in_vllm = direct if packed is None else direct | packed.mask
@@ -249,34 +249,24 @@ def plan_stock_prefill(
     )
 
 
-def _packed_only(packed: PackedHeads, num_reqs: int, num_layers: int,
-                 kernel: StockKernel) -> StockPrefill:
-    """Every row of the step is a packed request's: nothing else to split."""
+def _packed_only(packed: PackedHeads, num_reqs: int, num_layers: int, kernel: StockKernel,
+                 own_all: tuple[torch.Tensor, torch.Tensor] | None = None) -> StockPrefill:
+    """Every request is packed and nothing needs splitting: every row goes to
+    vLLM's kernel per head, or with ``own_all = (query_start_loc,
+    metric_q_start)`` (every row records the metric) every row goes to our
+    kernel on the packed pages, without row copies."""
     empty = torch.zeros(0, dtype=torch.int64)
     zeros = torch.zeros(num_reqs + 1, dtype=torch.int32)
+    rows_own, own_qsl, own_mqs, own_packed = empty, zeros, zeros[:-1], None
+    if own_all is not None:
+        rows_own, own_packed = None, packed.mask
+        own_qsl, own_mqs = (t.to(torch.int32) for t in own_all)
     return StockPrefill(
-        rows_stock=empty, rows_own=empty, own_qsl=zeros, own_mqs=zeros[:-1],
+        rows_stock=empty, rows_own=rows_own, own_qsl=own_qsl, own_mqs=own_mqs,
         kv_rows=torch.zeros(num_layers, 0, dtype=torch.int64), slot_mapping=empty,
         scratch=torch.zeros(0), qsl=zeros[:1], seq_lens=torch.zeros(0, dtype=torch.int32),
         block_table=torch.zeros(0, 1, dtype=torch.int32), scheduler_metadata=None,
-        kernel=kernel, packed=packed, write_rows_own=empty,
-    )
-
-
-def _packed_own_only(packed: PackedHeads, query_start_loc: torch.Tensor,
-                     metric_q_start: torch.Tensor, num_layers: int,
-                     kernel: StockKernel) -> StockPrefill:
-    """Every request is packed and every row records the metric: our kernel
-    takes all rows on the packed pages, nothing to split or copy."""
-    empty = torch.zeros(0, dtype=torch.int64)
-    return StockPrefill(
-        rows_stock=empty, rows_own=None, own_qsl=query_start_loc.to(torch.int32),
-        own_mqs=metric_q_start.to(torch.int32),
-        kv_rows=torch.zeros(num_layers, 0, dtype=torch.int64), slot_mapping=empty,
-        scratch=torch.zeros(0), qsl=torch.zeros(1, dtype=torch.int32),
-        seq_lens=torch.zeros(0, dtype=torch.int32), block_table=torch.zeros(0, 1, dtype=torch.int32),
-        scheduler_metadata=None, kernel=kernel, packed=packed, write_rows_own=empty,
-        own_packed=packed.mask,
+        kernel=kernel, packed=packed, write_rows_own=empty, own_packed=own_packed,
     )
 
 

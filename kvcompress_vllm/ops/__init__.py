@@ -126,14 +126,20 @@ def paged_head_attention(
 _AMX_CHECKED: list[torch.Tensor] = []  # packings found equal to amx_packing (kept alive)
 
 
+def kernel_reads_packing(packing: torch.Tensor) -> bool:
+    """Whether the C++ kernel reads head-pages packed by ``packing`` (``[2, N,
+    D]`` in-page offsets): it reads ``reference.amx_packing`` only."""
+    _, block_size, head_dim = packing.shape
+    return block_size % 16 == 0 and head_dim % 32 == 0 and torch.equal(
+        packing.to(torch.int64), reference.amx_packing(block_size, head_dim).to(torch.int64)
+    )
+
+
 def _check_amx_packing(packing: torch.Tensor) -> None:
-    """The C++ kernel reads packed pages by ``reference.amx_packing``'s formula."""
     if any(packing is p for p in _AMX_CHECKED):
         return
-    _, block_size, head_dim = packing.shape
-    if block_size % 16 or head_dim % 32 or not torch.equal(
-        packing.to(torch.int64), reference.amx_packing(block_size, head_dim).to(torch.int64)
-    ):
+    if not kernel_reads_packing(packing):
+        _, block_size, head_dim = packing.shape
         raise ValueError(
             f"paged_head_attention: the C++ kernel reads head-pages in vLLM's AMX in-page "
             f"layout only (reference.amx_packing); this packing (block_size {block_size}, "
