@@ -1,11 +1,14 @@
 """Decode-step attention: kvcompress paged_head_attention vs vLLM's stock CPU attention.
 
-Three ways of ours: our kernel with metrics off / on (requests whose scorer
-reads the attention metric, and the fallback ``KVCOMPRESS_CPU_PREFILL=own``),
-and ``per-head``: what the engine runs for requests whose metric is never
-read (the default scorer) -- their pages in vLLM's in-page layout, vLLM's
-kernel called with one sequence per (request, KV head)
-(``attention/cpu_packed.py``), its per-layer scheduler metadata included.
+Three ways of ours: our kernel with metrics off / on, on plain pages and on
+pages in vLLM's AMX in-page layout (packed: the engine's decode path on this
+CPU, metrics on for requests whose scorer reads the attention metric, off for
+the others -- the default scorer), and ``per-head``: vLLM's kernel called
+with one sequence per (request, KV head) over packed pages
+(``attention/cpu_packed.py``), its per-layer scheduler metadata included --
+the engine's path for the prompt rows of metric-free requests, and for their
+decode rows with ``KVCOMPRESS_PACKED_DECODE=vllm`` or where our kernel does
+not read vLLM's layout fast.
 
 Both kernels read the same bytes: the stock cache ``[num_blocks, H, N, 2D]``
 (viewed by vLLM as ``[num_blocks, H, 2N, D]`` and split into K/V halves) is, per
@@ -333,14 +336,15 @@ def main() -> None:
             "the two interpret the bytes differently but do the same memory traffic and "
             "FLOPs). Our kernel: `off`: metrics=None; `on`: metrics recorded for every decode "
             "query; `plain`: head-pages as plain `[N, D]` rows; `packed`: the same KVs in "
-            "vLLM's AMX in-page layout (`ops.reference.amx_packing`), the engine's layout for "
-            "requests that record the metric where vLLM's pool has that packing (the "
-            "`avx512_amx` path reads it with AMX tiles); `per-head`: the engine's path for "
-            "requests whose metric is never "
-            "read -- vLLM's kernel with one sequence per (request, KV head) over head-pages "
-            "in vLLM's layout, plus that layer's scheduler metadata (computed once per layer "
-            "and step; stock computes one per step for all layers); `kernel only`: the same "
-            "without the metadata.",
+            "vLLM's AMX in-page layout (`ops.reference.amx_packing`; the "
+            "`avx512_amx` path reads it with AMX tiles) -- where vLLM's pool has that "
+            "packing, the engine's decode path: `packed on` for requests that record the "
+            "metric, `packed off` for the others (the default scorer; "
+            "`KVCOMPRESS_PACKED_DECODE=auto`); `per-head`: vLLM's kernel with one sequence "
+            "per (request, KV head) over head-pages in vLLM's layout, plus that layer's "
+            "scheduler metadata (computed once per layer and step; stock computes one per "
+            "step for all layers) -- the engine's path for metric-free decode rows with "
+            "`KVCOMPRESS_PACKED_DECODE=vllm`; `kernel only`: the same without the metadata.",
             "",
             header,
             sep,

@@ -25,7 +25,6 @@ plugin worker's ``begin_step``, output processing).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -41,21 +40,10 @@ def child(mode: str, model: str, requests: int, prompt: int, output: int) -> dic
     from vllm.inputs import TokensPrompt
     from vllm.v1.attention.backends import cpu_attn
 
-    timers: dict[str, float] = {}
+    from wall_timers import Timers
 
-    def wrap(owner, name, key):
-        fn = getattr(owner, name)
-
-        @functools.wraps(fn)  # keeps the signature the plugin's start-up check reads
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                timers[key] = timers.get(key, 0.0) + time.perf_counter() - t
-
-        setattr(owner, name, timed)
-
+    timer = Timers()
+    timers, wrap = timer.total, timer.wrap
     wrap(cpu_attn.CPUAttentionBackendImpl, "forward", "attention")
     wrap(cpu_attn.CPUAttentionBackendImpl, "do_kv_cache_update", "attention")
     wrap(cpu_attn.CPUAttentionMetadataBuilder, "build", "metadata")

@@ -79,6 +79,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from wall_timers import Timers
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -128,30 +130,6 @@ class PerfControl:
 
 
 # --------------------------------------------------------------------------- timing
-class Timers:
-    """Seconds spent in wrapped callables, by name (re-entrant safe)."""
-
-    def __init__(self) -> None:
-        self.total: dict[str, float] = {}
-
-    def wrap(self, obj, attr: str, name: str) -> None:
-        original = getattr(obj, attr)
-        totals = self.total
-        totals.setdefault(name, 0.0)
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                totals[name] += time.perf_counter() - t0
-
-        setattr(obj, attr, timed)
-
-    def snapshot(self) -> dict[str, float]:
-        return dict(self.total)
-
-
 def instrument(llm) -> Timers:
     """Time the scheduler, the worker step and its parts (in-process engine)."""
     core = llm.llm_engine.engine_core.engine_core

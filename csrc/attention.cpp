@@ -483,6 +483,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
       pv_block(S, rows, kLdS, Vf, Dp, kn, Dp, O);
     kb0 += kn;
   }
+  if (amx) avx512::amx_tile_release();
   nblk = blk;
 
   if (split_item) {
@@ -890,8 +891,10 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
     TORCH_CHECK(packed->dim() == 1 && packed->size(0) == R,
                 "paged_head_attention: packed must be [R] (one flag per request), got ",
                 packed->sizes());
-    packed_u8 = packed->to(at::kByte).contiguous();
-    packed_p = packed_u8.data_ptr<uint8_t>();
+    // bool (one byte, 0 or 1) and uint8 flags are read as they are.
+    const bool bytes = packed->scalar_type() == at::kBool || packed->scalar_type() == at::kByte;
+    packed_u8 = bytes ? packed->contiguous() : packed->to(at::kByte).contiguous();
+    packed_p = static_cast<const uint8_t*>(packed_u8.data_ptr());
     const int64_t N = kv_pages.size(2), D = kv_pages.size(3);
     TORCH_CHECK(N % 16 == 0 && D % 32 == 0,
                 "paged_head_attention: packed head-pages (vLLM's AMX in-page layout) need "

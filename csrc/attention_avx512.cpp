@@ -517,6 +517,8 @@ KVC_AMX_TARGET void amx_tile_config(int rows) {
   _tile_loadconfig(&cfg);
 }
 
+KVC_AMX_TARGET void amx_tile_release() { _tile_release(); }
+
 KVC_AMX_TARGET void qk_block_amx_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kp,
                                         int s0, int kn, float* S, int lds, float scale) {
   const uint32_t* k32 = reinterpret_cast<const uint32_t*>(Kp);
@@ -591,6 +593,7 @@ void pv_block_bf16_packed(const float*, int, int, const uint16_t*, int64_t, int,
   TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
 }
 void amx_tile_config(int) { TORCH_CHECK(false, "kvcompress: no AMX kernels in this build"); }
+void amx_tile_release() { TORCH_CHECK(false, "kvcompress: no AMX kernels in this build"); }
 void qk_block_amx_packed(const uint16_t*, int, int64_t, const uint16_t*, int, int, float*, int,
                          float) {
   TORCH_CHECK(false, "kvcompress: no AMX kernels in this build");

@@ -78,9 +78,13 @@ void pv_block_bf16_packed(const float* P, int rows, int ldp, const uint16_t* Vp,
 
 // The same on AMX tiles (ISA kAvx512Amx, rows <= 16): amx_tile_config(rows)
 // must have been called on this thread since any other tile user ran (once
-// per tile of queries).  QK also applies the scale; PV does whole 32-key
-// steps on AMX and the rest with pv_block_bf16_packed (Pb: rows * (kn + 32)).
+// per tile of queries), and amx_tile_release() follows the tile's last
+// product (as vLLM's and oneDNN's AMX kernels do: the tile state goes back
+// to its init state, so the OS need not save it and the core may idle deeper).
+// QK also applies the scale; PV does whole 32-key steps on AMX and the rest
+// with pv_block_bf16_packed (Pb: rows * (kn + 32)).
 void amx_tile_config(int rows);
+void amx_tile_release();
 void qk_block_amx_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kp, int s0, int kn,
                          float* S, int lds, float scale);
 void pv_block_amx_packed(const float* P, int rows, int ldp, const uint16_t* Vp, int64_t N, int s0,

@@ -131,3 +131,21 @@ def test_rate1_ab_quick():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert all(float(c) > 0 for c in cells[1:5]), row  # both sides timed every part
     assert "geometric mean over the pairs" in proc.stdout
+
+
+def test_env_ab_quick():
+    """env_ab.py --quick: one pair of fresh engines with the two settings of
+    an environment switch (here where metric-free decode rows run), a table
+    of B/A ratios with every part timed on both sides (no timing
+    assertions)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "env_ab.py"), "--quick",
+         "--env", "KVCOMPRESS_PACKED_DECODE", "--values", "ours,vllm"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert ("run 1: KVCOMPRESS_PACKED_DECODE=ours" in proc.stdout
+            and "run 2: KVCOMPRESS_PACKED_DECODE=vllm" in proc.stdout)
+    row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| tiny | 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert all(float(c) > 0 for c in cells[2:7]), row  # wall, attention, forward, builder, outside
+    assert "geometric means over the pairs (vllm/ours)" in proc.stdout

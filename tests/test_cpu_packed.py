@@ -15,6 +15,8 @@ head by vLLM's kernel (``attention/cpu_packed.py``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from kernel_cases import make_attention_case
@@ -141,16 +143,19 @@ def _write_slots(case, rows_of):
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("decode_ours", [False, True])
 @pytest.mark.parametrize("metric_packed", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_packed):
+def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_packed, decode_ours):
     """Packed requests (compressed: heads hold different KV counts; decode rows
     and prefill chunks) beside requests in our layout that record the metric:
     outputs and metrics against the reference over plain pages; the step's
     K/V written by ``write_kv_split`` land packed or plain per request.
     ``metric_packed``: the packed requests record the metric too
     (``HeadPool.metric_packed``): their rows before ``metric_q_start`` go to
-    vLLM's kernel per head, the rest to ours on the same packed pages."""
+    vLLM's kernel per head, the rest to ours on the same packed pages.
+    ``decode_ours`` (``HeadPool.decode_ours``): decode rows of packed requests
+    go to our kernel too, metric or not."""
     g = torch.Generator().manual_seed(3000 + seed)
     heads, group, dim = [(1, 3, 64), (3, 3, 64), (2, 4, 128)][seed % 3]
     block = 128 if torch.cpu._is_amx_tile_supported() else 32
@@ -164,11 +169,14 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_pa
         packed[(seed + 1) % num_reqs] = False
     else:
         packed[:] = True
+    if decode_ours and not packed[0]:  # request 0 decodes (kernel_cases): packed,
+        packed[0], packed[1] = True, False  # request 1 (a prefill chunk) stays plain
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     isa = _get_attn_isa(dtype, block, dim)
     packing = cpu_packed.PagePacking.learn(dtype, block, dim, isa)
-    if metric_packed and not torch.equal(packing.offsets, reference.amx_packing(block, dim)):
+    if ((metric_packed or decode_ours)
+            and not torch.equal(packing.offsets, reference.amx_packing(block, dim))):
         pytest.skip(f"vLLM's {isa} layout is not the one our kernel reads")
     kernel = cpu_prefill.StockKernel(num_heads=heads * group, num_kv_heads=heads, head_dim=dim,
                                      dtype=dtype, isa=isa)
@@ -190,7 +198,7 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_pa
     key = torch.stack([case.kv_pages[s // block, 0, s % block] for s in slots.view(-1)]).view(-1, heads, dim)
     value = torch.stack([case.kv_pages[s // block, 1, s % block] for s in slots.view(-1)]).view(-1, heads, dim)
     ph = cpu_packed.plan_packed(packed, case.page_table[None], case.kv_lens[None], qsl, kernel,
-                                pages, metric_q_start=mqs)
+                                pages, metric_q_start=mqs, decode_ours=decode_ours)
     plan = cpu_prefill.plan_stock_prefill(case.page_table[None], case.kv_lens[None], qsl, mqs,
                                           True, block, kernel, min_rows=8, packed=ph)
     assert plan is not None and plan.packed is ph
@@ -198,15 +206,20 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_pa
     # Packed rows: vLLM's kernel before metric_q_start, ours from it on.
     packed_metric_rows = {i for r in range(num_reqs) if packed[r]
                           for i in rows_of[r][int(mqs[r]):]}
+    # ... and with decode_ours, ours for every decode row (one query).
+    packed_decode_rows = {i for r in range(num_reqs) if packed[r] and q_len[r] == 1
+                          for i in rows_of[r]} if decode_ours else set()
+    packed_own_rows = packed_metric_rows | packed_decode_rows
+    assert not decode_ours or packed_decode_rows  # the case has some
     assert not packed_rows & set(plan.rows_stock.tolist())
     own_rows = (set(range(case.query.shape[0])) if plan.rows_own is None
                 else set(plan.rows_own.tolist()))
-    assert packed_rows & own_rows == packed_metric_rows
+    assert packed_rows & own_rows == packed_own_rows
     assert metric_packed or not packed_metric_rows
     if ph.rows is None:  # every row of the step to vLLM's kernel
-        assert not packed_metric_rows and len(packed_rows) == case.query.shape[0]
+        assert not packed_own_rows and len(packed_rows) == case.query.shape[0]
     else:
-        assert set(ph.rows.tolist()) == packed_rows - packed_metric_rows
+        assert set(ph.rows.tolist()) == packed_rows - packed_own_rows
     metrics = torch.zeros_like(case.metrics)
     positions = torch.zeros(pages.shape[0], block, dtype=torch.int32)
     token_pos = torch.arange(slots.shape[0])
@@ -249,43 +262,56 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_pa
         cpu_packed.plan_packed(packed, hole[None], case.kv_lens[None], qsl, kernel, pages)
 
 
-def test_metric_pages_packed_choice(vllm_ready, monkeypatch):
-    """Requests that record the metric keep vLLM's layout where our kernel
-    reads it (the AMX layout, an AVX-512 path, bf16); ``plain`` turns that off,
-    ``packed`` insists (an error naming the layout where it cannot), and a bad
-    value is refused naming the variable."""
+@pytest.mark.parametrize("choice,env,on,off", [
+    ("metric_pages_packed", "METRIC_PAGES_ENV", "packed", "plain"),
+    ("packed_decode_ours", "PACKED_DECODE_ENV", "ours", "vllm"),
+])
+def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env, on, off):
+    """Requests that record the metric keep vLLM's layout
+    (``KVCOMPRESS_METRIC_PAGES``), and metric-free decode rows go to our kernel
+    (``KVCOMPRESS_PACKED_DECODE``), where our kernel reads that layout fast:
+    ``auto`` takes it for the AMX layout on an AVX-512 path with bf16 pages;
+    ``on`` insists (an error naming the setting and the layout where our
+    kernel cannot read it), ``off`` never; a bad value is refused naming the
+    variable."""
+    chosen = getattr(cpu_packed, choice)
+    env = getattr(cpu_packed, env)
     amx = cpu_packed.PagePacking(isa="amx", dtype=torch.bfloat16, block_size=128, head_dim=64,
                                  offsets=reference.amx_packing(128, 64))
     other = cpu_packed.PagePacking(
         isa="vec", dtype=torch.bfloat16, block_size=32, head_dim=64,
         offsets=torch.arange(32 * 64, dtype=torch.int32).view(1, 32, 64).repeat(2, 1, 1))
-    env = cpu_packed.METRIC_PAGES_ENV
     fast = ops.cpu_isa() in ("avx512_bf16", "avx512_amx")
-    monkeypatch.setenv(env, "auto")
-    assert cpu_packed.metric_pages_packed(amx) == fast
-    assert not cpu_packed.metric_pages_packed(other)
-    assert not cpu_packed.metric_pages_packed(None)
+    monkeypatch.delenv(env, raising=False)  # auto
+    assert chosen(amx) == fast
+    assert not chosen(other)
+    assert not chosen(None)
+    assert not chosen(dataclasses.replace(amx, dtype=torch.float32))
     before = torch.ops.kvcompress.set_cpu_isa("avx2")
-    try:  # the baseline path would unpack every block: plain rows are faster
-        assert not cpu_packed.metric_pages_packed(amx)
-        monkeypatch.setenv(env, "packed")
-        assert cpu_packed.metric_pages_packed(amx)
+    try:  # the baseline path would unpack every block
+        assert not chosen(amx)
+        monkeypatch.setenv(env, on)
+        assert chosen(amx)
     finally:
         torch.ops.kvcompress.set_cpu_isa(before)
-    with pytest.raises(ValueError, match=rf"{env}=packed: .*\(vec\)"):
-        cpu_packed.metric_pages_packed(other)
-    monkeypatch.setenv(env, "plain")
-    assert not cpu_packed.metric_pages_packed(amx)
+    with pytest.raises(ValueError, match=rf"{env}={on}: .*\(vec\)"):
+        chosen(other)
+    monkeypatch.setenv(env, off)
+    assert not chosen(amx)
     monkeypatch.setenv(env, "fast")
-    with pytest.raises(ValueError, match=f"{env}='fast': expected one of auto, packed, plain"):
-        cpu_packed.metric_pages_packed(amx)
+    with pytest.raises(ValueError, match=f"{env}='fast': expected one of auto, {on}, {off}"):
+        chosen(amx)
 
 
-def test_packed_metric_decode_step_runs_our_kernel_on_every_row(vllm_ready):
+@pytest.mark.parametrize("records", [True, False])
+def test_packed_decode_step_runs_our_kernel_on_every_row(vllm_ready, records):
     """A decode step whose requests are all packed and all record the metric
-    (the steady state of ``kvcompress`` / ``adaptive`` requests): nothing for
-    vLLM's kernel, our kernel takes every row on the packed pages without
-    splitting or copying rows; outputs and metrics against the reference."""
+    (the steady state of ``kvcompress`` / ``adaptive`` requests), or (not
+    ``records``) none does and ``decode_ours`` sends their decode rows to our
+    kernel (the default scorer's steady state): nothing for vLLM's kernel --
+    no scheduler metadata --, our kernel takes every row on the packed pages
+    without splitting or copying rows; outputs and metrics against the
+    reference."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     block, dim, heads, group = 128, 64, 3, 3
@@ -297,7 +323,8 @@ def test_packed_metric_decode_step_runs_our_kernel_on_every_row(vllm_ready):
     case = make_attention_case(num_reqs=5, num_kv_heads=heads, group=group, head_dim=dim,
                                block_size=block, dtype=dtype, max_kv=600, max_q=1, seed=11)
     mask = torch.ones(5, dtype=torch.bool)
-    mqs = torch.zeros(5, dtype=torch.int32)  # decode rows always record
+    # Decode rows of recording requests always record; the others never.
+    mqs = torch.full((5,), 0 if records else 1, dtype=torch.int32)
     kernel = cpu_prefill.StockKernel(num_heads=heads * group, num_kv_heads=heads, head_dim=dim,
                                      dtype=dtype, isa=isa)
     want, want_m = torch.zeros_like(case.query), torch.zeros_like(case.metrics)
@@ -305,13 +332,22 @@ def test_packed_metric_decode_step_runs_our_kernel_on_every_row(vllm_ready):
                                    case.query_start_loc, case.scale, want_m, mqs, want)
     pages = _pack(case.kv_pages, packing)
     ph = cpu_packed.plan_packed(mask, case.page_table[None], case.kv_lens[None],
-                                case.query_start_loc, kernel, pages, metric_q_start=mqs)
+                                case.query_start_loc, kernel, pages, metric_q_start=mqs,
+                                decode_ours=not records)
     plan = cpu_prefill.plan_stock_prefill(case.page_table[None], case.kv_lens[None],
-                                          case.query_start_loc, mqs, True, block, kernel,
+                                          case.query_start_loc, mqs, records, block, kernel,
                                           packed=ph)
     assert ph.layers == [] and plan.rows_own is None and plan.write_rows_own.numel() == 0
+    assert torch.equal(plan.own_packed, mask) and torch.equal(plan.own_mqs, mqs)
     out, metrics = torch.zeros_like(case.query), torch.zeros_like(case.metrics)
     cpu_prefill.run_split(plan, 0, case.query, pages, case.page_table, case.kv_lens, case.scale,
-                          metrics, out, packing=packing.offsets)
+                          metrics if records else None, out, packing=packing.offsets)
     torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=0)
-    torch.testing.assert_close(metrics, want_m, rtol=2e-2, atol=1e-6)
+    torch.testing.assert_close(metrics, want_m if records else torch.zeros_like(want_m),
+                               rtol=2e-2, atol=1e-6)
+    # Without decode_ours (or with a prefill row in the step) metric-free
+    # decode rows go to vLLM's kernel per head.
+    if not records:
+        ph = cpu_packed.plan_packed(mask, case.page_table[None], case.kv_lens[None],
+                                    case.query_start_loc, kernel, pages, metric_q_start=mqs)
+        assert ph.rows is None and len(ph.layers) == 1

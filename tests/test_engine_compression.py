@@ -149,3 +149,53 @@ def test_bad_request_option_is_rejected_and_engine_keeps_serving(engine):
         engine.generate(["Hello"], _params(extra_args={"kv_compress_scorer": "magic"}))
     (out,) = engine.generate(["The capital of France is"], _params(max_tokens=4))
     assert out.outputs[0].text.strip()
+
+
+def test_decode_rows_on_our_kernel_match_vllms_kernel(engine):
+    """Compressed metric-free requests (the default scorer) keep vLLM's page
+    layout; their decode rows run on our kernel reading those pages
+    (``HeadPool.decode_ours``, the default where it reads them fast: AMX
+    layout, bf16, an AVX-512 path) or on vLLM's kernel per KV head.  Both
+    give the same greedy tokens, through prompt compression and the
+    recompressions during decode; our kernel runs once per layer and decode
+    step in the first case and never in the second."""
+    import torch
+
+    def route(worker, on):  # sets decode_ours, counts our kernel's calls
+        from kvcompress_vllm import ops
+        from kvcompress_vllm.worker.state import get_state
+
+        pool = get_state().pool
+        before = pool.decode_ours
+        pool.decode_ours = on
+        if not hasattr(ops, "_calls"):
+            kernel = ops.paged_head_attention
+
+            def counted(*args, **kwargs):
+                ops._calls += 1
+                return kernel(*args, **kwargs)
+
+            ops.paged_head_attention = counted
+        calls, ops._calls = getattr(ops, "_calls", 0), 0
+        return before, calls
+
+    ((default, _),) = engine.llm.collective_rpc(route, args=(True,))
+    assert default == (torch.cpu._is_amx_tile_supported()
+                       and torch.ops.kvcompress.cpu_isa().startswith("avx512"))
+    task = tasks.passkey(engine.tokenizer, 900, depth=0.3, seed=5)
+    steps = 300
+    params = _params(max_tokens=steps, ignore_eos=True, extra_args={"kv_compress_rate": 0.25})
+    got, calls = {}, {}
+    try:
+        for on in (True, False):
+            engine.llm.collective_rpc(route, args=(on,))
+            (out,) = engine.generate([task.prompt], params)
+            assert out.kv_transfer_params["kv_compress"]["compressions"] >= 3
+            got[on] = out.outputs[0].token_ids
+            ((_, calls[on]),) = engine.llm.collective_rpc(route, args=(default,))
+    finally:
+        engine.llm.collective_rpc(route, args=(default,))
+    layers = engine.llm.llm_engine.model_config.get_num_layers(
+        engine.llm.llm_engine.vllm_config.parallel_config)
+    assert calls[True] == layers * (steps - 1) and calls[False] == 0, calls
+    assert got[True] == got[False]

@@ -155,6 +155,7 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                     batch.packed, batch.page_table, batch.kv_lens, batch.query_start_loc,
                     dataclasses.replace(self._stock_kernel, isa=self.isa),
                     state.pool.kv_pages, req_ids, batch.metric_q_start,
+                    decode_ours=state.pool.decode_ours,
                 )
             stock = plan_stock_prefill(
                 batch.page_table, batch.kv_lens, batch.query_start_loc,

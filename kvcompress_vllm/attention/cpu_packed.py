@@ -25,6 +25,11 @@ scorers' key gather read pages through it.  The kernel itself is vLLM's:
 AMX where the CPU has it, 0.7-1.0x its time on the same KVs read per request
 (docs/performance.md section 2).
 
+Decode rows of metric-free requests go to our kernel as well where it reads
+the layout fast (``packed_decode_ours``): it reads each KV head's pages once
+for its G query heads and needs no per-layer scheduler metadata, which is
+what vLLM's kernel costs most on a decode step of one sequence per head.
+
 Requests that record the metric (the ``kvcompress`` and ``adaptive``
 scorers) are kept in the same layout where our kernel reads it
 (``metric_pages_packed``: vLLM's AMX layout, ``ops.reference.amx_packing``,
@@ -62,6 +67,12 @@ from kvcompress_vllm.attention.vllm_cpu import (
 #: (vLLM's layout; an error where our kernel cannot read it) or ``plain``.
 METRIC_PAGES_ENV = "KVCOMPRESS_METRIC_PAGES"
 METRIC_PAGES = ("auto", "packed", "plain")
+
+#: Where decode rows of metric-free packed requests run: ``auto`` (our kernel
+#: where it reads vLLM's layout fast, else vLLM's), ``ours`` (our kernel; an
+#: error where it cannot read the layout) or ``vllm`` (vLLM's, per KV head).
+PACKED_DECODE_ENV = "KVCOMPRESS_PACKED_DECODE"
+PACKED_DECODE = ("auto", "ours", "vllm")
 
 #: Values written to learn the layout: every coordinate c as (c % _BASE, c // _BASE),
 #: both exact in bf16 (8 significant bits) for pages of up to _BASE**2 elements per row.
@@ -136,13 +147,39 @@ def metric_pages_packed(packing: "PagePacking | None") -> bool:
         raise ValueError(f"{METRIC_PAGES_ENV}={mode!r}: expected one of {', '.join(METRIC_PAGES)}")
     if mode == "plain":
         return False
+    return _our_kernel_reads(packing, f"{METRIC_PAGES_ENV}={mode}", forced=mode == "packed")
+
+
+def packed_decode_ours(packing: "PagePacking | None") -> bool:
+    """Whether decode rows (one query) of metric-free packed requests run on
+    our kernel, which reads the packed pages as they lie, instead of vLLM's
+    kernel per KV head (``KVCOMPRESS_PACKED_DECODE``).  ``auto``: under the
+    same condition as ``metric_pages_packed``.  Our kernel needs no per-layer
+    scheduler metadata and reads a KV head's pages once for its G query heads
+    (docs/performance.md section 2: the ``packed off`` column against
+    ``per-head``)."""
+    mode = os.environ.get(PACKED_DECODE_ENV, "auto")
+    if mode not in PACKED_DECODE:
+        raise ValueError(
+            f"{PACKED_DECODE_ENV}={mode!r}: expected one of {', '.join(PACKED_DECODE)}")
+    if mode == "vllm":
+        return False
+    return _our_kernel_reads(packing, f"{PACKED_DECODE_ENV}={mode}", forced=mode == "ours")
+
+
+def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool) -> bool:
+    """``forced``: our kernel must read ``packing`` (raises, naming ``setting``,
+    where it cannot); else: it reads it *fast* -- the layout is
+    ``ops.reference.amx_packing``, the pages are bf16 and our kernel runs an
+    AVX-512 path (AMX tiles where the CPU has them; on the AVX2 path it would
+    unpack every block)."""
     readable = packing is not None and ops.kernel_reads_packing(packing.offsets)
-    if mode == "packed":
+    if forced:
         if not readable:
             raise ValueError(
-                f"{METRIC_PAGES_ENV}=packed: vLLM's in-page layout here "
+                f"{setting}: vLLM's in-page layout here "
                 f"({'none' if packing is None else packing.isa}) is not the AMX layout "
-                "our kernel reads; use auto or plain"
+                "our kernel reads; use auto"
             )
         return True
     return readable and packing.dtype == torch.bfloat16 and ops.cpu_isa() in (
@@ -156,8 +193,9 @@ class PackedHeads:
     A packed request's rows before its ``metric_q_start`` (all rows of a
     request whose metric is never read) go to vLLM's kernel, one sequence per
     (request, KV head); the rest (observation-window and decode rows of
-    requests that record the metric) to our kernel, which reads the same
-    pages (``ops.paged_head_attention(..., packing, packed)``)."""
+    requests that record the metric; with ``plan_packed(decode_ours=True)``
+    every decode row) to our kernel, which reads the same pages
+    (``ops.paged_head_attention(..., packing, packed)``)."""
 
     mask: torch.Tensor  # [R] bool: the packed requests of the batch
     #: [R] int64 leading rows of each request that vLLM's kernel attends (0
@@ -190,9 +228,12 @@ def plan_packed(
     kv_pages: torch.Tensor,  # [P, 2, N, D] the pool's head-pages
     req_ids: list[str] | None = None,
     metric_q_start: torch.Tensor | None = None,  # [R] int32; None: no metric rows
+    decode_ours: bool = False,
 ) -> PackedHeads:
     """vLLM's kernel inputs for the packed requests' rows before their
-    ``metric_q_start``, every layer.
+    ``metric_q_start``, every layer; with ``decode_ours``
+    (``packed_decode_ours``) not for decode rows (requests with one query
+    this step): those go to our kernel like metric rows.
 
     Checks what vLLM's kernel cannot, for the sequences it gets: every head
     holds this step's tokens (``kv_lens >= q_len``) and every page a head's
@@ -210,8 +251,10 @@ def plan_packed(
     # vLLM's kernel takes each packed request's rows before its first metric row.
     first = q_len if metric_q_start is None else torch.minimum(
         metric_q_start.long().clamp(min=0), q_len)
+    if decode_ours:
+        first = torch.where(q_len == 1, 0, first)
     vllm_rows = torch.where(mask, first, 0)  # [R]
-    if not bool(vllm_rows.any()):  # every packed row records the metric: none for vLLM
+    if not bool(vllm_rows.any()):  # every packed row is for our kernel: none for vLLM
         return PackedHeads(
             mask=mask, vllm_rows=vllm_rows, write_rows=write_rows,
             rows=torch.zeros(0, dtype=torch.int64), q_index=None,

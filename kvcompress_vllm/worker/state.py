@@ -62,6 +62,9 @@ class HeadPool:
     #: Requests that record the metric are kept in ``packing`` too (our kernel
     #: reads it: ``cpu_packed.metric_pages_packed``); else only metric-free ones.
     metric_packed: bool = False
+    #: Decode rows of metric-free packed requests run on our kernel
+    #: (``cpu_packed.packed_decode_ours``); else on vLLM's, per KV head.
+    decode_ours: bool = False
 
     @classmethod
     def from_layer_caches(cls, layer_caches: list[torch.Tensor], layout=None) -> "HeadPool":

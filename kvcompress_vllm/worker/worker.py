@@ -12,7 +12,11 @@ from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from kvcompress_vllm import ops
-from kvcompress_vllm.attention.cpu_packed import PagePacking, metric_pages_packed
+from kvcompress_vllm.attention.cpu_packed import (
+    PagePacking,
+    metric_pages_packed,
+    packed_decode_ours,
+)
 from kvcompress_vllm.attention.cpu_prefill import prefill_path
 from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.worker.common import KVCompressWorkerMixin, kv_budget_after_plugin
@@ -53,10 +57,13 @@ class KVCompressCPUWorker(KVCompressWorkerMixin, CPUWorker):
             pool.packing = PagePacking.learn(pool.kv_pages.dtype, block_size, head_dim, isa)
             # So do requests that record the metric where our kernel reads it.
             pool.metric_packed = metric_pages_packed(pool.packing)
+            # Their decode rows run on our kernel too where it reads it fast.
+            pool.decode_ours = packed_decode_ours(pool.packing)
             logger.info(
-                "KV-Compress: %s requests stay in vLLM's %s page layout (our kernel: %s path)",
+                "KV-Compress: %s requests stay in vLLM's %s page layout (our kernel: %s "
+                "path; decode rows of metric-free requests on %s kernel)",
                 "all compressible" if pool.metric_packed else "metric-free", isa,
-                ops.cpu_isa(),
+                ops.cpu_isa(), "our" if pool.decode_ours else "vLLM's",
             )
         logger.info(
             "KV-Compress: %d layers x %d KV heads x %d blocks = %d head-pages of %d "
