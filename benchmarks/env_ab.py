@@ -8,10 +8,11 @@ load of ``--loads`` (random-token prompts, greedy, ``ignore_eos``, all
 submitted at once) and times each one: the whole ``generate``, the plugin's
 attention layers (``KVCompressCPUImpl.forward``, cache write included), the
 rest of the model's ``forward``, the attention metadata builder and what
-happens outside the model runner (scheduler, ``begin_step``, output
-processing).  Runs alternate A B B A A B ... so that this shared VM's drift
-falls on both sides and the second run of a pair is not always the same
-setting; each pair gives B/A ratios, and their geometric mean is reported.
+happens outside the model runner's ``execute_model`` and ``sample_tokens``
+(scheduler, ``begin_step``, output processing).  Runs alternate A B B A A B
+... so that this shared VM's drift falls on both sides and the second run of
+a pair is not always the same setting; each pair gives B/A ratios, and their
+geometric mean is reported.
 
     # decode rows of metric-free packed requests: our kernel vs vLLM's per head
     python benchmarks/env_ab.py --env KVCOMPRESS_PACKED_DECODE --values ours,vllm --pairs 3
@@ -58,6 +59,7 @@ def child(args) -> dict:
                                                  "scorer": args.scorer}})
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     wrap(runner, "execute_model", "runner")
+    wrap(runner, "sample_tokens", "runner")
     wrap(runner.model, "forward", "forward")
     extra = {"kv_compress_rate": args.rate}
     llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 400)))] * 2,
@@ -74,8 +76,9 @@ def child(args) -> dict:
         t = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         res[name] = {"wall": time.perf_counter() - t, **timers}
-        res[name]["forward w/o attention"] = timers["forward"] - timers["attention"]
-        res[name]["outside the runner"] = res[name]["wall"] - timers["runner"]
+        res[name]["forward w/o attention"] = (timers.get("forward", 0.0)
+                                              - timers.get("attention", 0.0))
+        res[name]["outside the runner"] = res[name]["wall"] - timers.get("runner", 0.0)
     return res
 
 
@@ -137,7 +140,7 @@ def main() -> None:
             x, y = runs[2 * p], runs[2 * p + 1]
             a, b = (x[1][name], y[1][name]) if x[0] == a_name else (y[1][name], x[1][name])
             for key in ratios:
-                ratios[key].append(b.get(key, 0.0) / max(a.get(key, 0.0), 1e-9))
+                ratios[key].append(max(b.get(key, 0.0), 1e-9) / max(a.get(key, 0.0), 1e-9))
             print(f"| {name} | {p + 1} | "
                   + " | ".join(f"{ratios[k][-1]:.3f}" for k in keys) + " | "
                   + " | ".join(f"{a.get(k, 0):.1f} / {b.get(k, 0):.1f}" for k in keys) + " |")

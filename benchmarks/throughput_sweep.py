@@ -79,8 +79,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from wall_timers import Timers
-
 HERE = Path(__file__).resolve().parent
 
 
@@ -130,8 +128,11 @@ class PerfControl:
 
 
 # --------------------------------------------------------------------------- timing
-def instrument(llm) -> Timers:
-    """Time the scheduler, the worker step and its parts (in-process engine)."""
+def instrument(llm):
+    """Time the scheduler, the worker step and its parts (in-process engine):
+    a ``wall_timers.Timers`` (``run_engine`` puts this folder on the path)."""
+    from wall_timers import Timers
+
     core = llm.llm_engine.engine_core.engine_core
     timers = Timers()
     timers.wrap(core.scheduler, "update_from_output", "schedule")  # probe times schedule()

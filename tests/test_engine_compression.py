@@ -179,9 +179,13 @@ def test_decode_rows_on_our_kernel_match_vllms_kernel(engine):
         calls, ops._calls = getattr(ops, "_calls", 0), 0
         return before, calls
 
-    ((default, _),) = engine.llm.collective_rpc(route, args=(True,))
-    assert default == (torch.cpu._is_amx_tile_supported()
-                       and torch.ops.kvcompress.cpu_isa().startswith("avx512"))
+    ((default, _),) = engine.llm.collective_rpc(route, args=(False,))
+    # bf16 pages (the default model's dtype): vLLM's AMX layout where the CPU
+    # has AMX tiles, which our kernel reads on its AVX-512 paths.
+    assert default or not (torch.cpu._is_amx_tile_supported()
+                           and torch.ops.kvcompress.cpu_isa().startswith("avx512"))
+    if not default:
+        pytest.skip("our kernel does not read vLLM's page layout on this CPU")
     task = tasks.passkey(engine.tokenizer, 900, depth=0.3, seed=5)
     steps = 300
     params = _params(max_tokens=steps, ignore_eos=True, extra_args={"kv_compress_rate": 0.25})
