@@ -885,7 +885,7 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
   const at::Tensor kvl = kv_lens.to(at::kInt).contiguous();
   const at::Tensor qsl = query_start_loc.to(at::kInt).contiguous();
   const at::Tensor mqs = metric_q_start.to(at::kInt).contiguous();
-  at::Tensor packed_u8;
+  at::Tensor packed_flags;
   const uint8_t* packed_p = nullptr;
   if (packed.has_value()) {
     TORCH_CHECK(packed->dim() == 1 && packed->size(0) == R,
@@ -893,8 +893,8 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
                 packed->sizes());
     // bool (one byte, 0 or 1) and uint8 flags are read as they are.
     const bool bytes = packed->scalar_type() == at::kBool || packed->scalar_type() == at::kByte;
-    packed_u8 = bytes ? packed->contiguous() : packed->to(at::kByte).contiguous();
-    packed_p = static_cast<const uint8_t*>(packed_u8.data_ptr());
+    packed_flags = bytes ? packed->contiguous() : packed->to(at::kByte).contiguous();
+    packed_p = static_cast<const uint8_t*>(packed_flags.data_ptr());
     const int64_t N = kv_pages.size(2), D = kv_pages.size(3);
     TORCH_CHECK(N % 16 == 0 && D % 32 == 0,
                 "paged_head_attention: packed head-pages (vLLM's AMX in-page layout) need "

@@ -142,9 +142,7 @@ def metric_pages_packed(packing: "PagePacking | None") -> bool:
     kernel reads (``ops.reference.amx_packing``: vLLM's AMX layout) and our
     kernel runs an AVX-512 path on bf16 pages (AMX tiles where the CPU has
     them; on the AVX2 path it would unpack every block, slower than plain)."""
-    mode = os.environ.get(METRIC_PAGES_ENV, "auto")
-    if mode not in METRIC_PAGES:
-        raise ValueError(f"{METRIC_PAGES_ENV}={mode!r}: expected one of {', '.join(METRIC_PAGES)}")
+    mode = _env_choice(METRIC_PAGES_ENV, METRIC_PAGES)
     if mode == "plain":
         return False
     return _our_kernel_reads(packing, f"{METRIC_PAGES_ENV}={mode}", forced=mode == "packed")
@@ -158,13 +156,19 @@ def packed_decode_ours(packing: "PagePacking | None") -> bool:
     scheduler metadata and reads a KV head's pages once for its G query heads
     (docs/performance.md section 2: the ``packed off`` column against
     ``per-head``)."""
-    mode = os.environ.get(PACKED_DECODE_ENV, "auto")
-    if mode not in PACKED_DECODE:
-        raise ValueError(
-            f"{PACKED_DECODE_ENV}={mode!r}: expected one of {', '.join(PACKED_DECODE)}")
+    mode = _env_choice(PACKED_DECODE_ENV, PACKED_DECODE)
     if mode == "vllm":
         return False
     return _our_kernel_reads(packing, f"{PACKED_DECODE_ENV}={mode}", forced=mode == "ours")
+
+
+def _env_choice(env: str, choices: tuple[str, ...]) -> str:
+    """``env``'s value, ``choices[0]`` when unset; refuses any other value
+    than ``choices``, naming the variable."""
+    mode = os.environ.get(env, choices[0])
+    if mode not in choices:
+        raise ValueError(f"{env}={mode!r}: expected one of {', '.join(choices)}")
+    return mode
 
 
 def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool) -> bool:

@@ -162,11 +162,12 @@ def plan_stock_prefill(
     if packed is not None and packed.rows is None and not any_direct:
         return _packed_only(packed, num_reqs, page_table.shape[0], kernel)
     if (packed is not None and not any_direct and not packed.layers
-            and bool(packed.mask.all())):  # e.g. decode steps of metric-recording requests
+            and bool(packed.mask.all())):  # e.g. decode steps: every row to our kernel
         return _packed_only(packed, num_reqs, page_table.shape[0], kernel,
                             own_all=(query_start_loc, metric_q_start))
     # Requests not in our plain layout: every row to vLLM's kernel, but the
-    # metric rows of packed requests (own rows on packed pages).
+    # rows of packed requests that plan_packed leaves to ours (metric rows;
+    # with decode_ours, decode rows): own rows on packed pages.
     in_vllm = direct if packed is None else direct | packed.mask
     if num_reqs == 0 or (packed is None and not any_direct and int(q_len.max()) < min_rows):
         return None
@@ -253,7 +254,8 @@ def _packed_only(packed: PackedHeads, num_reqs: int, num_layers: int, kernel: St
                  own_all: tuple[torch.Tensor, torch.Tensor] | None = None) -> StockPrefill:
     """Every request is packed and nothing needs splitting: every row goes to
     vLLM's kernel per head, or with ``own_all = (query_start_loc,
-    metric_q_start)`` (every row records the metric) every row goes to our
+    metric_q_start)`` (``plan_packed`` left vLLM no rows: every row records
+    the metric or is a decode row for our kernel) every row goes to our
     kernel on the packed pages, without row copies."""
     empty = torch.zeros(0, dtype=torch.int64)
     zeros = torch.zeros(num_reqs + 1, dtype=torch.int32)
