@@ -12,9 +12,11 @@
 // (bf16/fp16 -> fp32 in registers) and computing
 //   S = Q K^T  ->  online softmax (running max m, sum l)  ->  O += P V,
 // while prefetching the next block into L2 (plain rows; on packed pages the
-// hardware prefetchers do better).  For metric rows the unnormalised
-// probabilities P of every block (and the running max they were taken
-// against) are kept, so the exact final p = P * exp(m_blk - m) / l is known at
+// hardware prefetchers do better).  On the AVX-512 paths m is a reference
+// max that moves only when a block's max exceeds it by more than 8 (lazy
+// rescaling, avx512::softmax_row), so most blocks skip the rescale of O and l.
+// For metric rows the unnormalised probabilities P of every block (and the
+// max they were taken against) are kept, so the exact final p = P * exp(m_blk - m) / l is known at
 // the end without a second pass over K: metrics[kv] += sum_rows p^2.
 //
 // ISA paths (csrc/cpu_isa.h): the code below is built for the baseline ISA
@@ -422,11 +424,13 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
       const int64_t limit = row_limit0 + r / G;  // exclusive
       const int valid = static_cast<int>(std::clamp<int64_t>(limit - kb0, 0, kn));
       float* s = S + r * kLdS;
-      if (fast) {  // same as below, 16 lanes
+      if (fast) {  // as below, 16 lanes, with lazy rescaling (m is a reference max)
         const float m_old = m[r];
         float m_new;
         const float sum = avx512::softmax_row(s, knp, valid, m_old, &m_new);
-        if (m_new != -INFINITY) {
+        if (m_new == m_old) {
+          l[r] += sum;
+        } else if (m_new != -INFINITY) {
           const float alpha = std::exp(m_old - m_new);
           l[r] = l[r] * alpha + sum;
           if (m_old != -INFINITY && alpha != 1.f) scale_row(O + r * Dp, Dp, alpha);

@@ -245,31 +245,29 @@ KVC_AVX512_TARGET inline void pv_rows(const uint32_t* Pb, int ldpb, const uint16
   }
 }
 
-// exp(x) (the Cephes polynomial of vec.h's vexp); exactly 0 for x < -87.3.
+// exp(x) for x <= 88 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2; 2^f by
+// its degree-6 Taylor polynomial; relative error < 4e-6, < 7e-7 for x >= -8,
+// mostly the rounding of x log2 e; VSCALEFPS applies
+// 2^n); exactly 0 for x < -87.3 (masked scores are -inf).
 KVC_AVX512_TARGET inline __m512 exp16(__m512 a) {
-  __m512 x = _mm512_min_ps(a, _mm512_set1_ps(88.3762626647949f));
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365447505531f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447505531f));
-  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
-  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-  const __m512 x2 = _mm512_mul_ps(x, x);
-  y = _mm512_fmadd_ps(y, x2, x);
-  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
-  __m512i e = _mm512_cvttps_epi32(fx);
-  e = _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23);
-  y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-  return _mm512_maskz_mov_ps(keep, y);
+  const __m512 lo = _mm512_set1_ps(-87.3365447505531f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(a, lo, _CMP_GE_OQ);
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(a, lo), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 y = _mm512_set1_ps(1.5403530393381606e-4f);        // ln2^6 / 6!
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 5!
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 4!
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 3!
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2!
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));  // ln2
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, y, n);
 }
 
 }  // namespace
+
+constexpr float kLazyRescale = 8.f;
 
 KVC_AVX512_TARGET float softmax_row(float* s, int knp, int valid, float m_old, float* m_new) {
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
@@ -285,7 +283,11 @@ KVC_AVX512_TARGET float softmax_row(float* s, int knp, int valid, float m_old, f
     }
     mv = _mm512_max_ps(mv, x);
   }
-  const float m = std::max(m_old, _mm512_reduce_max_ps(mv));
+  // Lazy rescaling (as vLLM's CPU kernels and FlashAttention-4 do): the
+  // reference max moves only when the block's max exceeds it by more than
+  // kLazyRescale, so most blocks cost no rescale of O and l (p <= e^8 here).
+  const float blk_max = _mm512_reduce_max_ps(mv);
+  const float m = m_old == -INFINITY || blk_max > m_old + kLazyRescale ? blk_max : m_old;
   *m_new = m;
   if (m == -INFINITY) {
     for (int j = 0; j < knp; ++j) s[j] = 0.f;

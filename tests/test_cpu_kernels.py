@@ -339,6 +339,52 @@ def test_attention_packed_pages(head_dim, group, block_size, cpu_isa, num_thread
                 assert not got_m.any()
 
 
+@pytest.mark.parametrize("threads,max_q", [(1, 1), (2, 1), (2, 24)])
+def test_attention_scores_that_climb(threads, max_q, cpu_isa, num_threads):
+    """Scores that rise along the KVs, by small steps and by large jumps, so
+    that the running max of the online softmax moves by less and by more than
+    the lazy-rescaling threshold (8) of the AVX-512 paths, within a block and
+    across blocks and flash-decoding partitions; a lone spike far back.
+    Plain and packed pages, metrics on and off, against the reference."""
+    num_threads(threads)
+    dtype = torch.bfloat16
+    case = make_attention_case(
+        num_reqs=3, num_kv_heads=2, group=4, head_dim=64, block_size=32, dtype=dtype,
+        max_kv=900, max_q=max_q, seed=7 + threads + max_q,
+    )
+    block = case.kv_pages.shape[2]
+    # score(t) ~ scale * 8 * K[t, 0] = K[t, 0]: dim 0 of the keys sets the
+    # score of KV t, dim 0 of every query is 8 (= 1 / scale).
+    case.query[..., 0] = 1 / case.scale
+    gen = torch.Generator().manual_seed(threads)
+    for r in range(case.page_table.shape[0]):
+        for h in range(case.page_table.shape[1]):
+            n = int(case.kv_lens[r, h])
+            t = torch.arange(n)
+            climb = 2.5 * (t // 40) + 12.0 * (t >= n // 2) + 9.0 * (t >= 3 * n // 4)
+            climb = climb + 0.5 * torch.randn(n, generator=gen)
+            climb[n // 5] += 30.0  # a spike the later keys climb past
+            pages = case.page_table[r, h, t // block].long()
+            case.kv_pages[pages, 0, t % block, 0] = climb.to(dtype)
+    packed = torch.tensor([True, False, True])
+    packing = _pack_requests(case, packed)
+    for metrics in (True, False):
+        ref_out, ref_m = case.clone_outputs()
+        out, got_m = case.clone_outputs()
+        ref_m.zero_()
+        got_m.zero_()
+        args = (case.query, case.kv_pages, case.page_table, case.kv_lens,
+                case.query_start_loc, case.scale)
+        reference.paged_head_attention(*args, ref_m if metrics else None,
+                                       case.metric_q_start, ref_out, packing, packed)
+        ops.paged_head_attention(*args, got_m if metrics else None, case.metric_q_start,
+                                 out, packing, packed)
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
+        if metrics:
+            torch.testing.assert_close(got_m, ref_m, rtol=METRIC_RTOL[dtype],
+                                       atol=1e-6 * float(ref_m.abs().max()))
+
+
 def test_attention_packed_rejects_other_layouts():
     """The C++ kernel reads one in-page layout; any other packing is refused,
     naming it, and so is a packing without the per-request flags."""
