@@ -246,9 +246,9 @@ KVC_AVX512_TARGET inline void pv_rows(const uint32_t* Pb, int ldpb, const uint16
 }
 
 // exp(x) for x <= 88 as 2^n * 2^f (n = round(x log2 e), |f| <= 1/2; 2^f by
-// its degree-6 Taylor polynomial; relative error < 4e-6, < 7e-7 for x >= -8,
-// mostly the rounding of x log2 e; VSCALEFPS applies
-// 2^n); exactly 0 for x < -87.3 (masked scores are -inf).
+// its degree-6 Taylor polynomial; relative error < 4e-6, < 7e-7 for |x| <= 8
+// (every softmax input), mostly the rounding of x log2 e; VSCALEFPS applies
+// 2^n); exactly 0 for x < -87.3 and NaN (masked scores are -inf).
 KVC_AVX512_TARGET inline __m512 exp16(__m512 a) {
   const __m512 lo = _mm512_set1_ps(-87.3365447505531f);
   const __mmask16 keep = _mm512_cmp_ps_mask(a, lo, _CMP_GE_OQ);
@@ -283,11 +283,12 @@ KVC_AVX512_TARGET float softmax_row(float* s, int knp, int valid, float m_old, f
     }
     mv = _mm512_max_ps(mv, x);
   }
-  // Lazy rescaling (as vLLM's CPU kernels and FlashAttention-4 do): the
+  // Lazy rescaling (as vLLM's CPU kernel does, in natural-log units): the
   // reference max moves only when the block's max exceeds it by more than
   // kLazyRescale, so most blocks cost no rescale of O and l (p <= e^8 here).
   const float blk_max = _mm512_reduce_max_ps(mv);
-  const float m = m_old == -INFINITY || blk_max > m_old + kLazyRescale ? blk_max : m_old;
+  // (m_old = -inf: any finite block max; a NaN block max keeps m_old.)
+  const float m = blk_max > m_old + kLazyRescale ? blk_max : m_old;
   *m_new = m;
   if (m == -INFINITY) {
     for (int j = 0; j < knp; ++j) s[j] = 0.f;

@@ -344,7 +344,8 @@ def test_attention_scores_that_climb(threads, max_q, cpu_isa, num_threads):
     """Scores that rise along the KVs, by small steps and by large jumps, so
     that the running max of the online softmax moves by less and by more than
     the lazy-rescaling threshold (8) of the AVX-512 paths, within a block and
-    across blocks and flash-decoding partitions; a lone spike far back.
+    across blocks and flash-decoding partitions, and once by more than exp's
+    range (a reference that never moved would overflow); a lone spike far back.
     Plain and packed pages, metrics on and off, against the reference."""
     num_threads(threads)
     dtype = torch.bfloat16
@@ -361,7 +362,10 @@ def test_attention_scores_that_climb(threads, max_q, cpu_isa, num_threads):
         for h in range(case.page_table.shape[1]):
             n = int(case.kv_lens[r, h])
             t = torch.arange(n)
-            climb = 2.5 * (t // 40) + 12.0 * (t >= n // 2) + 9.0 * (t >= 3 * n // 4)
+            # A late jump past exp's range (~88) too: a reference max that
+            # stopped moving would overflow there.
+            climb = (2.5 * (t // 40) + 12.0 * (t >= n // 2) + 9.0 * (t >= 3 * n // 4)
+                     + 110.0 * (t >= 7 * n // 8))
             climb = climb + 0.5 * torch.randn(n, generator=gen)
             climb[n // 5] += 30.0  # a spike the later keys climb past
             pages = case.page_table[r, h, t // block].long()
