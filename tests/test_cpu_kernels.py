@@ -300,6 +300,31 @@ def _pack_requests(case, packed: torch.Tensor) -> torch.Tensor:
     return packing
 
 
+def _check_packed(case, packed: torch.Tensor, dtype) -> None:
+    """Pack the requests with ``packed[r]`` (``_pack_requests``) and compare our
+    kernel with the reference on the same pages, metrics on and off: no NaN
+    output, outputs and metrics within tolerance, metrics untouched when off."""
+    packing = _pack_requests(case, packed)
+    for metrics in (True, False):
+        ref_out, ref_m = case.clone_outputs()
+        out, got_m = case.clone_outputs()
+        ref_m.zero_()
+        got_m.zero_()
+        args = (case.query, case.kv_pages, case.page_table, case.kv_lens,
+                case.query_start_loc, case.scale)
+        reference.paged_head_attention(*args, ref_m if metrics else None,
+                                       case.metric_q_start, ref_out, packing, packed)
+        ops.paged_head_attention(*args, got_m if metrics else None, case.metric_q_start,
+                                 out, packing, packed)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
+        if metrics:
+            torch.testing.assert_close(got_m, ref_m, rtol=METRIC_RTOL[dtype],
+                                       atol=1e-6 * float(ref_m.abs().max()))
+        else:
+            assert not got_m.any()
+
+
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("block_size", [16, 128])
@@ -317,26 +342,7 @@ def test_attention_packed_pages(head_dim, group, block_size, cpu_isa, num_thread
             dtype=dtype, max_kv=700 if max_q == 1 else 300, max_q=max_q,
             seed=head_dim + 10 * group + block_size + max_q + threads,
         )
-        packed = torch.tensor([True, False, True, True])
-        packing = _pack_requests(case, packed)
-        for metrics in (True, False):
-            ref_out, ref_m = case.clone_outputs()
-            out, got_m = case.clone_outputs()
-            ref_m.zero_()
-            got_m.zero_()
-            args = (case.query, case.kv_pages, case.page_table, case.kv_lens,
-                    case.query_start_loc, case.scale)
-            reference.paged_head_attention(*args, ref_m if metrics else None,
-                                           case.metric_q_start, ref_out, packing, packed)
-            ops.paged_head_attention(*args, got_m if metrics else None, case.metric_q_start,
-                                     out, packing, packed)
-            assert not out.isnan().any()
-            torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
-            if metrics:
-                torch.testing.assert_close(got_m, ref_m, rtol=METRIC_RTOL[dtype],
-                                           atol=1e-6 * float(ref_m.abs().max()))
-            else:
-                assert not got_m.any()
+        _check_packed(case, torch.tensor([True, False, True, True]), dtype)
 
 
 @pytest.mark.parametrize("threads,max_q", [(1, 1), (2, 1), (2, 24)])
@@ -370,23 +376,7 @@ def test_attention_scores_that_climb(threads, max_q, cpu_isa, num_threads):
             climb[n // 5] += 30.0  # a spike the later keys climb past
             pages = case.page_table[r, h, t // block].long()
             case.kv_pages[pages, 0, t % block, 0] = climb.to(dtype)
-    packed = torch.tensor([True, False, True])
-    packing = _pack_requests(case, packed)
-    for metrics in (True, False):
-        ref_out, ref_m = case.clone_outputs()
-        out, got_m = case.clone_outputs()
-        ref_m.zero_()
-        got_m.zero_()
-        args = (case.query, case.kv_pages, case.page_table, case.kv_lens,
-                case.query_start_loc, case.scale)
-        reference.paged_head_attention(*args, ref_m if metrics else None,
-                                       case.metric_q_start, ref_out, packing, packed)
-        ops.paged_head_attention(*args, got_m if metrics else None, case.metric_q_start,
-                                 out, packing, packed)
-        torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
-        if metrics:
-            torch.testing.assert_close(got_m, ref_m, rtol=METRIC_RTOL[dtype],
-                                       atol=1e-6 * float(ref_m.abs().max()))
+    _check_packed(case, torch.tensor([True, False, True]), dtype)
 
 
 def test_attention_packed_rejects_other_layouts():
