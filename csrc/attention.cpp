@@ -16,8 +16,9 @@
 // max that moves only when a block's max exceeds it by more than 8 (lazy
 // rescaling, avx512::softmax_row), so most blocks skip the rescale of O and l.
 // For metric rows the unnormalised probabilities P of every block (and the
-// max they were taken against) are kept, so the exact final p = P * exp(m_blk - m) / l is known at
-// the end without a second pass over K: metrics[kv] += sum_rows p^2.
+// max they were taken against) are kept, so the exact final
+// p = P * exp(m_blk - m) / l is known at the end without a second pass over K:
+// metrics[kv] += sum_rows p^2.
 //
 // ISA paths (csrc/cpu_isa.h): the code below is built for the baseline ISA
 // (AVX2 by default, csrc/vec.h).  For bf16 caches with head_dim % 32 == 0, where
@@ -428,12 +429,12 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         const float m_old = m[r];
         float m_new;
         const float sum = avx512::softmax_row(s, knp, valid, m_old, &m_new);
-        if (m_new == m_old) {
+        if (m_new == m_old) {  // includes a row that sees nothing yet (-inf)
           l[r] += sum;
-        } else if (m_new != -INFINITY) {
+        } else {  // m_new > m_old + 8: alpha < e^-8 (0 when m_old is -inf)
           const float alpha = std::exp(m_old - m_new);
           l[r] = l[r] * alpha + sum;
-          if (m_old != -INFINITY && alpha != 1.f) scale_row(O + r * Dp, Dp, alpha);
+          if (m_old != -INFINITY) scale_row(O + r * Dp, Dp, alpha);
           m[r] = m_new;
         }
         if (r >= mr0) {

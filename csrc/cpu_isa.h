@@ -62,9 +62,9 @@ void pv_block_bf16(const float* P, int rows, int ldp, const uint16_t* V, int64_t
 // max -- so m_new >= m_old and every s[j] - m_new <= 8 (lazy rescaling: most
 // blocks leave m, l and O as they are).  NaN scores count as masked.  If m_new
 // is finite, s[j] = exp(s[j] - m_new) (0 for the masked entries) and the sum
-// of the row is returned, else s is
-// zeroed and 0 returned.  exp: 2^n times a degree-6 polynomial of 2^f,
-// relative error < 4e-6 (vec.h's vexp, the baseline path's, is Cephes').
+// of the row is returned, else s is zeroed and 0 returned.  exp: 2^n times a
+// degree-6 polynomial of 2^f, relative error < 4e-6 (vec.h's vexp, the
+// baseline path's, is Cephes').
 float softmax_row(float* s, int knp, int valid, float m_old, float* m_new);
 
 // The same two products on head-pages in vLLM's AMX in-page layout
