@@ -305,7 +305,8 @@ inline void metric_pass(float* metrics, const int32_t* pages, int64_t N, int64_t
 
 // ---------------------------------------------------------------- one tile
 
-constexpr int kLdS = kKB + 8;  // row stride of the score tile
+constexpr int kLdS = kKB + 8;    // row stride of the score tile
+constexpr int kLdPb = kKB + 32;  // ... of the bf16 probabilities (AVX-512 path)
 
 // Attention of queries [qa, qb) of a task over its KVs [k0, k1) (k1 clipped to
 // the causal range).  Non-split: writes the output and adds metrics.  Split:
@@ -317,7 +318,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   const int64_t G = c.G, D = c.D, Dp = c.Dp, N = c.N;
   const int rows = (qb - qa) * static_cast<int>(G);
   const int64_t kend = std::min<int64_t>(k1, t.n - t.q_len + qb);
-  // AVX-512-BF16 path: raw bf16 query rows (the scale is applied to the dot
+  // AVX-512-BF16 path: raw bf16 query rows (the softmax scales the dot
   // products), bf16 probabilities for PV (in Pb).
   const bool fast = c.bf16_avx512;
   // Read K/V in place (plain rows, or packed pages by the AVX-512 micro-
@@ -340,7 +341,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   if (amx) avx512::amx_tile_config(rows);
   if (fast) {
     Qb = reinterpret_cast<uint16_t*>(Scratch::get(sc.qb, (rows * D + 1) / 2));
-    Pb = reinterpret_cast<uint16_t*>(Scratch::get(sc.pb, rows * (kKB / 2 + 16)));
+    Pb = reinterpret_cast<uint16_t*>(Scratch::get(sc.pb, rows * kLdPb / 2));
     for (int i = qa; i < qb; ++i)
       for (int64_t g = 0; g < G; ++g)
         std::memcpy(Qb + ((i - qa) * G + g) * D, c.q + (t.tok0 + i) * c.qs0 + (t.h * G + g) * c.qs1,
@@ -387,7 +388,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
     const T* vp = kp + N * D;
     if (direct && t.packed) {  // fast: in-page layout read as it lies
       (amx ? avx512::qk_block_amx_packed : avx512::qk_block_bf16_packed)(
-          Qb, rows, D, reinterpret_cast<const uint16_t*>(page), s0, kn, S, kLdS, c.scale);
+          Qb, rows, D, reinterpret_cast<const uint16_t*>(page), s0, kn, S, kLdS);
     } else if (direct) {
       const char* pfk = nullptr;
       const char* pfv = nullptr;
@@ -398,7 +399,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
       }
       if (fast)
         avx512::qk_block_bf16(Qb, rows, D, reinterpret_cast<const uint16_t*>(kp), D, kn, S, kLdS,
-                              c.scale, pfk, pfv, row_bytes);
+                              pfk, pfv, row_bytes);
       else
         qk_block(Q, rows, Dp, kp, D, kn, S, kLdS, pfk, pfv, row_bytes);
     } else if (t.packed) {  // baseline ISA: unpack the block into fp32 rows
@@ -428,7 +429,9 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
       if (fast) {  // as below, 16 lanes, with lazy rescaling (m is a reference max)
         const float m_old = m[r];
         float m_new;
-        const float sum = avx512::softmax_row(s, knp, valid, m_old, &m_new);
+        float* p32 = r >= mr0 ? Pm + (blk * mrows + r - mr0) * kKB : nullptr;
+        const float sum =
+            avx512::softmax_row(s, knp, valid, c.scale, m_old, &m_new, p32, Pb + r * kLdPb);
         if (m_new == m_old) {  // includes a row that sees nothing yet (-inf)
           l[r] += sum;
         } else {  // m_new > m_old + 8: alpha < e^-8 (0 when m_old is -inf)
@@ -437,11 +440,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
           if (m_old != -INFINITY) scale_row(O + r * Dp, Dp, alpha);
           m[r] = m_new;
         }
-        if (r >= mr0) {
-          const int mr = r - mr0;
-          std::copy(s, s + knp, Pm + (blk * mrows + mr) * kKB);
-          mref[blk * mrows + mr] = m_new;
-        }
+        if (p32) mref[blk * mrows + r - mr0] = m_new;
         continue;
       }
       Vec mv = vset1(-INFINITY);
@@ -479,9 +478,9 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
     }
     if (fast && t.packed)
       (amx ? avx512::pv_block_amx_packed : avx512::pv_block_bf16_packed)(
-          S, rows, kLdS, reinterpret_cast<const uint16_t*>(page + N * D), N, s0, kn, D, O, Pb);
+          Pb, rows, kLdPb, reinterpret_cast<const uint16_t*>(page + N * D), N, s0, kn, D, O);
     else if (fast)
-      avx512::pv_block_bf16(S, rows, kLdS, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O, Pb);
+      avx512::pv_block_bf16(Pb, rows, kLdPb, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O);
     else if (direct)
       pv_block(S, rows, kLdS, vp, D, kn, Dp, O);
     else

@@ -7,12 +7,14 @@
 //
 //  * QK: VDPBF16PS of raw bf16 query and key rows (products of bf16 values are
 //    exact in fp32; accumulation in fp32), 16 dot products per horizontal
-//    reduction tree, scale applied to the sums.
-//  * PV: the softmax probabilities are rounded to bf16 and paired over two
-//    consecutive keys; the two V rows are interleaved (VPUNPCK{L,H}WD) and
-//    VDPBF16PS accumulates both keys' products into fp32 O.  The interleaving
-//    permutes the head dims inside a 32-dim chunk; O is permuted on load and
-//    back on store.
+//    reduction tree; the scale is applied by the softmax.
+//  * Softmax: one pass per row and block (scale, mask, exp against the row's
+//    reference max, sum, bf16 probabilities for PV, fp32 ones for the metric)
+//    unless the block moves the reference (lazy rescaling), then two.
+//  * PV: the bf16 probabilities are paired over two consecutive keys; the two
+//    V rows are interleaved (VPUNPCK{L,H}WD) and VDPBF16PS accumulates both
+//    keys' products into fp32 O.  The interleaving permutes the head dims
+//    inside a 32-dim chunk; O is permuted on load and back on store.
 // The metric (sum of squared probabilities) is computed by the caller from the
 // fp32 probabilities, so it is not affected by the bf16 rounding of P here.
 #include "cpu_isa.h"
@@ -158,7 +160,7 @@ KVC_AVX512_TARGET inline __m512 reduce16(const __m512* a) {
 // R rows x KJ keys (R * KJ == 16) of S; keys past kn re-read row kn - 1.
 template <int R, int KJ>
 KVC_AVX512_TARGET inline void qk_rows(const uint16_t* Q, int64_t D, const uint16_t* K,
-                                      int64_t ldk, int kn, float* S, int lds, __m512 scale,
+                                      int64_t ldk, int kn, float* S, int lds,
                                       const char* pfk, const char* pfv, int64_t row_bytes) {
   static_assert(R * KJ == 16, "16 accumulators");
   for (int j = 0; j < kn; j += KJ) {
@@ -180,7 +182,7 @@ KVC_AVX512_TARGET inline void qk_rows(const uint16_t* Q, int64_t D, const uint16
         for (int r = 0; r < R; ++r) acc[r * KJ + x] = _mm512_dpbf16_ps(acc[r * KJ + x], q[r], kv);
       }
     }
-    const __m512 s = _mm512_mul_ps(reduce16(acc), scale);
+    const __m512 s = reduce16(acc);
     if constexpr (R == 1) {
       _mm512_storeu_ps(S + j, s);
     } else if constexpr (R == 2) {
@@ -213,7 +215,7 @@ KVC_AVX512_TARGET inline void from_pair_order(__m512 lo, __m512 hi, float* o) {
 
 // R rows (<= 4) of O, one 32-dim chunk at offset d.
 template <int R>
-KVC_AVX512_TARGET inline void pv_rows(const uint32_t* Pb, int ldpb, const uint16_t* V, int64_t ldv,
+KVC_AVX512_TARGET inline void pv_rows(const uint32_t* Pw, int ldw, const uint16_t* V, int64_t ldv,
                                       int kn, int64_t D, float* O) {
   for (int64_t d = 0; d < D; d += 32) {
     __m512 lo[R], hi[R];
@@ -225,7 +227,7 @@ KVC_AVX512_TARGET inline void pv_rows(const uint32_t* Pb, int ldpb, const uint16
       const __m512bh a = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
       const __m512bh b = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
       for (int r = 0; r < R; ++r) {
-        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pb[r * ldpb + j / 2]));
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pw[r * ldw + j / 2]));
         lo[r] = _mm512_dpbf16_ps(lo[r], a, p);
         hi[r] = _mm512_dpbf16_ps(hi[r], b, p);
       }
@@ -236,7 +238,7 @@ KVC_AVX512_TARGET inline void pv_rows(const uint32_t* Pb, int ldpb, const uint16
       const __m512bh a = (__m512bh)_mm512_unpacklo_epi16(v0, z);
       const __m512bh b = (__m512bh)_mm512_unpackhi_epi16(v0, z);
       for (int r = 0; r < R; ++r) {
-        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pb[r * ldpb + j / 2]));
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pw[r * ldw + j / 2]));
         lo[r] = _mm512_dpbf16_ps(lo[r], a, p);
         hi[r] = _mm512_dpbf16_ps(hi[r], b, p);
       }
@@ -269,77 +271,100 @@ KVC_AVX512_TARGET inline __m512 exp16(__m512 a) {
 
 constexpr float kLazyRescale = 8.f;
 
-KVC_AVX512_TARGET float softmax_row(float* s, int knp, int valid, float m_old, float* m_new) {
-  const __m512 ninf = _mm512_set1_ps(-INFINITY);
-  __m512 mv = ninf;
-  for (int j = 0; j < knp; j += 16) {
-    const __mmask16 in = static_cast<__mmask16>(knp - j >= 16 ? 0xFFFF : (1u << (knp - j)) - 1);
-    __m512 x = _mm512_mask_loadu_ps(ninf, in, s + j);
-    if (j + 16 > valid) {
-      const int v = valid - j;
-      const __mmask16 ok = static_cast<__mmask16>(v <= 0 ? 0 : v >= 16 ? 0xFFFF : (1u << v) - 1);
-      x = _mm512_mask_mov_ps(ninf, ok, x);
-      _mm512_mask_storeu_ps(s + j, in, x);
-    }
-    mv = _mm512_max_ps(mv, x);
-  }
-  // Lazy rescaling (as vLLM's CPU kernel does, in natural-log units): the
-  // reference max moves only when the block's max exceeds it by more than
-  // kLazyRescale, so most blocks cost no rescale of O and l (p <= e^8 here).
-  const float blk_max = _mm512_reduce_max_ps(mv);
-  // (m_old = -inf: any finite block max; a NaN block max keeps m_old.)
-  const float m = blk_max > m_old + kLazyRescale ? blk_max : m_old;
-  *m_new = m;
-  if (m == -INFINITY) {
-    for (int j = 0; j < knp; ++j) s[j] = 0.f;
-    return 0.f;
-  }
+namespace {
+
+// Scaled scores s[j, j + 16) * scale of a row, -inf at j >= valid; lanes past
+// knp are not read.
+KVC_AVX512_TARGET inline __m512 scaled_scores(const float* s, int j, int knp, int valid,
+                                              __m512 scale, __mmask16& in) {
+  in = static_cast<__mmask16>(knp - j >= 16 ? 0xFFFF : (1u << (knp - j)) - 1);
+  const int v = valid - j;
+  const __mmask16 ok = static_cast<__mmask16>(v <= 0 ? 0 : v >= 16 ? 0xFFFF : (1u << v) - 1);
+  return _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), ok & in, _mm512_maskz_loadu_ps(in, s + j),
+                            scale);
+}
+
+// p = exp(x - m) of the row into pb (bf16) and p32 (fp32, may be null); returns
+// the sum of p and takes the max of x into mv.
+KVC_AVX512_TARGET inline float exp_pass(const float* s, int knp, int valid, __m512 scale, float m,
+                                        float* p32, uint16_t* pb, __m512& mv) {
   const __m512 mb = _mm512_set1_ps(m);
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < knp; j += 16) {
-    const __mmask16 in = static_cast<__mmask16>(knp - j >= 16 ? 0xFFFF : (1u << (knp - j)) - 1);
-    const __m512 p = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, in, s + j), mb));
-    _mm512_mask_storeu_ps(s + j, in, p);
+    __mmask16 in;
+    const __m512 x = scaled_scores(s, j, knp, valid, scale, in);
+    mv = _mm512_max_ps(mv, x);
+    const __m512 p = exp16(_mm512_sub_ps(x, mb));
+    if (p32) _mm512_mask_storeu_ps(p32 + j, in, p);
+    _mm256_mask_storeu_epi16(pb + j, in, (__m256i)_mm512_cvtneps_pbh(p));
     sum = _mm512_add_ps(sum, p);
   }
   return _mm512_reduce_add_ps(sum);
 }
 
-KVC_AVX512_TARGET void qk_block_bf16(const uint16_t* Q, int rows, int64_t D, const uint16_t* K,
-                                     int64_t ldk, int kn, float* S, int lds, float scale,
-                                     const char* pfk, const char* pfv, int64_t row_bytes) {
+}  // namespace
+
+KVC_AVX512_TARGET float softmax_row(const float* s, int knp, int valid, float scale, float m_old,
+                                    float* m_new, float* p32, uint16_t* pb) {
   const __m512 sc = _mm512_set1_ps(scale);
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  float blk_max;
+  if (m_old != -INFINITY) {
+    // One pass against the current reference; kept unless the block's max
+    // moves it (then the pass is redone, as if the reference were -inf).
+    const float sum = exp_pass(s, knp, valid, sc, m_old, p32, pb, mv);
+    blk_max = _mm512_reduce_max_ps(mv);
+    if (!(blk_max > m_old + kLazyRescale)) {  // (a NaN block max keeps m_old)
+      *m_new = m_old;
+      return sum;
+    }
+  } else {
+    for (int j = 0; j < knp; j += 16) {
+      __mmask16 in;
+      mv = _mm512_max_ps(mv, scaled_scores(s, j, knp, valid, sc, in));
+    }
+    blk_max = _mm512_reduce_max_ps(mv);
+  }
+  // Lazy rescaling (as vLLM's CPU kernel does, in natural-log units): the
+  // reference max moves only when the block's max exceeds it by more than
+  // kLazyRescale, so most blocks cost no rescale of O and l (p <= e^8 here).
+  // (m_old = -inf: any finite block max; a NaN block max keeps m_old.)
+  const float m = blk_max > m_old + kLazyRescale ? blk_max : m_old;
+  *m_new = m;
+  if (m == -INFINITY) {
+    if (p32) std::fill(p32, p32 + knp, 0.f);
+    std::fill(pb, pb + knp, uint16_t{0});
+    return 0.f;
+  }
+  return exp_pass(s, knp, valid, sc, m, p32, pb, mv);
+}
+
+KVC_AVX512_TARGET void qk_block_bf16(const uint16_t* Q, int rows, int64_t D, const uint16_t* K,
+                                     int64_t ldk, int kn, float* S, int lds, const char* pfk,
+                                     const char* pfv, int64_t row_bytes) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
-    qk_rows<4, 4>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, sc, pfk, pfv, row_bytes);
+    qk_rows<4, 4>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, pfk, pfv, row_bytes);
     pfk = pfv = nullptr;  // prefetch once
   }
   if (rows - r >= 2) {
-    qk_rows<2, 8>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, sc, pfk, pfv, row_bytes);
+    qk_rows<2, 8>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, pfk, pfv, row_bytes);
     pfk = pfv = nullptr;
     r += 2;
   }
-  if (rows - r == 1) qk_rows<1, 16>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, sc, pfk, pfv, row_bytes);
+  if (rows - r == 1) qk_rows<1, 16>(Q + r * D, D, K, ldk, kn, S + r * lds, lds, pfk, pfv, row_bytes);
 }
 
-KVC_AVX512_TARGET void pv_block_bf16(const float* P, int rows, int ldp, const uint16_t* V,
-                                     int64_t ldv, int kn, int64_t D, float* O, uint16_t* Pb) {
-  // P rows -> bf16 (pairs of consecutive keys form one 32-bit word).
-  const int knp = (kn + 15) / 16 * 16;
-  const int ldpb = knp / 2 + 8;  // in uint32 words
-  uint32_t* Pw = reinterpret_cast<uint32_t*>(Pb);
-  for (int r = 0; r < rows; ++r) {
-    for (int j = 0; j < knp; j += 16) {
-      const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * ldp + j));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pw + r * ldpb + j / 2), (__m256i)h);
-    }
-  }
+KVC_AVX512_TARGET void pv_block_bf16(const uint16_t* Pb, int rows, int ldpb, const uint16_t* V,
+                                     int64_t ldv, int kn, int64_t D, float* O) {
+  const uint32_t* Pw = reinterpret_cast<const uint32_t*>(Pb);  // key pairs
+  const int ldw = ldpb / 2;
   int r = 0;
-  for (; r + 4 <= rows; r += 4) pv_rows<4>(Pw + r * ldpb, ldpb, V, ldv, kn, D, O + r * D);
+  for (; r + 4 <= rows; r += 4) pv_rows<4>(Pw + r * ldw, ldw, V, ldv, kn, D, O + r * D);
   switch (rows - r) {
-    case 3: pv_rows<3>(Pw + r * ldpb, ldpb, V, ldv, kn, D, O + r * D); break;
-    case 2: pv_rows<2>(Pw + r * ldpb, ldpb, V, ldv, kn, D, O + r * D); break;
-    case 1: pv_rows<1>(Pw + r * ldpb, ldpb, V, ldv, kn, D, O + r * D); break;
+    case 3: pv_rows<3>(Pw + r * ldw, ldw, V, ldv, kn, D, O + r * D); break;
+    case 2: pv_rows<2>(Pw + r * ldw, ldw, V, ldv, kn, D, O + r * D); break;
+    case 1: pv_rows<1>(Pw + r * ldw, ldw, V, ldv, kn, D, O + r * D); break;
     default: break;
   }
 }
@@ -352,7 +377,7 @@ namespace {
 // p, the group's line (16 keys x 2 dims) against the broadcast query pair.
 template <int R, int KG>
 KVC_AVX512_TARGET inline void qk_groups_packed(const uint32_t* q32, int64_t D, const uint32_t* k32,
-                                               int g, float* S, int lds, int j0, __m512 sc) {
+                                               int g, float* S, int lds, int j0) {
   __m512 acc[R][KG];
   for (int r = 0; r < R; ++r)
     for (int x = 0; x < KG; ++x) acc[r][x] = _mm512_setzero_ps();
@@ -367,21 +392,21 @@ KVC_AVX512_TARGET inline void qk_groups_packed(const uint32_t* q32, int64_t D, c
   }
   for (int r = 0; r < R; ++r)
     for (int x = 0; x < KG; ++x)
-      _mm512_storeu_ps(S + r * lds + j0 + 16 * x, _mm512_mul_ps(acc[r][x], sc));
+      _mm512_storeu_ps(S + r * lds + j0 + 16 * x, acc[r][x]);
 }
 
 template <int R>
 KVC_AVX512_TARGET inline void qk_rows_packed(const uint32_t* q32, int64_t D, const uint32_t* k32,
-                                             int g0, int ng, float* S, int lds, __m512 sc) {
+                                             int g0, int ng, float* S, int lds) {
   int x = 0;
-  for (; x + 4 <= ng; x += 4) qk_groups_packed<R, 4>(q32, D, k32, g0 + x, S, lds, 16 * x, sc);
-  for (; x < ng; ++x) qk_groups_packed<R, 1>(q32, D, k32, g0 + x, S, lds, 16 * x, sc);
+  for (; x + 4 <= ng; x += 4) qk_groups_packed<R, 4>(q32, D, k32, g0 + x, S, lds, 16 * x);
+  for (; x < ng; ++x) qk_groups_packed<R, 1>(q32, D, k32, g0 + x, S, lds, 16 * x);
 }
 
 // O rows [R] (fp32, natural order), 16-dim chunks [c0, c0 + CH): per key pair,
 // the pair's line of each chunk against the broadcast P pair.
 template <int R, int CH>
-KVC_AVX512_TARGET inline void pv_chunks_packed(const uint32_t* Pw, int ldpb, const uint32_t* v32,
+KVC_AVX512_TARGET inline void pv_chunks_packed(const uint32_t* Pw, int ldw, const uint32_t* v32,
                                                int64_t N, int jp0, int kn, int64_t D, int c0,
                                                float* O) {
   __m512 acc[R][CH];
@@ -394,7 +419,7 @@ KVC_AVX512_TARGET inline void pv_chunks_packed(const uint32_t* Pw, int ldpb, con
     const __mmask32 keep = 2 * j + 1 < kn ? 0xFFFFFFFFu : 0x55555555u;
     __m512bh pb[R];
     for (int r = 0; r < R; ++r)
-      pb[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pw[r * ldpb + j]));
+      pb[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pw[r * ldw + j]));
     for (int c = 0; c < CH; ++c) {
       const __m512i v =
           _mm512_maskz_loadu_epi16(keep, v32 + ((c0 + c) * (N / 2) + jp0 + j) * 16);
@@ -406,53 +431,46 @@ KVC_AVX512_TARGET inline void pv_chunks_packed(const uint32_t* Pw, int ldpb, con
 }
 
 template <int R>
-KVC_AVX512_TARGET inline void pv_rows_packed(const uint32_t* Pw, int ldpb, const uint32_t* v32,
+KVC_AVX512_TARGET inline void pv_rows_packed(const uint32_t* Pw, int ldw, const uint32_t* v32,
                                              int64_t N, int jp0, int kn, int64_t D, float* O) {
   // R x CH accumulators <= 16 (+ R broadcasts + the line in flight).
   constexpr int CH = R <= 2 ? 8 : 4;
   const int C = static_cast<int>(D / 16);
   int c0 = 0;
-  for (; c0 + CH <= C; c0 += CH) pv_chunks_packed<R, CH>(Pw, ldpb, v32, N, jp0, kn, D, c0, O);
-  for (; c0 + 2 <= C; c0 += 2) pv_chunks_packed<R, 2>(Pw, ldpb, v32, N, jp0, kn, D, c0, O);
+  for (; c0 + CH <= C; c0 += CH) pv_chunks_packed<R, CH>(Pw, ldw, v32, N, jp0, kn, D, c0, O);
+  for (; c0 + 2 <= C; c0 += 2) pv_chunks_packed<R, 2>(Pw, ldw, v32, N, jp0, kn, D, c0, O);
 }
 
 }  // namespace
 
 KVC_AVX512_TARGET void qk_block_bf16_packed(const uint16_t* Q, int rows, int64_t D,
-                                            const uint16_t* Kp, int s0, int kn, float* S, int lds,
-                                            float scale) {
-  const __m512 sc = _mm512_set1_ps(scale);
+                                            const uint16_t* Kp, int s0, int kn, float* S, int lds) {
   const uint32_t* q32 = reinterpret_cast<const uint32_t*>(Q);
   const uint32_t* k32 = reinterpret_cast<const uint32_t*>(Kp);
   const int g0 = s0 / 16, ng = (kn + 15) / 16;
   int r = 0;
-  for (; r + 4 <= rows; r += 4) qk_rows_packed<4>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds, sc);
+  for (; r + 4 <= rows; r += 4) qk_rows_packed<4>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds);
   switch (rows - r) {
-    case 3: qk_rows_packed<3>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds, sc); break;
-    case 2: qk_rows_packed<2>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds, sc); break;
-    case 1: qk_rows_packed<1>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds, sc); break;
+    case 3: qk_rows_packed<3>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds); break;
+    case 2: qk_rows_packed<2>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds); break;
+    case 1: qk_rows_packed<1>(q32 + r * (D / 2), D, k32, g0, ng, S + r * lds, lds); break;
     default: break;
   }
 }
 
-KVC_AVX512_TARGET void pv_block_bf16_packed(const float* P, int rows, int ldp, const uint16_t* Vp,
-                                            int64_t N, int s0, int kn, int64_t D, float* O,
-                                            uint16_t* Pb) {
-  const int knp = (kn + 15) / 16 * 16;
-  const int ldpb = knp / 2 + 8;  // in uint32 words
-  uint32_t* Pw = reinterpret_cast<uint32_t*>(Pb);
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < knp; j += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pw + r * ldpb + j / 2),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * ldp + j)));
+KVC_AVX512_TARGET void pv_block_bf16_packed(const uint16_t* Pb, int rows, int ldpb,
+                                            const uint16_t* Vp, int64_t N, int s0, int kn,
+                                            int64_t D, float* O) {
+  const uint32_t* Pw = reinterpret_cast<const uint32_t*>(Pb);  // key pairs
+  const int ldw = ldpb / 2;
   const uint32_t* v32 = reinterpret_cast<const uint32_t*>(Vp);
   const int jp0 = s0 / 2;
   int r = 0;
-  for (; r + 4 <= rows; r += 4) pv_rows_packed<4>(Pw + r * ldpb, ldpb, v32, N, jp0, kn, D, O + r * D);
+  for (; r + 4 <= rows; r += 4) pv_rows_packed<4>(Pw + r * ldw, ldw, v32, N, jp0, kn, D, O + r * D);
   switch (rows - r) {
-    case 3: pv_rows_packed<3>(Pw + r * ldpb, ldpb, v32, N, jp0, kn, D, O + r * D); break;
-    case 2: pv_rows_packed<2>(Pw + r * ldpb, ldpb, v32, N, jp0, kn, D, O + r * D); break;
-    case 1: pv_rows_packed<1>(Pw + r * ldpb, ldpb, v32, N, jp0, kn, D, O + r * D); break;
+    case 3: pv_rows_packed<3>(Pw + r * ldw, ldw, v32, N, jp0, kn, D, O + r * D); break;
+    case 2: pv_rows_packed<2>(Pw + r * ldw, ldw, v32, N, jp0, kn, D, O + r * D); break;
+    case 1: pv_rows_packed<1>(Pw + r * ldw, ldw, v32, N, jp0, kn, D, O + r * D); break;
     default: break;
   }
 }
@@ -523,7 +541,7 @@ KVC_AMX_TARGET void amx_tile_config(int rows) {
 KVC_AMX_TARGET void amx_tile_release() { _tile_release(); }
 
 KVC_AMX_TARGET void qk_block_amx_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kp,
-                                        int s0, int kn, float* S, int lds, float scale) {
+                                        int s0, int kn, float* S, int lds) {
   const uint32_t* k32 = reinterpret_cast<const uint32_t*>(Kp);
   const int g0 = s0 / 16, ng = (kn + 15) / 16;
   for (int g = g0; g < g0 + ng; g += 4) {
@@ -539,35 +557,25 @@ KVC_AMX_TARGET void qk_block_amx_packed(const uint16_t* Q, int rows, int64_t D, 
     float* out = S + (g - g0) * 16;
     KVC_C_TILES(KVC_STORE, out, lds * 4)
   }
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < ng * 16; j += 16)
-      _mm512_storeu_ps(S + r * lds + j, _mm512_mul_ps(_mm512_loadu_ps(S + r * lds + j), sc));
 }
 
-KVC_AMX_TARGET void pv_block_amx_packed(const float* P, int rows, int ldp, const uint16_t* Vp,
-                                        int64_t N, int s0, int kn, int64_t D, float* O,
-                                        uint16_t* Pb) {
+KVC_AMX_TARGET void pv_block_amx_packed(const uint16_t* Pb, int rows, int ldpb, const uint16_t* Vp,
+                                        int64_t N, int s0, int kn, int64_t D, float* O) {
   const int k32n = kn / 32 * 32;  // keys in whole 32-key steps (AMX); the rest by AVX-512
   if (k32n > 0) {
-    const int ldb = k32n + 32;  // bf16 elements per row
-    for (int r = 0; r < rows; ++r)
-      for (int j = 0; j < k32n; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + r * ldb + j),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * ldp + j)));
     const uint32_t* v32 = reinterpret_cast<const uint32_t*>(Vp);
     for (int64_t c0 = 0; c0 < D / 16; c0 += 4) {
       const int cnt = static_cast<int>(std::min<int64_t>(4, D / 16 - c0));
       float* o = O + c0 * 16;
       KVC_C_TILES(KVC_LOAD, o, static_cast<int>(D * 4))
       for (int j = 0; j < k32n; j += 32) {
-        _tile_loadd(4, Pb + j, ldb * 2);
+        _tile_loadd(4, Pb + j, ldpb * 2);
         pv_step_amx(v32, N, c0, cnt, (s0 + j) / 2);
       }
       KVC_C_TILES(KVC_STORE, o, static_cast<int>(D * 4))
     }
   }
-  if (k32n < kn) pv_block_bf16_packed(P + k32n, rows, ldp, Vp, N, s0 + k32n, kn - k32n, D, O, Pb);
+  if (k32n < kn) pv_block_bf16_packed(Pb + k32n, rows, ldpb, Vp, N, s0 + k32n, kn - k32n, D, O);
 }
 
 #undef KVC_C_TILES
@@ -577,32 +585,29 @@ KVC_AMX_TARGET void pv_block_amx_packed(const float* P, int rows, int ldp, const
 #else  // no AVX-512 code in this build (never selected: cpu_has_avx512_bf16() is false)
 
 void qk_block_bf16(const uint16_t*, int, int64_t, const uint16_t*, int64_t, int, float*, int,
-                   float, const char*, const char*, int64_t) {
+                   const char*, const char*, int64_t) {
   TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
 }
-void pv_block_bf16(const float*, int, int, const uint16_t*, int64_t, int, int64_t, float*,
-                   uint16_t*) {
+void pv_block_bf16(const uint16_t*, int, int, const uint16_t*, int64_t, int, int64_t, float*) {
   TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
 }
-float softmax_row(float*, int, int, float, float*) {
+float softmax_row(const float*, int, int, float, float, float*, float*, uint16_t*) {
   TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
 }
-void qk_block_bf16_packed(const uint16_t*, int, int64_t, const uint16_t*, int, int, float*, int,
-                          float) {
+void qk_block_bf16_packed(const uint16_t*, int, int64_t, const uint16_t*, int, int, float*, int) {
   TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
 }
-void pv_block_bf16_packed(const float*, int, int, const uint16_t*, int64_t, int, int, int64_t,
-                          float*, uint16_t*) {
+void pv_block_bf16_packed(const uint16_t*, int, int, const uint16_t*, int64_t, int, int, int64_t,
+                          float*) {
   TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
 }
 void amx_tile_config(int) { TORCH_CHECK(false, "kvcompress: no AMX kernels in this build"); }
 void amx_tile_release() { TORCH_CHECK(false, "kvcompress: no AMX kernels in this build"); }
-void qk_block_amx_packed(const uint16_t*, int, int64_t, const uint16_t*, int, int, float*, int,
-                         float) {
+void qk_block_amx_packed(const uint16_t*, int, int64_t, const uint16_t*, int, int, float*, int) {
   TORCH_CHECK(false, "kvcompress: no AMX kernels in this build");
 }
-void pv_block_amx_packed(const float*, int, int, const uint16_t*, int64_t, int, int, int64_t,
-                         float*, uint16_t*) {
+void pv_block_amx_packed(const uint16_t*, int, int, const uint16_t*, int64_t, int, int, int64_t,
+                         float*) {
   TORCH_CHECK(false, "kvcompress: no AMX kernels in this build");
 }
 

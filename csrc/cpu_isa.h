@@ -39,61 +39,63 @@ std::string set_cpu_isa(const std::string& name);
 
 namespace avx512 {
 
-// S[r * lds + j] = scale * <Q[r], K[j]>, r < rows, j < kn (<= 128), for bf16
-// rows of D (D % 32 == 0) elements; Q rows are contiguous (stride D), K rows
-// have stride ldk.  Entries j in [kn, round_up(kn, 16)) of each row are
-// overwritten with garbage.  Prefetches (into L2) the K/V rows of the same
-// indices at pfk/pfv (may be null), row_bytes apart.
+// Score tiles S[r * lds + j] = <Q[r], K[j]> (unscaled: softmax_row applies
+// the scale), r < rows, j < kn (<= 128), for bf16 rows of D (D % 32 == 0)
+// elements; Q rows are contiguous (stride D), K rows have stride ldk.  Entries
+// j in [kn, round_up(kn, 16)) of each row are overwritten with garbage.
+// Prefetches (into L2) the K/V rows of the same indices at pfk/pfv (may be
+// null), row_bytes apart.
 void qk_block_bf16(const uint16_t* Q, int rows, int64_t D, const uint16_t* K, int64_t ldk,
-                   int kn, float* S, int lds, float scale, const char* pfk, const char* pfv,
+                   int kn, float* S, int lds, const char* pfk, const char* pfv,
                    int64_t row_bytes);
 
-// O[r] += sum_{j < kn} P[r * ldp + j] * V[j] (fp32 O rows of stride D, bf16 V
-// rows of stride ldv, D % 32 == 0).  P is rounded to bf16 (into Pb, a scratch
-// of rows * (round_up(kn, 16) + 16) uint16) and the products are accumulated in
-// fp32 (VDPBF16PS).  P[r * ldp + j] must be readable for j < round_up(kn, 16)
-// and be 0 at j = kn when kn is odd.
-void pv_block_bf16(const float* P, int rows, int ldp, const uint16_t* V, int64_t ldv, int kn,
-                   int64_t D, float* O, uint16_t* Pb);
+// One score row s[0, knp) (knp % 8 == 0) of a block, scaled by scale > 0;
+// entries j >= valid count as -inf.  m_new is the row's reference max: m_old
+// unless the block's max exceeds it by more than 8 (for m_old = -inf: is
+// finite), then the block's max -- so m_new >= m_old and every scaled score
+// minus m_new is <= 8 (lazy rescaling: most blocks leave m, l and O as they
+// are, and take one pass).  NaN scores count as masked.  Writes
+// p[j] = exp(scale * s[j] - m_new) (0 for the masked entries; all 0 if m_new
+// is -inf) for j < knp to pb (bf16, rounded to nearest even) and, if p32 is
+// not null, to p32 (fp32); returns the sum of p (fp32); s is not written.
+// exp: 2^n times a degree-6 polynomial of 2^f, relative error < 4e-6 (vec.h's
+// vexp, the baseline path's, is Cephes').
+float softmax_row(const float* s, int knp, int valid, float scale, float m_old, float* m_new,
+                  float* p32, uint16_t* pb);
 
-// One score row s[0, knp) (knp % 8 == 0) of a block: entries j >= valid are
-// set to -inf; m_new is the row's reference max: m_old unless the block's max
-// exceeds it by more than 8 (for m_old = -inf: is finite), then the block's
-// max -- so m_new >= m_old and every s[j] - m_new <= 8 (lazy rescaling: most
-// blocks leave m, l and O as they are).  NaN scores count as masked.  If m_new
-// is finite, s[j] = exp(s[j] - m_new) (0 for the masked entries) and the sum
-// of the row is returned, else s is zeroed and 0 returned.  exp: 2^n times a
-// degree-6 polynomial of 2^f, relative error < 4e-6 (vec.h's vexp, the
-// baseline path's, is Cephes').
-float softmax_row(float* s, int knp, int valid, float m_old, float* m_new);
+// O[r] += sum_{j < kn} P[r][j] * V[j] (fp32 O rows of stride D, bf16 V rows of
+// stride ldv, D % 32 == 0; bf16 P rows Pb + r * ldpb, ldpb even), products
+// accumulated in fp32 (VDPBF16PS).  P[r][kn] must be 0 when kn is odd.
+void pv_block_bf16(const uint16_t* Pb, int rows, int ldpb, const uint16_t* V, int64_t ldv, int kn,
+                   int64_t D, float* O);
 
 // The same two products on head-pages in vLLM's AMX in-page layout
 // (packed_k_offset / packed_v_offset below): keys [s0, s0 + kn) of one page,
 // s0 % 16 == 0, kn <= 128, D % 32 == 0.  Kp / Vp: the page's K / V half; N its
 // slots.  QK writes S[r * lds + j] for j < round_up(kn, 16) (garbage past kn)
-// with 16 keys per vector and no horizontal reduction.  PV needs P as
+// with 16 keys per vector and no horizontal reduction.  PV reads P as
 // pv_block_bf16 does; the partner of an odd last key is masked out, so stale
 // slots past kn are never multiplied.  No software prefetch: the hardware
 // prefetchers follow these line streams, and prefetching the next block (as
 // the plain-row kernels do) measured slower, streaming rows included.
 void qk_block_bf16_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kp, int s0,
-                          int kn, float* S, int lds, float scale);
-void pv_block_bf16_packed(const float* P, int rows, int ldp, const uint16_t* Vp, int64_t N, int s0,
-                          int kn, int64_t D, float* O, uint16_t* Pb);
+                          int kn, float* S, int lds);
+void pv_block_bf16_packed(const uint16_t* Pb, int rows, int ldpb, const uint16_t* Vp, int64_t N,
+                          int s0, int kn, int64_t D, float* O);
 
 // The same on AMX tiles (ISA kAvx512Amx, rows <= 16): amx_tile_config(rows)
 // must have been called on this thread since any other tile user ran (once
 // per tile of queries), and amx_tile_release() follows the tile's last
 // product (as vLLM's and oneDNN's AMX kernels do: the tile state goes back
 // to its init state, so the OS need not save it and the core may idle deeper).
-// QK also applies the scale; PV does whole 32-key steps on AMX and the rest
-// with pv_block_bf16_packed (Pb: rows * (kn + 32)).
+// PV does whole 32-key steps on AMX (P rows read as one A tile, ldpb * 2
+// bytes apart) and the rest with pv_block_bf16_packed.
 void amx_tile_config(int rows);
 void amx_tile_release();
 void qk_block_amx_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kp, int s0, int kn,
-                         float* S, int lds, float scale);
-void pv_block_amx_packed(const float* P, int rows, int ldp, const uint16_t* Vp, int64_t N, int s0,
-                         int kn, int64_t D, float* O, uint16_t* Pb);
+                         float* S, int lds);
+void pv_block_amx_packed(const uint16_t* Pb, int rows, int ldpb, const uint16_t* Vp, int64_t N,
+                         int s0, int kn, int64_t D, float* O);
 
 }  // namespace avx512
 

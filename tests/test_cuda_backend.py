@@ -514,7 +514,8 @@ def test_kernel_tests_in_a_fresh_process():
 # --------------------------------------------------------------------------
 def test_ops_dispatch_by_device(monkeypatch):
     cpu = torch.empty(1)
-    cuda = SimpleNamespace(device=torch.device("cuda"))  # no GPU needed to ask
+    # no GPU needed to ask: what backend_for reads of a CUDA tensor
+    cuda = SimpleNamespace(device=torch.device("cuda"), is_cpu=False, is_cuda=True)
     monkeypatch.setattr(ops, "KERNELS", "auto")
     assert ops.backend_for(cpu) == "cpp" and ops.backend_for(cuda) == "triton"
     monkeypatch.setattr(ops, "KERNELS", "cpp")  # the old default name

@@ -59,20 +59,20 @@ def cpu_isa() -> str:
 
 
 def backend_for(kv_pages: torch.Tensor) -> str:
-    """``"cpp"``, ``"triton"`` or ``"reference"``: what runs on ``kv_pages``."""
+    """``"cpp"``, ``"triton"`` or ``"reference"``: what runs on ``kv_pages``.
+    (Called once per layer and step: the common case takes two attribute reads.)"""
     mode = KERNELS
+    if mode == "auto" or mode == "cpp":
+        if kv_pages.is_cpu:
+            return "cpp"
+        if kv_pages.is_cuda:
+            return "triton"
+        raise RuntimeError(f"kvcompress_vllm: no kernels for {kv_pages.device.type} tensors")
     if mode not in MODES:
         raise ValueError(
             f"KVCOMPRESS_VLLM_KERNELS={mode!r}: expected one of {', '.join(MODES)}"
         )
-    if mode in ("reference", "triton"):
-        return mode
-    device = kv_pages.device.type
-    if device == "cpu":
-        return "cpp"
-    if device == "cuda":
-        return "triton"
-    raise RuntimeError(f"kvcompress_vllm: no kernels for {device} tensors")
+    return mode
 
 
 def _triton():
@@ -136,8 +136,9 @@ def kernel_reads_packing(packing: torch.Tensor) -> bool:
 
 
 def _check_amx_packing(packing: torch.Tensor) -> None:
-    if any(packing is p for p in _AMX_CHECKED):
-        return
+    for p in _AMX_CHECKED:
+        if p is packing:
+            return
     if not kernel_reads_packing(packing):
         _, block_size, head_dim = packing.shape
         raise ValueError(
