@@ -49,12 +49,13 @@ void qk_block_bf16(const uint16_t* Q, int rows, int64_t D, const uint16_t* K, in
                    int kn, float* S, int lds, const char* pfk, const char* pfv,
                    int64_t row_bytes);
 
-// One score row s[0, knp) (knp % 8 == 0) of a block, scaled by scale > 0;
+// One score row s[0, knp) (knp % 8 == 0) of a block, multiplied by scale;
 // entries j >= valid count as -inf.  m_new is the row's reference max: m_old
-// unless the block's max exceeds it by more than 8 (for m_old = -inf: is
-// finite), then the block's max -- so m_new >= m_old and every scaled score
+// unless the block's max exceeds it by more than 8 (for m_old = -inf: is not
+// -inf), then the block's max -- so m_new >= m_old and every scaled score
 // minus m_new is <= 8 (lazy rescaling: most blocks leave m, l and O as they
-// are, and take one pass).  NaN scores count as masked.  Writes
+// are, and take one pass).  A NaN score gets p = 0 but may hide the block's
+// max (then m_new = m_old; the output is NaN-tainted anyway).  Writes
 // p[j] = exp(scale * s[j] - m_new) (0 for the masked entries; all 0 if m_new
 // is -inf) for j < knp to pb (bf16, rounded to nearest even) and, if p32 is
 // not null, to p32 (fp32); returns the sum of p (fp32); s is not written.
