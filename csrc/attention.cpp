@@ -305,6 +305,24 @@ inline void metric_pass(float* metrics, const int32_t* pages, int64_t N, int64_t
 
 // ---------------------------------------------------------------- one tile
 
+// Rows of the AMX tile configuration this thread has loaded in this call (-1:
+// none).  A tile configuration depends only on the rows, so the tiles of one
+// call that share it load it once; AmxScope (one per thread and call) starts
+// from none and releases the tile state when the thread's work ends (as vLLM's
+// and oneDNN's AMX kernels do: the state goes back to its init state, so the
+// OS need not save it, and other tile users on the thread configure their own).
+thread_local int t_amx_rows = -1;
+
+struct AmxScope {
+  AmxScope() { t_amx_rows = -1; }
+  ~AmxScope() {
+    if (t_amx_rows >= 0) avx512::amx_tile_release();
+    t_amx_rows = -1;
+  }
+  AmxScope(const AmxScope&) = delete;
+  AmxScope& operator=(const AmxScope&) = delete;
+};
+
 constexpr int kLdS = kKB + 8;    // row stride of the score tile
 constexpr int kLdPb = kKB + 32;  // ... of the bf16 probabilities (AVX-512 path)
 
@@ -338,7 +356,10 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   // AMX tiles for packed pages: at most 16 rows (decode tiles; prefill tiles
   // with more rows take the AVX-512 micro-kernels).
   const bool amx = c.amx && t.packed && rows <= 16;
-  if (amx) avx512::amx_tile_config(rows);
+  if (amx && t_amx_rows != rows) {
+    avx512::amx_tile_config(rows);
+    t_amx_rows = rows;
+  }
   if (fast) {
     Qb = reinterpret_cast<uint16_t*>(Scratch::get(sc.qb, (rows * D + 1) / 2));
     Pb = reinterpret_cast<uint16_t*>(Scratch::get(sc.pb, rows * kLdPb / 2));
@@ -487,7 +508,6 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
       pv_block(S, rows, kLdS, Vf, Dp, kn, Dp, O);
     kb0 += kn;
   }
-  if (amx) avx512::amx_tile_release();
   nblk = blk;
 
   if (split_item) {
@@ -583,6 +603,7 @@ void run_units(int64_t n, const std::vector<double>& cost, const F& fn) {
   if (n == 0) return;
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
   if (workers <= 1) {
+    AmxScope amx;
     for (int64_t u = 0; u < n; ++u) fn(u);
     return;
   }
@@ -619,6 +640,7 @@ void run_units(int64_t n, const std::vector<double>& cost, const F& fn) {
     }
   };
   at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    AmxScope amx;
     for (int64_t w = wb; w < we; ++w)
       for (int64_t x = take(w, true); x >= 0; x = take(w, true)) fn(x);
     for (int64_t k = 1; k < workers; ++k) {  // steal, nearest neighbour first

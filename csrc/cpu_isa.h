@@ -86,9 +86,10 @@ void pv_block_bf16_packed(const uint16_t* Pb, int rows, int ldpb, const uint16_t
 
 // The same on AMX tiles (ISA kAvx512Amx, rows <= 16): amx_tile_config(rows)
 // must have been called on this thread since any other tile user ran (once
-// per tile of queries), and amx_tile_release() follows the tile's last
-// product (as vLLM's and oneDNN's AMX kernels do: the tile state goes back
-// to its init state, so the OS need not save it and the core may idle deeper).
+// per call and row count: attention.cpp's AmxScope), and amx_tile_release()
+// follows the thread's last product of the call (as vLLM's and oneDNN's AMX
+// kernels do: the tile state goes back to its init state, so the OS need not
+// save it and the core may idle deeper).
 // PV does whole 32-key steps on AMX (P rows read as one A tile, ldpb * 2
 // bytes apart) and the rest with pv_block_bf16_packed.
 void amx_tile_config(int rows);
