@@ -307,10 +307,11 @@ inline void metric_pass(float* metrics, const int32_t* pages, int64_t N, int64_t
 
 // Rows of the AMX tile configuration this thread has loaded in this call (-1:
 // none).  A tile configuration depends only on the rows, so the tiles of one
-// call that share it load it once; AmxScope (one per thread and call) starts
-// from none and releases the tile state when the thread's work ends (as vLLM's
-// and oneDNN's AMX kernels do: the state goes back to its init state, so the
-// OS need not save it, and other tile users on the thread configure their own).
+// call that share it load it once.  AmxScope (one per thread's share of a
+// call, i.e. per at::parallel_for chunk) starts from none and releases the
+// tile state when that share ends (as vLLM's and oneDNN's AMX kernels do: the
+// state goes back to its init state, so the OS need not save it, and other
+// tile users on the thread configure their own).
 thread_local int t_amx_rows = -1;
 
 struct AmxScope {

@@ -482,8 +482,9 @@ KVC_AVX512_TARGET void pv_block_bf16_packed(const uint16_t* Pb, int rows, int ld
 // key-pair lines the B tile of O = P V (16 dims).  Tiles: 0-3 C (rows x 16
 // fp32), 4 A (rows x 32 bf16), 5 B (16 x 64 bytes).  The B tiles are loaded
 // with the non-temporal hint (TILELOADDT1, as vLLM's kernel does): each KV
-// line is read once per call, and on two threads the hint measured 2-10%
-// faster on most rows (none slower beyond noise; one thread: no difference).
+// line is read once per tile of queries (decode: once per call).  Measured:
+// no row slower, perhaps 2-5% faster on some on two threads (within this
+// VM's noise on most; docs/performance.md section 2).
 
 #define KVC_AMX_TARGET \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
