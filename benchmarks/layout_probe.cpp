@@ -38,9 +38,8 @@ constexpr int kN = 128;
 
 // ----------------------------------------------------------- packed, AVX-512
 template <int G, int D>
-PROBE_AVX512 void qk_packed(const uint16_t* Q, const uint16_t* Kp, float* S, int lds, float scale) {
+PROBE_AVX512 void qk_packed(const uint16_t* Q, const uint16_t* Kp, float* S, int lds) {
   constexpr int KG = 4;  // 16-key groups per pass: G * KG independent accumulators
-  const __m512 sc = _mm512_set1_ps(scale);
   const int32_t* q32 = reinterpret_cast<const int32_t*>(Q);
   const uint32_t* k32 = reinterpret_cast<const uint32_t*>(Kp);
   for (int g0 = 0; g0 < kN; g0 += 16 * KG) {
@@ -58,16 +57,8 @@ PROBE_AVX512 void qk_packed(const uint16_t* Q, const uint16_t* Kp, float* S, int
     }
     for (int r = 0; r < G; ++r)
       for (int x = 0; x < KG; ++x)
-        _mm512_storeu_ps(S + r * lds + g0 + 16 * x, _mm512_mul_ps(acc[r][x], sc));
+        _mm512_storeu_ps(S + r * lds + g0 + 16 * x, acc[r][x]);
   }
-}
-
-// P rows (fp32, ldp) -> bf16 rows of kN keys (ldb elements).
-PROBE_AVX512 void p_to_bf16(const float* P, int rows, int ldp, uint16_t* Pb, int ldb) {
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < kN; j += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + r * ldb + j),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P + r * ldp + j)));
 }
 
 template <int G, int D>
@@ -149,13 +140,6 @@ PROBE_AMX void qk_amx(const uint16_t* Q, const uint16_t* Kp, float* S, int lds) 
   }
 }
 
-PROBE_AVX512 void scale_rows(float* S, int rows, int lds, float scale) {
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int r = 0; r < rows; ++r)
-    for (int j = 0; j < kN; j += 16)
-      _mm512_storeu_ps(S + r * lds + j, _mm512_mul_ps(_mm512_loadu_ps(S + r * lds + j), sc));
-}
-
 template <int D>
 PROBE_AMX void pv_amx(const uint16_t* Pb, int ldb, const uint16_t* Vp, float* O) {
   for (int d0 = 0; d0 < D; d0 += 64) {
@@ -190,22 +174,20 @@ void run_passes(const uint16_t* Q, const uint16_t* K, const uint16_t* V, int blo
     for (int b = 0; b < blocks; ++b) {
       const uint16_t* kb = K + static_cast<int64_t>(b) * kN * D;
       const uint16_t* vb = V + static_cast<int64_t>(b) * kN * D;
-      if (variant == kPlain) {
-        kvc::avx512::qk_block_bf16(Q, G, D, kb, D, kN, S, lds, scale, nullptr, nullptr, 0);
-      } else if (variant == kPackedAvx512) {
-        qk_packed<G, D>(Q, kb, S, lds, scale);
-      } else {
+      // Unscaled scores; softmax_row scales them and writes bf16 P rows.
+      if (variant == kPlain)
+        kvc::avx512::qk_block_bf16(Q, G, D, kb, D, kN, S, lds, nullptr, nullptr, 0);
+      else if (variant == kPackedAvx512)
+        qk_packed<G, D>(Q, kb, S, lds);
+      else
         qk_amx<D>(Q, kb, S, lds);
-        scale_rows(S, G, lds, scale);
-      }
       for (int r = 0; r < G; ++r) {
         float m_new;
-        kvc::avx512::softmax_row(S + r * lds, kN, kN, 0.f, &m_new);
+        kvc::avx512::softmax_row(S + r * lds, kN, kN, scale, 0.f, &m_new, nullptr, Pb + r * ldb);
       }
       if (variant == kPlain) {
-        kvc::avx512::pv_block_bf16(S, G, lds, vb, D, kN, D, O, Pb);
+        kvc::avx512::pv_block_bf16(Pb, G, ldb, vb, D, kN, D, O);
       } else {
-        p_to_bf16(S, G, lds, Pb, ldb);
         if (variant == kPackedAvx512)
           pv_packed<G, D>(Pb, ldb, vb, O);
         else
