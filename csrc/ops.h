@@ -38,4 +38,11 @@ void compact_heads(const at::Tensor& kv_pages, const at::Tensor& metrics,
 at::Tensor unpack_pages(const at::Tensor& kv_pages, const at::Tensor& page_rows,
                         const at::Tensor& packing, int64_t half);
 
+// KeyDiff score (-cos(k, mean normalised key)) of every key of every row of
+// head-pages: page_rows [r, np] int page ids, counts [r] -> [r, width] fp32,
+// 0 past counts[i].  With `packing` the pages are in vLLM's in-page layout.
+at::Tensor keydiff_scores(const at::Tensor& kv_pages, const at::Tensor& page_rows,
+                          const at::Tensor& counts, int64_t width,
+                          const std::optional<at::Tensor>& packing);
+
 }  // namespace kvc

@@ -24,6 +24,9 @@ TORCH_LIBRARY(KVC_OP_NAMESPACE, m) {
       "Tensor page_table, Tensor kv_lens, Tensor evict_idx, Tensor evict_counts, "
       "Tensor? packing=None) -> ()");
   m.def("unpack_pages(Tensor kv_pages, Tensor page_rows, Tensor packing, int half) -> Tensor");
+  m.def(
+      "keydiff_scores(Tensor kv_pages, Tensor page_rows, Tensor counts, int width, "
+      "Tensor? packing=None) -> Tensor");
   // Run-time ISA of the kernels (csrc/cpu_isa.h): the path in use, and a switch
   // (auto | avx2 | avx512_bf16) that returns the previous path.
   m.def("cpu_isa() -> str", [] { return kvc::cpu_isa_name(); });
@@ -35,4 +38,5 @@ TORCH_LIBRARY_IMPL(KVC_OP_NAMESPACE, CPU, m) {
   m.impl("write_kv", &kvc::write_kv);
   m.impl("compact_heads", &kvc::compact_heads);
   m.impl("unpack_pages", &kvc::unpack_pages);
+  m.impl("keydiff_scores", &kvc::keydiff_scores);
 }

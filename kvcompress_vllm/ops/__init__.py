@@ -191,6 +191,25 @@ def unpack_pages(
     return torch.ops.kvcompress.unpack_pages(kv_pages, page_rows, packing, half)
 
 
+def keydiff_scores(
+    kv_pages: torch.Tensor,
+    page_rows: torch.Tensor,
+    counts: torch.Tensor,
+    width: int,
+    packing: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See ``reference.keydiff_scores`` (C++ on CPU; CUDA pools run the
+    reference's batched torch ops on the device: there is no Triton kernel
+    for it, the scorer runs once per compression)."""
+    backend = backend_for(kv_pages)
+    if backend != "cpp":
+        if backend == "triton":
+            _no_packing("keydiff_scores", packing)
+        return reference.keydiff_scores(**_args(locals()))
+    load_library()
+    return torch.ops.kvcompress.keydiff_scores(kv_pages, page_rows, counts, width, packing)
+
+
 def _no_packing(op: str, packing: torch.Tensor | None) -> None:
     if packing is not None:
         raise ValueError(

@@ -161,6 +161,40 @@ def unpack_pages(
     return out.view(*page_rows.shape, block, dim)
 
 
+def keydiff_scores(
+    kv_pages: torch.Tensor,  # [P, 2, N, D]
+    page_rows: torch.Tensor,  # [r, np] int page ids of each row's logical pages (< 0: none)
+    counts: torch.Tensor,  # [r] int KVs of each row (<= width, <= np * N)
+    width: int,
+    packing: torch.Tensor | None = None,  # [2, N, D] int32: vLLM's in-page layout
+) -> torch.Tensor:
+    """KeyDiff score of every key, read from the head-pages: ``[r, width]``
+    float32, ``-cos(k, a)`` with ``a`` the mean of the row's L2-normalised
+    keys (``|k|`` clamped at 1e-12, ``|a|`` at 1e-8), 0 past ``counts``."""
+    num_rows = page_rows.shape[0]
+    block, dim = kv_pages.shape[2], kv_pages.shape[3]
+    device = kv_pages.device
+    if num_rows == 0 or width == 0:
+        return torch.zeros(num_rows, width, dtype=torch.float32, device=device)
+    j = torch.arange(width, device=device)
+    valid = j.view(1, -1) < counts.to(device).view(-1, 1)  # [r, width]
+    rows = page_rows.to(device=device, dtype=torch.int64)
+    pages = rows.index_select(1, (j // block).clamp(max=rows.shape[1] - 1)).clamp(min=0)
+    if packing is None:
+        keys = kv_pages[pages, 0, j % block]  # [r, width, D]
+    else:
+        plain = unpack_pages(kv_pages, rows, packing, 0).view(num_rows, -1, dim)  # [r, np*N, D]
+        keys = plain[:, j.clamp(max=plain.shape[1] - 1)]  # columns past np*N are masked
+    k = keys.float().mul_(valid.unsqueeze(-1))  # [r, width, D], padding zero
+    inv = torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12).reciprocal()  # [r, width]
+    weights = valid.float() * inv
+    anchor = torch.bmm(weights.unsqueeze(1), k).squeeze(1)  # [r, D]
+    anchor = anchor / valid.sum(1, keepdim=True).clamp_min(1)
+    cos = torch.bmm(k, anchor.unsqueeze(-1)).squeeze(-1) * inv
+    cos = cos / torch.linalg.vector_norm(anchor, dim=-1, keepdim=True).clamp_min(1e-8)
+    return (-cos).masked_fill(~valid, 0.0)
+
+
 def compaction_moves(
     kv_len: int, evicted: list[int]
 ) -> list[tuple[int, int]]:

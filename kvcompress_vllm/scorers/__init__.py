@@ -41,6 +41,7 @@ from kvcompress_vllm.config import METRIC_SCORERS, SCORERS
 from kvcompress_vllm.scorers.base import (
     CHUNK_BYTES,
     HeadKVs,
+    PagedKeys,
     Scorer,
     ScorerRegistryError,
     _REGISTRY,
@@ -96,6 +97,7 @@ def score(name: str | Scorer, kvs: HeadKVs, protected_window: int, sink_tokens: 
 __all__ = [
     "CHUNK_BYTES",
     "HeadKVs",
+    "PagedKeys",
     "Scorer",
     "ScorerRegistryError",
     "get_scorer",

@@ -32,6 +32,7 @@ server validates against; the registry refuses to load if they disagree).
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,24 @@ class ScorerRegistryError(RuntimeError):
     """The scorer classes and ``config.SCORERS`` disagree, or a name is taken."""
 
 
+@dataclass(frozen=True)
+class PagedKeys:
+    """Where a chunk's keys lie in the cache, for scorer kernels that read
+    them in place (``ops.keydiff_scores``) instead of gathering ``keys()``."""
+
+    kv_pages: torch.Tensor  # [P, 2, N, D] the pool's head-pages
+    #: [r, np] int32 page ids of each row's logical pages (< 0: none).
+    page_rows: torch.Tensor
+    counts: torch.Tensor  # [r] int32 KVs of each row (= valid.sum(1))
+    #: [2, N, D] int32 in-page offsets when the pages are in vLLM's layout.
+    packing: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> "PagedKeys":
+        return dataclasses.replace(
+            self, page_rows=self.page_rows[start:stop], counts=self.counts[start:stop]
+        )
+
+
 @dataclass
 class HeadKVs:
     """KVs of a chunk of (layer, KV head) rows of one request.
@@ -77,6 +96,9 @@ class HeadKVs:
     #: Tokens in the request's cache (uncompressed count).
     num_tokens: int
     row_start: int = 0
+    #: The same keys where they lie in the cache (the worker sets it; None:
+    #: only ``keys()``).  Describes exactly the keys ``keys()`` returns.
+    paged_keys: PagedKeys | None = None
 
     @property
     def num_rows(self) -> int:
@@ -93,6 +115,7 @@ class HeadKVs:
             req_id=self.req_id,
             num_tokens=self.num_tokens,
             row_start=self.row_start + start,
+            paged_keys=None if self.paged_keys is None else self.paged_keys.rows(start, stop),
         )
 
 

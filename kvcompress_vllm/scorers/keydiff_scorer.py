@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kvcompress_vllm import ops
 from kvcompress_vllm.scorers.base import HeadKVs, Scorer
 
 
@@ -20,13 +21,21 @@ class KeyDiffScorer(Scorer):
     Computed per head as ``-(k . a) / (|k| |a|)`` with ``a`` the mean of
     ``k / |k|``: the same value as normalising the keys first, without writing
     normalised keys; each head's keys are upcast to fp32 one head at a time
-    (``[C, D]``), so no ``[r, C, D]`` fp32 temporary is made.
+    (``[C, D]``), so no ``[r, C, D]`` fp32 temporary is made.  When the
+    worker says where the keys lie (``HeadKVs.paged_keys``), one kernel
+    reads them in the pages instead (``ops.keydiff_scores``: C++ on CPU, no
+    gather, no per-head loop).
     """
 
     name = "keydiff"
     needs_keys = True
 
     def score(self, kvs: HeadKVs) -> torch.Tensor:
+        paged = kvs.paged_keys
+        if paged is not None:  # read in place: ops.keydiff_scores (same definition)
+            return ops.keydiff_scores(
+                paged.kv_pages, paged.page_rows, paged.counts, kvs.valid.shape[1], paged.packing
+            ).to(kvs.valid.device)
         keys = kvs.keys()  # [r, C, D], cache dtype; padding keys are zero
         valid = kvs.valid.to(torch.float32)  # [r, C]
         out = torch.empty(valid.shape, dtype=torch.float32, device=valid.device)

@@ -276,6 +276,13 @@ class KVCompressWorkerState:
             req_id=req_id,
             num_tokens=req.num_tokens,
             row_start=start,
+            # CPU pool: key scorers with a kernel read the pages in place.
+            paged_keys=scorers.PagedKeys(
+                kv_pages=pool.kv_pages,
+                page_rows=rows,
+                counts=counts[start:stop],
+                packing=pool.packing.offsets if req.packed else None,
+            ) if pool.kv_pages.is_cpu else None,
         )
 
     def apply_eviction(self, plan: EvictionPlan) -> None:
