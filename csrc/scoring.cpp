@@ -78,9 +78,11 @@ at::Tensor keydiff_scores(const at::Tensor& kv_pages, const at::Tensor& page_row
   TORCH_CHECK(kv_pages.device().is_cpu(), "keydiff_scores: CPU tensors expected");
   TORCH_CHECK(kv_pages.dim() == 4 && kv_pages.size(1) == 2 && kv_pages.is_contiguous(),
               "keydiff_scores: kv_pages must be a contiguous [P, 2, N, D] tensor");
-  TORCH_CHECK(page_rows.dim() == 2, "keydiff_scores: page_rows must be [r, pages]");
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == page_rows.size(0),
-              "keydiff_scores: counts must be [r] with r = page_rows.size(0)");
+  TORCH_CHECK(page_rows.dim() == 2 && page_rows.scalar_type() == at::kInt,
+              "keydiff_scores: page_rows must be an int32 [r, pages] tensor");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == page_rows.size(0) &&
+                  counts.scalar_type() == at::kInt,
+              "keydiff_scores: counts must be an int32 [r] tensor with r = page_rows.size(0)");
   TORCH_CHECK(width >= 0, "keydiff_scores: width must be >= 0, got ", width);
   const int64_t P = kv_pages.size(0), N = kv_pages.size(2), D = kv_pages.size(3);
   const int64_t R = page_rows.size(0), np = page_rows.size(1);
@@ -97,8 +99,8 @@ at::Tensor keydiff_scores(const at::Tensor& kv_pages, const at::Tensor& page_row
       TORCH_CHECK(pk_p[x] >= 0 && pk_p[x] < N * D, "keydiff_scores: packing offset ", pk_p[x],
                   " outside a half-page of ", N * D, " elements");
   }
-  const at::Tensor rows = page_rows.to(at::kInt).contiguous();
-  const at::Tensor cnt = counts.to(at::kInt).contiguous();
+  const at::Tensor rows = page_rows.contiguous();
+  const at::Tensor cnt = counts.contiguous();
   const int32_t* r_p = rows.data_ptr<int32_t>();
   const int32_t* c_p = cnt.data_ptr<int32_t>();
   for (int64_t i = 0; i < R; ++i) {

@@ -150,3 +150,16 @@ def test_env_ab_quick():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert all(float(c) > 0 for c in cells[2:7]), row  # wall, attention, forward, builder, outside
     assert "geometric means over the pairs (vllm/ours)" in proc.stdout
+
+
+def test_eviction_bench_quick():
+    """bench_eviction.py --quick: one compression with KeyDiff read in place and
+    gathered, on both page layouts (no timing assertions)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_eviction.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln.split("|") for ln in proc.stdout.splitlines() if ln.startswith("| 640 |")]
+    assert len(rows) == 4
+    assert {(r[3].strip(), r[4].strip()) for r in rows} == {
+        (layout, path) for layout in ("vLLM in-page", "plain") for path in ("in place", "gathered")}
+    assert all(float(r[5]) > 0 for r in rows)

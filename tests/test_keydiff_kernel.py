@@ -11,11 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from kvcompress_vllm import ops, scorers
+from kvcompress_vllm.attention.cpu_packed import PagePacking
 from kvcompress_vllm.config import KVCompressConfig
 from kvcompress_vllm.ops import reference
 from kvcompress_vllm.testing import scheduler_output
 from kvcompress_vllm.worker.selection import rank_heads
 from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState
+
+
+@pytest.fixture(autouse=True)
+def cpp_kernels(monkeypatch):
+    """The C++ kernel, whatever KVCOMPRESS_VLLM_KERNELS says (the tests
+    compare it with the reference)."""
+    monkeypatch.setattr(ops, "KERNELS", "auto")
 
 
 def kvpress_keydiff(keys):
@@ -92,7 +100,12 @@ def test_kernel_threads_agree():
     (dict(counts=torch.tensor([3, 9], dtype=torch.int32)), "counts\\[1\\] = 9"),
     (dict(width=4), "counts\\[1\\] = 5 outside \\[0, min\\(width 4"),
     (dict(page_rows=torch.tensor([[0, -1], [99, -1]], dtype=torch.int32)), "page_rows\\[1, 0\\] = 99"),
-    (dict(packing=torch.zeros(2, 4, 8, dtype=torch.int64)), "packing"),
+    (dict(page_rows=torch.tensor([[0, -1], [1, -1]], dtype=torch.int32)), "page_rows\\[1, 1\\] = -1"),
+    (dict(counts=torch.tensor([-1, 5], dtype=torch.int32)), "counts\\[0\\] = -1"),
+    (dict(counts=torch.tensor([3, 5], dtype=torch.int64)), "counts must be an int32"),
+    (dict(page_rows=torch.tensor([[0, -1], [1, 2]], dtype=torch.int64)), "page_rows must be an int32"),
+    (dict(packing=torch.zeros(2, 4, 8, dtype=torch.int64)), "packing must be an int32"),
+    (dict(packing=torch.full((2, 4, 8), 32, dtype=torch.int32)), "packing offset 32 outside"),
 ])
 def test_kernel_rejects_bad_input(bad, match):
     args = dict(kv_pages=torch.randn(4, 2, 4, 8), page_rows=torch.tensor([[0, -1], [1, 2]], dtype=torch.int32),
@@ -114,12 +127,9 @@ def test_worker_scores_in_place_as_its_gathered_keys(packed):
     per_layer = num_blocks * H * N * 2 * D
     layers = [storage[l * per_layer:(l + 1) * per_layer].view(num_blocks, H, N, 2 * D) for l in range(L)]
     pool = HeadPool.from_layer_caches(layers)
-    if packed:
-        pool.packing = type("Packing", (), {
-            "offsets": reference.amx_packing(N, D),
-            "unpack_keys": lambda self, kv, rows: reference.unpack_pages(
-                kv, rows, reference.amx_packing(N, D), 0).view(rows.shape[0], -1, D),
-        })()
+    if packed:  # vLLM's AMX in-page layout, as PagePacking.learn finds it
+        pool.packing = PagePacking(isa="amx", dtype=torch.bfloat16, block_size=N, head_dim=D,
+                                   offsets=reference.amx_packing(N, D))
     state = KVCompressWorkerState(KVCompressConfig(), pool, max_model_len=num_blocks * N, max_num_reqs=2)
     blocks = torch.randperm(num_blocks, generator=g)[:7].tolist()
     state.begin_step(scheduler_output(new=[("r", blocks, ctx)], scheduled={"r": ctx},

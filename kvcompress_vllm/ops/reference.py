@@ -178,7 +178,9 @@ def keydiff_scores(
         return torch.zeros(num_rows, width, dtype=torch.float32, device=device)
     j = torch.arange(width, device=device)
     valid = j.view(1, -1) < counts.to(device).view(-1, 1)  # [r, width]
-    rows = page_rows.to(device=device, dtype=torch.int64)
+    rows = page_rows.to(device=device, dtype=torch.int64)[:, : -(-width // block)]
+    if rows.shape[1] == 0:  # no pages: every count is 0
+        rows = torch.full((num_rows, 1), -1, dtype=torch.int64, device=device)
     pages = rows.index_select(1, (j // block).clamp(max=rows.shape[1] - 1)).clamp(min=0)
     if packing is None:
         keys = kv_pages[pages, 0, j % block]  # [r, width, D]

@@ -96,8 +96,10 @@ class HeadKVs:
     #: Tokens in the request's cache (uncompressed count).
     num_tokens: int
     row_start: int = 0
-    #: The same keys where they lie in the cache (the worker sets it; None:
-    #: only ``keys()``).  Describes exactly the keys ``keys()`` returns.
+    #: The same keys where they lie in the cache (the worker sets it where
+    #: the C++ kernels run; None: only ``keys()``).  Describes the keys
+    #: ``keys()`` returns: the page table is not changed while a chunk is
+    #: scored, and ``counts`` is a copy taken at gather time.
     paged_keys: PagedKeys | None = None
 
     @property

@@ -240,7 +240,8 @@ class KVCompressWorkerState:
         """The KVs of flat heads ``[start, stop)`` (``layer * H + head``) of
         ``req``, ``width`` columns in logical order: metrics (float32),
         positions (int32) and validity now (``[r, width]`` each), keys on
-        demand in the cache dtype (``[r, width, D]``, padding zeroed)."""
+        demand in the cache dtype (``[r, width, D]``, padding zeroed), and,
+        where the C++ kernels run, where those keys lie (``paged_keys``)."""
         pool = self.pool
         n = self.block_size
         page_rows, counts = self.table.head_rows(req)
@@ -276,13 +277,14 @@ class KVCompressWorkerState:
             req_id=req_id,
             num_tokens=req.num_tokens,
             row_start=start,
-            # CPU pool: key scorers with a kernel read the pages in place.
+            # Where the C++ kernels run: key scorers with a kernel read the
+            # pages in place (``ops.keydiff_scores``).
             paged_keys=scorers.PagedKeys(
                 kv_pages=pool.kv_pages,
                 page_rows=rows,
-                counts=counts[start:stop],
+                counts=counts[start:stop].clone(),  # not a view of the live table
                 packing=pool.packing.offsets if req.packed else None,
-            ) if pool.kv_pages.is_cpu else None,
+            ) if ops.backend_for(pool.kv_pages) == "cpp" else None,
         )
 
     def apply_eviction(self, plan: EvictionPlan) -> None:
@@ -310,6 +312,9 @@ class KVCompressWorkerState:
         measures it (99-134 MiB).  A request in vLLM's in-page layout
         (``req.packed``) gathers its keys as whole pages and then unpacks
         them: ``2*e/4`` instead of ``e/4`` (about +16 MiB in that example).
+        The default ``keydiff`` on a CPU pool gathers no keys: its kernel
+        (``ops.keydiff_scores``) holds the fp32 keys of one head per thread
+        (``4*C*D`` each), within the bound above.
         """
         start = time.perf_counter()
         table = self.table
