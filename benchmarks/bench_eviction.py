@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import D, H, L, N, make_state  # noqa: E402
+from wall_timers import Timers  # noqa: E402
 
 from kvcompress_vllm import ops, scorers  # noqa: E402
 from kvcompress_vllm.core import PageGeometry  # noqa: E402
@@ -34,17 +35,7 @@ from kvcompress_vllm.plan import EvictionPlan  # noqa: E402
 from kvcompress_vllm.worker import selection  # noqa: E402
 from kvcompress_vllm.worker import state as worker_state  # noqa: E402
 
-PHASES = {}
-
-
-def _timed(name, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - start
-    return wrapper
+TIMERS = Timers()  # seconds per phase of the current call
 
 
 class _Packing:
@@ -85,12 +76,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--calls", type=int, default=9)
     args = parser.parse_args()
-    keydiff = scorers.get_scorer("keydiff")
-    keydiff.score = _timed("score", keydiff.score)
-    worker_state.choose_pages = _timed("choose", worker_state.choose_pages)
-    worker_state.evict_indices = _timed("lists", worker_state.evict_indices)
-    selection.unit_costs = _timed("sort", selection.unit_costs)
-    ops.compact_heads = _timed("compact", ops.compact_heads)
+    TIMERS.wrap(scorers.get_scorer("keydiff"), "score", "score")
+    TIMERS.wrap(worker_state, "choose_pages", "choose")
+    TIMERS.wrap(worker_state, "evict_indices", "lists")
+    TIMERS.wrap(selection, "unit_costs", "sort")
+    TIMERS.wrap(ops, "compact_heads", "compact")
     calls = 3 if args.quick else args.calls
     cases = [(640, 0.6), (1536, 0.75)] if not args.quick else [(640, 0.6)]
     print(f"apply_eviction, keydiff, {L} layers x {H} KV heads, D {D}, N {N}, bf16, "
@@ -105,9 +95,9 @@ def main() -> int:
                 one_compression(ctx, packed, path, fraction)
             for _ in range(calls):
                 for path in (True, False):
-                    PHASES.clear()
+                    TIMERS.total.clear()
                     times[path].append(one_compression(ctx, packed, path, fraction))
-                    for k, v in PHASES.items():
+                    for k, v in TIMERS.snapshot().items():
                         phases[path].setdefault(k, []).append(v)
             med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
             for path in (True, False):

@@ -198,9 +198,9 @@ def keydiff_scores(
     width: int,
     packing: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """See ``reference.keydiff_scores`` (C++ on CPU; CUDA pools run the
-    reference's batched torch ops on the device: there is no Triton kernel
-    for it, the scorer runs once per compression)."""
+    """See ``reference.keydiff_scores`` (C++ on CPU).  There is no Triton
+    kernel: CUDA tensors run the reference's torch ops, and the CUDA worker
+    does not call it (its ``keydiff`` scores the gathered keys)."""
     backend = backend_for(kv_pages)
     if backend != "cpp":
         if backend == "triton":
