@@ -29,6 +29,7 @@ from step_overhead import D, H, L, N, make_state  # noqa: E402
 from wall_timers import Timers  # noqa: E402
 
 from kvcompress_vllm import ops, scorers  # noqa: E402
+from kvcompress_vllm.attention.cpu_packed import PagePacking  # noqa: E402
 from kvcompress_vllm.core import PageGeometry  # noqa: E402
 from kvcompress_vllm.ops import reference  # noqa: E402
 from kvcompress_vllm.plan import EvictionPlan  # noqa: E402
@@ -38,22 +39,12 @@ from kvcompress_vllm.worker import state as worker_state  # noqa: E402
 TIMERS = Timers()  # seconds per phase of the current call
 
 
-class _Packing:
-    """vLLM's AMX in-page layout (``reference.amx_packing``), as the pool's
-    ``PagePacking`` exposes it to the worker."""
-
-    def __init__(self) -> None:
-        self.offsets = reference.amx_packing(N, D)
-
-    def unpack_keys(self, kv_pages, page_rows):
-        return ops.unpack_pages(kv_pages, page_rows, self.offsets, 0).view(page_rows.shape[0], -1, D)
-
-
 def one_compression(ctx: int, packed: bool, in_place: bool, fraction: float) -> float:
     state, ids = make_state(1, ctx, False)
     state.pool.kv_pages.normal_()
     if packed:
-        state.pool.packing = _Packing()
+        state.pool.packing = PagePacking(isa="amx", dtype=torch.bfloat16, block_size=N, head_dim=D,
+                                         offsets=reference.amx_packing(N, D))
         state.table.requests[ids[0]].packed = True
     if not in_place:  # the gather path: no paged_keys
         gather = state._gather_request

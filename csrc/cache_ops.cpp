@@ -149,9 +149,9 @@ void run_compact(E* kv, float* metrics, int32_t* positions, int64_t N, int64_t D
   });
 }
 
-// The [2, N, D] int32 offsets of `packing` (nullptr when absent); `keep` holds
-// the contiguous tensor they point into.  With `check_all` every offset is
-// range-checked here; otherwise the caller checks the ones it uses.
+}  // namespace
+
+// See ops.h.
 const int32_t* packing_offsets(const std::optional<at::Tensor>& packing, int64_t N, int64_t D,
                                const char* op, at::Tensor& keep, bool check_all) {
   if (!packing.has_value()) return nullptr;
@@ -167,8 +167,6 @@ const int32_t* packing_offsets(const std::optional<at::Tensor>& packing, int64_t
                   " outside a half-page of ", N * D, " elements");
   return p;
 }
-
-}  // namespace
 
 void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_pages,
               const at::Tensor& slots, const std::optional<at::Tensor>& metrics,

@@ -38,6 +38,13 @@ void compact_heads(const at::Tensor& kv_pages, const at::Tensor& metrics,
 at::Tensor unpack_pages(const at::Tensor& kv_pages, const at::Tensor& page_rows,
                         const at::Tensor& packing, int64_t half);
 
+// Shared by the kernels that take `packing`: its [2, N, D] int32 offsets
+// (nullptr when absent), validated (an error names `op`); `keep` holds the
+// contiguous tensor they point into.  With `check_all` every offset is
+// range-checked; otherwise the caller checks the ones it uses.
+const int32_t* packing_offsets(const std::optional<at::Tensor>& packing, int64_t N, int64_t D,
+                               const char* op, at::Tensor& keep, bool check_all);
+
 // KeyDiff score (-cos(k, mean normalised key)) of every key of every row of
 // head-pages: page_rows [r, np] int page ids, counts [r] -> [r, width] fp32,
 // 0 past counts[i].  With `packing` the pages are in vLLM's in-page layout.

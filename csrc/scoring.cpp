@@ -87,18 +87,7 @@ at::Tensor keydiff_scores(const at::Tensor& kv_pages, const at::Tensor& page_row
   const int64_t P = kv_pages.size(0), N = kv_pages.size(2), D = kv_pages.size(3);
   const int64_t R = page_rows.size(0), np = page_rows.size(1);
   at::Tensor pk;
-  const int32_t* pk_p = nullptr;
-  if (packing.has_value()) {
-    TORCH_CHECK(packing->device().is_cpu() && packing->scalar_type() == at::kInt &&
-                    packing->dim() == 3 && packing->size(0) == 2 && packing->size(1) == N &&
-                    packing->size(2) == D,
-                "keydiff_scores: packing must be an int32 CPU [2, N, D] tensor");
-    pk = packing->contiguous();
-    pk_p = pk.data_ptr<int32_t>();
-    for (int64_t x = 0; x < N * D; ++x)
-      TORCH_CHECK(pk_p[x] >= 0 && pk_p[x] < N * D, "keydiff_scores: packing offset ", pk_p[x],
-                  " outside a half-page of ", N * D, " elements");
-  }
+  const int32_t* pk_p = packing_offsets(packing, N, D, "keydiff_scores", pk, true);
   const at::Tensor rows = page_rows.contiguous();
   const at::Tensor cnt = counts.contiguous();
   const int32_t* r_p = rows.data_ptr<int32_t>();
