@@ -406,6 +406,27 @@ def memory_bound(shape: Shape, row: dict, tight_tokens: int) -> int:
     return min(shape.num_prompts, fits)
 
 
+def parse_variant(variant: str, taken: set[str]) -> tuple[bool, str, str, dict]:
+    """``--variant [stock:]NAME=JSON`` -> ``(plugin, "tight", NAME, kwargs)``;
+    kwargs' ``env`` (always present) maps variable names to strings.  Raises
+    ValueError naming ``--variant`` for an empty, taken or malformed one."""
+    label, eq, raw = variant.partition("=")
+    plugin = not label.startswith("stock:")
+    label = label.removeprefix("stock:")
+    if not label or not eq or label in taken:
+        raise ValueError(f"--variant: expected a new, non-empty [stock:]NAME=JSON (got {variant!r})")
+    try:
+        kwargs = json.loads(raw)
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"expected a JSON object, got {raw!r}")
+        env = kwargs.pop("env", {})
+        if not isinstance(env, dict):
+            raise ValueError(f"env must be an object, got {env!r}")
+    except ValueError as err:
+        raise ValueError(f"--variant {variant!r}: {err}") from None
+    return plugin, "tight", label, dict(kwargs, env={k: str(v) for k, v in env.items()})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -490,19 +511,10 @@ def main() -> int:
     blocks = {}
     engines = [(plugin, budget, "", {}) for plugin in (False, True) for budget in ("tight", "ample")]
     for variant in args.variant:
-        label, eq, kwargs = variant.partition("=")
-        plugin = not label.startswith("stock:")
-        label = label.removeprefix("stock:")
-        if not label or not eq or label in {e[2] for e in engines}:
-            parser.error(f"--variant: expected a new, non-empty [stock:]NAME=JSON (got {variant!r})")
         try:
-            kwargs = json.loads(kwargs)
-            env = kwargs.pop("env", {})
-            if not isinstance(env, dict):
-                raise ValueError(f"env must be an object, got {env!r}")
+            engines.append(parse_variant(variant, {e[2] for e in engines}))
         except ValueError as err:
-            parser.error(f"--variant {variant!r}: {err}")
-        engines.append((plugin, "tight", label, dict(kwargs, env={k: str(v) for k, v in env.items()})))
+            parser.error(str(err))
     for mode in modes:
         for rnd in range(args.rounds):
             for plugin, budget, label, extra_kwargs in engine_order(engines, rnd):

@@ -1,5 +1,5 @@
-"""throughput_sweep.py --rounds: engine order and the averaging of rounds
-(no engine: synthetic per-job results)."""
+"""throughput_sweep.py without an engine: --rounds (engine order, the
+averaging of rounds, on synthetic per-job results) and --variant parsing."""
 
 import importlib.util
 import sys
@@ -85,3 +85,15 @@ def test_fields_equal_in_every_round_keep_their_type(sweep):
     assert row["output_tokens"] == 128 and isinstance(row["output_tokens"], int)
     assert row["peak_running"] == 5.5  # differs between rounds: averaged
     assert row["output_tok_s"] == pytest.approx(2 / (1 / 10 + 1 / 20))  # harmonic
+
+
+def test_variant_parsing(sweep):
+    plugin, budget, label, kwargs = sweep.parse_variant('bs32={"block_size": 32}', set())
+    assert (plugin, budget, label, kwargs) == (True, "tight", "bs32", {"block_size": 32, "env": {}})
+    plugin, _, label, kwargs = sweep.parse_variant('stock:b8={"num_gpu_blocks_override": 9}', {"bs32"})
+    assert (plugin, label, kwargs) == (False, "b8", {"num_gpu_blocks_override": 9, "env": {}})
+    *_, kwargs = sweep.parse_variant('own={"env": {"KVCOMPRESS_CPU_PREFILL": "own", "N": 3}}', set())
+    assert kwargs == {"env": {"KVCOMPRESS_CPU_PREFILL": "own", "N": "3"}}
+    for bad in ['x', '={"a": 1}', 'stock:={"a": 1}', 'taken={}', 'y={not json', 'y=[1]', 'y={"env": 1}']:
+        with pytest.raises(ValueError, match="--variant"):
+            sweep.parse_variant(bad, {"taken"})
