@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Metric ablations behind docs/quality.md ("Choosing the default metric"):
-# every scorer at keep rates 0.5 / 0.25, then the default scorer with a larger
-# observation window and with other pooling widths, on the --medium task set
+# every scorer at keep rates 0.5 / 0.25 (`uniform`: kvcompress with the uniform
+# allocation), then the paper's attention metric (`kvcompress`, the default
+# scorer when this ablation was run) with a larger observation window and with
+# other pooling widths, on the --medium task set
 # (2000-token prompts, 8 tasks).  About 12 minutes here; CSVs land in
 # docs/quality_ablation/ (override with OUT=dir).
 set -euo pipefail

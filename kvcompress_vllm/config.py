@@ -145,7 +145,9 @@ class KVCompressConfig:
     #: Re-compress a decoding sequence every this many new tokens
     #: (default: one page per head, i.e. the block size).
     compress_interval: int | None = None
-    #: Per-head token budget per sequence (``None`` = rate only).
+    #: Cap on a sequence's mean KVs per (layer, KV head), on top of the rate
+    #: (``None`` = rate only; whole pages, never fewer than the cap; under
+    #: ``joint`` single heads may hold more).
     max_cache_tokens: int | None = None
     #: Which KVs to evict first; see ``kvcompress_vllm.scorers``.  The
     #: default was chosen on held-in generated cases and confirmed on held-out
