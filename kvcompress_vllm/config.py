@@ -145,6 +145,10 @@ class KVCompressConfig:
     #: Re-compress a decoding sequence every this many new tokens
     #: (default: one page per head, i.e. the block size).
     compress_interval: int | None = None
+    #: When the next waiting request does not fit, compress running requests
+    #: ahead of their interval if that frees the blocks it lacks (largest
+    #: gain first; ``trigger="admission"``).
+    compress_to_admit: bool = True
     #: Cap on a sequence's mean KVs per (layer, KV head), on top of the rate
     #: (``None`` = rate only; whole pages, never fewer than the cap; under
     #: ``joint`` single heads may hold more).
@@ -177,6 +181,11 @@ class KVCompressConfig:
             )
         if self.compress_interval is not None:
             check_int(self.compress_interval, "kv_compress.compress_interval", 1)
+        if not isinstance(self.compress_to_admit, bool):
+            raise KVCompressConfigError(
+                "kv_compress.compress_to_admit",
+                f"must be true or false; got {self.compress_to_admit!r}",
+            )
         if self.max_cache_tokens is not None:
             check_int(self.max_cache_tokens, "kv_compress.max_cache_tokens", 1)
         check_cache_budget(

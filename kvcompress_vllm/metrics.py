@@ -47,9 +47,10 @@ from kvcompress_vllm.config import active_config
 PAYLOAD_KEY = "kv_compress"
 
 #: Why a request was compressed: first time after its (re)started prefill,
-#: every ``compress_interval`` tokens, or only because the next step would not
-#: fit in the KV cache (memory pressure).
-TRIGGERS = ("prompt", "interval", "pressure")
+#: every ``compress_interval`` tokens, only because the next step would not
+#: fit in the KV cache (memory pressure), or ahead of its interval so that the
+#: next waiting request fits (``compress_to_admit``).
+TRIGGERS = ("prompt", "interval", "pressure", "admission")
 
 #: Bound on the per-observation lists between two stats messages (vLLM sends
 #: one per engine step, so this is never reached in practice).
@@ -84,18 +85,23 @@ class MetricsPayloadError(ValueError):
     """A ``kv_compress`` stats payload does not have the expected shape."""
 
 
-def compression_trigger(*, last_check: int | None, due_without_pressure: bool) -> str:
+def compression_trigger(
+    *, last_check: int | None, due_without_pressure: bool, ahead: str = "pressure"
+) -> str:
     """Trigger of a compression the policy decided to run.
 
     ``last_check`` is the request's ``tokens_at_last_check`` *before* this
     decision (``None``: first decision since its prefill (re)started);
     ``due_without_pressure`` whether ``compression_due`` holds with
-    ``pressure=False``.  A compression that would have run anyway is
-    attributed to its regular trigger, not to pressure.
+    ``pressure=False``; ``ahead`` why it runs otherwise (``pressure`` or
+    ``admission``).  A compression that would have run anyway is attributed
+    to its regular trigger.
     """
+    if ahead not in ("pressure", "admission"):
+        raise ValueError(f"ahead must be 'pressure' or 'admission'; got {ahead!r}")
     if last_check is None:
         return "prompt"
-    return "interval" if due_without_pressure else "pressure"
+    return "interval" if due_without_pressure else ahead
 
 
 # ----------------------------------------------------------------------
@@ -283,7 +289,8 @@ def _make_logger_class():
                 name=METRIC_NAMES["compressions"],
                 documentation="KV-Compress compressions by trigger: prompt (first after a "
                               "(re)started prefill), interval (every compress_interval "
-                              "tokens), pressure (the next step would not fit).",
+                              "tokens), pressure (the next step would not fit), admission (ahead "
+                              "of its interval, so that a waiting request fits).",
                 labelnames=labelnames + ["trigger"],
             )
             self.compressions = {

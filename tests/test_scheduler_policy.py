@@ -2,10 +2,12 @@
 small fake KV pool (3 layers x 2 KV heads, block size 16), driven by a fake
 model runner that samples one token whenever a request's tokens are all
 computed.  Covers when requests are compressed (chunk boundaries, resumed
-requests, the interval, memory pressure), ``_next_step_demand`` and, in a
-randomized run with preemptions, the block accounting after every step.
+requests, the interval, memory pressure, compression ahead of the interval so
+that a waiting request fits), ``_next_step_demand`` and, in a randomized run
+with preemptions, the block accounting after every step.
 """
 
+import dataclasses
 import random
 
 import pytest
@@ -31,7 +33,7 @@ def vllm_config(model_path):
     return args.create_engine_config()
 
 
-def make_scheduler(vllm_config, num_blocks=40, budget=64):
+def make_scheduler(vllm_config, num_blocks=40, budget=64, **config):
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -48,6 +50,8 @@ def make_scheduler(vllm_config, num_blocks=40, budget=64):
     sched = KVCompressScheduler(vllm_config, kv_config, StructuredOutputManager(vllm_config),
                                 block_size=BS)
     sched.max_num_scheduled_tokens = budget
+    sched.kvc_config = dataclasses.replace(sched.kvc_config, **config)
+    sched.kvc_metrics.enabled = True  # count compressions by trigger (no stats logger here)
     sched.plans_log = []  # (req_id, num_tokens, prefill_end, num_pages, pressure)
     original = sched.kvc_manager.apply_eviction
 
@@ -114,7 +118,7 @@ def test_plan_names_requests_whose_metric_is_never_read(vllm_config):
 
 
 def test_interval_and_pressure(vllm_config):
-    sched = make_scheduler(vllm_config, num_blocks=40, budget=64)
+    sched = make_scheduler(vllm_config, num_blocks=40, budget=64, compress_to_admit=False)
     add(sched, "a", 60, max_tokens=200)
     for _ in range(3):
         run_step(sched)
@@ -137,6 +141,97 @@ def test_interval_and_pressure(vllm_config):
             break
     else:
         pytest.fail(f"no pressure compression: {sched.plans_log}, demand {demand_before}")
+
+
+def _blocks(n, evicted):
+    """Blocks a request of ``n`` tokens with ``evicted`` head-pages holds."""
+    return -(-(LH * -(-n // BS) - evicted) // LH)
+
+
+def _grown_request(vllm_config, num_blocks, **config):
+    """A scheduler whose one running request "a" (rate 0.25, interval 96)
+    has decoded past its prompt compression until compressing it now would
+    free at least one block; returns (sched, gain in blocks, free - demand)."""
+    sched = make_scheduler(vllm_config, num_blocks=num_blocks, budget=64,
+                           compress_interval=96, **config)
+    add(sched, "a", 200, max_tokens=400)
+    while len(sched.plans_log) < 1:
+        run_step(sched)
+    last = sched.plans_log[-1][1]
+    request = sched.requests["a"]
+    while True:
+        n = request.num_computed_tokens
+        evicted = sched.kvc_manager.evicted_pages["a"]
+        pages = evict_now(n, evicted, LH, BS, 0.25, PROTECTED, SINKS)
+        gain = _blocks(n + 1, evicted) - _blocks(n + 1, evicted + pages)
+        if gain >= 1:
+            break
+        run_step(sched)
+        assert len(sched.plans_log) == 1 and n < last + 96, "no gain before the interval"
+    free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+    return sched, gain, free - sched._next_step_demand()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compression_ahead_of_interval_admits_a_waiting_request(vllm_config, enabled):
+    """A prompt that lacks exactly the blocks that compressing the running
+    request now would free: with compress_to_admit that request is compressed
+    ahead of its interval (trigger "admission") and the prompt is admitted in
+    the same step; without it, neither."""
+    sched, gain, spare = _grown_request(vllm_config, 40, compress_to_admit=enabled)
+    n = sched.requests["a"].num_computed_tokens
+    add(sched, "b", BS * (spare + gain), max_tokens=4, kv_compress_rate=1.0)
+    out = run_step(sched)
+    admitted = [r.req_id for r in out.scheduled_new_reqs]
+    if enabled:
+        assert [(p.req_id, p.num_tokens) for p in out.kv_compress.evictions] == [("a", n)]
+        assert admitted == ["b"]
+        assert sched.kvc_metrics.compressions["admission"] == 1
+        assert sched.kvc_totals.admission_steps == 1
+    else:
+        assert out.kv_compress.evictions == [] and admitted == []
+        assert sched.kvc_metrics.compressions["admission"] == 0
+
+
+def test_no_compression_ahead_of_interval_that_would_not_admit(vllm_config):
+    """One block more than the running request can free: it is not
+    compressed early (that would admit no one), and the prompt waits."""
+    sched, gain, spare = _grown_request(vllm_config, 40)
+    add(sched, "b", BS * (spare + gain + 1), max_tokens=4, kv_compress_rate=1.0)
+    out = run_step(sched)
+    assert out.kv_compress.evictions == [] and out.scheduled_new_reqs == []
+    assert sched.kvc_metrics.compressions["admission"] == 0
+
+
+def test_admission_takes_the_largest_gain_first(vllm_config):
+    """Two running requests, "c" (running second) able to free more blocks
+    than "a": when the waiting prompt lacks what "c" alone frees, only "c" is
+    compressed ahead of its interval."""
+    sched = make_scheduler(vllm_config, num_blocks=60, budget=64, compress_interval=96)
+    add(sched, "a", 200, max_tokens=400)
+    add(sched, "c", 100, max_tokens=400, kv_compress_rate=0.1)
+    manager = sched.kvc_manager
+
+    def gain(rid, rate):
+        n = sched.requests[rid].num_computed_tokens
+        evicted = manager.evicted_pages.get(rid, 0)
+        pages = evict_now(n, evicted, LH, BS, rate, PROTECTED, SINKS)
+        return _blocks(n + 1, evicted) - _blocks(n + 1, evicted + pages)
+
+    for _ in range(120):
+        run_step(sched)
+        done = {p[0] for p in sched.plans_log}
+        if done == {"a", "c"} and gain("c", 0.1) >= 2 and gain("a", 0.25) >= 1:
+            break
+    else:
+        pytest.fail(f"gains never reached: {sched.plans_log}")
+    assert [r.request_id for r in sched.running] == ["a", "c"]
+    assert gain("c", 0.1) > gain("a", 0.25)
+    spare = sched.kv_cache_manager.block_pool.get_num_free_blocks() - sched._next_step_demand()
+    add(sched, "b", BS * (spare + gain("c", 0.1)), max_tokens=4, kv_compress_rate=1.0)
+    out = run_step(sched)
+    assert [p.req_id for p in out.kv_compress.evictions] == ["c"]
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b"]
 
 
 def test_next_step_demand_counts_blocks_for_the_next_tokens(vllm_config):
@@ -213,4 +308,6 @@ def test_randomized_scheduling_keeps_every_invariant(vllm_config, seed):
     assert pool.get_num_free_blocks() == total_free
     assert not manager.evicted_pages and not sched.kvc_requests
     assert sched.plans_log, "nothing was compressed"
-    print(f"seed {seed}: {len(sched.plans_log)} compressions, {preempted} preemptions")
+    assert sched.kvc_totals.admission_steps > 0, "no compression ahead of the interval for admission"
+    print(f"seed {seed}: {len(sched.plans_log)} compressions, {preempted} preemptions, "
+          f"{sched.kvc_totals.admission_steps} steps with compressions ahead for admission")

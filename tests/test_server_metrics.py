@@ -21,6 +21,15 @@ def test_trigger_attribution():
     assert metrics.compression_trigger(last_check=None, due_without_pressure=False) == "prompt"
     assert metrics.compression_trigger(last_check=640, due_without_pressure=True) == "interval"
     assert metrics.compression_trigger(last_check=640, due_without_pressure=False) == "pressure"
+    # ahead of the interval so that a waiting request fits
+    assert metrics.compression_trigger(last_check=640, due_without_pressure=False,
+                                       ahead="admission") == "admission"
+    assert metrics.compression_trigger(last_check=640, due_without_pressure=True,
+                                       ahead="admission") == "interval"
+    assert metrics.compression_trigger(last_check=None, due_without_pressure=False,
+                                       ahead="admission") == "prompt"
+    with pytest.raises(ValueError, match="ahead must be"):
+        metrics.compression_trigger(last_check=640, due_without_pressure=False, ahead="later")
 
 
 def test_buffer_drains_deltas_and_is_inert_when_disabled():
@@ -37,7 +46,7 @@ def test_buffer_drains_deltas_and_is_inert_when_disabled():
     assert payload == {
         "kvs_evicted": 270 * 128, "head_pages_evicted": 270, "blocks_released": 3,
         "head_pages_migrated": 7, "requests_compressed": 1,
-        "compressions": {"prompt": 1, "interval": 0, "pressure": 1},
+        "compressions": {"prompt": 1, "interval": 0, "pressure": 1, "admission": 0},
         "eviction_seconds": [0.0125], "kept_fractions": [0.25],
     }
     assert buf.drain() is None  # deltas, not totals

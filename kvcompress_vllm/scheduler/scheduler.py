@@ -7,7 +7,10 @@ Per step (``schedule``):
    (``core.pages_to_evict``) computes how many head-pages to evict: once
    right after the prompt, then every ``compress_interval`` new tokens, and
    immediately for all of them when the next step would not fit (compress
-   before preempting).
+   before preempting).  When the next waiting request does not fit, the
+   running requests whose compression now would free the most blocks are
+   compressed ahead of their interval, if together they free what it lacks
+   (``compress_to_admit``).
 2. ``KVCompressManager.apply_eviction`` records the eviction and frees the
    request's surplus tail blocks into the pool, so vLLM's own ``schedule``
    can hand them to other requests in this very step.
@@ -71,6 +74,9 @@ class CompressionTotals:
     compaction_ms: float = 0.0
     pages_migrated: int = 0
     pressure_steps: int = 0
+    #: Steps in which requests were compressed ahead of their interval so
+    #: that a waiting request fits (``compress_to_admit``).
+    admission_steps: int = 0
     preemptions: int = 0
     max_running: int = 0
 
@@ -87,6 +93,16 @@ class KVCompressScheduler(Scheduler):
                 "compression enabled"
             )
         self.kvc_config = cfg
+        # vLLM scheduler state read by the eviction planning (checked here so
+        # that a vLLM without it fails at start-up, not in the first step).
+        missing = [a for a in ("running", "waiting", "max_num_active_reqs",
+                               "max_num_scheduled_tokens", "scheduler_reserve_full_isl")
+                   if not hasattr(self, a)]
+        if missing or not callable(getattr(self.waiting, "peek_request", None)):
+            raise RuntimeError(
+                f"KVCompressScheduler: vLLM's Scheduler lacks {missing or ['waiting.peek_request']}; "
+                "this vLLM version is not supported (see kvcompress-vllm check)"
+            )
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, KVCompressSpec):
             raise RuntimeError(
@@ -147,11 +163,74 @@ class KVCompressScheduler(Scheduler):
             demand += max(0, need - len(self.kvc_manager.req_to_blocks.get(rid, ())))
         return demand
 
+    def _admission_shortfall(self, free: int, demand: int) -> int:
+        """Blocks the next waiting request lacks to be admitted in this step,
+        after the running requests' next tokens (``demand``); 0 when none
+        waits, it fits, or no more requests may run.  vLLM admits a request
+        once its whole uncompressed prompt fits (``scheduler_reserve_full_isl``;
+        otherwise its first chunk)."""
+        if not self.waiting or len(self.running) >= self.max_num_active_reqs:
+            return 0
+        tokens = self.waiting.peek_request().num_tokens
+        if not self.scheduler_reserve_full_isl:
+            tokens = min(tokens, self.max_num_scheduled_tokens)
+        return max(0, self.geometry.blocks_needed(tokens, 0) + demand - free)
+
+    def _admission_compressions(self, shortfall: int) -> set[str]:
+        """Running requests to compress ahead of their interval so that
+        ``shortfall`` more blocks are free: largest block gain first (the
+        exact gain: blocks needed for the next step before minus after), and
+        none unless together they cover it (a compression that admits no one
+        would only run early)."""
+        if shortfall <= 0:
+            return set()
+        gains: list[tuple[int, str]] = []
+        budget = self.max_num_scheduled_tokens
+        for request in self.running:
+            state = self.kvc_requests.get(request.request_id)
+            if state is None or not state.policy.compresses:
+                continue
+            n = request.num_computed_tokens
+            due = {
+                pressure: compression_due(
+                    num_computed=n,
+                    prefill_end=state.prefill_end,
+                    last_check=state.tokens_at_last_check,
+                    interval=state.policy.compress_interval,
+                    pressure=pressure,
+                )
+                for pressure in (False, True)
+            }
+            if due[False] or not due[True]:
+                continue  # compressed this step anyway, or not scorable yet
+            rid = request.request_id
+            evicted = self.kvc_manager.evicted_pages.get(rid, 0)
+            pages = pages_to_evict(self.geometry, state.policy, n, evicted)
+            upto = n + min(max(request.num_tokens - n, 1), budget)
+            gain = self.geometry.blocks_needed(upto, evicted) - self.geometry.blocks_needed(
+                upto, evicted + pages
+            )
+            if gain > 0:
+                gains.append((gain, rid))
+        gains.sort(key=lambda g: -g[0])  # stable: ties in running order
+        chosen: set[str] = set()
+        for gain, rid in gains:
+            if shortfall <= 0:
+                break
+            chosen.add(rid)
+            shortfall -= gain
+        return chosen if shortfall <= 0 else set()
+
     def _plan_evictions(self) -> list[EvictionPlan]:
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
-        pressure = free < self._next_step_demand()
+        demand = self._next_step_demand()
+        pressure = free < demand
+        admit: set[str] = set()
         if pressure:
             self.kvc_totals.pressure_steps += 1
+        elif self.kvc_config.compress_to_admit:
+            admit = self._admission_compressions(self._admission_shortfall(free, demand))
+            self.kvc_totals.admission_steps += bool(admit)
         plans: list[EvictionPlan] = []
         for request in self.running:
             state = self.kvc_requests.get(request.request_id)
@@ -159,12 +238,13 @@ class KVCompressScheduler(Scheduler):
                 continue  # not scheduled yet (no prefill_end), or never compressed
             policy = state.policy
             n = request.num_computed_tokens
+            ahead = request.request_id in admit
             if not compression_due(
                 num_computed=n,
                 prefill_end=state.prefill_end,
                 last_check=state.tokens_at_last_check,
                 interval=policy.compress_interval,
-                pressure=pressure,
+                pressure=pressure or ahead,
             ):
                 continue
             trigger = compression_trigger(
@@ -176,6 +256,7 @@ class KVCompressScheduler(Scheduler):
                     interval=policy.compress_interval,
                     pressure=False,
                 ),
+                ahead="admission" if ahead else "pressure",
             )
             state.tokens_at_last_check = n
             rid = request.request_id
