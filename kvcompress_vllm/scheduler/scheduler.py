@@ -95,9 +95,13 @@ class KVCompressScheduler(Scheduler):
         self.kvc_config = cfg
         # vLLM scheduler state read by the eviction planning (checked here so
         # that a vLLM without it fails at start-up, not in the first step).
-        missing = [a for a in ("running", "waiting", "max_num_active_reqs",
+        missing = [a for a in ("running", "waiting", "max_num_active_reqs", "max_model_len",
                                "max_num_scheduled_tokens", "scheduler_reserve_full_isl")
                    if not hasattr(self, a)]
+        if not hasattr(self.kv_cache_manager, "watermark_blocks"):
+            missing.append("kv_cache_manager.watermark_blocks")
+        if not hasattr(self.scheduler_config, "enable_chunked_prefill"):
+            missing.append("scheduler_config.enable_chunked_prefill")
         if missing or not callable(getattr(self.waiting, "peek_request", None)):
             raise RuntimeError(
                 f"KVCompressScheduler: vLLM's Scheduler lacks {missing or ['waiting.peek_request']}; "
@@ -166,22 +170,39 @@ class KVCompressScheduler(Scheduler):
     def _admission_shortfall(self, free: int, demand: int) -> int:
         """Blocks the next waiting request lacks to be admitted in this step,
         after the running requests' next tokens (``demand``); 0 when none
-        waits, it fits, or no more requests may run.  vLLM admits a request
-        once its whole uncompressed prompt fits (``scheduler_reserve_full_isl``;
-        otherwise its first chunk)."""
+        waits, it fits, no more requests may run, or the running requests
+        leave it no tokens of this step's budget.  Mirrors vLLM's admission:
+        the whole uncompressed sequence must fit (``scheduler_reserve_full_isl``;
+        otherwise the chunk the budget leaves), plus the watermark once
+        anything runs.  Running prefills are counted at their whole remaining
+        chunk, so the budget left is never overestimated."""
         if not self.waiting or len(self.running) >= self.max_num_active_reqs:
             return 0
-        tokens = self.waiting.peek_request().num_tokens
-        if not self.scheduler_reserve_full_isl:
-            tokens = min(tokens, self.max_num_scheduled_tokens)
-        return max(0, self.geometry.blocks_needed(tokens, 0) + demand - free)
+        left = self.max_num_scheduled_tokens
+        for request in self.running:
+            left -= min(max(request.num_tokens - request.num_computed_tokens, 1), left)
+        request = self.waiting.peek_request()
+        if left <= 0 or (
+            not self.scheduler_config.enable_chunked_prefill
+            and request.num_tokens - request.num_computed_tokens > left
+        ):
+            return 0
+        if self.scheduler_reserve_full_isl:
+            tokens = min(request.num_tokens, self.max_model_len)
+        else:
+            tokens = request.num_computed_tokens + min(
+                request.num_tokens - request.num_computed_tokens, left
+            )
+        watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
+        return max(0, self.geometry.blocks_needed(tokens, 0) + watermark + demand - free)
 
     def _admission_compressions(self, shortfall: int) -> set[str]:
         """Running requests to compress ahead of their interval so that
-        ``shortfall`` more blocks are free: largest block gain first (the
-        exact gain: blocks needed for the next step before minus after), and
-        none unless together they cover it (a compression that admits no one
-        would only run early)."""
+        ``shortfall`` more blocks are free: what the compressions due in this
+        step anyway free counts first, then the largest block gains (the
+        exact gain: blocks held plus needed for the next step, before minus
+        after), and none unless together they cover it (a compression that
+        admits no one would only run early)."""
         if shortfall <= 0:
             return set()
         gains: list[tuple[int, str]] = []
@@ -201,8 +222,8 @@ class KVCompressScheduler(Scheduler):
                 )
                 for pressure in (False, True)
             }
-            if due[False] or not due[True]:
-                continue  # compressed this step anyway, or not scorable yet
+            if not due[True]:
+                continue  # not scorable yet
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
             pages = pages_to_evict(self.geometry, state.policy, n, evicted)
@@ -210,8 +231,12 @@ class KVCompressScheduler(Scheduler):
             gain = self.geometry.blocks_needed(upto, evicted) - self.geometry.blocks_needed(
                 upto, evicted + pages
             )
-            if gain > 0:
+            if due[False]:
+                shortfall -= gain  # compressed in this step anyway
+            elif gain > 0:
                 gains.append((gain, rid))
+        if shortfall <= 0:
+            return set()
         gains.sort(key=lambda g: -g[0])  # stable: ties in running order
         chosen: set[str] = set()
         for gain, rid in gains:
