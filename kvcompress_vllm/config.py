@@ -147,8 +147,9 @@ class KVCompressConfig:
     compress_interval: int | None = None
     #: When the next waiting request does not fit, compress running requests
     #: ahead of their interval if that frees the blocks it lacks (largest
-    #: gain first; ``trigger="admission"``).
-    compress_to_admit: bool = True
+    #: gain first; ``trigger="admission"``).  Off by default: measured no
+    #: better on throughput (docs/performance.md, "Admission").
+    compress_to_admit: bool = False
     #: Cap on a sequence's mean KVs per (layer, KV head), on top of the rate
     #: (``None`` = rate only; whole pages, never fewer than the cap; under
     #: ``joint`` single heads may hold more).

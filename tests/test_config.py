@@ -33,6 +33,7 @@ def test_bad_rates_name_option_and_range(bad):
         ("scorer", "h2o", "one of"),
         ("allocation", "even", "joint, uniform"),
         ("enabled", "yes", "true or false"),
+        ("compress_to_admit", 1, "true or false"),
     ],
 )
 def test_bad_fields(field, value, expect):

@@ -73,7 +73,8 @@ def test_soak(model_path, budget):
         max_num_seqs=32,
         kv_cache_memory_bytes=kv_budget_bytes(model_path, 1, NUM_BLOCKS * 128,
                                               max_num_seqs=32, max_model_len=MAX_PROMPT + 512),
-        additional_config={"kv_compress": {"rate": 0.5, "debug_checks": True}},
+        additional_config={"kv_compress": {"rate": 0.5, "debug_checks": True,
+                                           "compress_to_admit": True}},
     )
     try:
         core, sched = eng.engine, eng.scheduler

@@ -28,7 +28,8 @@ def vllm_config(model_path):
         model=model_path, enforce_eager=True, max_model_len=2048, block_size=BS,
         max_num_batched_tokens=64, max_num_seqs=16,
         additional_config={"kv_compress": {
-            "rate": 0.25, "protected_window": PROTECTED, "sink_tokens": SINKS}},
+            "rate": 0.25, "protected_window": PROTECTED, "sink_tokens": SINKS,
+            "compress_to_admit": True}},
     )
     return args.create_engine_config()
 

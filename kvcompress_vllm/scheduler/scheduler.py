@@ -7,10 +7,10 @@ Per step (``schedule``):
    (``core.pages_to_evict``) computes how many head-pages to evict: once
    right after the prompt, then every ``compress_interval`` new tokens, and
    immediately for all of them when the next step would not fit (compress
-   before preempting).  When the next waiting request does not fit, the
-   running requests whose compression now would free the most blocks are
-   compressed ahead of their interval, if together they free what it lacks
-   (``compress_to_admit``).
+   before preempting).  With ``compress_to_admit``, when the next waiting
+   request does not fit, the running requests whose compression now would
+   free the most blocks are compressed ahead of their interval, if together
+   they free what it lacks.
 2. ``KVCompressManager.apply_eviction`` records the eviction and frees the
    request's surplus tail blocks into the pool, so vLLM's own ``schedule``
    can hand them to other requests in this very step.
