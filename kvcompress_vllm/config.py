@@ -147,8 +147,9 @@ class KVCompressConfig:
     compress_interval: int | None = None
     #: When the next waiting request does not fit, compress running requests
     #: ahead of their interval if that frees the blocks it lacks (largest
-    #: gain first; ``trigger="admission"``).  Off by default: measured no
-    #: better on throughput (docs/performance.md, "Admission").
+    #: gain first; ``trigger="admission"``).  Off by default: not measurably
+    #: faster here (docs/performance.md, "Admission: compressing ahead of the
+    #: interval").
     compress_to_admit: bool = False
     #: Cap on a sequence's mean KVs per (layer, KV head), on top of the rate
     #: (``None`` = rate only; whole pages, never fewer than the cap; under

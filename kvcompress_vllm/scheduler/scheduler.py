@@ -31,6 +31,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from kvcompress_vllm.compat import SUPPORTED_VLLM
 from kvcompress_vllm.config import (
     KVCompressConfigError,
     RequestPolicy,
@@ -105,7 +106,7 @@ class KVCompressScheduler(Scheduler):
         if missing or not callable(getattr(self.waiting, "peek_request", None)):
             raise RuntimeError(
                 f"KVCompressScheduler: vLLM's Scheduler lacks {missing or ['waiting.peek_request']}; "
-                "this vLLM version is not supported (see kvcompress-vllm check)"
+                f"kvcompress-vllm supports vLLM {SUPPORTED_VLLM}x"
             )
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, KVCompressSpec):
