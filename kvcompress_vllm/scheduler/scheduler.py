@@ -96,16 +96,18 @@ class KVCompressScheduler(Scheduler):
         self.kvc_config = cfg
         # vLLM scheduler state read by the eviction planning (checked here so
         # that a vLLM without it fails at start-up, not in the first step).
-        missing = [a for a in ("running", "waiting", "max_num_active_reqs", "max_model_len",
+        missing = [a for a in ("running", "max_num_active_reqs", "max_model_len",
                                "max_num_scheduled_tokens", "scheduler_reserve_full_isl")
                    if not hasattr(self, a)]
-        if not hasattr(self.kv_cache_manager, "watermark_blocks"):
-            missing.append("kv_cache_manager.watermark_blocks")
-        if not hasattr(self.scheduler_config, "enable_chunked_prefill"):
-            missing.append("scheduler_config.enable_chunked_prefill")
-        if missing or not callable(getattr(self.waiting, "peek_request", None)):
+        for owner, attr in (("kv_cache_manager", "watermark_blocks"),
+                            ("scheduler_config", "enable_chunked_prefill")):
+            if not hasattr(getattr(self, owner, None), attr):
+                missing.append(f"{owner}.{attr}")
+        if not callable(getattr(getattr(self, "waiting", None), "peek_request", None)):
+            missing.append("waiting.peek_request")
+        if missing:
             raise RuntimeError(
-                f"KVCompressScheduler: vLLM's Scheduler lacks {missing or ['waiting.peek_request']}; "
+                f"KVCompressScheduler: vLLM's Scheduler lacks {missing}; "
                 f"kvcompress-vllm supports vLLM {SUPPORTED_VLLM}x"
             )
         groups = kv_cache_config.kv_cache_groups
@@ -155,14 +157,19 @@ class KVCompressScheduler(Scheduler):
             self.kvc_requests[request.request_id] = state
         return state
 
+    def _next_tokens(self, request: Request) -> int:
+        """Tokens a running request computes in its next step, at most: the
+        rest of its prefill up to the step's budget, else one."""
+        return min(max(request.num_tokens - request.num_computed_tokens, 1),
+                   self.max_num_scheduled_tokens)
+
     def _next_step_demand(self) -> int:
         """Blocks the running requests need for their next tokens."""
         demand = 0
-        budget = self.max_num_scheduled_tokens
         for request in self.running:
             rid = request.request_id
             n = request.num_computed_tokens
-            new = min(max(request.num_tokens - n, 1), budget)
+            new = self._next_tokens(request)
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
             need = self.geometry.blocks_needed(n + new, evicted)
             demand += max(0, need - len(self.kvc_manager.req_to_blocks.get(rid, ())))
@@ -181,7 +188,7 @@ class KVCompressScheduler(Scheduler):
             return 0
         left = self.max_num_scheduled_tokens
         for request in self.running:
-            left -= min(max(request.num_tokens - request.num_computed_tokens, 1), left)
+            left -= min(self._next_tokens(request), left)
         request = self.waiting.peek_request()
         if left <= 0 or (
             not self.scheduler_config.enable_chunked_prefill
@@ -207,7 +214,6 @@ class KVCompressScheduler(Scheduler):
         if shortfall <= 0:
             return set()
         gains: list[tuple[int, str]] = []
-        budget = self.max_num_scheduled_tokens
         for request in self.running:
             state = self.kvc_requests.get(request.request_id)
             if state is None or not state.policy.compresses:
@@ -228,7 +234,7 @@ class KVCompressScheduler(Scheduler):
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
             pages = pages_to_evict(self.geometry, state.policy, n, evicted)
-            upto = n + min(max(request.num_tokens - n, 1), budget)
+            upto = n + self._next_tokens(request)
             gain = self.geometry.blocks_needed(upto, evicted) - self.geometry.blocks_needed(
                 upto, evicted + pages
             )
