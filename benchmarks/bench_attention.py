@@ -1,7 +1,8 @@
 """Decode-step attention: kvcompress paged_head_attention vs vLLM's stock CPU attention.
 
 Three ways of ours: our kernel with metrics off / on, on plain pages and on
-pages in vLLM's AMX in-page layout (packed: the engine's decode path on this
+pages in vLLM's in-page layout on this CPU -- its AMX layout, or its vec layout
+(K transposed) where the CPU has no AMX -- (packed: the engine's decode path on this
 CPU, metrics on for requests whose scorer reads the attention metric, off for
 the others -- the default scorer), and ``per-head``: vLLM's kernel called
 with one sequence per (request, KV head) over packed pages
@@ -164,11 +165,17 @@ def bench_one(vops, get_isa, shape: str, batch: int, ctx: int, block: int, repea
     def ours(m):
         ops.paged_head_attention(query, kv_pages, page_table, kv_lens, qsl, scale, m, mqs, out_ours)
 
-    # The same KVs in vLLM's AMX in-page layout (the engine's layout for
-    # requests that record the metric, where the pool has that packing).
+    # The same KVs in vLLM's in-page layout on this CPU (the engine's layout
+    # for compressible requests): its AMX layout, or its vec layout (K
+    # transposed) on CPUs without AMX; the AMX one where our kernel reads
+    # neither (head dims / block sizes it does not take).
+    from kvcompress_vllm.attention import cpu_packed
     from kvcompress_vllm.ops import reference as ref_ops
 
-    packing = ref_ops.amx_packing(block, d)
+    packing = cpu_packed.PagePacking.learn(dtype, block, d, isa).offsets
+    layout = ops.packing_layout(packing)
+    if layout is None:
+        packing, layout = ref_ops.amx_packing(block, d), "amx (not vLLM's here)"
     packed_pages = torch.empty_like(kv_pages)
     flat = kv_pages.reshape(kv_pages.shape[0], 2, -1)
     for half in range(2):
@@ -204,7 +211,8 @@ def bench_one(vops, get_isa, shape: str, batch: int, ctx: int, block: int, repea
          "per_head": per_head, "kernel_only": kernel_only}, repeats, budget_s=budget_s,
     )
     s, off, on, ph, ko = t["stock"], t["off"], t["on"], t["per_head"], t["kernel_only"]
-    return dict(shape=shape, batch=batch, ctx=ctx, isa=isa, stock=s, off=off, on=on, ph=ph,
+    return dict(shape=shape, batch=batch, ctx=ctx, isa=isa, layout=layout, stock=s, off=off,
+                on=on, ph=ph,
                 p_on=t["packed_on"], r_off=off / s, r_on=on / s, r_ph=ph / s, r_ko=ko / s,
                 r_poff=t["packed_off"] / s, r_pon=t["packed_on"] / s)
 
@@ -302,7 +310,7 @@ def main() -> None:
                 f"{r['r_pon']:.2f} | {r['r_ph']:.2f} | {r['r_ko']:.2f} |")
         print(line, flush=True)
         rows.append(line)
-        isa = r["isa"]
+        isa, layout = r["isa"], r["layout"]
     out = args.out or (None if args.quick else str(ROOT / "docs" / "bench_attention.md"))
     if out and not args.no_write:
         cpu = "unknown CPU"
@@ -336,9 +344,10 @@ def main() -> None:
             "the two interpret the bytes differently but do the same memory traffic and "
             "FLOPs). Our kernel: `off`: metrics=None; `on`: metrics recorded for every decode "
             "query; `plain`: head-pages as plain `[N, D]` rows; `packed`: the same KVs in "
-            "vLLM's AMX in-page layout (`ops.reference.amx_packing`; the "
-            "`avx512_amx` path reads it with AMX tiles) -- where vLLM's pool has that "
-            "packing, the engine's decode path: `packed on` for requests that record the "
+            f"vLLM's in-page layout for this isa, here `{layout}` (`ops.reference.amx_packing`, "
+            "the `avx512_amx` path reads it with AMX tiles; or `ops.reference.vec_packing`, "
+            "K transposed, on CPUs without AMX) -- the engine's decode path on the AVX-512 "
+            "paths of our kernel: `packed on` for requests that record the "
             "metric, `packed off` for the others (the default scorer; "
             "`KVCOMPRESS_PACKED_DECODE=auto`); `per-head`: vLLM's kernel with one sequence "
             "per (request, KV head) over head-pages in vLLM's layout, plus that layer's "

@@ -28,11 +28,14 @@
 // to bf16 for PV only, the metric still uses the fp32 probabilities).
 //
 // Page layouts: a request's head-pages hold plain [N, D] K and V rows, or,
-// with packed[r], vLLM's AMX in-page layout (cpu_isa.h, packed_k_offset /
-// packed_v_offset).  Packed blocks are read as they lie by the AVX-512 micro-
-// kernels (16 keys / 16 dims per vector) or, on the avx512_amx path, by AMX
-// tiles for tiles of <= 16 rows; on the baseline path (or for fp32 / fp16
-// pages) they are unpacked into the fp32 staging rows first.
+// with packed[r], one of vLLM's in-page layouts (the call's `layout`, cpu_isa.h
+// PackedLayout): its AMX layout, or its vec layout (K transposed, V plain).
+// Packed blocks are read as they lie by the AVX-512 micro-kernels (16 keys /
+// 16 dims per vector on the AMX layout; 32 keys per dim-pair step on the vec
+// layout's K, and its V as plain rows against fp32 probabilities, as vLLM's
+// vec kernel computes it) or, on the avx512_amx path and the AMX
+// layout, by AMX tiles for tiles of <= 16 rows; on the baseline path (or for
+// fp32 / fp16 pages) they are unpacked into the fp32 staging rows first.
 //
 // Scheduling (torch's intra-op thread pool via at::parallel_for; the thread
 // count follows torch.set_num_threads): work units are dealt out to the threads
@@ -93,7 +96,7 @@ struct Task {
   int32_t n;             // KVs of this head (incl. this step's)
   int32_t first_metric;  // queries >= first_metric record metrics (q_len: none)
   const int32_t* pages;
-  bool packed;           // head-pages in vLLM's AMX in-page layout (cpu_isa.h)
+  bool packed;           // head-pages in vLLM's in-page layout (Ctx::layout)
 };
 
 struct Item {
@@ -107,7 +110,7 @@ struct Item {
 };
 
 struct Scratch {
-  std::vector<float> q, o, s, kf, vf, m, l, contrib, pm, mref, qb, pb;
+  std::vector<float> q, o, s, kf, vf, m, l, contrib, pm, mref, qb, pb, pf;
   static float* get(std::vector<float>& v, size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
@@ -131,6 +134,7 @@ struct Ctx {
   float scale;
   bool bf16_avx512;  // bf16 cache, D % 32 == 0, AVX-512-BF16 path selected
   bool amx;          // ... and AMX for packed pages (decode tiles of <= 16 rows)
+  PackedLayout layout;  // vLLM's in-page layout of the packed requests' pages
   const Task* tasks;
   // split partials
   float* part_m;
@@ -356,11 +360,14 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   uint16_t* Pb = nullptr;
   // AMX tiles for packed pages: at most 16 rows (decode tiles; prefill tiles
   // with more rows take the AVX-512 micro-kernels).
-  const bool amx = c.amx && t.packed && rows <= 16;
+  const bool vec_layout = c.layout == PackedLayout::kPackedVec;
+  const bool amx = c.amx && t.packed && !vec_layout && rows <= 16;
   if (amx && t_amx_rows != rows) {
     avx512::amx_tile_config(rows);
     t_amx_rows = rows;
   }
+  // vLLM's vec layout: fp32 probabilities for PV, as its vec kernel has them.
+  float* Pf = fast && t.packed && vec_layout ? Scratch::get(sc.pf, rows * kLdS) : nullptr;
   if (fast) {
     Qb = reinterpret_cast<uint16_t*>(Scratch::get(sc.qb, (rows * D + 1) / 2));
     Pb = reinterpret_cast<uint16_t*>(Scratch::get(sc.pb, rows * kLdPb / 2));
@@ -408,7 +415,10 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
     const int s0 = static_cast<int>(kb0 % N);
     const T* kp = page + s0 * D;  // plain rows
     const T* vp = kp + N * D;
-    if (direct && t.packed) {  // fast: in-page layout read as it lies
+    if (direct && t.packed && vec_layout) {  // fast: transposed K read as it lies
+      avx512::qk_block_bf16_kt(Qb, rows, D, reinterpret_cast<const uint16_t*>(page), N, s0, kn,
+                               S, kLdS);
+    } else if (direct && t.packed) {  // fast: in-page layout read as it lies
       (amx ? avx512::qk_block_amx_packed : avx512::qk_block_bf16_packed)(
           Qb, rows, D, reinterpret_cast<const uint16_t*>(page), s0, kn, S, kLdS);
     } else if (direct) {
@@ -427,8 +437,9 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
     } else if (t.packed) {  // baseline ISA: unpack the block into fp32 rows
       for (int x = 0; x < kn; ++x) {
         for (int64_t d = 0; d < D; ++d) {
-          Kf[x * Dp + d] = static_cast<float>(page[packed_k_offset(s0 + x, d, D)]);
-          Vf[x * Dp + d] = static_cast<float>(page[N * D + packed_v_offset(s0 + x, d, N)]);
+          Kf[x * Dp + d] = static_cast<float>(page[packed_k_offset(c.layout, s0 + x, d, N, D)]);
+          Vf[x * Dp + d] =
+              static_cast<float>(page[N * D + packed_v_offset(c.layout, s0 + x, d, N, D)]);
         }
         std::fill(Kf + x * Dp + D, Kf + (x + 1) * Dp, 0.f);
         std::fill(Vf + x * Dp + D, Vf + (x + 1) * Dp, 0.f);
@@ -452,8 +463,9 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         const float m_old = m[r];
         float m_new;
         float* p32 = r >= mr0 ? Pm + (blk * mrows + r - mr0) * kKB : nullptr;
-        const float sum =
-            avx512::softmax_row(s, knp, valid, c.scale, m_old, &m_new, p32, Pb + r * kLdPb);
+        const float sum = avx512::softmax_row(s, knp, valid, c.scale, m_old, &m_new,
+                                              Pf ? Pf + r * kLdS : p32, Pb + r * kLdPb);
+        if (Pf && p32) std::copy(Pf + r * kLdS, Pf + r * kLdS + knp, p32);
         if (m_new == m_old) {  // includes a row that sees nothing yet (-inf)
           l[r] += sum;
         } else {  // m_new > m_old + 8: alpha < e^-8 (0 when m_old is -inf)
@@ -498,7 +510,9 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         mref[blk * mrows + mr] = m_new;
       }
     }
-    if (fast && t.packed)
+    if (Pf)  // vLLM's vec layout: V half in plain rows, fp32 P
+      avx512::pv_block_f32p(Pf, rows, kLdS, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O);
+    else if (fast && t.packed)
       (amx ? avx512::pv_block_amx_packed : avx512::pv_block_bf16_packed)(
           Pb, rows, kLdPb, reinterpret_cast<const uint16_t*>(page + N * D), N, s0, kn, D, O);
     else if (fast)
@@ -655,7 +669,7 @@ template <typename T>
 void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at::Tensor& pt,
                    const at::Tensor& kv_lens, const at::Tensor& qsl, double scale,
                    float* metrics, const at::Tensor& mqs, const at::Tensor& output,
-                   const uint8_t* packed) {
+                   const uint8_t* packed, PackedLayout layout) {
   const int64_t R = pt.size(0), H = pt.size(1), max_pages = pt.size(2);
   const int64_t P = kv_pages.size(0), N = kv_pages.size(2), D = kv_pages.size(3);
   const int64_t Hq = query.size(1);
@@ -845,6 +859,7 @@ void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at
   const CpuIsa isa = active_isa();
   c.bf16_avx512 = std::is_same_v<T, c10::BFloat16> && D % 32 == 0 && isa != CpuIsa::kBaseline;
   c.amx = c.bf16_avx512 && isa == CpuIsa::kAvx512Amx;
+  c.layout = layout;
   c.tasks = tasks.data();
   c.part_m = part_m;
   c.part_l = part_l;
@@ -879,7 +894,7 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
                           const at::Tensor& query_start_loc, double scale,
                           const std::optional<at::Tensor>& metrics,
                           const at::Tensor& metric_q_start, const at::Tensor& output,
-                          const std::optional<at::Tensor>& packed) {
+                          const std::optional<at::Tensor>& packed, int64_t packed_layout) {
   TORCH_CHECK(kv_pages.device().is_cpu(), "paged_head_attention: CPU tensors expected");
   TORCH_CHECK(kv_pages.dim() == 4 && kv_pages.size(1) == 2 && kv_pages.is_contiguous(),
               "paged_head_attention: kv_pages must be a contiguous [P, 2, N, D] tensor");
@@ -924,21 +939,26 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
     packed_p = static_cast<const uint8_t*>(packed_flags.data_ptr());
     const int64_t N = kv_pages.size(2), D = kv_pages.size(3);
     TORCH_CHECK(N % 16 == 0 && D % 32 == 0,
-                "paged_head_attention: packed head-pages (vLLM's AMX in-page layout) need "
+                "paged_head_attention: packed head-pages (vLLM's in-page layouts) need "
                 "block_size % 16 == 0 and head_dim % 32 == 0, got block_size ", N,
                 ", head_dim ", D);
   }
+  TORCH_CHECK(packed_layout == static_cast<int64_t>(PackedLayout::kPackedAmx) ||
+                  packed_layout == static_cast<int64_t>(PackedLayout::kPackedVec),
+              "paged_head_attention: packed_layout must be 0 (vLLM's AMX layout) or 1 (its vec "
+              "layout), got ", packed_layout);
+  const auto layout = static_cast<PackedLayout>(packed_layout);
   if (query.size(0) == 0 || R == 0) return;
 
   switch (kv_pages.scalar_type()) {
     case at::kFloat:
-      run_attention<float>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p);
+      run_attention<float>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p, layout);
       break;
     case at::kBFloat16:
-      run_attention<c10::BFloat16>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p);
+      run_attention<c10::BFloat16>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p, layout);
       break;
     case at::kHalf:
-      run_attention<c10::Half>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p);
+      run_attention<c10::Half>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p, layout);
       break;
     default:
       TORCH_CHECK(false, "paged_head_attention: unsupported dtype ", kv_pages.scalar_type());

@@ -475,6 +475,136 @@ KVC_AVX512_TARGET void pv_block_bf16_packed(const uint16_t* Pb, int rows, int ld
   }
 }
 
+// ------------------------------------------------- vLLM's vec in-page layout
+//
+// The K half is transposed ([D, N]): dim d of keys [j, j + 32) is one 64-byte
+// run.  Two dim rows (2p, 2p + 1) interleaved word by word (VPUNPCK{L,H}WD,
+// per 128-bit lane) give each 32-bit lane one key's dim pair -- the B operand
+// of VDPBF16PS against the broadcast query pair.  The lanes come out in the
+// order pv_rows' pair interleave produces (lo: keys 8l + 0..3, hi: 8l + 4..7
+// of lane l), so from_pair_order stores them in key order.
+
+namespace {
+
+// S rows [R] x 32 * KG keys starting at key k of the page (k + 32 * KG <= N):
+// each dim row is read KG * 64 contiguous bytes at a time.
+template <int R, int KG>
+KVC_AVX512_TARGET inline void qk_kt_32(const uint32_t* q32, int64_t D, const uint16_t* Kt,
+                                       int64_t N, int64_t k, float* S, int lds, int j) {
+  __m512 lo[R][KG], hi[R][KG];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < KG; ++g) lo[r][g] = hi[r][g] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < D / 2; ++p) {
+    __m512bh q[R];
+    for (int r = 0; r < R; ++r)
+      q[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(q32[r * (D / 2) + p]));
+    for (int g = 0; g < KG; ++g) {
+      const __m512i a = _mm512_loadu_si512(Kt + 2 * p * N + k + 32 * g);
+      const __m512i b = _mm512_loadu_si512(Kt + (2 * p + 1) * N + k + 32 * g);
+      const __m512bh x = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      const __m512bh y = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int r = 0; r < R; ++r) {
+        lo[r][g] = _mm512_dpbf16_ps(lo[r][g], x, q[r]);
+        hi[r][g] = _mm512_dpbf16_ps(hi[r][g], y, q[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < KG; ++g) from_pair_order(lo[r][g], hi[r][g], S + r * lds + j + 32 * g);
+}
+
+// S rows [R] x 16 keys starting at key k of the page (k + 16 <= N): the two
+// dim rows widened to 32-bit lanes, the second shifted into the high word.
+template <int R>
+KVC_AVX512_TARGET inline void qk_kt_16(const uint32_t* q32, int64_t D, const uint16_t* Kt,
+                                       int64_t N, int64_t k, float* S, int lds, int j) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < D / 2; ++p) {
+    const __m512i a = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Kt + 2 * p * N + k)));
+    const __m512i b = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Kt + (2 * p + 1) * N + k)));
+    const __m512bh x = (__m512bh)_mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh q = (__m512bh)_mm512_set1_epi32(static_cast<int>(q32[r * (D / 2) + p]));
+      acc[r] = _mm512_dpbf16_ps(acc[r], x, q);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(S + r * lds + j, acc[r]);
+}
+
+template <int R>
+KVC_AVX512_TARGET inline void qk_rows_kt(const uint32_t* q32, int64_t D, const uint16_t* Kt,
+                                         int64_t N, int s0, int kn, float* S, int lds) {
+  int j = 0;
+  // 64 keys a step (4R accumulators) while they fit the block and the page.
+  for (; j + 32 < kn && s0 + j + 64 <= N; j += 64) qk_kt_32<R, 2>(q32, D, Kt, N, s0 + j, S, lds, j);
+  for (; j < kn && s0 + j + 32 <= N; j += 32) qk_kt_32<R, 1>(q32, D, Kt, N, s0 + j, S, lds, j);
+  for (; j < kn; j += 16) qk_kt_16<R>(q32, D, Kt, N, s0 + j, S, lds, j);
+}
+
+}  // namespace
+
+KVC_AVX512_TARGET void qk_block_bf16_kt(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kt,
+                                        int64_t N, int s0, int kn, float* S, int lds) {
+  const uint32_t* q32 = reinterpret_cast<const uint32_t*>(Q);
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk_rows_kt<4>(q32 + r * (D / 2), D, Kt, N, s0, kn, S + r * lds, lds);
+  switch (rows - r) {
+    case 3: qk_rows_kt<3>(q32 + r * (D / 2), D, Kt, N, s0, kn, S + r * lds, lds); break;
+    case 2: qk_rows_kt<2>(q32 + r * (D / 2), D, Kt, N, s0, kn, S + r * lds, lds); break;
+    case 1: qk_rows_kt<1>(q32 + r * (D / 2), D, Kt, N, s0, kn, S + r * lds, lds); break;
+    default: break;
+  }
+}
+
+namespace {
+
+// R rows (<= 4) of O, the 16 * C dims from d (R * C accumulators).
+template <int R, int C>
+KVC_AVX512_TARGET inline void pv_rows_f32p(const float* P, int ldp, const uint16_t* V,
+                                           int64_t ldv, int kn, int64_t d, int64_t D, float* O) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_loadu_ps(O + r * D + d + 16 * c);
+  for (int j = 0; j < kn; ++j) {
+    __m512 v[C];
+    for (int c = 0; c < C; ++c)
+      v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(V + j * ldv + d + 16 * c))), 16));
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(P[r * ldp + j]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(p, v[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(O + r * D + d + 16 * c, acc[r][c]);
+}
+
+template <int R>
+KVC_AVX512_TARGET inline void pv_f32p(const float* P, int ldp, const uint16_t* V, int64_t ldv,
+                                      int kn, int64_t D, float* O) {
+  constexpr int C = R <= 2 ? 4 : 3;  // R * C accumulators + C V vectors + a broadcast
+  int64_t d = 0;
+  for (; d + 16 * C <= D; d += 16 * C) pv_rows_f32p<R, C>(P, ldp, V, ldv, kn, d, D, O);
+  for (; d < D; d += 16) pv_rows_f32p<R, 1>(P, ldp, V, ldv, kn, d, D, O);
+}
+
+}  // namespace
+
+KVC_AVX512_TARGET void pv_block_f32p(const float* P, int rows, int ldp, const uint16_t* V,
+                                     int64_t ldv, int kn, int64_t D, float* O) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) pv_f32p<4>(P + r * ldp, ldp, V, ldv, kn, D, O + r * D);
+  switch (rows - r) {
+    case 3: pv_f32p<3>(P + r * ldp, ldp, V, ldv, kn, D, O + r * D); break;
+    case 2: pv_f32p<2>(P + r * ldp, ldp, V, ldv, kn, D, O + r * D); break;
+    case 1: pv_f32p<1>(P + r * ldp, ldp, V, ldv, kn, D, O + r * D); break;
+    default: break;
+  }
+}
+
 // ------------------------------------------------ AMX on the in-page layout
 //
 // The page lies as AMX wants its B tiles: a K group's 16 dim-pair lines of
@@ -603,6 +733,13 @@ void qk_block_bf16_packed(const uint16_t*, int, int64_t, const uint16_t*, int, i
 }
 void pv_block_bf16_packed(const uint16_t*, int, int, const uint16_t*, int64_t, int, int, int64_t,
                           float*) {
+  TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
+}
+void qk_block_bf16_kt(const uint16_t*, int, int64_t, const uint16_t*, int64_t, int, int, float*,
+                      int) {
+  TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
+}
+void pv_block_f32p(const float*, int, int, const uint16_t*, int64_t, int, int64_t, float*) {
   TORCH_CHECK(false, "kvcompress: no AVX-512 kernels in this build");
 }
 void amx_tile_config(int) { TORCH_CHECK(false, "kvcompress: no AMX kernels in this build"); }

@@ -99,7 +99,32 @@ void qk_block_amx_packed(const uint16_t* Q, int rows, int64_t D, const uint16_t*
 void pv_block_amx_packed(const uint16_t* Pb, int rows, int ldpb, const uint16_t* Vp, int64_t N,
                          int s0, int kn, int64_t D, float* O);
 
+// QK on a page's K half in vLLM's vec in-page layout (kPackedVec below: the K
+// half transposed, [D, N]): keys [s0, s0 + kn) of one page, s0 % 16 == 0,
+// N % 16 == 0, kn <= 128, D % 32 == 0.  Per dim pair, two dim rows of 32 (or
+// 16) consecutive keys are interleaved into key pairs (VPUNPCK{L,H}WD) for
+// VDPBF16PS against the broadcast query pair: exact bf16 products, fp32
+// accumulation, no horizontal reduction.  Writes S[r * lds + j] for j <
+// round_up(kn, 16) (garbage past kn, never read past the page).  The V half
+// of that layout is plain [N, D] rows: pv_block_f32p reads it.
+void qk_block_bf16_kt(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kt, int64_t N,
+                      int s0, int kn, float* S, int lds);
+
+// O[r] += sum_{j < kn} P[r][j] * V[j] with fp32 probabilities (P rows P + r *
+// ldp) and bf16 V rows of stride ldv converted to fp32, fp32 FMAs (D % 16 ==
+// 0): the PV of vLLM's vec kernel, which keeps P in fp32, so that requests on
+// its layout get its rounding.
+void pv_block_f32p(const float* P, int rows, int ldp, const uint16_t* V, int64_t ldv, int kn,
+                   int64_t D, float* O);
+
 }  // namespace avx512
+
+// The in-page layouts of vLLM's CPU cache that the attention kernel reads
+// (``ops.reference.amx_packing`` / ``ops.reference.vec_packing``, both
+// checked against vLLM's writer): kPackedAmx, what ``cpu_attn_reshape_and_cache``
+// writes for isa "amx"; kPackedVec, what it writes for isa "vec" and "vec16"
+// (every x86 CPU without AMX, and head dims that AMX does not take).
+enum class PackedLayout : int { kPackedAmx = 0, kPackedVec = 1 };
 
 // vLLM's in-page layout of its AMX kernel (what ``cpu_attn_reshape_and_cache``
 // writes for isa "amx"; ``ops.reference.amx_packing`` is the same formula and
@@ -112,6 +137,14 @@ inline int64_t packed_k_offset(int64_t t, int64_t d, int64_t D) {
 }
 inline int64_t packed_v_offset(int64_t t, int64_t d, int64_t N) {
   return (d / 16) * 16 * N + (t / 2) * 32 + (d % 16) * 2 + t % 2;
+}
+
+// Element (t, d) of a page's K / V half in ``layout`` (N slots, D dims).
+inline int64_t packed_k_offset(PackedLayout layout, int64_t t, int64_t d, int64_t N, int64_t D) {
+  return layout == PackedLayout::kPackedVec ? d * N + t : packed_k_offset(t, d, D);
+}
+inline int64_t packed_v_offset(PackedLayout layout, int64_t t, int64_t d, int64_t N, int64_t D) {
+  return layout == PackedLayout::kPackedVec ? t * D + d : packed_v_offset(t, d, N);
 }
 
 }  // namespace kvc

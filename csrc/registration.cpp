@@ -14,7 +14,8 @@ TORCH_LIBRARY(KVC_OP_NAMESPACE, m) {
   m.def(
       "paged_head_attention(Tensor query, Tensor kv_pages, Tensor page_table, "
       "Tensor kv_lens, Tensor query_start_loc, float scale, Tensor(b!)? metrics, "
-      "Tensor metric_q_start, Tensor(c!) output, Tensor? packed=None) -> ()");
+      "Tensor metric_q_start, Tensor(c!) output, Tensor? packed=None, "
+      "int packed_layout=0) -> ()");
   m.def(
       "write_kv(Tensor key, Tensor value, Tensor(a!) kv_pages, Tensor slots, "
       "Tensor(b!)? metrics, Tensor(c!)? positions, Tensor token_positions, "

@@ -278,13 +278,16 @@ def test_attention_avx512_bf16_shapes(head_dim, group, block_size):
         torch.ops.kvcompress.set_cpu_isa(before)
 
 
-def _pack_requests(case, packed: torch.Tensor) -> torch.Tensor:
-    """Rewrite the head-pages of the requests with ``packed[r]`` in vLLM's AMX
-    in-page layout (``reference.amx_packing``), and fill every slot past a
-    head's last KV with NaN (stale slots must never reach the output).
-    Returns the packing."""
+#: vLLM's in-page layouts our kernel reads (``ops.KERNEL_LAYOUTS``).
+LAYOUTS = {"amx": reference.amx_packing, "vec": reference.vec_packing}
+
+
+def _pack_requests(case, packed: torch.Tensor, layout: str = "amx") -> torch.Tensor:
+    """Rewrite the head-pages of the requests with ``packed[r]`` in vLLM's
+    in-page ``layout`` (``LAYOUTS``), and fill every slot past a head's last KV
+    with NaN (stale slots must never reach the output).  Returns the packing."""
     num_pages, _, block, dim = case.kv_pages.shape
-    packing = reference.amx_packing(block, dim)
+    packing = LAYOUTS[layout](block, dim)
     pages = case.kv_pages
     for r in range(case.page_table.shape[0]):
         for h in range(case.page_table.shape[1]):
@@ -300,11 +303,11 @@ def _pack_requests(case, packed: torch.Tensor) -> torch.Tensor:
     return packing
 
 
-def _check_packed(case, packed: torch.Tensor, dtype) -> None:
+def _check_packed(case, packed: torch.Tensor, dtype, layout: str = "amx") -> None:
     """Pack the requests with ``packed[r]`` (``_pack_requests``) and compare our
     kernel with the reference on the same pages, metrics on and off: no NaN
     output, outputs and metrics within tolerance, metrics untouched when off."""
-    packing = _pack_requests(case, packed)
+    packing = _pack_requests(case, packed, layout)
     for metrics in (True, False):
         ref_out, ref_m = case.clone_outputs()
         out, got_m = case.clone_outputs()
@@ -325,15 +328,18 @@ def _check_packed(case, packed: torch.Tensor, dtype) -> None:
             assert not got_m.any()
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
-@pytest.mark.parametrize("block_size", [16, 128])
-def test_attention_packed_pages(head_dim, group, block_size, cpu_isa, num_threads):
-    """Requests whose head-pages are in vLLM's AMX in-page layout, mixed with
-    plain ones in one batch (``packed`` per request): decode and prefill rows,
-    odd KV counts, NaN in stale slots, metrics on and off, 1 and 2 threads
-    (flash-decoding partitions), bf16 (AVX-512 micro-kernels where selected)
-    and fp32 (staged rows); against the reference reading the same pages."""
+@pytest.mark.parametrize("block_size", [16, 48, 128])
+def test_attention_packed_pages(layout, head_dim, group, block_size, cpu_isa, num_threads):
+    """Requests whose head-pages are in one of vLLM's in-page layouts (AMX;
+    vec: K transposed -- on 48-slot pages its 32-key steps meet a 16-key tail),
+    mixed with plain ones in one batch (``packed`` per request): decode and
+    prefill rows, odd KV counts, NaN in stale slots, metrics on and off, 1 and
+    2 threads (flash-decoding partitions), bf16 (AVX-512 micro-kernels where
+    selected) and fp32 (staged rows); against the reference reading the same
+    pages."""
     for threads, max_q, dtype in ((1, 1, torch.bfloat16), (2, 1, torch.bfloat16),
                                   (2, 24, torch.bfloat16), (2, 24, torch.float32)):
         num_threads(threads)
@@ -342,11 +348,12 @@ def test_attention_packed_pages(head_dim, group, block_size, cpu_isa, num_thread
             dtype=dtype, max_kv=700 if max_q == 1 else 300, max_q=max_q,
             seed=head_dim + 10 * group + block_size + max_q + threads,
         )
-        _check_packed(case, torch.tensor([True, False, True, True]), dtype)
+        _check_packed(case, torch.tensor([True, False, True, True]), dtype, layout)
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("threads,max_q", [(1, 1), (2, 1), (2, 24)])
-def test_attention_scores_that_climb(threads, max_q, cpu_isa, num_threads):
+def test_attention_scores_that_climb(threads, max_q, layout, cpu_isa, num_threads):
     """Scores that rise along the KVs, by small steps and by large jumps, so
     that the running max of the online softmax moves by less and by more than
     the lazy-rescaling threshold (8) of the AVX-512 paths, within a block and
@@ -376,20 +383,23 @@ def test_attention_scores_that_climb(threads, max_q, cpu_isa, num_threads):
             climb[n // 5] += 30.0  # a spike the later keys climb past
             pages = case.page_table[r, h, t // block].long()
             case.kv_pages[pages, 0, t % block, 0] = climb.to(dtype)
-    _check_packed(case, torch.tensor([True, False, True]), dtype)
+    _check_packed(case, torch.tensor([True, False, True]), dtype, layout)
 
 
 def test_attention_packed_rejects_other_layouts():
-    """The C++ kernel reads one in-page layout; any other packing is refused,
-    naming it, and so is a packing without the per-request flags."""
+    """The C++ kernel reads two in-page layouts; any other packing is refused,
+    naming them, and so is a packing without the per-request flags, and a
+    layout code the op does not know."""
     case = make_attention_case(num_reqs=2, num_kv_heads=1, group=2, head_dim=64,
                                block_size=16, dtype=torch.bfloat16, max_kv=40, seed=1)
     out = torch.zeros_like(case.query)
     args = (case.query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
             case.scale, None, case.metric_q_start, out)
     plain = torch.arange(16 * 64, dtype=torch.int32).view(1, 16, 64).repeat(2, 1, 1)
-    with pytest.raises(ValueError, match="AMX in-page layout"):
+    with pytest.raises(ValueError, match="AMX or vec in-page layout only"):
         ops.paged_head_attention(*args, plain, torch.tensor([True, False]))
+    with pytest.raises(RuntimeError, match="packed_layout must be 0"):
+        torch.ops.kvcompress.paged_head_attention(*args, torch.tensor([True, False]), 2)
     with pytest.raises(ValueError, match="go together"):
         ops.paged_head_attention(*args, reference.amx_packing(16, 64), None)
 

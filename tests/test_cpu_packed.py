@@ -98,6 +98,13 @@ def test_learned_packing_is_vllms_writer(vllm_ready, isa, dtype, block, dim):
         want = plain[rows.clamp(min=0).long(), half] * (rows >= 0).view(2, 3, 1, 1)
         for unpack in (ops.unpack_pages, reference.unpack_pages):
             assert torch.equal(unpack(theirs, rows, packing.offsets, half), want)
+    # The layouts our attention kernel reads are formulas (ops.reference); they
+    # must be what vLLM's writer does for its ISA.
+    formula = {"amx": reference.amx_packing, "vec": reference.vec_packing,
+               "vec16": reference.vec_packing}[isa]
+    assert torch.equal(packing.offsets, formula(block, dim))
+    assert ops.packing_layout(packing.offsets) == (
+        None if block % 16 or dim % 32 else {"vec16": "vec"}.get(isa, isa))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -175,9 +182,8 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_pa
 
     isa = _get_attn_isa(dtype, block, dim)
     packing = cpu_packed.PagePacking.learn(dtype, block, dim, isa)
-    if ((metric_packed or decode_ours)
-            and not torch.equal(packing.offsets, reference.amx_packing(block, dim))):
-        pytest.skip(f"vLLM's {isa} layout is not the one our kernel reads")
+    if (metric_packed or decode_ours) and not ops.kernel_reads_packing(packing.offsets):
+        pytest.skip(f"vLLM's {isa} layout is not one our kernel reads")
     kernel = cpu_prefill.StockKernel(num_heads=heads * group, num_kv_heads=heads, head_dim=dim,
                                      dtype=dtype, isa=isa)
     qsl = case.query_start_loc
@@ -270,7 +276,8 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
     """Requests that record the metric keep vLLM's layout
     (``KVCOMPRESS_METRIC_PAGES``), and metric-free decode rows go to our kernel
     (``KVCOMPRESS_PACKED_DECODE``), where our kernel reads that layout fast:
-    ``auto`` takes it for the AMX layout on an AVX-512 path with bf16 pages;
+    ``auto`` takes it for vLLM's AMX or vec layout on an AVX-512 path with
+    bf16 pages;
     ``on`` insists (an error naming the setting and the layout where our
     kernel cannot read it), ``off`` never; a bad value is refused naming the
     variable."""
@@ -278,12 +285,15 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
     env = getattr(cpu_packed, env)
     amx = cpu_packed.PagePacking(isa="amx", dtype=torch.bfloat16, block_size=128, head_dim=64,
                                  offsets=reference.amx_packing(128, 64))
+    vec = cpu_packed.PagePacking(isa="vec", dtype=torch.bfloat16, block_size=32, head_dim=64,
+                                 offsets=reference.vec_packing(32, 64))
     other = cpu_packed.PagePacking(
-        isa="vec", dtype=torch.bfloat16, block_size=32, head_dim=64,
+        isa="other", dtype=torch.bfloat16, block_size=32, head_dim=64,
         offsets=torch.arange(32 * 64, dtype=torch.int32).view(1, 32, 64).repeat(2, 1, 1))
     fast = ops.cpu_isa() in ("avx512_bf16", "avx512_amx")
     monkeypatch.delenv(env, raising=False)  # auto
     assert chosen(amx) == fast
+    assert chosen(vec) == fast
     assert not chosen(other)
     assert not chosen(None)
     assert not chosen(dataclasses.replace(amx, dtype=torch.float32))
@@ -294,7 +304,7 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
         assert chosen(amx)
     finally:
         torch.ops.kvcompress.set_cpu_isa(before)
-    with pytest.raises(ValueError, match=rf"{env}={on}: .*\(vec\)"):
+    with pytest.raises(ValueError, match=rf"{env}={on}: .*\(other\)"):
         chosen(other)
     monkeypatch.setenv(env, off)
     assert not chosen(amx)
@@ -318,8 +328,8 @@ def test_packed_decode_step_runs_our_kernel_on_every_row(vllm_ready, records):
     dtype = torch.bfloat16
     isa = _get_attn_isa(dtype, block, dim)
     packing = cpu_packed.PagePacking.learn(dtype, block, dim, isa)
-    if not torch.equal(packing.offsets, reference.amx_packing(block, dim)):
-        pytest.skip(f"vLLM's {isa} layout is not the one our kernel reads")
+    if not ops.kernel_reads_packing(packing.offsets):
+        pytest.skip(f"vLLM's {isa} layout is not one our kernel reads")
     case = make_attention_case(num_reqs=5, num_kv_heads=heads, group=group, head_dim=dim,
                                block_size=block, dtype=dtype, max_kv=600, max_q=1, seed=11)
     mask = torch.ones(5, dtype=torch.bool)

@@ -33,7 +33,9 @@ what vLLM's kernel costs most on a decode step of one sequence per head.
 Requests that record the metric (the ``kvcompress`` and ``adaptive``
 scorers) are kept in the same layout where our kernel reads it
 (``metric_pages_packed``: vLLM's AMX layout, ``ops.reference.amx_packing``,
-on the AVX-512 paths of our kernel -- with AMX tiles where the CPU has them).
+or its vec layout, ``ops.reference.vec_packing`` -- K transposed, what vLLM
+writes on CPUs without AMX -- on the AVX-512 paths of our kernel, with AMX
+tiles for the AMX layout where the CPU has them).
 Their prompt rows before the observation window go to vLLM's kernel like any
 packed row, without the gather into a scratch cache that plain pages need;
 their window and decode rows go to our kernel, which records the metric.
@@ -139,7 +141,7 @@ class PagePacking:
 def metric_pages_packed(packing: "PagePacking | None") -> bool:
     """Whether requests that record the metric keep vLLM's in-page layout too
     (``KVCOMPRESS_METRIC_PAGES``).  ``auto``: where the layout is the one our
-    kernel reads (``ops.reference.amx_packing``: vLLM's AMX layout) and our
+    kernel reads (``ops.packing_layout``: vLLM's AMX or vec layout) and our
     kernel runs an AVX-512 path on bf16 pages (AMX tiles where the CPU has
     them; on the AVX2 path it would unpack every block, slower than plain)."""
     mode = _env_choice(METRIC_PAGES_ENV, METRIC_PAGES)
@@ -173,8 +175,8 @@ def _env_choice(env: str, choices: tuple[str, ...]) -> str:
 
 def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool) -> bool:
     """``forced``: our kernel must read ``packing`` (raises, naming ``setting``,
-    where it cannot); else: it reads it *fast* -- the layout is
-    ``ops.reference.amx_packing``, the pages are bf16 and our kernel runs an
+    where it cannot); else: it reads it *fast* -- the layout is vLLM's AMX
+    or vec layout (``ops.packing_layout``), the pages are bf16 and our kernel runs an
     AVX-512 path (AMX tiles where the CPU has them; on the AVX2 path it would
     unpack every block)."""
     readable = packing is not None and ops.kernel_reads_packing(packing.offsets)
@@ -182,8 +184,8 @@ def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool)
         if not readable:
             raise ValueError(
                 f"{setting}: vLLM's in-page layout here "
-                f"({'none' if packing is None else packing.isa}) is not the AMX layout "
-                "our kernel reads; use auto"
+                f"({'none' if packing is None else packing.isa}) is not one our kernel "
+                "reads (vLLM's AMX or vec layout); use auto"
             )
         return True
     return readable and packing.dtype == torch.bfloat16 and ops.cpu_isa() in (

@@ -98,8 +98,9 @@ def paged_head_attention(
     packing: torch.Tensor | None = None,
     packed: torch.Tensor | None = None,
 ) -> None:
-    """See ``reference.paged_head_attention``.  The C++ kernel reads one
-    in-page layout, ``reference.amx_packing``: ``packing`` must be it."""
+    """See ``reference.paged_head_attention``.  The C++ kernel reads two
+    in-page layouts, ``reference.amx_packing`` and ``reference.vec_packing``:
+    ``packing`` must be one of them."""
     backend = backend_for(kv_pages)
     if backend == "reference":
         return reference.paged_head_attention(**_args(locals()))
@@ -115,38 +116,56 @@ def paged_head_attention(
     load_library()
     if (packing is None) != (packed is None):
         raise ValueError("paged_head_attention: packing and packed go together")
-    if packing is not None:
-        _check_amx_packing(packing)
+    layout = 0 if packing is None else _kernel_layout(packing)
     torch.ops.kvcompress.paged_head_attention(
         query, kv_pages, page_table, kv_lens, query_start_loc, scale,
-        metrics, metric_q_start, output, packed,
+        metrics, metric_q_start, output, packed, layout,
     )
 
 
-_AMX_CHECKED: list[torch.Tensor] = []  # packings found equal to amx_packing (kept alive)
+#: The in-page layouts the C++ kernel reads, by its ``packed_layout`` code
+#: (``csrc/cpu_isa.h``, ``PackedLayout``).
+KERNEL_LAYOUTS = {"amx": (0, reference.amx_packing), "vec": (1, reference.vec_packing)}
+#: Packings already identified: (the tensor, kept alive so its id stays
+#: unique, and its layout code).
+_LAYOUT_SEEN: list[tuple[torch.Tensor, int]] = []
+
+
+def packing_layout(packing: torch.Tensor) -> str | None:
+    """Which of ``KERNEL_LAYOUTS`` the ``[2, N, D]`` in-page offsets
+    ``packing`` are (``None``: neither; the C++ kernel needs ``N % 16 == 0``
+    and ``D % 32 == 0`` for both)."""
+    _, block_size, head_dim = packing.shape
+    if block_size % 16 or head_dim % 32:
+        return None
+    for name, (_, offsets) in KERNEL_LAYOUTS.items():
+        if torch.equal(packing.to(torch.int64), offsets(block_size, head_dim).to(torch.int64)):
+            return name
+    return None
 
 
 def kernel_reads_packing(packing: torch.Tensor) -> bool:
     """Whether the C++ kernel reads head-pages packed by ``packing`` (``[2, N,
-    D]`` in-page offsets): it reads ``reference.amx_packing`` only."""
-    _, block_size, head_dim = packing.shape
-    return block_size % 16 == 0 and head_dim % 32 == 0 and torch.equal(
-        packing.to(torch.int64), reference.amx_packing(block_size, head_dim).to(torch.int64)
-    )
+    D]`` in-page offsets): vLLM's AMX or vec layout (``packing_layout``)."""
+    return packing_layout(packing) is not None
 
 
-def _check_amx_packing(packing: torch.Tensor) -> None:
-    for p in _AMX_CHECKED:
-        if p is packing:
-            return
-    if not kernel_reads_packing(packing):
+def _kernel_layout(packing: torch.Tensor) -> int:
+    for seen, code in _LAYOUT_SEEN:
+        if seen is packing:
+            return code
+    name = packing_layout(packing)
+    if name is None:
         _, block_size, head_dim = packing.shape
         raise ValueError(
-            f"paged_head_attention: the C++ kernel reads head-pages in vLLM's AMX in-page "
-            f"layout only (reference.amx_packing); this packing (block_size {block_size}, "
-            f"head_dim {head_dim}) is another"
+            f"paged_head_attention: the C++ kernel reads head-pages in vLLM's AMX or vec "
+            f"in-page layout only (reference.amx_packing, reference.vec_packing); this "
+            f"packing (block_size {block_size}, head_dim {head_dim}) is neither"
         )
-    _AMX_CHECKED.append(packing)
+    code = KERNEL_LAYOUTS[name][0]
+    del _LAYOUT_SEEN[:-15]  # the engine has one packing; tests make many
+    _LAYOUT_SEEN.append((packing, code))
+    return code
 
 
 def write_kv(

@@ -42,7 +42,7 @@ def _gather_head(
 def amx_packing(block_size: int, head_dim: int) -> torch.Tensor:
     """``[2, N, D]`` int32 in-page offsets of vLLM's AMX CPU layout (what its
     ``cpu_attn_reshape_and_cache`` writes for isa ``amx``; N % 16 == 0, D % 32
-    == 0), the one layout the C++ attention kernel reads packed pages in.
+    == 0), one of the two layouts the C++ attention kernel reads packed pages in.
     K: per 16-key group, per dim pair, the 16 keys' two values; V: per 16-dim
     chunk, per key pair, the 16 dims' two values."""
     n, d = block_size, head_dim
@@ -51,6 +51,18 @@ def amx_packing(block_size: int, head_dim: int) -> torch.Tensor:
     k = (t // 16) * 16 * d + (c // 2) * 32 + (t % 16) * 2 + c % 2
     v = (c // 16) * 16 * n + (t // 2) * 32 + (c % 16) * 2 + t % 2
     return torch.stack([k, v]).to(torch.int32)
+
+
+def vec_packing(block_size: int, head_dim: int) -> torch.Tensor:
+    """``[2, N, D]`` int32 in-page offsets of vLLM's vec CPU layout (what its
+    ``cpu_attn_reshape_and_cache`` writes for isa ``vec`` and ``vec16``: every
+    x86 CPU without AMX), the other layout the C++ attention kernel reads.
+    K: transposed, dim ``d`` of the page's ``N`` keys in one run; V: plain
+    ``[N, D]`` rows."""
+    n, d = block_size, head_dim
+    t = torch.arange(n).view(-1, 1)
+    c = torch.arange(d).view(1, -1)
+    return torch.stack([c * n + t, t * d + c]).to(torch.int32)
 
 
 def paged_head_attention(
