@@ -105,7 +105,7 @@ void pv_block_amx_packed(const uint16_t* Pb, int rows, int ldpb, const uint16_t*
 // 16) consecutive keys are interleaved into key pairs (VPUNPCK{L,H}WD) for
 // VDPBF16PS against the broadcast query pair: exact bf16 products, fp32
 // accumulation, no horizontal reduction.  Writes S[r * lds + j] for j <
-// round_up(kn, 16) (garbage past kn, never read past the page).  The V half
+// round_up(kn, 32) <= 128 (garbage past kn, never read past the page).  The V half
 // of that layout is plain [N, D] rows: pv_block_f32p reads it.
 void qk_block_bf16_kt(const uint16_t* Q, int rows, int64_t D, const uint16_t* Kt, int64_t N,
                       int s0, int kn, float* S, int lds);

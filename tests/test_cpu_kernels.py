@@ -331,10 +331,11 @@ def _check_packed(case, packed: torch.Tensor, dtype, layout: str = "amx") -> Non
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
-@pytest.mark.parametrize("block_size", [16, 48, 128])
+@pytest.mark.parametrize("block_size", [16, 48, 128, 256])
 def test_attention_packed_pages(layout, head_dim, group, block_size, cpu_isa, num_threads):
     """Requests whose head-pages are in one of vLLM's in-page layouts (AMX;
-    vec: K transposed -- on 48-slot pages its 32-key steps meet a 16-key tail),
+    vec: K transposed -- on 48-slot pages its 32-key steps meet a 16-key tail,
+    on 256-slot pages every page holds two 128-key blocks, the second from slot 128),
     mixed with plain ones in one batch (``packed`` per request): decode and
     prefill rows, odd KV counts, NaN in stale slots, metrics on and off, 1 and
     2 threads (flash-decoding partitions), bf16 (AVX-512 micro-kernels where
@@ -398,6 +399,8 @@ def test_attention_packed_rejects_other_layouts():
     plain = torch.arange(16 * 64, dtype=torch.int32).view(1, 16, 64).repeat(2, 1, 1)
     with pytest.raises(ValueError, match="AMX or vec in-page layout only"):
         ops.paged_head_attention(*args, plain, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"packing is for pages of \(32, 64\)"):
+        ops.paged_head_attention(*args, reference.vec_packing(32, 64), torch.tensor([True, False]))
     with pytest.raises(RuntimeError, match="packed_layout must be 0"):
         torch.ops.kvcompress.paged_head_attention(*args, torch.tensor([True, False]), 2)
     with pytest.raises(ValueError, match="go together"):

@@ -116,6 +116,11 @@ def paged_head_attention(
     load_library()
     if (packing is None) != (packed is None):
         raise ValueError("paged_head_attention: packing and packed go together")
+    if packing is not None and tuple(packing.shape[1:]) != tuple(kv_pages.shape[2:]):
+        raise ValueError(
+            f"paged_head_attention: packing is for pages of {tuple(packing.shape[1:])} "
+            f"(block_size, head_dim), kv_pages hold {tuple(kv_pages.shape[2:])}"
+        )
     layout = 0 if packing is None else _kernel_layout(packing)
     torch.ops.kvcompress.paged_head_attention(
         query, kv_pages, page_table, kv_lens, query_start_loc, scale,
