@@ -210,6 +210,47 @@ inline void qk_block(const float* Q, int rows, int64_t Dp, const TE* K, int64_t 
   }
 }
 
+// The same on a page whose K half is transposed (vLLM's vec layout: key t's
+// dim d at Kt[d * N + t]), keys [s0, s0 + kn): 16 keys per step (two vectors
+// of 8), vertical multiply-adds, no reduction tree -- the QK of vLLM's vec
+// kernel.  Writes S entries up to round_up(kn, 16) (<= 128), reading the
+// page's stale slots past kn (s0 % 16 == 0 and N % 16 == 0 keep every read
+// inside the page); Q rows are fp32 of stride Dp, only their first D dims read.
+template <int R, typename TE>
+inline void qk_rows_kt(const float* Q, int64_t Dp, int64_t D, const TE* Kt, int64_t N, int s0,
+                       int kn, float* S, int lds) {
+  for (int j = 0; j < kn; j += 16) {
+    Vec acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vzero();
+    const TE* k = Kt + s0 + j;
+    for (int64_t d = 0; d < D; ++d, k += N) {
+      const Vec k0 = load8(k), k1 = load8(k + 8);
+      for (int r = 0; r < R; ++r) {
+        const Vec q = vbroadcast(Q + r * Dp + d);
+        acc[r][0] = vfma(q, k0, acc[r][0]);
+        acc[r][1] = vfma(q, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      vstore(S + r * lds + j, acc[r][0]);
+      vstore(S + r * lds + j + 8, acc[r][1]);
+    }
+  }
+}
+
+template <typename TE>
+inline void qk_block_kt(const float* Q, int rows, int64_t Dp, int64_t D, const TE* Kt, int64_t N,
+                        int s0, int kn, float* S, int lds) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk_rows_kt<4>(Q + r * Dp, Dp, D, Kt, N, s0, kn, S + r * lds, lds);
+  switch (rows - r) {
+    case 3: qk_rows_kt<3>(Q + r * Dp, Dp, D, Kt, N, s0, kn, S + r * lds, lds); break;
+    case 2: qk_rows_kt<2>(Q + r * Dp, Dp, D, Kt, N, s0, kn, S + r * lds, lds); break;
+    case 1: qk_rows_kt<1>(Q + r * Dp, Dp, D, Kt, N, s0, kn, S + r * lds, lds); break;
+    default: break;
+  }
+}
+
 // O[r] += sum_j P[r * ldp + j] * V[j] for R rows, j < kn.
 template <int R, typename TE>
 inline void pv_rows(const float* P, int ldp, const TE* V, int64_t ldv, int kn, int64_t Dp,
@@ -344,9 +385,11 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   // AVX-512-BF16 path: raw bf16 query rows (the softmax scales the dot
   // products), bf16 probabilities for PV (in Pb).
   const bool fast = c.bf16_avx512;
-  // Read K/V in place (plain rows, or packed pages by the AVX-512 micro-
-  // kernels); otherwise each block is staged as fp32 rows in Kf / Vf.
-  const bool direct = Dp == D && (fast || !t.packed);
+  // Read K/V in place (plain rows, packed pages by the AVX-512 micro-kernels,
+  // vLLM's vec layout on every path); otherwise each block is staged as fp32
+  // rows in Kf / Vf.
+  const bool vec_layout = c.layout == PackedLayout::kPackedVec;
+  const bool direct = Dp == D && (fast || !t.packed || vec_layout);
 
   float* Q = Scratch::get(sc.q, rows * Dp);
   float* O = Scratch::get(sc.o, rows * Dp);
@@ -360,7 +403,6 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   uint16_t* Pb = nullptr;
   // AMX tiles for packed pages: at most 16 rows (decode tiles; prefill tiles
   // with more rows take the AVX-512 micro-kernels).
-  const bool vec_layout = c.layout == PackedLayout::kPackedVec;
   const bool amx = c.amx && t.packed && !vec_layout && rows <= 16;
   if (amx && t_amx_rows != rows) {
     avx512::amx_tile_config(rows);
@@ -415,9 +457,12 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
     const int s0 = static_cast<int>(kb0 % N);
     const T* kp = page + s0 * D;  // plain rows
     const T* vp = kp + N * D;
-    if (direct && t.packed && vec_layout) {  // fast: transposed K read as it lies
-      avx512::qk_block_bf16_kt(Qb, rows, D, reinterpret_cast<const uint16_t*>(page), N, s0, kn,
-                               S, kLdS);
+    if (direct && t.packed && vec_layout) {  // transposed K read as it lies
+      if (fast)
+        avx512::qk_block_bf16_kt(Qb, rows, D, reinterpret_cast<const uint16_t*>(page), N, s0, kn,
+                                 S, kLdS);
+      else
+        qk_block_kt(Q, rows, Dp, D, page, N, s0, kn, S, kLdS);
     } else if (direct && t.packed) {  // fast: in-page layout read as it lies
       (amx ? avx512::qk_block_amx_packed : avx512::qk_block_bf16_packed)(
           Qb, rows, D, reinterpret_cast<const uint16_t*>(page), s0, kn, S, kLdS);

@@ -276,8 +276,8 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
     """Requests that record the metric keep vLLM's layout
     (``KVCOMPRESS_METRIC_PAGES``), and metric-free decode rows go to our kernel
     (``KVCOMPRESS_PACKED_DECODE``), where our kernel reads that layout fast:
-    ``auto`` takes it for vLLM's AMX or vec layout on an AVX-512 path with
-    bf16 pages;
+    ``auto`` takes it for bf16 pages in vLLM's AMX or vec layout on an
+    AVX-512 path;
     ``on`` insists (an error naming the setting and the layout where our
     kernel cannot read it), ``off`` never; a bad value is refused naming the
     variable."""
@@ -298,8 +298,9 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
     assert not chosen(None)
     assert not chosen(dataclasses.replace(amx, dtype=torch.float32))
     before = torch.ops.kvcompress.set_cpu_isa("avx2")
-    try:  # the baseline path would unpack every block
+    try:  # the baseline path: slower than vLLM's kernel on small calls
         assert not chosen(amx)
+        assert not chosen(vec)
         monkeypatch.setenv(env, on)
         assert chosen(amx)
     finally:

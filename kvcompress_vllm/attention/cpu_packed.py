@@ -141,9 +141,8 @@ class PagePacking:
 def metric_pages_packed(packing: "PagePacking | None") -> bool:
     """Whether requests that record the metric keep vLLM's in-page layout too
     (``KVCOMPRESS_METRIC_PAGES``).  ``auto``: where the layout is the one our
-    kernel reads (``ops.packing_layout``: vLLM's AMX or vec layout) and our
-    kernel runs an AVX-512 path on bf16 pages (AMX tiles where the CPU has
-    them; on the AVX2 path it would unpack every block, slower than plain)."""
+    kernel reads fast (``_our_kernel_reads``: vLLM's AMX or vec layout, bf16
+    pages, an AVX-512 path of our kernel)."""
     mode = _env_choice(METRIC_PAGES_ENV, METRIC_PAGES)
     if mode == "plain":
         return False
@@ -175,10 +174,12 @@ def _env_choice(env: str, choices: tuple[str, ...]) -> str:
 
 def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool) -> bool:
     """``forced``: our kernel must read ``packing`` (raises, naming ``setting``,
-    where it cannot); else: it reads it *fast* -- the layout is vLLM's AMX
-    or vec layout (``ops.packing_layout``), the pages are bf16 and our kernel runs an
-    AVX-512 path (AMX tiles where the CPU has them; on the AVX2 path it would
-    unpack every block)."""
+    where it cannot); else: it reads it *fast* -- vLLM's AMX or vec layout
+    (``ops.packing_layout``), bf16 pages and an AVX-512 path of our kernel
+    (AMX tiles for the AMX layout where the CPU has them).  Its AVX2 path
+    reads the vec layout in place too, and the AMX one by unpacking every
+    block; on an AVX-512 CPU both were slower than vLLM's kernel per KV head
+    on the small calls (docs/performance.md section 2), so not ``auto``."""
     readable = packing is not None and ops.kernel_reads_packing(packing.offsets)
     if forced:
         if not readable:
