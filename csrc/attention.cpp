@@ -31,11 +31,13 @@
 // with packed[r], one of vLLM's in-page layouts (the call's `layout`, cpu_isa.h
 // PackedLayout): its AMX layout, or its vec layout (K transposed, V plain).
 // Packed blocks are read as they lie by the AVX-512 micro-kernels (16 keys /
-// 16 dims per vector on the AMX layout; 32 keys per dim-pair step on the vec
-// layout's K, and its V as plain rows against fp32 probabilities, as vLLM's
-// vec kernel computes it) or, on the avx512_amx path and the AMX
-// layout, by AMX tiles for tiles of <= 16 rows; on the baseline path (or for
-// fp32 / fp16 pages) they are unpacked into the fp32 staging rows first.
+// 16 dims per vector on the AMX layout; up to 64 keys per dim-pair step on the
+// vec layout's K, and its V as plain rows against fp32 probabilities, as
+// vLLM's vec kernel computes it) or, on the avx512_amx path and the AMX
+// layout, by AMX tiles for tiles of <= 16 rows.  On the baseline path (and for
+// fp32 / fp16 pages) the vec layout is read in place too (vertical fp32 QK on
+// the transposed K, 16 keys per step), and AMX-layout blocks are unpacked into
+// the fp32 staging rows first.
 //
 // Scheduling (torch's intra-op thread pool via at::parallel_for; the thread
 // count follows torch.set_num_threads): work units are dealt out to the threads
