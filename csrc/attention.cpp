@@ -481,12 +481,11 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
                               pfk, pfv, row_bytes);
       else
         qk_block(Q, rows, Dp, kp, D, kn, S, kLdS, pfk, pfv, row_bytes);
-    } else if (t.packed) {  // baseline ISA: unpack the block into fp32 rows
+    } else if (t.packed) {  // baseline ISA, AMX layout (vec is always direct): unpack
       for (int x = 0; x < kn; ++x) {
         for (int64_t d = 0; d < D; ++d) {
-          Kf[x * Dp + d] = static_cast<float>(page[packed_k_offset(c.layout, s0 + x, d, N, D)]);
-          Vf[x * Dp + d] =
-              static_cast<float>(page[N * D + packed_v_offset(c.layout, s0 + x, d, N, D)]);
+          Kf[x * Dp + d] = static_cast<float>(page[packed_k_offset(s0 + x, d, D)]);
+          Vf[x * Dp + d] = static_cast<float>(page[N * D + packed_v_offset(s0 + x, d, N)]);
         }
         std::fill(Kf + x * Dp + D, Kf + (x + 1) * Dp, 0.f);
         std::fill(Vf + x * Dp + D, Vf + (x + 1) * Dp, 0.f);

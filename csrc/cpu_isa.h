@@ -139,12 +139,4 @@ inline int64_t packed_v_offset(int64_t t, int64_t d, int64_t N) {
   return (d / 16) * 16 * N + (t / 2) * 32 + (d % 16) * 2 + t % 2;
 }
 
-// Element (t, d) of a page's K / V half in ``layout`` (N slots, D dims).
-inline int64_t packed_k_offset(PackedLayout layout, int64_t t, int64_t d, int64_t N, int64_t D) {
-  return layout == PackedLayout::kPackedVec ? d * N + t : packed_k_offset(t, d, D);
-}
-inline int64_t packed_v_offset(PackedLayout layout, int64_t t, int64_t d, int64_t N, int64_t D) {
-  return layout == PackedLayout::kPackedVec ? t * D + d : packed_v_offset(t, d, N);
-}
-
 }  // namespace kvc

@@ -278,8 +278,8 @@ def test_attention_avx512_bf16_shapes(head_dim, group, block_size):
         torch.ops.kvcompress.set_cpu_isa(before)
 
 
-#: vLLM's in-page layouts our kernel reads (``ops.KERNEL_LAYOUTS``).
-LAYOUTS = {"amx": reference.amx_packing, "vec": reference.vec_packing}
+#: vLLM's in-page layouts our kernel reads: name -> offsets formula.
+LAYOUTS = {name: offsets for name, (_, offsets) in ops.KERNEL_LAYOUTS.items()}
 
 
 def _pack_requests(case, packed: torch.Tensor, layout: str = "amx") -> torch.Tensor:
