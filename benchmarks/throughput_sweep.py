@@ -170,8 +170,12 @@ def run_engine(spec: dict) -> list[dict]:
         max_num_batched_tokens=spec["max_num_batched_tokens"],
     )
     if spec["plugin"]:
-        engine_kwargs["additional_config"] = {
-            "kv_compress": {"rate": 1.0, "enabled": True, "scorer": spec["scorer"]}}
+        # Every job sets its own rate; no scorer named: the plugin's default
+        # (benchmarks/profile_engine.py builds specs without one).
+        kvc = {"rate": 1.0, "enabled": True}
+        if spec.get("scorer"):
+            kvc["scorer"] = spec["scorer"]
+        engine_kwargs["additional_config"] = {"kv_compress": kvc}
     engine_kwargs.update(spec.get("engine_kwargs", {}))
     llm = LLM(spec["model"], **engine_kwargs)
     rec = timers = scheduler = None
