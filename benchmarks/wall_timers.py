@@ -13,21 +13,28 @@ class Timers:
 
     def __init__(self) -> None:
         self.total: dict[str, float] = {}
+        self._open: dict[str, int] = {}  # wrapped calls of each name in progress
 
     def wrap(self, obj, attr: str, name: str) -> None:
         """Replace ``obj.attr`` (a class's method or an instance's) by a timed
         wrapper; ``functools.wraps`` keeps the signature, which the plugin's
-        start-up check of vLLM's internals reads."""
+        start-up check of vLLM's internals reads.  A call made inside another
+        wrapped call of the same name is not counted again (e.g. the plugin's
+        attention ``forward`` calling vLLM's, both wrapped as "attention")."""
         original = getattr(obj, attr)
-        totals = self.total
+        totals, open_calls = self.total, self._open
         totals.setdefault(name, 0.0)
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
+            if open_calls.get(name, 0):
+                return original(*args, **kwargs)
+            open_calls[name] = 1
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                open_calls[name] = 0
                 totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
 
         setattr(obj, attr, timed)

@@ -270,21 +270,3 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
             vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, seq_lens=total.int(), block_table=bad,
                                                slot_mapping=slot_mapping, isa=isa),
         )
-    if not bool(direct.all()):
-        return
-    # Every request never compressed: the builder's shortcut (no per-head
-    # tensors) writes and attends exactly as the general split does, and
-    # refuses the same broken invariants.
-    def stock_only(kv_counts, table):
-        inputs = cpu_prefill.VllmInputs(stock_layout=direct, seq_lens=total.int(), block_table=table,
-                                        slot_mapping=slot_mapping, isa=isa)
-        return cpu_prefill.plan_stock_only(inputs, kv_counts, page_table[:, 0], qsl, kernel)
-
-    out_only = torch.zeros_like(query)
-    cpu_prefill.run_stock_only(stock_only(kv_lens, block_table), query, key, value, cache_before,
-                               out_only, dim**-0.5)
-    assert torch.equal(out_only, out) and torch.equal(cache_before, cache)
-    with pytest.raises(RuntimeError, match="vLLM's sequence lengths are"):
-        stock_only(uneven, block_table)
-    with pytest.raises(RuntimeError, match="vLLM's block table"):
-        stock_only(kv_lens, bad)

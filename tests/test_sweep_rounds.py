@@ -97,3 +97,41 @@ def test_variant_parsing(sweep):
     for bad in ['x', '={"a": 1}', 'stock:={"a": 1}', 'taken={}', 'y={not json', 'y=[1]', 'y={"env": 1}']:
         with pytest.raises(ValueError, match="--variant"):
             sweep.parse_variant(bad, {"taken"})
+
+
+def test_wall_timers_count_nested_calls_of_one_name_once():
+    """``benchmarks/wall_timers.py``: a subclass method that calls its wrapped
+    base (the plugin's attention ``forward`` / builder calling vLLM's) is
+    timed once under a shared name; other names nest normally."""
+    spec = importlib.util.spec_from_file_location("wall_timers", ROOT / "benchmarks" / "wall_timers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    clock = [0.0]
+
+    class FakeTime:  # the module's ``time``: a clock the methods below advance
+        @staticmethod
+        def perf_counter():
+            return clock[0]
+
+    mod.time = FakeTime
+
+    class Base:
+        def run(self):
+            clock[0] += 2.0
+
+    class Sub(Base):
+        def run(self):
+            super().run()
+            clock[0] += 3.0
+
+        def outer(self):
+            clock[0] += 1.0
+            self.run()
+
+    timers = mod.Timers()
+    timers.wrap(Base, "run", "attention")
+    timers.wrap(Sub, "run", "attention")
+    timers.wrap(Sub, "outer", "step")
+    Sub().outer()
+    Base().run()
+    assert timers.total == {"attention": 7.0, "step": 6.0}  # not 2 + 5 + 2 = 9

@@ -259,22 +259,45 @@ def test_stock_layout_requests_are_marked_and_never_evicted():
         state.begin_step(step(cached=[("b", None)], scheduled={}, plans=[plan]))
 
 
-def test_stock_layout_heads_only_when_every_request_is_never_compressed():
-    """The CPU builder's shortcut (``stock_layout_heads``): for a step whose
-    requests all stay in vLLM's layout it returns every head's KV count and
-    the layer-0/head-0 pages (``block * H``) in batch order, and checks the
-    step's query lengths; with any request in our layout it returns None."""
+def test_check_stock_only_when_every_request_is_never_compressed():
+    """The CPU builder's shortcut (``check_stock_only``): True for a step whose
+    requests all stay in vLLM's layout, once vLLM's query lengths, sequence
+    lengths and block-table rows (blocks, then padding) agree with the
+    worker's; False with any request in our layout; a disagreement names the
+    request and both sides' numbers."""
     state, _ = make_state(rate=0.5)
     state.begin_step(step(new=[("a", [0, 1, 2], 20), ("b", [3, 4, 5], 12), ("c", [6, 7], 9)],
                           scheduled={"a": 20, "b": 12, "c": 9},
                           prefill_ends={"a": 20, "b": 12, "c": 9},
                           no_metric={"b", "c"}, stock_layout={"b", "c"}))
-    assert state.stock_layout_heads(["a", "b", "c"], qsl_of(state, ["a", "b", "c"])) is None
-    counts, pages = state.stock_layout_heads(["c", "b"], qsl_of(state, ["c", "b"]))
-    assert counts.tolist() == [[9] * (L * H), [12] * (L * H)]
-    assert pages[0, :2].tolist() == [6 * H, 7 * H] and pages[1, :2].tolist() == [3 * H, 4 * H]
-    with pytest.raises(RuntimeError, match="differ from the scheduled tokens"):
-        state.stock_layout_heads(["c", "b"], torch.tensor([0, 1, 2], dtype=torch.int32))
+
+    def vllm_metadata(ids):
+        reqs = [state.table.requests[r] for r in ids]
+        seq = torch.tensor([r.num_tokens for r in reqs], dtype=torch.int32)
+        table = torch.full((len(ids), 8), 0, dtype=torch.int32)
+        for i, r in enumerate(reqs):
+            table[i, : len(r.blocks)] = torch.tensor(r.blocks)
+        return qsl_of(state, ids), seq, table
+
+    assert not state.check_stock_only(["a", "b", "c"], *vllm_metadata(["a", "b", "c"]))
+    assert state.check_stock_only(["c", "b"], *vllm_metadata(["c", "b"]))
+    qsl, seq, table = vllm_metadata(["c", "b"])
+    with pytest.raises(RuntimeError, match="request c .* 1 query tokens .* scheduled 9"):
+        state.check_stock_only(["c", "b"], torch.tensor([0, 1, 2], dtype=torch.int32), seq, table)
+    longer = seq.clone()
+    longer[1] += 1
+    with pytest.raises(RuntimeError, match="request b .* sequence length 13, .* holds 12"):
+        state.check_stock_only(["c", "b"], qsl, longer, table)
+    moved = table.clone()
+    moved[0, 1] = 9
+    with pytest.raises(RuntimeError, match=r"request c .* block table \[6, 9\] differs .* \[6, 7\]"):
+        state.check_stock_only(["c", "b"], qsl, seq, moved)
+    # Decode steps: the checks follow the worker's counts and new blocks.
+    state.end_step()
+    state.begin_step(step(cached=[("b", [8]), ("c", None)], scheduled={"b": 1, "c": 1}))
+    qsl, seq, table = vllm_metadata(["b", "c"])
+    assert seq.tolist() == [13, 10] and table[0, :4].tolist() == [3, 4, 5, 8]
+    assert state.check_stock_only(["b", "c"], qsl, seq, table)
 
 
 def test_packed_requests_evict_what_plain_ones_evict():

@@ -24,10 +24,12 @@ it, and so do all rows of requests that are never compressed, whose K/V stay in
 vLLM's own layout (``cpu_prefill``), and the rows of packed requests before
 their observation window (all rows when the metric is never read), one
 sequence per KV head (``cpu_packed``; the split is planned once per step by
-the builder).  A step whose requests are all never compressed skips our per-head
-tensors altogether (``KVCompressMetadata.stock_only``).
+the builder).
 
-Warm-up and profiling runs (no registered requests) use the stock CPU path.
+The stock CPU path (vLLM's metadata, cache write and kernel) runs warm-up and
+profiling steps (no registered requests) and every step whose requests are all
+never compressed, once the builder has checked that vLLM's metadata agrees
+with the worker's bookkeeping (``KVCompressWorkerState.check_stock_only``).
 """
 
 from __future__ import annotations
@@ -51,14 +53,11 @@ from kvcompress_vllm.attention.cpu_packed import plan_packed
 from kvcompress_vllm.attention.cpu_prefill import (
     SCRATCH_BLOCK,
     StockKernel,
-    StockLayoutRows,
     StockPrefill,
     VllmInputs,
-    plan_stock_only,
     plan_stock_prefill,
     prefill_path,
     run_split,
-    run_stock_only,
     write_kv_split,
 )
 from kvcompress_vllm.worker.layouts import to_kvcompress_spec
@@ -70,15 +69,10 @@ class KVCompressMetadata:
     """Metadata of a step with registered requests (all layers share it)."""
 
     num_actual_tokens: int
-    #: None when every request of the step stays in vLLM's layout
-    #: (``stock_only`` then says everything the layers need).
-    batch: AttentionBatch | None
+    batch: AttentionBatch
     #: Rows vLLM's kernel computes: prefill rows gathered from our pages, and
     #: every row (prefill or decode) of never-compressed requests (None: none).
     stock_prefill: StockPrefill | None
-    #: A step whose requests are all never compressed: vLLM's kernel inputs
-    #: for all its rows (``cpu_prefill.plan_stock_only``), no per-head tensors.
-    stock_only: StockLayoutRows | None = None
 
 
 class KVCompressCPUBackend(CPUAttentionBackend):
@@ -134,16 +128,13 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 isa=self.isa,
             )
 
-        if self._stock_kernel is not None:
-            heads = state.stock_layout_heads(req_ids, qsl)
-            if heads is not None:  # all never compressed: vLLM's metadata says it all
-                return KVCompressMetadata(
-                    num_actual_tokens=num_tokens, batch=None, stock_prefill=None,
-                    stock_only=plan_stock_only(
-                        vllm_inputs(torch.ones(num_reqs, dtype=torch.bool)), *heads,
-                        qsl, self._stock_kernel,
-                    ),
-                )
+        if self._stock_kernel is not None and state.check_stock_only(
+            req_ids, qsl, common_attn_metadata.seq_lens[:num_reqs],
+            common_attn_metadata.block_table_tensor,
+        ):
+            # All never compressed: vLLM's own metadata, cache write and kernel
+            # (``forward``'s stock path), as a stock engine runs the step.
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
         batch = state.build_batch(req_ids, qsl)
         stock = None
         if self._stock_kernel is not None:
@@ -215,12 +206,6 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                 output_scale, output_block_scale,
             )
         num_tokens = attn_metadata.num_actual_tokens
-        if attn_metadata.stock_only is not None:
-            run_stock_only(
-                attn_metadata.stock_only, query[:num_tokens], key[:num_tokens],
-                value[:num_tokens], kv_cache, output[:num_tokens], self.scale,
-            )
-            return output
         state = get_state()
         pool = state.pool
         if self._region is None:

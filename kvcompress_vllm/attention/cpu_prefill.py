@@ -297,27 +297,6 @@ def _plan_stock_layout(
     )
 
 
-def plan_stock_only(
-    inputs: VllmInputs,
-    kv_counts: torch.Tensor,  # [R, L*H] int32 KVs of every head
-    first_pages: torch.Tensor,  # [R, max_pages] int32 pages of layer 0, head 0 (-1: none)
-    query_start_loc: torch.Tensor,  # [R + 1] int32
-    kernel: StockKernel,
-) -> StockLayoutRows:
-    """A step whose requests all stay in vLLM's layout: every row is computed
-    by vLLM's kernel on the real cache and written at vLLM's slots, so no
-    per-head tensors are built (``KVCompressWorkerState.stock_layout_heads``
-    gives what the invariant checks read)."""
-    qsl = query_start_loc.long()
-    num_tokens = int(qsl[-1])
-    return _stock_layout_rows(
-        inputs, torch.arange(qsl.numel() - 1),
-        kv_counts=kv_counts, first_pages=first_pages,
-        rows=torch.arange(num_tokens), write_rows_own=None,
-        q_len=qsl[1:] - qsl[:-1], kernel=kernel,
-    )
-
-
 def _stock_layout_rows(
     inputs: VllmInputs,
     dr: torch.Tensor,  # [Rd] int64 batch rows of the stock-layout requests
@@ -374,21 +353,6 @@ def _vllm_cache(cache: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Te
     view = cache.view(cache.shape[0], cache.shape[1], 2 * block, -1)
     key_cache, value_cache = view.chunk(2, dim=2)
     return key_cache, value_cache
-
-
-def run_stock_only(
-    sl: StockLayoutRows,
-    query: torch.Tensor,  # [T, Hq, D]
-    key: torch.Tensor,  # [T, H, D]
-    value: torch.Tensor,  # [T, H, D]
-    kv_cache: torch.Tensor,  # [B, H, N, 2D] this layer's real cache
-    output: torch.Tensor,  # [T, Hq, D]
-    scale: float,
-) -> None:
-    """One layer of a step whose requests all stay in vLLM's layout
-    (``plan_stock_only``): vLLM's cache write and vLLM's kernel, nothing else."""
-    _write_stock_layout(sl, key, value, kv_cache)
-    _attend_stock_layout(sl, query, kv_cache, output, scale)
 
 
 def _write_stock_layout(sl: StockLayoutRows, key: torch.Tensor, value: torch.Tensor,

@@ -400,26 +400,43 @@ class KVCompressWorkerState:
                 f"scheduled tokens {step.tolist()}"
             )
 
-    def stock_layout_heads(
-        self, req_ids: list[str], query_start_loc: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """When every request of the step stays in vLLM's layout (never
-        compressed): what the builder checks against vLLM's metadata instead
-        of building an ``AttentionBatch`` -- ``kv_count [R, L*H]`` int32 (every
-        head's KVs) and ``first_pages [R, max_pages]`` int32 (layer 0, head 0:
-        page ``block * H``, -1 past the request's pages).  ``None`` when some
+    def check_stock_only(
+        self,
+        req_ids: list[str],
+        query_start_loc: torch.Tensor,  # [R + 1] int32
+        seq_lens: torch.Tensor,  # [R] int32, vLLM's
+        block_table: torch.Tensor,  # [R, >= blocks] int32, vLLM's
+    ) -> bool:
+        """Whether every request of the step stays in vLLM's layout (never
+        compressed), after checking that vLLM's metadata then describes the
+        step as the worker does: each request's scheduled tokens, its token
+        count (``seq_lens``) and its blocks (the head of its block-table row).
+        Such requests are never evicted (``apply_eviction`` refuses them), so
+        every head holds all their tokens at vLLM's slots and vLLM's own
+        metadata builder and kernel serve the whole step.  ``False`` when some
         request is in our layout (the builder then calls ``build_batch``)."""
-        table = self.table
-        reqs = [table.requests[rid] for rid in req_ids]
+        reqs = [self.table.requests[rid] for rid in req_ids]
         if not reqs or not all(r.stock_layout for r in reqs):
-            return None
-        qsl = query_start_loc.to(torch.int64)
-        self._check_step_tokens(reqs, qsl[1:] - qsl[:-1])
-        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
-        return (
-            table.kv_count.index_select(0, slots).flatten(1),  # [R, L*H]
-            table.page_table[:, 0, 0].index_select(0, slots),  # [R, max_pages]
-        )
+            return False
+        qsl = query_start_loc.tolist()
+        seq = seq_lens.tolist()
+        width = max(len(r.blocks) for r in reqs)
+        rows = block_table[: len(reqs), :width].tolist()
+        for i, (rid, r) in enumerate(zip(req_ids, reqs)):
+            q_len = qsl[i + 1] - qsl[i]
+            if q_len != r.step_tokens or seq[i] != r.num_tokens:
+                raise RuntimeError(
+                    f"request {rid} (never compressed): vLLM's metadata has {q_len} query "
+                    f"tokens and sequence length {seq[i]}, the worker scheduled "
+                    f"{r.step_tokens} tokens and holds {r.num_tokens}"
+                )
+            if rows[i][: len(r.blocks)] != r.blocks:
+                raise RuntimeError(
+                    f"request {rid} (never compressed): vLLM's block table "
+                    f"{rows[i][: len(r.blocks)][:8]} differs from the worker's blocks "
+                    f"{r.blocks[:8]}"
+                )
+        return True
 
     def build_batch(self, req_ids: list[str], query_start_loc: torch.Tensor) -> AttentionBatch:
         """Per-step attention tensors in the runner's batch order."""
