@@ -231,7 +231,6 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
         assert (rows_r <= rows_direct) if direct[r] else not (rows_r & rows_direct)
     assert sorted(rows_direct | set(plan.rows_stock.tolist()) | set(plan.rows_own.tolist())) \
         == list(range(key.shape[0]))
-    cache_before = cache.clone()
     cpu_prefill.write_kv_split(plan, key, value, cache, kv_pages, write_slots, metrics, positions,
                                step_pos)
     out = torch.zeros_like(query)
@@ -270,3 +269,31 @@ def test_stock_layout_requests_run_on_vllm_kernel_over_the_real_cache(seed, stoc
             vllm_inputs=cpu_prefill.VllmInputs(stock_layout=direct, seq_lens=total.int(), block_table=bad,
                                                slot_mapping=slot_mapping, isa=isa),
         )
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(sliding_window=128), "sliding window"),
+        (dict(logits_soft_cap=30.0), "logits soft-cap"),
+        (dict(kv_sharing_target_layer_name="model.layers.0.self_attn.attn"), "KV sharing"),
+    ],
+)
+def test_cpu_impl_rejects_unsupported(kwargs, needle, monkeypatch):
+    """What the CPU backend cannot run is refused when the layer is built,
+    naming the feature (a layer that shares another's KV cache would have
+    vLLM's cache write run twice on one cache)."""
+    from kvcompress_vllm.attention.cpu_backend import KVCompressCPUImpl
+
+    args = dict(num_heads=9, head_size=64, scale=0.125, num_kv_heads=3, alibi_slopes=None,
+                sliding_window=None, kv_cache_dtype="auto")
+    args.update(kwargs)
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends import cpu_attn
+
+    # vLLM's impl reads the model dtype from the current config (no engine here).
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config",
+                        lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=torch.bfloat16)))
+    with pytest.raises(ValueError, match=f"KV-Compress does not support: {needle}"):
+        KVCompressCPUImpl(**args)

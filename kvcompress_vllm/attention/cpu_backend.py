@@ -66,7 +66,8 @@ from kvcompress_vllm.worker.state import AttentionBatch, get_state
 
 @dataclass
 class KVCompressMetadata:
-    """Metadata of a step with registered requests (all layers share it)."""
+    """Metadata of a step with some request in our layout (all layers share
+    it); a step of never-compressed requests only gets vLLM's own."""
 
     num_actual_tokens: int
     batch: AttentionBatch
@@ -178,6 +179,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
             "sliding window": self.sliding_window != -1,
             "logits soft-cap": bool(self.logits_soft_cap),
             "attention sinks": self.sinks is not None,
+            "KV sharing across layers": self.kv_sharing_target_layer_name is not None,
             "quantized KV cache": self.is_fp8_kv_cache,
             f"attention type {self.attn_type}": self.attn_type != "decoder",
         }
@@ -200,7 +202,9 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
     ) -> torch.Tensor:
         if not isinstance(attn_metadata, KVCompressMetadata):
             if isinstance(attn_metadata, CPUAttentionMetadata):
-                self.do_kv_cache_update(layer, key, value, kv_cache, attn_metadata.slot_mapping)
+                n = attn_metadata.slot_mapping.shape[0]  # the rows vLLM's metadata maps
+                self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache,
+                                        attn_metadata.slot_mapping)
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale, output_block_scale,

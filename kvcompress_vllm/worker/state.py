@@ -431,10 +431,11 @@ class KVCompressWorkerState:
                     f"{r.step_tokens} tokens and holds {r.num_tokens}"
                 )
             if rows[i][: len(r.blocks)] != r.blocks:
+                at = next(j for j, (a, b) in enumerate(zip(rows[i], r.blocks)) if a != b)
                 raise RuntimeError(
-                    f"request {rid} (never compressed): vLLM's block table "
-                    f"{rows[i][: len(r.blocks)][:8]} differs from the worker's blocks "
-                    f"{r.blocks[:8]}"
+                    f"request {rid} (never compressed): vLLM's block table differs from the "
+                    f"worker's {len(r.blocks)} blocks at entry {at}: "
+                    f"{rows[i][at:len(r.blocks)][:4]} vs {r.blocks[at:at + 4]}"
                 )
         return True
 
