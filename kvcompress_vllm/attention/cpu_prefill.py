@@ -282,38 +282,16 @@ def _plan_stock_layout(
     kernel: StockKernel,
 ) -> StockLayoutRows:
     """vLLM's kernel inputs for the stock-layout requests' rows (a step that
-    also has requests in our layout; see ``_stock_layout_rows``)."""
-    dr = torch.nonzero(direct).view(-1)
-    d_rows = segment_rows(qsl[:-1], torch.where(direct, q_len, 0))
+    also has requests in our layout), after checking the invariant that makes
+    the real cache readable with vLLM's block table -- such a request is
+    uncompressed, so every head of every layer holds all of vLLM's
+    ``seq_lens`` tokens, and its head-pages are ``page_id(l, block, h)`` of
+    exactly the blocks in vLLM's block table, in order (checked on layer 0,
+    head 0; the other heads' pages follow from the same identity layout)."""
+    dr = torch.nonzero(direct).view(-1)  # [Rd] batch rows of the stock-layout requests
+    rows = segment_rows(qsl[:-1], torch.where(direct, q_len, 0))  # [Td] their token rows
     others = segment_rows(qsl[:-1], torch.where(direct, 0, q_len))
-    return _stock_layout_rows(
-        inputs, dr,
-        kv_counts=lens[:, dr, :].permute(1, 0, 2).reshape(dr.numel(), -1),
-        first_pages=page_table[0, dr, 0],
-        rows=d_rows,
-        write_rows_own=others if others.numel() else None,
-        q_len=q_len.index_select(0, dr),
-        kernel=kernel,
-    )
-
-
-def _stock_layout_rows(
-    inputs: VllmInputs,
-    dr: torch.Tensor,  # [Rd] int64 batch rows of the stock-layout requests
-    *,
-    kv_counts: torch.Tensor,  # [Rd, L*H] KVs of every head of those requests
-    first_pages: torch.Tensor,  # [Rd, max_pages] their pages of layer 0, head 0
-    rows: torch.Tensor,  # [Td] int64 their token rows
-    write_rows_own: torch.Tensor | None,  # the other token rows (None: none)
-    q_len: torch.Tensor,  # [Rd] int64 their query rows
-    kernel: StockKernel,
-) -> StockLayoutRows:
-    """Checks the invariant that makes the real cache readable with vLLM's
-    block table -- such a request is uncompressed, so every head of every
-    layer holds all of vLLM's ``seq_lens`` tokens, and its head-pages are
-    ``page_id(l, block, h)`` of exactly the blocks in vLLM's block table, in
-    order (checked on layer 0, head 0; the other heads' pages follow from the
-    same identity layout) -- and builds vLLM's kernel inputs."""
+    kv_counts = lens[:, dr, :].permute(1, 0, 2).reshape(dr.numel(), -1)  # [Rd, L*H]
     seq = inputs.seq_lens.index_select(0, dr).long()  # [Rd]
     if not bool((kv_counts == seq.view(-1, 1)).all()):
         raise RuntimeError(
@@ -322,6 +300,7 @@ def _stock_layout_rows(
             f"lengths are {seq.tolist()[:8]}: they must never be compressed"
         )
     heads = kernel.num_kv_heads
+    first_pages = page_table[0, dr, 0]  # [Rd, max_pages] layer 0, head 0
     block_table = inputs.block_table.index_select(0, dr)
     used = min(first_pages.shape[1], block_table.shape[1])
     pages = first_pages[:, :used].long()  # layer 0, head 0: page = block * H
@@ -333,12 +312,12 @@ def _stock_layout_rows(
             f"{(pages // heads).tolist()[:4]}"
         )
     d_qsl = torch.zeros(dr.numel() + 1, dtype=torch.int32)
-    d_qsl[1:] = torch.cumsum(q_len, 0)
+    d_qsl[1:] = torch.cumsum(q_len.index_select(0, dr), 0)
     seq_lens = seq.to(torch.int32)
     sched = scheduler_metadata(kernel, seq_lens, d_qsl, inputs.isa)
     return StockLayoutRows(
         rows=rows,
-        write_rows_own=write_rows_own,
+        write_rows_own=others if others.numel() else None,
         slot_mapping=inputs.slot_mapping.index_select(0, rows).long(),
         qsl=d_qsl,
         seq_lens=seq_lens,

@@ -392,13 +392,17 @@ class KVCompressWorkerState:
         stats.compaction_ms += 1000.0 * (time.perf_counter() - start)
 
     # ------------------------------------------------------------------
-    def _check_step_tokens(self, reqs: list[RequestPages], q_lens: torch.Tensor) -> None:
-        step = torch.tensor([r.step_tokens for r in reqs], dtype=torch.int64)
-        if not torch.equal(step, q_lens):
-            raise RuntimeError(
-                f"attention batch query lengths {q_lens.tolist()} differ from the "
-                f"scheduled tokens {step.tolist()}"
-            )
+    @staticmethod
+    def _check_step_tokens(req_ids: list[str], reqs: list[RequestPages], qsl: list[int]) -> None:
+        """vLLM's query lengths (``qsl``: its query start locations) are the
+        tokens the worker scheduled for each request in this step."""
+        for i, (rid, r) in enumerate(zip(req_ids, reqs)):
+            q_len = qsl[i + 1] - qsl[i]
+            if q_len != r.step_tokens:
+                raise RuntimeError(
+                    f"request {rid} of the step: vLLM's metadata has {q_len} query tokens where "
+                    f"the worker scheduled {r.step_tokens}"
+                )
 
     def check_stock_only(
         self,
@@ -418,17 +422,15 @@ class KVCompressWorkerState:
         reqs = [self.table.requests[rid] for rid in req_ids]
         if not reqs or not all(r.stock_layout for r in reqs):
             return False
-        qsl = query_start_loc.tolist()
+        self._check_step_tokens(req_ids, reqs, query_start_loc.tolist())
         seq = seq_lens.tolist()
         width = max(len(r.blocks) for r in reqs)
         rows = block_table[: len(reqs), :width].tolist()
         for i, (rid, r) in enumerate(zip(req_ids, reqs)):
-            q_len = qsl[i + 1] - qsl[i]
-            if q_len != r.step_tokens or seq[i] != r.num_tokens:
+            if seq[i] != r.num_tokens:
                 raise RuntimeError(
-                    f"request {rid} (never compressed): vLLM's metadata has {q_len} query "
-                    f"tokens and sequence length {seq[i]}, the worker scheduled "
-                    f"{r.step_tokens} tokens and holds {r.num_tokens}"
+                    f"request {rid} (never compressed): vLLM's sequence length {seq[i]}, "
+                    f"the worker holds {r.num_tokens}"
                 )
             if rows[i][: len(r.blocks)] != r.blocks:
                 at = next(j for j, (a, b) in enumerate(zip(rows[i], r.blocks)) if a != b)
@@ -448,7 +450,7 @@ class KVCompressWorkerState:
         reqs = [table.requests[rid] for rid in req_ids]
         qsl = query_start_loc.to(torch.int64)
         q_lens = qsl[1:] - qsl[:-1]
-        self._check_step_tokens(reqs, q_lens)
+        self._check_step_tokens(req_ids, reqs, qsl.tolist())
         slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
         width = int(table.num_pages.index_select(0, slots).max())
         page_table = (
