@@ -58,7 +58,18 @@ def ops_lib() -> str:
     return str(sorted(Path(kvcompress_vllm.__file__).parent.glob("_C*.so"))[0])
 
 
-def load_stock():
+def load_stock(vllm_lib: str = "auto"):
+    """vLLM's kernel library (``auto``: the one vLLM loads on this CPU;
+    ``avx2``: ``vllm._C_AVX2``, the build vLLM loads on CPUs without AVX-512;
+    ``avx512``: ``vllm._C_AVX512``, its build for AVX-512 CPUs without BF16 --
+    so that a newer machine can time what an older CPU would run)."""
+    # vLLM's import_kernels picks the library by these probes, and only by
+    # them; it runs again on later imports, so a probe stays patched for the
+    # process (loading a second library of the _C namespace aborts).
+    if vllm_lib == "avx2":
+        torch.cpu._is_avx512_supported = lambda: False
+    if vllm_lib in ("avx2", "avx512"):
+        torch.cpu._is_avx512_bf16_supported = lambda: False
     import vllm  # noqa: F401  (must precede vllm._custom_ops)
     from vllm.platforms import current_platform
 
@@ -278,17 +289,28 @@ def main() -> None:
     ap.add_argument("--isa", default="auto",
                     help="ISA path of our kernels (torch.ops.kvcompress.set_cpu_isa): auto "
                          "(the best this CPU has), avx2, avx512_bf16 or avx512_amx")
+    ap.add_argument("--vllm-lib", default="auto", choices=("auto", "avx2", "avx512"),
+                    help="vLLM's kernel library: auto (the one vLLM loads on this CPU), "
+                         "avx2 (vllm._C_AVX2, what vLLM runs on CPUs without AVX-512) or "
+                         "avx512 (vllm._C_AVX512, on AVX-512 CPUs without BF16); with --isa "
+                         "avx2, times an older CPU's kernels on this one")
     ap.add_argument("--check", action="store_true",
                     help="also check our outputs/metrics against ops.reference")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    vops, get_isa = load_stock()
+    vops, get_isa = load_stock(args.vllm_lib)
     from kvcompress_vllm import ops
 
     ops.load_library()
     torch.ops.kvcompress.set_cpu_isa(args.isa)
     our_isa = torch.ops.kvcompress.cpu_isa()
-    print(f"ours: {our_isa} path", flush=True)
+    from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
+
+    build = vllm_kernel_build()  # what vLLM loaded, from this process's mappings
+    want = {"avx2": "_C_AVX2", "avx512": "_C_AVX512"}.get(args.vllm_lib, build)
+    if build != want:
+        raise SystemExit(f"--vllm-lib {args.vllm_lib}: vLLM loaded {build}, not {want}")
+    print(f"ours: {our_isa} path; vLLM's kernel library: {build}", flush=True)
     repeats = args.repeats or (25 if args.quick else 41)
     if args.quick:
         cases = QUICK
@@ -324,11 +346,8 @@ def main() -> None:
         import vllm
 
         vllm_version = vllm.__version__
-        if torch.cpu._is_avx512_supported():
-            vllm_lib = "vllm._C (AVX-512 + BF16)" if torch.cpu._is_avx512_bf16_supported() \
-                else "vllm._C_AVX512"
-        else:
-            vllm_lib = "vllm._C_AVX2"
+        vllm_lib = f"vllm.{build}" + (" (AVX-512 + BF16)" if build == "_C" else "") + (
+            f", loaded by --vllm-lib {args.vllm_lib}" if args.vllm_lib != "auto" else "")
         text = "\n".join([
             "# Decode-step attention: kvcompress vs vLLM stock CPU attention",
             "",

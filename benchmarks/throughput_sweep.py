@@ -150,6 +150,68 @@ def instrument(llm):
 
 
 # --------------------------------------------------------------------------- worker
+#: ``--emulate-cpu`` -> (vLLM's kernel library, torch's ATEN_CPU_CAPABILITY,
+#: oneDNN's ONEDNN_MAX_CPU_ISA, the plugin's kernel path) of that CPU.
+EMULATED_CPUS = {
+    "avx2": ("_C_AVX2", "avx2", "AVX2", "avx2"),
+    "avx512": ("_C_AVX512", "avx512", "AVX512_CORE", "avx512"),
+}
+
+
+def emulation_env(cpu: str) -> dict[str, str]:
+    """Environment of an engine process run as on ``cpu`` (``EMULATED_CPUS``):
+    benchmarks/cpu_emulation/sitecustomize.py answers torch's CPU probes as
+    that CPU would, so vLLM loads that CPU's kernel library and layout."""
+    _, aten, onednn, ours = EMULATED_CPUS[cpu]
+    path = os.environ.get("PYTHONPATH")
+    return {
+        "KVC_EMULATE_CPU": cpu,
+        "PYTHONPATH": str(HERE / "cpu_emulation") + (os.pathsep + path if path else ""),
+        "ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn,
+        "KVCOMPRESS_CPU_ISA": ours,
+    }
+
+
+def check_emulation(cpu: str, plugin: bool) -> None:
+    """Raise unless this engine really runs as on ``cpu``: vLLM's library of
+    that CPU loaded in every process of the engine that loaded one (this one,
+    and the engine core in mp mode), torch's capability and the plugin's
+    kernel path set."""
+    import psutil
+
+    lib = EMULATED_CPUS[cpu][0]
+    seen = {}
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        except OSError:
+            continue
+        libs = sorted({ln.rsplit("/", 1)[-1] for ln in maps.splitlines()
+                       if "/vllm/_C" in ln and ln.endswith(".so")})
+        if libs:
+            seen[proc.pid] = libs
+    if not seen or any(libs != [f"{lib}.abi3.so"] for libs in seen.values()):
+        raise RuntimeError(f"--emulate-cpu {cpu}: expected vllm/{lib}.abi3.so in every engine "
+                           f"process, found {seen or 'no vLLM kernel library'}")
+    capability = torch_capability()
+    if capability.lower() != EMULATED_CPUS[cpu][1]:
+        raise RuntimeError(f"--emulate-cpu {cpu}: torch runs its {capability} kernels")
+    if plugin:
+        from kvcompress_vllm import ops
+
+        ops.load_library()
+        want = os.environ["KVCOMPRESS_CPU_ISA"]  # that CPU's, or a --variant's env
+        if ops.cpu_isa() != want:
+            raise RuntimeError(f"--emulate-cpu {cpu}: the plugin's kernels run their "
+                               f"{ops.cpu_isa()} path, not {want}")
+
+
+def torch_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def run_engine(spec: dict) -> list[dict]:
     """One engine; runs every job of ``spec["jobs"]`` on it in order."""
     inproc = spec["mode"] == "inproc"
@@ -178,6 +240,8 @@ def run_engine(spec: dict) -> list[dict]:
         engine_kwargs["additional_config"] = {"kv_compress": kvc}
     engine_kwargs.update(spec.get("engine_kwargs", {}))
     llm = LLM(spec["model"], **engine_kwargs)
+    if spec.get("emulate_cpu"):
+        check_emulation(spec["emulate_cpu"], spec["plugin"])
     rec = timers = scheduler = None
     if inproc:
         from engine_probe import probe
@@ -449,6 +513,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every engine this many times, alternating forward and reverse "
                         "order (2: A B C D D C B A), and average (see Drift above)")
+    parser.add_argument("--emulate-cpu", choices=tuple(EMULATED_CPUS), default=None,
+                        help="run every engine as on an older x86 CPU: avx2 (no AVX-512: vLLM's "
+                        "_C_AVX2, torch's and oneDNN's AVX2 kernels, the plugin's avx2 path) or "
+                        "avx512 (AVX-512 without BF16: vLLM's _C_AVX512, the plugin's avx512 path); "
+                        "benchmarks/cpu_emulation/sitecustomize.py.  Same cores: the instruction "
+                        "sets are the older CPU's, the clocks, caches and memory this machine's")
     parser.add_argument("--variant", action="append", default=[], metavar="[stock:]NAME=JSON",
                         help="also run the plugin at the tight budget (rate 0.25) with these extra "
                         "engine arguments, e.g. 'optimistic={\"scheduler_reserve_full_isl\": false}' "
@@ -510,6 +580,9 @@ def main() -> int:
         scorer = check_scorer(args.scorer, "--scorer") if args.scorer else KVCompressConfig.scorer
     except KVCompressConfigError as err:
         parser.error(str(err))
+    if args.emulate_cpu:  # every engine process (run_config copies this environment)
+        os.environ.update(emulation_env(args.emulate_cpu))
+    cpu = args.emulate_cpu or "native"
     raw: list[dict] = []
     sweep_start = time.perf_counter()
     blocks = {}
@@ -536,7 +609,7 @@ def main() -> int:
                     max_num_batched_tokens=2048, jobs=jobs, verbose=args.verbose,
                     env=engine_kwargs.pop("env", {}),
                     engine_kwargs=engine_kwargs, label_suffix=f" {label}" if label else "",
-                    scorer=scorer,
+                    scorer=scorer, emulate_cpu=args.emulate_cpu,
                 )
                 t0 = time.perf_counter()
                 results = run_config(spec)
@@ -544,7 +617,8 @@ def main() -> int:
                     blocks[name] = results.pop()["num_blocks"]
                 for res in results:
                     raw.append({"mode": mode, "budget": budget, "round": rnd + 1,
-                                "config": res["job"], "scorer": scorer if plugin else "", **res})
+                                "config": res["job"], "scorer": scorer if plugin else "",
+                                "cpu": cpu, **res})
                 print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     per_round = with_ratios(raw, shapes, tight_tokens)

@@ -134,7 +134,8 @@ struct Ctx {
   int64_t os0, os1;
   float* metrics;
   float scale;
-  bool bf16_avx512;  // bf16 cache, D % 32 == 0, AVX-512-BF16 path selected
+  bool bf16_avx512;  // bf16 cache, D % 32 == 0, an AVX-512 path selected
+  const Avx512Kernels* k;  // that path's micro-kernels (null: the baseline's)
   bool amx;          // ... and AMX for packed pages (decode tiles of <= 16 rows)
   PackedLayout layout;  // vLLM's in-page layout of the packed requests' pages
   const Task* tasks;
@@ -461,12 +462,12 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
     const T* vp = kp + N * D;
     if (direct && t.packed && vec_layout) {  // transposed K read as it lies
       if (fast)
-        avx512::qk_block_bf16_kt(Qb, rows, D, reinterpret_cast<const uint16_t*>(page), N, s0, kn,
+        c.k->qk_block_bf16_kt(Qb, rows, D, reinterpret_cast<const uint16_t*>(page), N, s0, kn,
                                  S, kLdS);
       else
         qk_block_kt(Q, rows, Dp, D, page, N, s0, kn, S, kLdS);
     } else if (direct && t.packed) {  // fast: in-page layout read as it lies
-      (amx ? avx512::qk_block_amx_packed : avx512::qk_block_bf16_packed)(
+      (amx ? avx512::qk_block_amx_packed : c.k->qk_block_bf16_packed)(
           Qb, rows, D, reinterpret_cast<const uint16_t*>(page), s0, kn, S, kLdS);
     } else if (direct) {
       const char* pfk = nullptr;
@@ -477,7 +478,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         pfv = pfk + N * row_bytes;
       }
       if (fast)
-        avx512::qk_block_bf16(Qb, rows, D, reinterpret_cast<const uint16_t*>(kp), D, kn, S, kLdS,
+        c.k->qk_block_bf16(Qb, rows, D, reinterpret_cast<const uint16_t*>(kp), D, kn, S, kLdS,
                               pfk, pfv, row_bytes);
       else
         qk_block(Q, rows, Dp, kp, D, kn, S, kLdS, pfk, pfv, row_bytes);
@@ -509,7 +510,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         const float m_old = m[r];
         float m_new;
         float* p32 = r >= mr0 ? Pm + (blk * mrows + r - mr0) * kKB : nullptr;
-        const float sum = avx512::softmax_row(s, knp, valid, c.scale, m_old, &m_new,
+        const float sum = c.k->softmax_row(s, knp, valid, c.scale, m_old, &m_new,
                                               Pf ? Pf + r * kLdS : p32, Pb + r * kLdPb);
         if (Pf && p32) std::copy(Pf + r * kLdS, Pf + r * kLdS + knp, p32);
         if (m_new == m_old) {  // includes a row that sees nothing yet (-inf)
@@ -557,12 +558,12 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
       }
     }
     if (Pf)  // vLLM's vec layout: V half in plain rows, fp32 P
-      avx512::pv_block_f32p(Pf, rows, kLdS, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O);
+      c.k->pv_block_f32p(Pf, rows, kLdS, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O);
     else if (fast && t.packed)
-      (amx ? avx512::pv_block_amx_packed : avx512::pv_block_bf16_packed)(
+      (amx ? avx512::pv_block_amx_packed : c.k->pv_block_bf16_packed)(
           Pb, rows, kLdPb, reinterpret_cast<const uint16_t*>(page + N * D), N, s0, kn, D, O);
     else if (fast)
-      avx512::pv_block_bf16(Pb, rows, kLdPb, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O);
+      c.k->pv_block_bf16(Pb, rows, kLdPb, reinterpret_cast<const uint16_t*>(vp), D, kn, D, O);
     else if (direct)
       pv_block(S, rows, kLdS, vp, D, kn, Dp, O);
     else
@@ -904,6 +905,7 @@ void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at
   c.scale = static_cast<float>(scale);
   const CpuIsa isa = active_isa();
   c.bf16_avx512 = std::is_same_v<T, c10::BFloat16> && D % 32 == 0 && isa != CpuIsa::kBaseline;
+  c.k = c.bf16_avx512 ? &avx512_kernels(isa) : nullptr;
   c.amx = c.bf16_avx512 && isa == CpuIsa::kAvx512Amx;
   c.layout = layout;
   c.tasks = tasks.data();

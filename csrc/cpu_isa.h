@@ -1,16 +1,17 @@
 // Run-time ISA dispatch of the kvcompress CPU kernels.
 //
 // The library is built for the portable baseline (KVC_CPU_ISA=avx2 by default:
-// AVX2 + FMA + F16C); a few hot micro-kernels also have an AVX-512 + AVX512-BF16
-// version (csrc/attention_avx512.cpp, compiled with per-function target
-// attributes) that is used only where the CPU has those features, detected at
-// run time.  So one wheel runs on AVX2-only machines and uses the faster path
-// where it can.
+// AVX2 + FMA + F16C); a few hot micro-kernels also have AVX-512 versions
+// (csrc/attention_avx512.cpp, compiled with per-function target attributes),
+// with or without AVX512-BF16 instructions, used only where the CPU has those
+// features, detected at run time.  So one wheel runs on AVX2-only machines and
+// uses the faster path where it can.
 //
-// The path in use: "avx512_bf16" where the CPU supports it, else "avx2" (or
-// "generic" in a KVC_CPU_ISA=generic build).  The environment variable
+// The path in use: "avx512_amx", "avx512_bf16" or "avx512" (the best the CPU
+// supports), else "avx2" (or "generic" in a KVC_CPU_ISA=generic build).  The environment variable
 // KVCOMPRESS_CPU_ISA (read once, at library load) = auto (default) | avx2 |
-// avx512_bf16 forces a path; avx512_bf16 on a CPU without it is an error.
+// avx512 | avx512_bf16 | avx512_amx forces a path; a path the CPU lacks is an
+// error.
 // torch.ops.kvcompress.set_cpu_isa(name) switches at run time (tests) and
 // returns the previous name; torch.ops.kvcompress.cpu_isa() returns it.
 #pragma once
@@ -20,21 +21,25 @@
 
 namespace kvc {
 
-// kAvx512Amx: the AVX-512-BF16 micro-kernels, and AMX tiles for decode tiles
-// (<= 16 rows) on head-pages in vLLM's AMX in-page layout.
-enum class CpuIsa : int { kBaseline = 0, kAvx512Bf16 = 1, kAvx512Amx = 2 };
+// kAvx512: the AVX-512 micro-kernels with the two AVX512-BF16 instructions they
+// use emulated (CPUs with AVX-512 but without BF16: Intel Skylake-SP to Ice
+// Lake).  kAvx512Amx: the AVX-512-BF16 micro-kernels, and AMX tiles for decode
+// tiles (<= 16 rows) on head-pages in vLLM's AMX in-page layout.
+enum class CpuIsa : int { kBaseline = 0, kAvx512 = 1, kAvx512Bf16 = 2, kAvx512Amx = 3 };
 
 // The path used by the kernels now.
 CpuIsa active_isa();
-// Whether this CPU (and OS) supports AVX-512 F/BW/VL/DQ + AVX512-BF16.
+// Whether this CPU (and OS) supports AVX-512 F/BW/VL/DQ.
+bool cpu_has_avx512();
+// ... + AVX512-BF16.
 bool cpu_has_avx512_bf16();
 // ... + AMX-TILE + AMX-BF16, and the OS granted this process the tile state
 // (requested here on first call).
 bool cpu_has_amx();
 
 std::string cpu_isa_name();
-// "auto", "avx2"/"baseline"/"generic", "avx512_bf16" or "avx512_amx"; returns
-// the previous name.
+// "auto", "avx2"/"baseline"/"generic", "avx512", "avx512_bf16" or
+// "avx512_amx"; returns the previous name.
 std::string set_cpu_isa(const std::string& name);
 
 namespace avx512 {
@@ -118,6 +123,39 @@ void pv_block_f32p(const float* P, int rows, int ldp, const uint16_t* V, int64_t
                    int64_t D, float* O);
 
 }  // namespace avx512
+
+// The same seven micro-kernels (qk_block_bf16 to pv_block_f32p, same
+// contracts) for kAvx512: namespace avx512's code (attention_avx512_kernels.inc)
+// with VDPBF16PS and VCVTNEPS2BF16 emulated by AVX-512F instructions.
+namespace avx512f {
+void qk_block_bf16(const uint16_t*, int, int64_t, const uint16_t*, int64_t, int, float*, int,
+                   const char*, const char*, int64_t);
+float softmax_row(const float*, int, int, float, float, float*, float*, uint16_t*);
+void pv_block_bf16(const uint16_t*, int, int, const uint16_t*, int64_t, int, int64_t, float*);
+void qk_block_bf16_packed(const uint16_t*, int, int64_t, const uint16_t*, int, int, float*, int);
+void pv_block_bf16_packed(const uint16_t*, int, int, const uint16_t*, int64_t, int, int, int64_t,
+                          float*);
+void qk_block_bf16_kt(const uint16_t*, int, int64_t, const uint16_t*, int64_t, int, int, float*,
+                      int);
+void pv_block_f32p(const float*, int, int, const uint16_t*, int64_t, int, int64_t, float*);
+}  // namespace avx512f
+
+// The seven micro-kernels of one AVX-512 path, so that the attention kernel
+// picks the path once per call.
+struct Avx512Kernels {
+  decltype(&avx512::qk_block_bf16) qk_block_bf16;
+  decltype(&avx512::softmax_row) softmax_row;
+  decltype(&avx512::pv_block_bf16) pv_block_bf16;
+  decltype(&avx512::qk_block_bf16_packed) qk_block_bf16_packed;
+  decltype(&avx512::pv_block_bf16_packed) pv_block_bf16_packed;
+  decltype(&avx512::qk_block_bf16_kt) qk_block_bf16_kt;
+  decltype(&avx512::pv_block_f32p) pv_block_f32p;
+};
+
+// The kernels of AVX-512 path ``isa`` (kAvx512: namespace avx512f; kAvx512Bf16
+// and kAvx512Amx: namespace avx512).  Refuses kBaseline and builds without
+// AVX-512 code.
+const Avx512Kernels& avx512_kernels(CpuIsa isa);
 
 // The in-page layouts of vLLM's CPU cache that the attention kernel reads
 // (``ops.reference.amx_packing`` / ``ops.reference.vec_packing``, both

@@ -86,6 +86,18 @@ def test_attention_bench_quick():
     assert "stock" in proc.stdout and "SmolLM2" in proc.stdout and "per-head/stock" in proc.stdout
 
 
+def test_attention_bench_quick_as_on_an_avx2_cpu():
+    """bench_attention.py --vllm-lib avx2 --isa avx2: vLLM's AVX2 build (what it
+    loads on a CPU without AVX-512) against our avx2 path, on this CPU; the
+    benchmark refuses to run if vLLM loaded another build."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick",
+                           "--vllm-lib", "avx2", "--isa", "avx2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours: avx2 path; vLLM's kernel library: _C_AVX2" in proc.stdout
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("| SmolLM2")]) == 2
+
+
 def test_prefill_bench_quick():
     """bench_prefill.py --quick: our kernel, the split path and vLLM's kernel on
     one prefill chunk (no timing assertions)."""

@@ -34,7 +34,7 @@ def _load_kernels():
     assert hasattr(torch.ops.kvcompress, "paged_head_attention")
 
 
-ISAS = ("avx2", "avx512_bf16", "avx512_amx")
+ISAS = ("avx2", "avx512", "avx512_bf16", "avx512_amx")
 
 
 def _set_isa_or_skip(name: str) -> str:
@@ -220,24 +220,30 @@ def _isa_available(name: str) -> bool:
 
 def test_cpu_isa_dispatch():
     """auto picks the best path this CPU has: AVX-512-BF16 + AMX, else
-    AVX-512-BF16, else the baseline (never a path the CPU lacks; a
-    KVC_AVX512=OFF build has none); bad names are rejected."""
+    AVX-512-BF16, else AVX-512 (F/BW/VL/DQ), else the baseline (never a path
+    the CPU lacks; a KVC_AVX512=OFF build has none); bad names are rejected."""
+    cpu_512 = bool(torch.cpu._is_avx512_supported())
     cpu_has = bool(torch.cpu._is_avx512_bf16_supported())
     cpu_amx = bool(torch.cpu._is_amx_tile_supported())
     before = torch.ops.kvcompress.set_cpu_isa("auto")
     try:
+        has512 = _isa_available("avx512")
         has = _isa_available("avx512_bf16")
         amx = _isa_available("avx512_amx")
-        assert cpu_has or not has
+        assert cpu_512 or not has512
+        assert (cpu_has and has512) or not has
         assert (cpu_amx and has) or not amx
         torch.ops.kvcompress.set_cpu_isa("auto")
-        want = (("avx512_amx",) if amx else ("avx512_bf16",) if has
+        want = (("avx512_amx",) if amx else ("avx512_bf16",) if has else ("avx512",) if has512
                 else ("avx2", "generic"))  # generic: KVC_CPU_ISA=generic
         assert torch.ops.kvcompress.cpu_isa() in want
         if os.environ.get("KVCOMPRESS_CPU_ISA", "auto") == "auto":
             assert before == torch.ops.kvcompress.cpu_isa()
         with pytest.raises(RuntimeError, match="unknown CPU ISA"):
             torch.ops.kvcompress.set_cpu_isa("sse9")
+        if not has512:
+            with pytest.raises(RuntimeError, match="lacks"):
+                torch.ops.kvcompress.set_cpu_isa("avx512")
         if not has:
             with pytest.raises(RuntimeError, match="lacks"):
                 torch.ops.kvcompress.set_cpu_isa("avx512_bf16")
@@ -248,14 +254,16 @@ def test_cpu_isa_dispatch():
         torch.ops.kvcompress.set_cpu_isa(before)
 
 
+@pytest.mark.parametrize("path", ["avx512_bf16", "avx512"])
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 @pytest.mark.parametrize("group", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("block_size", [16, 128])
-def test_attention_avx512_bf16_shapes(head_dim, group, block_size):
-    """The AVX-512-BF16 micro-kernels (bf16, head_dim % 32 == 0) on random
-    shapes: every row grouping (4/2/1 rows), odd KV counts, decode + prefill,
-    metrics on and off, 1 and 2 threads; also close to the AVX2 path."""
-    before = _set_isa_or_skip("avx512_bf16")
+def test_attention_avx512_bf16_shapes(path, head_dim, group, block_size):
+    """The AVX-512 micro-kernels (bf16, head_dim % 32 == 0; ``avx512``: the
+    AVX512-BF16 instructions emulated) on random shapes: every row grouping
+    (4/2/1 rows), odd KV counts, decode + prefill, metrics on and off, 1 and 2
+    threads; also close to the AVX2 path."""
+    before = _set_isa_or_skip(path)
     threads = torch.get_num_threads()
     try:
         for t, max_q in ((1, 1), (2, 1), (2, 20)):
@@ -270,7 +278,7 @@ def test_attention_avx512_bf16_shapes(head_dim, group, block_size):
             _, fast, _, m_fast = _run_both(case, metrics=True)
             torch.ops.kvcompress.set_cpu_isa("avx2")
             _, base, _, m_base = _run_both(case, metrics=True)
-            torch.ops.kvcompress.set_cpu_isa("avx512_bf16")
+            torch.ops.kvcompress.set_cpu_isa(path)
             torch.testing.assert_close(fast.float(), base.float(), atol=2e-2, rtol=0)
             torch.testing.assert_close(m_fast, m_base, rtol=1e-3, atol=1e-7)
     finally:
@@ -326,6 +334,43 @@ def _check_packed(case, packed: torch.Tensor, dtype, layout: str = "amx") -> Non
                                        atol=1e-6 * float(ref_m.abs().max()))
         else:
             assert not got_m.any()
+
+
+@pytest.mark.parametrize("layout", [None, *sorted(LAYOUTS)])
+@pytest.mark.parametrize("threads,max_q", [(1, 1), (2, 1), (2, 24)])
+def test_avx512_emulation_computes_what_the_bf16_instructions_compute(threads, max_q, layout,
+                                                                       num_threads):
+    """The ``avx512`` path (AVX512-BF16's VDPBF16PS and VCVTNEPS2BF16 emulated)
+    gives bit for bit the outputs and metrics of the ``avx512_bf16`` path, on
+    plain pages and on each packed layout: the same products and sums in the
+    same order, probabilities rounded to nearest even (a truncating rounding
+    or another order of the two products would differ)."""
+    _set_isa_or_skip("avx512_bf16")
+    before = _set_isa_or_skip("avx512")
+    num_threads(threads)
+    try:
+        for head_dim, group in ((64, 3), (128, 4), (32, 1)):
+            case = make_attention_case(
+                num_reqs=3, num_kv_heads=2, group=group, head_dim=head_dim, block_size=128,
+                dtype=torch.bfloat16, max_kv=700, max_q=max_q, seed=head_dim + group + max_q,
+            )
+            packed = torch.tensor([True, False, True])
+            packing = None if layout is None else _pack_requests(case, packed, layout)
+            results = []
+            for path in ("avx512", "avx512_bf16"):
+                torch.ops.kvcompress.set_cpu_isa(path)
+                out, metrics = case.clone_outputs()
+                metrics.zero_()
+                ops.paged_head_attention(
+                    case.query, case.kv_pages, case.page_table, case.kv_lens,
+                    case.query_start_loc, case.scale, metrics, case.metric_q_start, out,
+                    packing, None if layout is None else packed)
+                results.append((out, metrics))
+            (out, metrics), (want, want_m) = results
+            assert torch.equal(out, want), (head_dim, group)
+            assert torch.equal(metrics, want_m), (head_dim, group)
+    finally:
+        torch.ops.kvcompress.set_cpu_isa(before)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -277,7 +277,8 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
     (``KVCOMPRESS_METRIC_PAGES``), and metric-free decode rows go to our kernel
     (``KVCOMPRESS_PACKED_DECODE``), where our kernel reads that layout fast:
     ``auto`` takes it for bf16 pages in vLLM's AMX or vec layout on an
-    AVX-512 path;
+    AVX-512 path (with or without BF16 instructions), and (decode rows only) for its vec layout on our avx2 path
+    where vLLM runs its AVX2 build;
     ``on`` insists (an error naming the setting and the layout where our
     kernel cannot read it), ``off`` never; a bad value is refused naming the
     variable."""
@@ -290,7 +291,7 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
     other = cpu_packed.PagePacking(
         isa="other", dtype=torch.bfloat16, block_size=32, head_dim=64,
         offsets=torch.arange(32 * 64, dtype=torch.int32).view(1, 32, 64).repeat(2, 1, 1))
-    fast = ops.cpu_isa() in ("avx512_bf16", "avx512_amx")
+    fast = ops.cpu_isa() in ops.AVX512_PATHS
     monkeypatch.delenv(env, raising=False)  # auto
     assert chosen(amx) == fast
     assert chosen(vec) == fast
@@ -298,13 +299,33 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
     assert not chosen(None)
     assert not chosen(dataclasses.replace(amx, dtype=torch.float32))
     before = torch.ops.kvcompress.set_cpu_isa("avx2")
-    try:  # the baseline path: slower than vLLM's kernel on small calls
+    try:  # the baseline path: slower than vLLM's AVX-512 kernels on small calls
+        for build in ("_C", "_C_AVX512"):
+            monkeypatch.setattr(cpu_packed, "vllm_kernel_build", lambda build=build: build)
+            assert not chosen(amx)
+            assert not chosen(vec)
+        # vLLM's AVX2 build (a CPU without AVX-512): our AVX2 code is faster
+        # there for decode rows of vec pages; metric pages stay plain.
+        monkeypatch.setattr(cpu_packed, "vllm_kernel_build", lambda: "_C_AVX2")
+        assert chosen(vec) == (choice == "packed_decode_ours")
         assert not chosen(amx)
+        assert not chosen(dataclasses.replace(vec, dtype=torch.float32))
+        assert not chosen(other)
+        monkeypatch.setenv(env, off)
         assert not chosen(vec)
         monkeypatch.setenv(env, on)
         assert chosen(amx)
     finally:
         torch.ops.kvcompress.set_cpu_isa(before)
+    if torch.cpu._is_avx512_supported():  # the AVX-512 path without BF16 instructions
+        monkeypatch.delenv(env)
+        before = torch.ops.kvcompress.set_cpu_isa("avx512")
+        try:
+            assert chosen(amx) and chosen(vec)
+            assert not chosen(dataclasses.replace(vec, dtype=torch.float32))
+        finally:
+            torch.ops.kvcompress.set_cpu_isa(before)
+        monkeypatch.setenv(env, on)
     with pytest.raises(ValueError, match=rf"{env}={on}: .*\(other\)"):
         chosen(other)
     monkeypatch.setenv(env, off)
@@ -312,6 +333,20 @@ def test_our_kernel_on_packed_pages_choice(vllm_ready, monkeypatch, choice, env,
     monkeypatch.setenv(env, "fast")
     with pytest.raises(ValueError, match=f"{env}='fast': expected one of auto, {on}, {off}"):
         chosen(amx)
+
+
+def test_vllm_kernel_build_is_the_one_vllm_loaded(vllm_ready):
+    """The build of vLLM's kernel library read from this process's mappings
+    is the one vLLM's ``import_kernels`` picks by torch's CPU probes."""
+    from kvcompress_vllm.attention import vllm_cpu
+
+    if not torch.cpu._is_avx512_supported():
+        want = "_C_AVX2"
+    elif not torch.cpu._is_avx512_bf16_supported():
+        want = "_C_AVX512"
+    else:
+        want = "_C"
+    assert vllm_cpu.vllm_kernel_build() == want
 
 
 @pytest.mark.parametrize("records", [True, False])

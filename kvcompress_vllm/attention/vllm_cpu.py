@@ -27,6 +27,32 @@ class StockKernel:
 
 _OPS = None
 
+#: vLLM's builds of its x86 CPU kernel library (``CpuPlatform.import_kernels``
+#: loads one per process): without AVX-512, AVX-512 without BF16, and
+#: AVX-512-BF16 (``_C``, also the only build on other architectures).
+VLLM_CPU_BUILDS = ("_C_AVX2", "_C_AVX512", "_C")
+
+_BUILD: str | None = None
+
+
+def vllm_kernel_build() -> str | None:
+    """Which of ``VLLM_CPU_BUILDS`` this process loaded, read from the
+    process's own mappings (what vLLM actually loaded, not a re-derivation of
+    its choice); None before vLLM loaded one."""
+    global _BUILD
+    if _BUILD is None:
+        try:
+            with open("/proc/self/maps") as maps:
+                names = {line.rsplit("/", 1)[-1].split(".", 1)[0]
+                         for line in maps if "/vllm/_C" in line}
+        except OSError:
+            return None
+        found = [b for b in VLLM_CPU_BUILDS if b in names]
+        if len(found) > 1:
+            raise RuntimeError(f"vLLM's CPU kernel library is loaded twice: {found}")
+        _BUILD = found[0] if found else None
+    return _BUILD
+
 
 def vllm_ops():
     """``vllm._custom_ops``, imported on first use (after ``vllm`` itself)."""

@@ -51,9 +51,14 @@ def load_library() -> None:
     torch.ops.load_library(str(candidates[0]))
 
 
+#: The ISA paths of the C++ kernels with AVX-512 micro-kernels (``avx512``:
+#: the AVX512-BF16 instructions they use emulated, for CPUs without them).
+AVX512_PATHS = ("avx512", "avx512_bf16", "avx512_amx")
+
+
 def cpu_isa() -> str:
     """The ISA path the C++ kernels run now (``csrc/cpu_isa.h``): ``avx512_amx``,
-    ``avx512_bf16``, ``avx2`` or ``generic``."""
+    ``avx512_bf16``, ``avx512``, ``avx2`` or ``generic``."""
     load_library()
     return torch.ops.kvcompress.cpu_isa()
 

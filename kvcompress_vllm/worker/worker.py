@@ -18,6 +18,7 @@ from kvcompress_vllm.attention.cpu_packed import (
     packed_decode_ours,
 )
 from kvcompress_vllm.attention.cpu_prefill import prefill_path
+from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
 from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.worker.common import KVCompressWorkerMixin, kv_budget_after_plugin
 
@@ -61,9 +62,9 @@ class KVCompressCPUWorker(KVCompressWorkerMixin, CPUWorker):
             pool.decode_ours = packed_decode_ours(pool.packing)
             logger.info(
                 "KV-Compress: %s requests stay in vLLM's %s page layout (our kernel: %s "
-                "path; decode rows of metric-free requests on %s kernel)",
+                "path, vLLM's: %s; decode rows of metric-free requests on %s kernel)",
                 "all compressible" if pool.metric_packed else "metric-free", isa,
-                ops.cpu_isa(), "our" if pool.decode_ours else "vLLM's",
+                ops.cpu_isa(), vllm_kernel_build(), "our" if pool.decode_ours else "vLLM's",
             )
         logger.info(
             "KV-Compress: %d layers x %d KV heads x %d blocks = %d head-pages of %d "
