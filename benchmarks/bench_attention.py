@@ -18,7 +18,8 @@ viewed as ``kv_pages [num_blocks * H, 2, N, D]`` and head ``h`` of request ``b``
 gets the page ids ``block * H + h`` of the request's blocks.
 
 Usage:  python benchmarks/bench_attention.py [--quick] [--check] [--threads 2] [--out FILE]
-                                             [--isa auto|avx2|avx512_bf16]
+                                             [--isa auto|avx2|avx512|avx512_bf16|avx512_amx]
+                                             [--vllm-lib auto|avx2|avx512]
 The full run also writes the table to docs/bench_attention.md; --quick (a
 subset, < 1 minute) only prints it unless --out is given.
 """
@@ -63,13 +64,11 @@ def load_stock(vllm_lib: str = "auto"):
     ``avx2``: ``vllm._C_AVX2``, the build vLLM loads on CPUs without AVX-512;
     ``avx512``: ``vllm._C_AVX512``, its build for AVX-512 CPUs without BF16 --
     so that a newer machine can time what an older CPU would run)."""
-    # vLLM's import_kernels picks the library by these probes, and only by
-    # them; it runs again on later imports, so a probe stays patched for the
-    # process (loading a second library of the _C namespace aborts).
-    if vllm_lib == "avx2":
-        torch.cpu._is_avx512_supported = lambda: False
-    if vllm_lib in ("avx2", "avx512"):
-        torch.cpu._is_avx512_bf16_supported = lambda: False
+    if vllm_lib != "auto":  # torch's CPU probes answer as that CPU's would
+        sys.path.insert(0, str(ROOT / "benchmarks" / "cpu_emulation"))
+        from emulate_cpu import emulate
+
+        emulate(vllm_lib)
     import vllm  # noqa: F401  (must precede vllm._custom_ops)
     from vllm.platforms import current_platform
 
@@ -288,7 +287,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--isa", default="auto",
                     help="ISA path of our kernels (torch.ops.kvcompress.set_cpu_isa): auto "
-                         "(the best this CPU has), avx2, avx512_bf16 or avx512_amx")
+                         "(the best this CPU has), avx2, avx512, avx512_bf16 or avx512_amx")
     ap.add_argument("--vllm-lib", default="auto", choices=("auto", "avx2", "avx512"),
                     help="vLLM's kernel library: auto (the one vLLM loads on this CPU), "
                          "avx2 (vllm._C_AVX2, what vLLM runs on CPUs without AVX-512) or "
@@ -346,7 +345,8 @@ def main() -> None:
         import vllm
 
         vllm_version = vllm.__version__
-        vllm_lib = f"vllm.{build}" + (" (AVX-512 + BF16)" if build == "_C" else "") + (
+        vllm_lib = f"vllm.{build or '(build not found)'}" + (
+            " (AVX-512 + BF16)" if build == "_C" else "") + (
             f", loaded by --vllm-lib {args.vllm_lib}" if args.vllm_lib != "auto" else "")
         text = "\n".join([
             "# Decode-step attention: kvcompress vs vLLM stock CPU attention",

@@ -169,47 +169,36 @@ def emulation_env(cpu: str) -> dict[str, str]:
         "PYTHONPATH": str(HERE / "cpu_emulation") + (os.pathsep + path if path else ""),
         "ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn,
         "KVCOMPRESS_CPU_ISA": ours,
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # check_emulation's collective_rpc(callable)
     }
 
 
-def check_emulation(cpu: str, plugin: bool) -> None:
-    """Raise unless this engine really runs as on ``cpu``: vLLM's library of
-    that CPU loaded in every process of the engine that loaded one (this one,
-    and the engine core in mp mode), torch's capability and the plugin's
-    kernel path set."""
-    import psutil
+def check_emulation(llm, cpu: str, plugin: bool) -> None:
+    """Raise unless this engine's workers really run as on ``cpu``: vLLM's
+    kernel build of that CPU, torch's capability and (plugin engines) the
+    plugin's kernel path, asked of each worker (``worker_cpu``)."""
+    _, capability, _, _ = EMULATED_CPUS[cpu]
+    want = (EMULATED_CPUS[cpu][0], capability,
+            os.environ["KVCOMPRESS_CPU_ISA"] if plugin else None)  # that CPU's, or a --variant's
+    for got in llm.collective_rpc(worker_cpu, args=(plugin,)):
+        if tuple(got) != want:
+            raise RuntimeError(f"--emulate-cpu {cpu}: a worker runs (vLLM's build, torch's "
+                               f"capability, our path) = {tuple(got)}, not {want}")
 
-    lib = EMULATED_CPUS[cpu][0]
-    seen = {}
-    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-        try:
-            maps = Path(f"/proc/{proc.pid}/maps").read_text()
-        except OSError:
-            continue
-        libs = sorted({ln.rsplit("/", 1)[-1] for ln in maps.splitlines()
-                       if "/vllm/_C" in ln and ln.endswith(".so")})
-        if libs:
-            seen[proc.pid] = libs
-    if not seen or any(libs != [f"{lib}.abi3.so"] for libs in seen.values()):
-        raise RuntimeError(f"--emulate-cpu {cpu}: expected vllm/{lib}.abi3.so in every engine "
-                           f"process, found {seen or 'no vLLM kernel library'}")
-    capability = torch_capability()
-    if capability.lower() != EMULATED_CPUS[cpu][1]:
-        raise RuntimeError(f"--emulate-cpu {cpu}: torch runs its {capability} kernels")
+
+def worker_cpu(worker, plugin: bool) -> tuple:
+    """In a worker: (vLLM's kernel build, torch's CPU capability, the plugin's
+    kernel path or None)."""
+    import torch
+
+    from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
+
+    ours = None
     if plugin:
         from kvcompress_vllm import ops
 
-        ops.load_library()
-        want = os.environ["KVCOMPRESS_CPU_ISA"]  # that CPU's, or a --variant's env
-        if ops.cpu_isa() != want:
-            raise RuntimeError(f"--emulate-cpu {cpu}: the plugin's kernels run their "
-                               f"{ops.cpu_isa()} path, not {want}")
-
-
-def torch_capability() -> str:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
+        ours = ops.cpu_isa()
+    return vllm_kernel_build(), torch.backends.cpu.get_cpu_capability().lower(), ours
 
 
 def run_engine(spec: dict) -> list[dict]:
@@ -241,7 +230,7 @@ def run_engine(spec: dict) -> list[dict]:
     engine_kwargs.update(spec.get("engine_kwargs", {}))
     llm = LLM(spec["model"], **engine_kwargs)
     if spec.get("emulate_cpu"):
-        check_emulation(spec["emulate_cpu"], spec["plugin"])
+        check_emulation(llm, spec["emulate_cpu"], spec["plugin"])
     rec = timers = scheduler = None
     if inproc:
         from engine_probe import probe

@@ -14,7 +14,7 @@
 // while prefetching the next block into L2 (plain rows; on packed pages the
 // hardware prefetchers do better).  On the AVX-512 paths m is a reference
 // max that moves only when a block's max exceeds it by more than 8 (lazy
-// rescaling, avx512::softmax_row), so most blocks skip the rescale of O and l.
+// rescaling, softmax_row in cpu_isa.h), so most blocks skip the rescale of O and l.
 // For metric rows the unnormalised probabilities P of every block (and the
 // max they were taken against) are kept, so the exact final
 // p = P * exp(m_blk - m) / l is known at the end without a second pass over K:
@@ -385,8 +385,8 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
   const int64_t G = c.G, D = c.D, Dp = c.Dp, N = c.N;
   const int rows = (qb - qa) * static_cast<int>(G);
   const int64_t kend = std::min<int64_t>(k1, t.n - t.q_len + qb);
-  // AVX-512-BF16 path: raw bf16 query rows (the softmax scales the dot
-  // products), bf16 probabilities for PV (in Pb).
+  // AVX-512 paths: raw bf16 query rows (the softmax scales the dot products),
+  // bf16 probabilities for PV (in Pb).
   const bool fast = c.bf16_avx512;
   // Read K/V in place (plain rows, packed pages by the AVX-512 micro-kernels,
   // vLLM's vec layout on every path); otherwise each block is staged as fp32

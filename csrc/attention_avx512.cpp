@@ -301,8 +301,9 @@ namespace {
 // A bf16 is the high half of an fp32: the odd (high) element of a pair becomes
 // its fp32 by clearing the low half, the even (low) one by a 16-bit left shift.
 // As VDPBF16PS does: the odd product first, then the even one, each exact in
-// fp32 and rounded once when added (so the results are the instruction's,
-// denormals apart: it treats them as zero).
+// fp32 and rounded once when added -- the instruction's results, but for
+// denormal inputs and outputs (it flushes them to zero; these FMAs follow
+// MXCSR) and NaN payloads.
 KVC_AVX512_TARGET inline __m512 dpbf16(__m512 acc, __m512bh a, __m512bh b) {
   const __m512i x = (__m512i)a, y = (__m512i)b;
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -312,9 +313,14 @@ KVC_AVX512_TARGET inline __m512 dpbf16(__m512 acc, __m512bh a, __m512bh b) {
                          _mm512_castsi512_ps(_mm512_slli_epi32(y, 16)), acc);
 }
 
-// fp32 -> bf16, round to nearest even (finite inputs: the probabilities).
+// fp32 -> bf16, round to nearest even; denormal inputs become a zero of their
+// sign, as in VCVTNEPS2BF16 (exp16 returns them for scores about 87 below the
+// reference max).  Inputs are finite probabilities: a NaN is not kept NaN.
 KVC_AVX512_TARGET inline __m256bh cvtneps_pbh(__m512 v) {
-  const __m512i x = _mm512_castps_si512(v);
+  const __m512i in = _mm512_castps_si512(v);
+  const __mmask16 normal = _mm512_test_epi32_mask(in, _mm512_set1_epi32(0x7F800000));
+  const __m512i x = _mm512_mask_mov_epi32(
+      _mm512_and_si512(in, _mm512_set1_epi32(static_cast<int>(0x80000000u))), normal, in);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
   return (__m256bh)_mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
@@ -337,11 +343,11 @@ const Avx512Kernels& avx512_kernels(CpuIsa isa) {
   static const Avx512Kernels bf16{
       avx512::qk_block_bf16,        avx512::softmax_row,      avx512::pv_block_bf16,
       avx512::qk_block_bf16_packed, avx512::pv_block_bf16_packed, avx512::qk_block_bf16_kt,
-      avx512::pv_block_f32p};
+      avx512::pv_block_f32p,        false};
   static const Avx512Kernels emulated{
       avx512f::qk_block_bf16,        avx512f::softmax_row,      avx512f::pv_block_bf16,
       avx512f::qk_block_bf16_packed, avx512f::pv_block_bf16_packed, avx512f::qk_block_bf16_kt,
-      avx512f::pv_block_f32p};
+      avx512f::pv_block_f32p,        true};
   TORCH_CHECK(isa != CpuIsa::kBaseline, "kvcompress: the baseline path has no AVX-512 kernels");
   return isa == CpuIsa::kAvx512 ? emulated : bf16;
 #else

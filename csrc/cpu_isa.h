@@ -150,6 +150,7 @@ struct Avx512Kernels {
   decltype(&avx512::pv_block_bf16_packed) pv_block_bf16_packed;
   decltype(&avx512::qk_block_bf16_kt) qk_block_bf16_kt;
   decltype(&avx512::pv_block_f32p) pv_block_f32p;
+  bool emulated_bf16;  // namespace avx512f's: the BF16 instructions emulated
 };
 
 // The kernels of AVX-512 path ``isa`` (kAvx512: namespace avx512f; kAvx512Bf16

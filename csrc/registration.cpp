@@ -29,8 +29,14 @@ TORCH_LIBRARY(KVC_OP_NAMESPACE, m) {
       "keydiff_scores(Tensor kv_pages, Tensor page_rows, Tensor counts, int width, "
       "Tensor? packing=None) -> Tensor");
   // Run-time ISA of the kernels (csrc/cpu_isa.h): the path in use, and a switch
-  // (auto | avx2 | avx512_bf16) that returns the previous path.
+  // (auto | avx2 | avx512 | avx512_bf16 | avx512_amx) that returns the previous
+  // path; whether the path in use runs the AVX-512 micro-kernels with the
+  // BF16 instructions emulated (the avx512 path).
   m.def("cpu_isa() -> str", [] { return kvc::cpu_isa_name(); });
+  m.def("cpu_isa_emulates_bf16() -> bool", [] {
+    const kvc::CpuIsa isa = kvc::active_isa();
+    return isa != kvc::CpuIsa::kBaseline && kvc::avx512_kernels(isa).emulated_bf16;
+  });
   m.def("set_cpu_isa(str isa) -> str", [](std::string isa) { return kvc::set_cpu_isa(isa); });
 }
 

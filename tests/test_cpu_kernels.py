@@ -237,6 +237,13 @@ def test_cpu_isa_dispatch():
         want = (("avx512_amx",) if amx else ("avx512_bf16",) if has else ("avx512",) if has512
                 else ("avx2", "generic"))  # generic: KVC_CPU_ISA=generic
         assert torch.ops.kvcompress.cpu_isa() in want
+        # Only the avx512 path runs the micro-kernels with BF16 emulated.
+        for path, available in (("avx2", True), ("avx512", has512), ("avx512_bf16", has),
+                                ("avx512_amx", amx)):
+            if available:
+                torch.ops.kvcompress.set_cpu_isa(path)
+                assert torch.ops.kvcompress.cpu_isa_emulates_bf16() == (path == "avx512")
+        torch.ops.kvcompress.set_cpu_isa("auto")
         if os.environ.get("KVCOMPRESS_CPU_ISA", "auto") == "auto":
             assert before == torch.ops.kvcompress.cpu_isa()
         with pytest.raises(RuntimeError, match="unknown CPU ISA"):
@@ -345,8 +352,8 @@ def test_avx512_emulation_computes_what_the_bf16_instructions_compute(threads, m
     plain pages and on each packed layout: the same products and sums in the
     same order, probabilities rounded to nearest even (a truncating rounding
     or another order of the two products would differ)."""
-    _set_isa_or_skip("avx512_bf16")
-    before = _set_isa_or_skip("avx512")
+    before = _set_isa_or_skip("avx512_bf16")
+    _set_isa_or_skip("avx512")
     num_threads(threads)
     try:
         for head_dim, group in ((64, 3), (128, 4), (32, 1)):
