@@ -9,7 +9,7 @@
 //
 // The path in use: "avx512_amx", "avx512_bf16" or "avx512" (the best the CPU
 // supports), else "avx2" (or "generic" in a KVC_CPU_ISA=generic build).  The environment variable
-// KVCOMPRESS_CPU_ISA (read once, at library load) = auto (default) | avx2 |
+// KVCOMPRESS_CPU_ISA (read once, on first use of the kernels) = auto (default) | avx2 |
 // avx512 | avx512_bf16 | avx512_amx forces a path; a path the CPU lacks is an
 // error.
 // torch.ops.kvcompress.set_cpu_isa(name) switches at run time (tests) and
