@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "benchmarks" / "cpu_emulation"))
+from emulate_cpu import CPUS as EMULATED_CPUS  # noqa: E402
+from emulate_cpu import emulate  # noqa: E402
 
 SHAPES = {
     # name: (Hq, H, D)
@@ -65,9 +68,6 @@ def load_stock(vllm_lib: str = "auto"):
     ``avx512``: ``vllm._C_AVX512``, its build for AVX-512 CPUs without BF16 --
     so that a newer machine can time what an older CPU would run)."""
     if vllm_lib != "auto":  # torch's CPU probes answer as that CPU's would
-        sys.path.insert(0, str(ROOT / "benchmarks" / "cpu_emulation"))
-        from emulate_cpu import emulate
-
         emulate(vllm_lib)
     import vllm  # noqa: F401  (must precede vllm._custom_ops)
     from vllm.platforms import current_platform
@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--isa", default="auto",
                     help="ISA path of our kernels (torch.ops.kvcompress.set_cpu_isa): auto "
                          "(the best this CPU has), avx2, avx512, avx512_bf16 or avx512_amx")
-    ap.add_argument("--vllm-lib", default="auto", choices=("auto", "avx2", "avx512"),
+    ap.add_argument("--vllm-lib", default="auto", choices=("auto", *EMULATED_CPUS),
                     help="vLLM's kernel library: auto (the one vLLM loads on this CPU), "
                          "avx2 (vllm._C_AVX2, what vLLM runs on CPUs without AVX-512) or "
                          "avx512 (vllm._C_AVX512, on AVX-512 CPUs without BF16); with --isa "
@@ -306,7 +306,7 @@ def main() -> None:
     from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
 
     build = vllm_kernel_build()  # what vLLM loaded, from this process's mappings
-    want = {"avx2": "_C_AVX2", "avx512": "_C_AVX512"}.get(args.vllm_lib, build)
+    want = EMULATED_CPUS[args.vllm_lib].vllm_build if args.vllm_lib != "auto" else build
     if build != want:
         raise SystemExit(f"--vllm-lib {args.vllm_lib}: vLLM loaded {build}, not {want}")
     print(f"ours: {our_isa} path; vLLM's kernel library: {build}", flush=True)

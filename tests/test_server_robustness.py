@@ -259,6 +259,7 @@ def test_sigterm_with_requests_in_flight(server, tokenizer):
         assert res.status == 200 and res.chunks > 0 and coherent(res.text), (i, res)
         if res.finish_reason == "length":
             continue  # finished before the engine stopped
+        assert res.error is not None, (i, res)  # not vLLM's finish_reason="abort"
         error = json.loads(res.error)
         assert error["code"] == 503 and "shutting down" in error["message"], (i, res)
         assert res.done, (i, res)  # the stream was closed properly ("data: [DONE]")

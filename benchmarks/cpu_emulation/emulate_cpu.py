@@ -17,7 +17,24 @@ emulation gets the instruction sets right, not the older CPU's clocks,
 caches or memory.
 """
 
-CPUS = ("avx2", "avx512")
+from typing import NamedTuple
+
+
+class EmulatedCpu(NamedTuple):
+    """What runs on an emulated CPU: vLLM's kernel build, torch's
+    ``ATEN_CPU_CAPABILITY``, oneDNN's ``ONEDNN_MAX_CPU_ISA`` and the plugin's
+    kernel path (``KVCOMPRESS_CPU_ISA``)."""
+
+    vllm_build: str
+    aten_capability: str
+    onednn_isa: str
+    our_path: str
+
+
+CPUS = {
+    "avx2": EmulatedCpu("_C_AVX2", "avx2", "AVX2", "avx2"),
+    "avx512": EmulatedCpu("_C_AVX512", "avx512", "AVX512_CORE", "avx512"),
+}
 
 
 def emulate(cpu: str) -> None:

@@ -163,12 +163,8 @@ def packed_decode_ours(packing: "PagePacking | None") -> bool:
     mode = _env_choice(PACKED_DECODE_ENV, PACKED_DECODE)
     if mode == "vllm":
         return False
-    ours = _our_kernel_reads(packing, f"{PACKED_DECODE_ENV}={mode}", forced=mode == "ours")
-    return ours or (
-        packing is not None and packing.isa == "vec" and packing.dtype == torch.bfloat16
-        and ops.cpu_isa() == "avx2" and vllm_kernel_build() == "_C_AVX2"
-        and ops.kernel_reads_packing(packing.offsets)
-    )
+    return _our_kernel_reads(packing, f"{PACKED_DECODE_ENV}={mode}", forced=mode == "ours",
+                             avx2_vec=True)
 
 
 def _env_choice(env: str, choices: tuple[str, ...]) -> str:
@@ -180,7 +176,8 @@ def _env_choice(env: str, choices: tuple[str, ...]) -> str:
     return mode
 
 
-def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool) -> bool:
+def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool,
+                      avx2_vec: bool = False) -> bool:
     """``forced``: our kernel must read ``packing`` (raises, naming ``setting``,
     where it cannot); else: it reads it *fast* -- vLLM's AMX or vec layout
     (``ops.packing_layout``), bf16 pages and an AVX-512 path of our kernel
@@ -188,7 +185,9 @@ def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool)
     them).  Its AVX2 path reads the vec layout in place too, and the AMX one
     by unpacking every block; against vLLM's AVX-512 builds both were slower
     than vLLM's kernel per KV head on the small calls (docs/performance.md
-    section 2), so not ``auto`` (but see ``packed_decode_ours``)."""
+    section 2), so not ``auto``.  ``avx2_vec``: also fast is our avx2 path
+    on the vec layout where vLLM runs its own AVX2 build (``_C_AVX2``), which
+    takes longer than ours on every row when no metric is recorded."""
     readable = packing is not None and ops.kernel_reads_packing(packing.offsets)
     if forced:
         if not readable:
@@ -198,7 +197,12 @@ def _our_kernel_reads(packing: "PagePacking | None", setting: str, forced: bool)
                 "reads (vLLM's AMX or vec layout); use auto"
             )
         return True
-    return readable and packing.dtype == torch.bfloat16 and ops.cpu_isa() in ops.AVX512_PATHS
+    if not readable or packing.dtype != torch.bfloat16:
+        return False
+    isa = ops.cpu_isa()
+    return isa in ops.AVX512_PATHS or (
+        avx2_vec and isa == "avx2" and packing.isa == "vec"
+        and vllm_kernel_build() == "_C_AVX2")
 
 
 @dataclass
