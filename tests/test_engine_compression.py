@@ -155,10 +155,12 @@ def test_decode_rows_on_our_kernel_match_vllms_kernel(engine):
     """Compressed metric-free requests (the default scorer) keep vLLM's page
     layout; their decode rows run on our kernel reading those pages
     (``HeadPool.decode_ours``, the default where it reads them fast: AMX
-    layout, bf16, an AVX-512 path) or on vLLM's kernel per KV head.  Both
-    give the same greedy tokens, through prompt compression and the
-    recompressions during decode; our kernel runs once per layer and decode
-    step in the first case and never in the second."""
+    layout, bf16, an AVX-512 path; vec layout on vLLM's AVX2 build) or on
+    vLLM's kernel per KV head.  Both give the same greedy tokens, through
+    prompt compression and the recompressions during decode (against vLLM's
+    AVX2 / AVX-512 builds: up to a tie of bf16 logits, below); our kernel
+    runs once per layer and decode step in the first case and never in the
+    second."""
     import torch
 
     def route(worker, on):  # sets decode_ours, counts our kernel's calls
@@ -188,18 +190,52 @@ def test_decode_rows_on_our_kernel_match_vllms_kernel(engine):
         pytest.skip("our kernel does not read vLLM's page layout on this CPU")
     task = tasks.passkey(engine.tokenizer, 900, depth=0.3, seed=5)
     steps = 300
-    params = _params(max_tokens=steps, ignore_eos=True, extra_args={"kv_compress_rate": 0.25})
-    got, calls = {}, {}
+    params = _params(max_tokens=steps, ignore_eos=True, logprobs=2,
+                     extra_args={"kv_compress_rate": 0.25})
+    got, top2, calls = {}, {}, {}
     try:
         for on in (True, False):
             engine.llm.collective_rpc(route, args=(on,))
             (out,) = engine.generate([task.prompt], params)
             assert out.kv_transfer_params["kv_compress"]["compressions"] >= 3
-            got[on] = out.outputs[0].token_ids
+            got[on] = list(out.outputs[0].token_ids)
+            top2[on] = [sorted(((t, lp.logprob) for t, lp in step.items()), key=lambda x: -x[1])
+                        for step in out.outputs[0].logprobs]
             ((_, calls[on]),) = engine.llm.collective_rpc(route, args=(default,))
     finally:
         engine.llm.collective_rpc(route, args=(default,))
     layers = engine.llm.llm_engine.model_config.get_num_layers(
         engine.llm.llm_engine.vllm_config.parallel_config)
     assert calls[True] == layers * (steps - 1) and calls[False] == 0, calls
-    assert got[True] == got[False]
+    (build,) = set(engine.llm.collective_rpc(_vllm_build))
+    if build == "_C" or got[True] == got[False]:
+        # vLLM's AVX512-BF16 / AMX build (the CPUs CI has run on): identical
+        # tokens over 300 steps, with the AMX and with the vec layout.
+        assert got[True] == got[False], build
+        return
+    # vLLM's AVX2 / AVX-512 builds (older CPUs, or their emulation) round
+    # and sum otherwise (their exp, softmax sums, QK order; a truncated bf16
+    # output), so the attention outputs differ in the last bits and greedy
+    # decoding may take the other token of a tie of bf16 logits.  Checked, not
+    # assumed: up to the first difference the tokens are equal; there both
+    # kernels' top-2 are the same two tokens, each took its own top-1, and in
+    # one of the two runs they are within a near-tie (seen under emulation:
+    # an exact tie on our kernel, one bf16 step of 0.25 on vLLM's).
+    step = next(i for i, (a, b) in enumerate(zip(got[True], got[False])) if a != b)
+    ours, theirs = top2[True][step], top2[False][step]
+    gaps = [top[0][1] - top[1][1] for top in (ours, theirs)]
+    assert ({t for t, _ in ours} == {t for t, _ in theirs}
+            and dict(ours)[got[True][step]] == ours[0][1]  # each took its top-1
+            and dict(theirs)[got[False][step]] == theirs[0][1]
+            and min(gaps) < NEAR_TIE), (build, step, ours, theirs)
+
+
+#: Largest log-probability gap between the top-2 tokens at which a different
+#: greedy choice is a bf16 near-tie (as in test_engine_passthrough.TIE_GAP).
+NEAR_TIE = 0.1
+
+
+def _vllm_build(worker) -> str:
+    from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
+
+    return vllm_kernel_build()
