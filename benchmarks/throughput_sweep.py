@@ -152,8 +152,6 @@ def instrument(llm):
 
 
 # --------------------------------------------------------------------------- worker
-#: ``--emulate-cpu`` -> (vLLM's kernel library, torch's ATEN_CPU_CAPABILITY,
-#: oneDNN's ONEDNN_MAX_CPU_ISA, the plugin's kernel path) of that CPU.
 def emulation_env(cpu: str) -> dict[str, str]:
     """Environment of an engine process run as on ``cpu`` (``EMULATED_CPUS``):
     benchmarks/cpu_emulation/sitecustomize.py answers torch's CPU probes as

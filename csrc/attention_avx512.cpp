@@ -93,6 +93,16 @@ const char* baseline_name() {
 #endif
 }
 
+// Who lacks a path that was asked for: the CPU, or this build, which has no
+// AVX-512 code at all (KVC_AVX512=OFF, or not x86-64 GCC/Clang).
+const char* lacking() {
+#if KVC_HAVE_AVX512_CODE
+  return "this CPU lacks";
+#else
+  return "this build of kvcompress has no AVX-512 code (KVC_AVX512=OFF), so it lacks";
+#endif
+}
+
 CpuIsa parse_isa(const std::string& name) {
   if (name.empty() || name == "auto")
     return cpu_has_amx()           ? CpuIsa::kAvx512Amx
@@ -102,17 +112,18 @@ CpuIsa parse_isa(const std::string& name) {
   if (name == "avx2" || name == "baseline" || name == "generic") return CpuIsa::kBaseline;
   if (name == "avx512") {
     TORCH_CHECK(cpu_has_avx512(), "kvcompress: CPU ISA '", name,
-                "' requested but this CPU lacks AVX-512 F/BW/VL/DQ");
+                "' requested but ", lacking(), " AVX-512 F/BW/VL/DQ");
     return CpuIsa::kAvx512;
   }
   if (name == "avx512_bf16") {
     TORCH_CHECK(cpu_has_avx512_bf16(), "kvcompress: CPU ISA '", name,
-                "' requested but this CPU lacks AVX-512 F/BW/VL/DQ + AVX512-BF16");
+                "' requested but ", lacking(), " AVX-512 F/BW/VL/DQ + AVX512-BF16");
     return CpuIsa::kAvx512Bf16;
   }
   if (name == "avx512_amx" || name == "amx") {
     TORCH_CHECK(cpu_has_amx(), "kvcompress: CPU ISA '", name,
-                "' requested but this CPU (or the OS) lacks AMX-TILE + AMX-BF16");
+                "' requested but ", KVC_HAVE_AVX512_CODE ? "this CPU (or the OS) lacks" : lacking(),
+                " AMX-TILE + AMX-BF16");
     return CpuIsa::kAvx512Amx;
   }
   TORCH_CHECK(false, "kvcompress: unknown CPU ISA '", name,

@@ -37,9 +37,11 @@ from __future__ import annotations
 import functools
 
 from kvcompress_vllm.config import active_config
+from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.request_validation import validate_request
 
 _PATCHED_ATTR = "_kvcompress_patched"
+logger = get_logger(__name__)
 
 
 def patch_async_generate() -> None:
@@ -80,16 +82,15 @@ def _fail_open_requests(output_processor) -> None:
 
 
 def _call_in_loop_and_wait(loop, function, *args, timeout_s: float = 10.0) -> None:
-    """Run ``function(*args)`` on ``loop`` and return when it has run (at once
-    when called on the loop; else waits up to ``timeout_s``, never forever on a
-    loop that is stopped or blocked)."""
+    """Run ``function(*args)`` on ``loop`` and return when it has run: at once
+    when called on the loop or when the loop is not running (nothing races
+    it then); else waits up to ``timeout_s`` (a blocked loop cannot hold
+    shutdown up for longer)."""
     import concurrent.futures
     from vllm.utils.async_utils import in_loop
 
-    if in_loop(loop):
-        function(*args)
-        return
-    if loop.is_closed():
+    if in_loop(loop) or not loop.is_running():
+        function(*args)  # nothing else runs on that loop now
         return
     done = concurrent.futures.Future()
 
@@ -99,11 +100,13 @@ def _call_in_loop_and_wait(loop, function, *args, timeout_s: float = 10.0) -> No
         finally:
             done.set_result(None)
 
-    loop.call_soon_threadsafe(call)
     try:
+        loop.call_soon_threadsafe(call)
         done.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:
         pass  # the call stays queued; shutdown goes on
+    except RuntimeError:
+        pass  # the loop closed meanwhile: nothing left to tell
 
 
 def patch_async_shutdown() -> None:
@@ -128,7 +131,10 @@ def patch_async_shutdown() -> None:
             # may deliver before it is cancelled.  Fail the requests first so
             # every one ends with the 503: a later output cannot replace an
             # error in a RequestOutputCollector.
-            _call_in_loop_and_wait(handler.get_loop(), _fail_open_requests, output_processor)
+            try:
+                _call_in_loop_and_wait(handler.get_loop(), _fail_open_requests, output_processor)
+            except Exception:  # noqa: BLE001 -- never keep vLLM from stopping its engine
+                logger.exception("kvcompress: failing the open requests before shutdown failed")
         original(self, timeout=timeout)
         if enabled:
             # Drain mode, when the timeout expired; abort mode: requests added

@@ -204,11 +204,12 @@ class StreamResult:
 
 
 async def stream_chat(client, url: str, body: dict, *, disconnect_after: int | None = None,
-                      timeout: float = 300, first_chunk=None) -> StreamResult:
+                      timeout: float = 300, first_chunk=None,
+                      first_chunk_count: int = 1) -> StreamResult:
     """POST a streaming chat completion with an ``httpx.AsyncClient``; parse
     the SSE stream.  ``disconnect_after``: close the connection after that
     many content chunks (a client going away mid-stream).  ``first_chunk``: an
-    ``asyncio.Event`` set when the first content chunk arrives."""
+    ``asyncio.Event`` set once ``first_chunk_count`` content chunks arrived."""
     import asyncio
     import json
 
@@ -239,7 +240,7 @@ async def stream_chat(client, url: str, body: dict, *, disconnect_after: int | N
                         if delta.get("content"):
                             result.text += delta["content"]
                             result.chunks += 1
-                            if first_chunk is not None:
+                            if first_chunk is not None and result.chunks >= first_chunk_count:
                                 first_chunk.set()
                         if choice.get("finish_reason"):
                             result.finish_reason = choice["finish_reason"]

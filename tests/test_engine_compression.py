@@ -157,8 +157,8 @@ def test_decode_rows_on_our_kernel_match_vllms_kernel(engine):
     (``HeadPool.decode_ours``, the default where it reads them fast: AMX
     layout, bf16, an AVX-512 path; vec layout on vLLM's AVX2 build) or on
     vLLM's kernel per KV head.  Both give the same greedy tokens, through
-    prompt compression and the recompressions during decode (against vLLM's
-    AVX2 / AVX-512 builds: up to a tie of bf16 logits, below); our kernel
+    prompt compression and the recompressions during decode (or up to a tie
+    of bf16 logits, checked below); our kernel
     runs once per layer and decode step in the first case and never in the
     second."""
     import torch
@@ -207,32 +207,40 @@ def test_decode_rows_on_our_kernel_match_vllms_kernel(engine):
     layers = engine.llm.llm_engine.model_config.get_num_layers(
         engine.llm.llm_engine.vllm_config.parallel_config)
     assert calls[True] == layers * (steps - 1) and calls[False] == 0, calls
-    (build,) = set(engine.llm.collective_rpc(_vllm_build))
-    if build == "_C" or got[True] == got[False]:
-        # vLLM's AVX512-BF16 / AMX build (the CPUs CI has run on): identical
-        # tokens over 300 steps, with the AMX and with the vec layout.
-        assert got[True] == got[False], build
-        return
-    # vLLM's AVX2 / AVX-512 builds (older CPUs, or their emulation) round
-    # and sum otherwise (their exp, softmax sums, QK order; a truncated bf16
-    # output), so the attention outputs differ in the last bits and greedy
-    # decoding may take the other token of a tie of bf16 logits.  Checked, not
-    # assumed: up to the first difference the tokens are equal; there both
-    # kernels' top-2 are the same two tokens, each took its own top-1, and in
-    # one of the two runs they are within a near-tie (seen under emulation:
-    # an exact tie on our kernel, one bf16 step of 0.25 on vLLM's).
+    if got[True] == got[False]:
+        return  # as seen with vLLM's AVX512-BF16 / AMX build (AMD EPYC, Xeon with AMX)
+    # Our kernel rounds and sums otherwise than vLLM's (its exp, softmax sums,
+    # QK order; vLLM's AVX2 / AVX-512 builds also truncate the bf16 output),
+    # so the attention outputs differ in the last bits and greedy decoding
+    # may take the other token of a tie of bf16 logits: seen against those
+    # two builds under emulation (an exact tie on our kernel at step 52, 0.25
+    # apart on vLLM's; drift before it up to 0.098), possible on any CPU.
+    # Checked, not assumed: up to the first difference the tokens are equal
+    # and the chosen tokens' log-probabilities within one bf16 step of these
+    # logits (BF16_STEP); there both kernels' top-2 are the same two tokens,
+    # each run took its own top-1, in one run they are within a near-tie and
+    # in the other within one bf16 step.
+    build = engine.llm.collective_rpc(_vllm_build)
     step = next(i for i, (a, b) in enumerate(zip(got[True], got[False])) if a != b)
+    drift = max((abs(top2[True][i][0][1] - top2[False][i][0][1]) for i in range(step)),
+                default=0.0)
     ours, theirs = top2[True][step], top2[False][step]
-    gaps = [top[0][1] - top[1][1] for top in (ours, theirs)]
+    gaps = sorted(top[0][1] - top[1][1] for top in (ours, theirs))
+    print(f"vLLM build {build}: first difference at step {step}, top-2 gaps {gaps}, "
+          f"drift before it {drift:.3f}")
     assert ({t for t, _ in ours} == {t for t, _ in theirs}
             and dict(ours)[got[True][step]] == ours[0][1]  # each took its top-1
             and dict(theirs)[got[False][step]] == theirs[0][1]
-            and min(gaps) < NEAR_TIE), (build, step, ours, theirs)
+            and gaps[0] < NEAR_TIE and gaps[1] <= BF16_STEP and drift <= BF16_STEP), (
+        build, step, ours, theirs, drift)
 
 
 #: Largest log-probability gap between the top-2 tokens at which a different
-#: greedy choice is a bf16 near-tie (as in test_engine_passthrough.TIE_GAP).
+#: greedy choice is a bf16 near-tie (test_engine_passthrough.TIE_GAP's value).
 NEAR_TIE = 0.1
+#: One step of a bf16 logit between 32 and 64 in magnitude (2**-2), with a
+#: margin for the fp32 log-softmax.
+BF16_STEP = 0.25 + 1e-3
 
 
 def _vllm_build(worker) -> str:

@@ -54,11 +54,14 @@ def test_stats_route_check_names_a_changed_field(monkeypatch):
         compat.check_stats_route()
 
 
+@pytest.mark.parametrize("shutdown_timeout", [0, 30])  # abort mode, drain mode
 @pytest.mark.parametrize("compressed", [True, False])
-def test_shutdown_ends_open_requests_with_a_503(compressed):
+def test_shutdown_ends_open_requests_with_a_503(compressed, shutdown_timeout):
     """AsyncLLM.shutdown on a compressed server fails every request still open
     with a 503 "shutting down" error on the frontend's loop (vLLM alone leaves
-    them waiting); a stock server keeps vLLM's behaviour."""
+    them waiting); a stock server keeps vLLM's behaviour.  In abort mode the
+    requests are failed before the engine stops and again after (for any
+    added meanwhile), in drain mode after."""
     import asyncio
 
     from vllm.exceptions import GracefulHTTPError
@@ -72,14 +75,15 @@ def test_shutdown_ends_open_requests_with_a_503(compressed):
     async def scenario():
         handler = asyncio.create_task(asyncio.sleep(3600))  # vLLM's output handler
         engine = SimpleNamespace(
-            vllm_config=_config({"rate": 0.5} if compressed else None),
+            vllm_config=SimpleNamespace(**vars(_config({"rate": 0.5} if compressed else None)),
+                                        shutdown_timeout=shutdown_timeout),
             output_handler=handler,
             output_processor=SimpleNamespace(request_states={"r1": None},
                                              propagate_error=failed.append),
         )
         # vLLM calls shutdown from an executor thread while the loop runs.
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: AsyncLLM.shutdown(engine, timeout=0))
+            None, lambda: AsyncLLM.shutdown(engine, timeout=shutdown_timeout))
         await asyncio.sleep(0.05)
         return handler.cancelled()
 
@@ -87,6 +91,7 @@ def test_shutdown_ends_open_requests_with_a_503(compressed):
     if not compressed:
         assert failed == []
         return
-    (err,) = failed
-    assert isinstance(err, GracefulHTTPError) and err.http_status == 503
-    assert "shutting down" in str(err)
+    assert len(failed) == (2 if shutdown_timeout == 0 else 1), failed
+    for err in failed:
+        assert isinstance(err, GracefulHTTPError) and err.http_status == 503
+        assert "shutting down" in str(err)
