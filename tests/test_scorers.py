@@ -16,7 +16,8 @@ from kvcompress_vllm.worker.selection import rank_heads, select_evictions, unit_
 from kvcompress_vllm.worker.state import HeadPool, KVCompressWorkerState
 
 
-def make_kvs(keys, metrics=None, positions=None, valid=None, req_id="r", num_tokens=None):
+def make_kvs(keys, metrics=None, positions=None, valid=None, req_id="r", num_tokens=None,
+             seed=0):
     """``HeadKVs`` over fixed tensors (``keys()`` returns a fresh copy, as the
     worker's gather does)."""
     rows, width, _ = keys.shape
@@ -29,6 +30,7 @@ def make_kvs(keys, metrics=None, positions=None, valid=None, req_id="r", num_tok
         keys=lambda: keys.clone(),
         req_id=req_id,
         num_tokens=int(positions.max()) + 1 if num_tokens is None else num_tokens,
+        seed=seed,
     )
 
 
@@ -208,19 +210,24 @@ def test_kvcompress_evicts_lowest_metric_first():
     assert chosen == set(torch.topk(-metrics.view(-1), 9).indices.tolist())
 
 
-def test_random_is_deterministic_per_request_and_length():
+def test_random_is_deterministic_per_prompt_and_length():
     keys = torch.zeros(4, 30, 2)
 
-    def rand_scores(req_id, num_tokens):
-        kvs = make_kvs(keys, req_id=req_id, num_tokens=num_tokens)
+    def rand_scores(seed, num_tokens, req_id="r-1234abcd"):
+        kvs = make_kvs(keys, req_id=req_id, num_tokens=num_tokens, seed=seed)
         return scorers.get_scorer("random").score(kvs)
 
-    a = rand_scores("req-a", 30)
-    assert torch.equal(a, rand_scores("req-a", 30))  # fresh generators each call
-    assert not torch.equal(a, rand_scores("req-b", 30))
-    assert not torch.equal(a, rand_scores("req-a", 31))
+    a = rand_scores(11, 30)
+    assert torch.equal(a, rand_scores(11, 30))  # fresh generators each call
+    # vLLM's request id (random per run) plays no part.
+    assert torch.equal(a, rand_scores(11, 30, req_id="r-9876fedc"))
+    assert not torch.equal(a, rand_scores(12, 30))
+    assert not torch.equal(a, rand_scores(11, 31))
     assert not torch.equal(a[0], a[1])  # heads differ
     assert ((a >= 0) & (a < 1)).all()
+    # Within a chunk of rows as in the whole.
+    kvs = make_kvs(keys, num_tokens=30, seed=11)
+    assert torch.equal(scorers.get_scorer("random").score(kvs.rows(2, 4)), a[2:4])
 
 
 # --- combined scorers (attention metric + key diversity) -------------------------
@@ -481,3 +488,49 @@ def test_worker_gathers_the_right_keys(name):
             kept.add(pos)
         evicted = {int(i) for i in ref.evict_idx[row] if i >= 0}
         assert kept == set(range(n)) - evicted
+
+
+def test_worker_gives_scorers_a_seed_from_the_prompt():
+    """``HeadKVs.seed`` is the hash of the request's prompt tokens: the same for
+    the same prompt under another request id (vLLM adds random characters to
+    ids), another for another prompt, kept across preemption."""
+    from kvcompress_vllm.worker.state import request_seed
+
+    storage = torch.zeros(L * B * H * N * 2 * D, dtype=torch.bfloat16)
+    layer_numel = B * H * N * 2 * D
+    layers = [storage[i * layer_numel:(i + 1) * layer_numel].view(B, H, N, 2 * D) for i in range(L)]
+    state = KVCompressWorkerState(KVCompressConfig(rate=0.5), HeadPool.from_layer_caches(layers),
+                                  max_model_len=B * N, max_num_reqs=3)
+    step = _step(new=[("0-1111aaaa", [0, 1], 6), ("0-2222bbbb", [2, 3], 6), ("1-3333cccc", [4, 5], 6)],
+                 scheduled={"0-1111aaaa": 6, "0-2222bbbb": 6, "1-3333cccc": 6})
+    for new_req, prompt in zip(step.scheduled_new_reqs, ([5, 6, 7, 8, 9, 10],) * 2 + ([5, 6, 7, 8, 9, 11],)):
+        new_req.prompt_token_ids = prompt
+    state.begin_step(step)
+    state.end_step()
+    seeds = {rid: state._gather_request(req, 0, 1, 8, rid).seed
+             for rid, req in state.table.requests.items()}
+    assert seeds["0-1111aaaa"] == seeds["0-2222bbbb"] == request_seed("x", [5, 6, 7, 8, 9, 10])
+    assert seeds["1-3333cccc"] == request_seed("y", [5, 6, 7, 8, 9, 11]) != seeds["0-1111aaaa"]
+    assert request_seed("a", None) != request_seed("b", None)  # no token ids: by id
+    # Preempted (its pages dropped), then resumed: the same seed.
+    preempt = _step()
+    preempt.preempted_req_ids = {"1-3333cccc"}
+    state.begin_step(preempt)
+    state.end_step()
+    assert "1-3333cccc" not in state.table.requests
+    resume = _step(scheduled={"1-3333cccc": 1})
+    resume.scheduled_cached_reqs.req_ids = ["1-3333cccc"]
+    resume.scheduled_cached_reqs.resumed_req_ids = {"1-3333cccc"}
+    resume.scheduled_cached_reqs.new_block_ids = [([4, 5],)]
+    resume.scheduled_cached_reqs.num_computed_tokens = [6]
+    resume.kv_compress.prefill_ends["1-3333cccc"] = 6
+    state.begin_step(resume)
+    state.end_step()
+    req = state.table.requests["1-3333cccc"]
+    assert state._gather_request(req, 0, 1, 8, "1-3333cccc").seed == seeds["1-3333cccc"]
+    # Finished: forgotten.
+    done = _step()
+    done.finished_req_ids = {"1-3333cccc", "0-1111aaaa", "0-2222bbbb"}
+    state.begin_step(done)
+    state.end_step()
+    assert state._seeds == {}

@@ -101,6 +101,10 @@ class HeadKVs:
     #: ``keys()`` returns: the page table is not changed while a chunk is
     #: scored, and ``counts`` is a copy taken at gather time.
     paged_keys: PagedKeys | None = None
+    #: A number fixed for the request across runs, ranks and preemptions
+    #: (``worker.state.request_seed``: a hash of its prompt tokens), for
+    #: scorers that draw random numbers.
+    seed: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -118,6 +122,7 @@ class HeadKVs:
             num_tokens=self.num_tokens,
             row_start=self.row_start + start,
             paged_keys=None if self.paged_keys is None else self.paged_keys.rows(start, stop),
+            seed=self.seed,
         )
 
 

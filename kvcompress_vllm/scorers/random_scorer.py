@@ -14,9 +14,11 @@ class RandomScorer(Scorer):
     must beat (kvpress's ``RandomPress`` plays the same role).
 
     Deterministic per (request, token count, head): each row draws from its
-    own generator seeded by ``crc32("req_id:num_tokens:row")``, so the scores
-    do not depend on how rows are chunked, repeat for the same request and
-    length, and differ across requests and compressions.
+    own generator seeded by ``crc32("seed:num_tokens:row")`` with the
+    request's ``HeadKVs.seed`` (a hash of its prompt tokens), so the scores do
+    not depend on how rows are chunked, repeat for the same prompt and length
+    -- in another run too, where vLLM gives the request another id -- and
+    differ across prompts and compressions.
     """
 
     name = "random"
@@ -24,7 +26,7 @@ class RandomScorer(Scorer):
     def score(self, kvs: HeadKVs) -> torch.Tensor:
         out = torch.empty(kvs.valid.shape, dtype=torch.float32)
         for i in range(out.shape[0]):
-            seed = zlib.crc32(f"{kvs.req_id}:{kvs.num_tokens}:{kvs.row_start + i}".encode())
+            seed = zlib.crc32(f"{kvs.seed}:{kvs.num_tokens}:{kvs.row_start + i}".encode())
             out[i] = torch.rand(out.shape[1], generator=torch.Generator().manual_seed(seed))
         # Drawn on the host (same numbers on every platform), used where the KVs are.
         return out.to(kvs.valid.device)

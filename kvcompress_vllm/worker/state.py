@@ -9,7 +9,9 @@ metadata and in ``forward``.
 
 from __future__ import annotations
 
+import array
 import time
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -124,6 +126,15 @@ class AttentionBatch:
     packed: torch.Tensor | None = None
 
 
+def request_seed(req_id: str, prompt_token_ids) -> int:
+    """A number fixed for a request across runs, ranks and preemptions: the
+    CRC-32 of its prompt tokens (vLLM makes request ids unique with random
+    characters); of the id where the prompt has no token ids (embeddings)."""
+    if prompt_token_ids is None:
+        return zlib.crc32(req_id.encode())
+    return zlib.crc32(array.array("q", prompt_token_ids).tobytes())
+
+
 class KVCompressWorkerState:
     def __init__(
         self,
@@ -150,6 +161,9 @@ class KVCompressWorkerState:
         self._report_pages = False
         self._batch: AttentionBatch | None = None
         self._batch_key: tuple | None = None
+        #: request id -> ``HeadKVs.seed`` (from its prompt; kept across
+        #: preemption, dropped when the request finishes).
+        self._seeds: dict[str, int] = {}
 
     # ------------------------------------------------------------------
     def begin_step(self, scheduler_output) -> None:
@@ -160,10 +174,12 @@ class KVCompressWorkerState:
         self._batch_key = None
         for rid in scheduler_output.finished_req_ids:
             table.remove(rid)
+            self._seeds.pop(rid, None)
         for rid in scheduler_output.preempted_req_ids or ():
             table.remove(rid)
         for new_req in scheduler_output.scheduled_new_reqs:
             table.remove(new_req.req_id)  # abort + resubmit with the same id
+            self._seeds[new_req.req_id] = request_seed(new_req.req_id, new_req.prompt_token_ids)
             table.add(
                 new_req.req_id,
                 list(new_req.block_ids[0]),
@@ -277,6 +293,7 @@ class KVCompressWorkerState:
             req_id=req_id,
             num_tokens=req.num_tokens,
             row_start=start,
+            seed=self._seeds.get(req_id, 0),
             # Where the C++ kernels run: key scorers with a kernel read the
             # pages in place (``ops.keydiff_scores``).
             paged_keys=scorers.PagedKeys(
