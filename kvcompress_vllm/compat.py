@@ -30,6 +30,10 @@ ENGINE_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.engine.async_llm", "AsyncLLM.shutdown", ("self", "timeout")),
     ("vllm.v1.engine.output_processor", "OutputProcessor.propagate_error", ("self", "e")),
     ("vllm.utils.async_utils", "run_in_loop", ("loop", "function")),
+    ("vllm.utils.async_utils", "in_loop", ("event_loop",)),
+    # A request's collector keeps an error over any later output (the 503 on
+    # SIGTERM cannot be replaced by the engine core's abort output).
+    ("vllm.v1.engine.output_processor", "RequestOutputCollector.put", ("self", "output")),
     ("vllm.exceptions", "GracefulHTTPError.__init__", ("self", "message", "http_status")),
     # Prometheus metrics (metrics.py): our logger joins vLLM's stat loggers.
     ("vllm.v1.metrics.loggers", "StatLoggerManager.__init__",
@@ -116,7 +120,10 @@ FIELDS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.sched.output", "SchedulerOutput",
      ("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
       "finished_req_ids", "preempted_req_ids")),
-    ("vllm.v1.core.sched.output", "NewRequestData", ("req_id", "block_ids", "num_computed_tokens")),
+    ("vllm.v1.core.sched.output", "NewRequestData",
+     ("req_id", "prompt_token_ids", "block_ids", "num_computed_tokens")),
+    # serving.py: abort mode (0) is when the engine core sends abort outputs.
+    ("vllm.config.vllm", "VllmConfig", ("shutdown_timeout",)),
     ("vllm.v1.core.sched.output", "CachedRequestData",
      ("req_ids", "resumed_req_ids", "new_block_ids", "num_computed_tokens")),
     ("vllm.v1.metrics.stats", "SchedulerStats", ("kv_connector_stats", "kv_cache_usage")),

@@ -1,6 +1,7 @@
 """Shared fixtures.  Tests import the *installed* package (``make test``
 installs it); engine tests need the default model (``make model``)."""
 
+import gc
 import os
 
 import pytest
@@ -83,7 +84,10 @@ class Engine:
     def shutdown(self):
         if self.engine is not None:
             self.engine.engine_core.shutdown()
-            self.engine = self.llm = None
+            # The core holds the KV cache and the weights: let them go now,
+            # not when the module's fixtures end (memory-bound tests follow).
+            self.engine = self.llm = self.core = None
+            gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -100,9 +100,22 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(model_path: str, args: list[str], log: Path, env: dict | None = None) -> Server:
+def start_server(model_path: str, args: list[str], log: Path, env: dict | None = None,
+                 attempts: int = 3) -> Server:
     """``vllm serve MODEL --served-model-name m ARGS`` on a free loopback port;
-    returns once /health answers (raises with the log tail otherwise)."""
+    returns once /health answers (raises with the log tail otherwise).  The
+    port is free when picked but only bound by vLLM tens of seconds later:
+    if something took it meanwhile, start again on another."""
+    for attempt in range(attempts):
+        try:
+            return _start_server(model_path, args, log, env)
+        except RuntimeError as e:
+            if "Address already in use" not in str(e) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_server(model_path: str, args: list[str], log: Path, env: dict | None) -> Server:
     port = free_port()
     cmd = [VLLM, "serve", model_path, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "m", *args]
@@ -115,7 +128,10 @@ def start_server(model_path: str, args: list[str], log: Path, env: dict | None =
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{server.log_tail()}")
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n"
+                                   f"{server.log_tail(10**6)[-6000:]}"
+                                   + ("\nAddress already in use" if "Address already in use"
+                                      in server.log_tail(10**6) else ""))
             try:
                 server.get("/health", timeout=2)
                 return server
