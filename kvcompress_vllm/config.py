@@ -130,7 +130,8 @@ class KVCompressConfig:
     #: Fraction of compressible KVs kept, in (0, 1].  1 = no eviction.
     rate: float = 1.0
     #: Run the machinery (per-head tables, metrics, eviction) even at rate 1,
-    #: so that requests can opt in per request.  Default: on iff ``rate < 1``.
+    #: so that requests can opt in per request.  Default: on iff ``rate < 1``
+    #: or ``max_cache_tokens`` is set.
     enabled: bool | None = None
     #: The newest ``protected_window`` tokens are never evicted.
     protected_window: int = 32

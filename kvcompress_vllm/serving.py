@@ -89,6 +89,8 @@ def _call_in_loop_and_wait(loop, function, *args, timeout_s: float = 10.0) -> No
     import concurrent.futures
     from vllm.utils.async_utils import in_loop
 
+    if loop.is_closed():
+        return  # nobody left to tell
     if in_loop(loop) or not loop.is_running():
         function(*args)  # nothing else runs on that loop now
         return

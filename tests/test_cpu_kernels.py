@@ -230,9 +230,10 @@ def test_cpu_isa_dispatch():
         has512 = _isa_available("avx512")
         has = _isa_available("avx512_bf16")
         amx = _isa_available("avx512_amx")
-        assert cpu_512 or not has512
-        assert (cpu_has and has512) or not has
-        assert (cpu_amx and has) or not amx
+        if not os.environ.get("KVC_EMULATE_CPU"):  # benchmarks/cpu_emulation patches torch's probes
+            assert cpu_512 or not has512
+            assert (cpu_has and has512) or not has
+            assert (cpu_amx and has) or not amx
         torch.ops.kvcompress.set_cpu_isa("auto")
         want = (("avx512_amx",) if amx else ("avx512_bf16",) if has else ("avx512",) if has512
                 else ("avx2", "generic"))  # generic: KVC_CPU_ISA=generic

@@ -113,3 +113,28 @@ def test_open_request_gets_the_503_even_if_the_abort_output_comes_first(
         assert handler.cancelled()
     finally:
         lt.close()
+
+
+def test_call_in_loop_and_wait_never_hangs():
+    """The early call runs at once on a loop that is not running, not at all
+    on a closed one, and returns after the call on a running one."""
+    from kvcompress_vllm.serving import _call_in_loop_and_wait
+
+    calls = []
+    idle = asyncio.new_event_loop()  # created, never run
+    _call_in_loop_and_wait(idle, calls.append, "idle")
+    idle.close()
+    _call_in_loop_and_wait(idle, calls.append, "closed")
+    lt = _LoopThread()
+    try:
+        _call_in_loop_and_wait(lt.loop, calls.append, "running")
+        assert calls == ["idle", "running"]  # "running" was appended before the return
+        blocked = threading.Event()
+        lt.loop.call_soon_threadsafe(blocked.wait, 5)  # the loop is busy for up to 5 s
+        _call_in_loop_and_wait(lt.loop, calls.append, "late", timeout_s=0.2)
+        assert calls == ["idle", "running"]  # gave up waiting; the call stays queued
+        blocked.set()
+        lt.run(asyncio.sleep(0.05))
+        assert calls == ["idle", "running", "late"]
+    finally:
+        lt.close()
