@@ -99,7 +99,8 @@ const char* lacking() {
 #if KVC_HAVE_AVX512_CODE
   return "this CPU lacks";
 #else
-  return "this build of kvcompress has no AVX-512 code (KVC_AVX512=OFF), so it lacks";
+  return "this build of kvcompress has no AVX-512 code (KVC_AVX512=OFF, or not x86-64 GCC/Clang), "
+         "so it lacks";
 #endif
 }
 

@@ -99,6 +99,8 @@ def _call_in_loop_and_wait(loop, function, *args, timeout_s: float = 10.0) -> No
     def call() -> None:
         try:
             function(*args)
+        except Exception:  # noqa: BLE001 -- logged here: the caller only waits
+            logger.exception("kvcompress: failing the open requests before shutdown failed")
         finally:
             done.set_result(None)
 
