@@ -156,13 +156,14 @@ def emulation_env(cpu: str) -> dict[str, str]:
     """Environment of an engine process run as on ``cpu`` (``EMULATED_CPUS``):
     benchmarks/cpu_emulation/sitecustomize.py answers torch's CPU probes as
     that CPU would, so vLLM loads that CPU's kernel library and layout."""
-    _, aten, onednn, ours = EMULATED_CPUS[cpu]  # EmulatedCpu
+    emulated = EMULATED_CPUS[cpu]
     path = os.environ.get("PYTHONPATH")
     return {
         "KVC_EMULATE_CPU": cpu,
         "PYTHONPATH": str(HERE / "cpu_emulation") + (os.pathsep + path if path else ""),
-        "ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn,
-        "KVCOMPRESS_CPU_ISA": ours,
+        "ATEN_CPU_CAPABILITY": emulated.aten_capability,
+        "ONEDNN_MAX_CPU_ISA": emulated.onednn_isa,
+        "KVCOMPRESS_CPU_ISA": emulated.our_path,
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # check_emulation's collective_rpc(callable)
     }
 

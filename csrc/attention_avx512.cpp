@@ -93,12 +93,13 @@ const char* baseline_name() {
 #endif
 }
 
-// Who lacks a path that was asked for: the CPU, or this build, which has no
-// AVX-512 code at all (KVC_AVX512=OFF, or not x86-64 GCC/Clang).
-const char* lacking() {
+// Who lacks a path that was asked for: the CPU (``cpu_lacks``), or this build,
+// which has no AVX-512 code at all (KVC_AVX512=OFF, or not x86-64 GCC/Clang).
+const char* lacking(const char* cpu_lacks = "this CPU lacks") {
 #if KVC_HAVE_AVX512_CODE
-  return "this CPU lacks";
+  return cpu_lacks;
 #else
+  (void)cpu_lacks;
   return "this build of kvcompress has no AVX-512 code (KVC_AVX512=OFF, or not x86-64 GCC/Clang), "
          "so it lacks";
 #endif
@@ -123,7 +124,7 @@ CpuIsa parse_isa(const std::string& name) {
   }
   if (name == "avx512_amx" || name == "amx") {
     TORCH_CHECK(cpu_has_amx(), "kvcompress: CPU ISA '", name,
-                "' requested but ", KVC_HAVE_AVX512_CODE ? "this CPU (or the OS) lacks" : lacking(),
+                "' requested but ", lacking("this CPU (or the OS) lacks"),
                 " AMX-TILE + AMX-BF16");
     return CpuIsa::kAvx512Amx;
   }

@@ -85,25 +85,26 @@ def _call_in_loop_and_wait(loop, function, *args, timeout_s: float = 10.0) -> No
     """Run ``function(*args)`` on ``loop`` and return when it has run: at once
     when called on the loop or when the loop is not running (nothing races
     it then); else waits up to ``timeout_s`` (a blocked loop cannot hold
-    shutdown up for longer)."""
+    shutdown up for longer).  Never raises: an error of ``function`` is
+    logged (vLLM's shutdown must run after it whatever happens)."""
     import concurrent.futures
     from vllm.utils.async_utils import in_loop
 
-    if loop.is_closed():
-        return  # nobody left to tell
-    if in_loop(loop) or not loop.is_running():
-        function(*args)  # nothing else runs on that loop now
-        return
     done = concurrent.futures.Future()
 
     def call() -> None:
         try:
             function(*args)
-        except Exception:  # noqa: BLE001 -- logged here: the caller only waits
+        except Exception:  # noqa: BLE001 -- never keep vLLM from stopping its engine
             logger.exception("kvcompress: failing the open requests before shutdown failed")
         finally:
             done.set_result(None)
 
+    if loop.is_closed():
+        return  # nobody left to tell
+    if in_loop(loop) or not loop.is_running():
+        call()  # nothing else runs on that loop now
+        return
     try:
         loop.call_soon_threadsafe(call)
         done.result(timeout=timeout_s)
@@ -135,10 +136,7 @@ def patch_async_shutdown() -> None:
             # may deliver before it is cancelled.  Fail the requests first so
             # every one ends with the 503: a later output cannot replace an
             # error in a RequestOutputCollector.
-            try:
-                _call_in_loop_and_wait(handler.get_loop(), _fail_open_requests, output_processor)
-            except Exception:  # noqa: BLE001 -- never keep vLLM from stopping its engine
-                logger.exception("kvcompress: failing the open requests before shutdown failed")
+            _call_in_loop_and_wait(handler.get_loop(), _fail_open_requests, output_processor)
         original(self, timeout=timeout)
         if enabled:
             # Drain mode, when the timeout expired; abort mode: requests added
