@@ -155,12 +155,20 @@ def instrument(llm):
 def emulation_env(cpu: str) -> dict[str, str]:
     """Environment of an engine process run as on ``cpu`` (``EMULATED_CPUS``):
     benchmarks/cpu_emulation/sitecustomize.py answers torch's CPU probes as
-    that CPU would, so vLLM loads that CPU's kernel library and layout."""
+    that CPU would, so vLLM loads that CPU's kernel library and layout.
+
+    Inductor's cache gets a directory of its own per emulated CPU: its FX
+    graph cache is not keyed by ``ATEN_CPU_CAPABILITY``, so a kernel generated
+    natively (AVX-512: 16 int32 lanes) was reused and compiled for AVX2 (8
+    lanes), which garbled vLLM's vocab-parallel embedding indices at tp=2."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     emulated = EMULATED_CPUS[cpu]
     path = os.environ.get("PYTHONPATH")
     return {
         "KVC_EMULATE_CPU": cpu,
         "PYTHONPATH": str(HERE / "cpu_emulation") + (os.pathsep + path if path else ""),
+        "TORCHINDUCTOR_CACHE_DIR": f"{default_cache_dir()}_emulate_{cpu}",
         "ATEN_CPU_CAPABILITY": emulated.aten_capability,
         "ONEDNN_MAX_CPU_ISA": emulated.onednn_isa,
         "KVCOMPRESS_CPU_ISA": emulated.our_path,

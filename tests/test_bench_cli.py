@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from server_harness import VLLM
+from subproc import run
 
 pytestmark = pytest.mark.engine
 
@@ -32,14 +33,13 @@ def test_vllm_cli_lists_flag():
 def test_bench_throughput_runs_with_flag(model_path, tmp_path):
     """The offline benchmark with vLLM's stats logging on (its default): the
     metrics payload is consumed before vLLM's own logging stat logger."""
-    out = subprocess.run(
+    out = run(
         [VLLM, "bench", "throughput", "--model", model_path, "--kv-compress-rate", "0.5",
          "--dataset-name", "random", "--random-input-len", "400", "--random-output-len", "8",
          "--num-prompts", "4", "--max-model-len", "1024", "--enforce-eager",
          "--kv-cache-memory-bytes", str(128 << 20),
          "--output-json", str(tmp_path / "t.json")],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
+        timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
     )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]

@@ -3,21 +3,24 @@ goals live in benchmarks/ and docs/, never in tests)."""
 
 import csv
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subproc import run
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out-dir", str(out_dir), *extra],
-        capture_output=True, text=True, timeout=900,
-    )
+def _bench(script: str, *args: str, timeout: float = 600):
+    """``benchmarks/<script> --quick *args`` in a process group of its own
+    (killed whole on a timeout: ``subproc.run``)."""
+    return run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], timeout=timeout)
+
+
+def _run(script: str, out_dir: Path, *extra: str):
+    proc = _bench(script, "--out-dir", str(out_dir), *extra, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -80,8 +83,7 @@ def test_quality_quick(tmp_path):
 def test_attention_bench_quick():
     # --check: our kernel and the per-head path (vLLM's kernel over packed
     # head-pages) against the reference on every row
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick",
-                           "--check"], capture_output=True, text=True, timeout=600)
+    proc = _bench("bench_attention.py", "--check")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stock" in proc.stdout and "SmolLM2" in proc.stdout and "per-head/stock" in proc.stdout
 
@@ -95,9 +97,7 @@ def test_attention_bench_quick_as_on_an_avx2_cpu():
     vllm_dir = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
     if not list(vllm_dir.glob("_C_AVX2*.so")):
         pytest.skip("this vLLM has no AVX2 build (x86-64 wheels only)")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick",
-                           "--vllm-lib", "avx2", "--isa", "avx2"],
-                          capture_output=True, text=True, timeout=600)
+    proc = _bench("bench_attention.py", "--vllm-lib", "avx2", "--isa", "avx2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ours: avx2 path; vLLM's kernel library: _C_AVX2" in proc.stdout
     assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("| SmolLM2")]) == 2
@@ -106,8 +106,7 @@ def test_attention_bench_quick_as_on_an_avx2_cpu():
 def test_prefill_bench_quick():
     """bench_prefill.py --quick: our kernel, the split path and vLLM's kernel on
     one prefill chunk (no timing assertions)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_prefill.py"), "--quick"],
-                          capture_output=True, text=True, timeout=600)
+    proc = _bench("bench_prefill.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| SmolLM2")]
     assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)
@@ -130,8 +129,7 @@ def test_cluster_bench_quick(tmp_path):
 def test_layout_probe_quick():
     """layout_probe.py --quick: the probe's two rows, or a clear refusal on a
     CPU without the AVX-512-BF16 path (no timing assertions)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layout_probe.py"), "--quick"],
-                          capture_output=True, text=True, timeout=900)
+    proc = _bench("layout_probe.py", timeout=900)
     if proc.returncode == 1 and "needs the AVX-512-BF16 path" in proc.stdout:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,13 +141,13 @@ def test_rate1_ab_quick():
     """rate1_ab.py --quick: one stock / plugin pair at rate 1.0 in fresh
     processes, every request run to its end, a table of ratios (no timing
     assertions)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rate1_ab.py"), "--quick"],
-                          capture_output=True, text=True, timeout=900)
+    proc = _bench("rate1_ab.py", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "run 1: stock" in proc.stdout and "run 2: plugin" in proc.stdout
     row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| 1 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert all(float(c) > 0 for c in cells[1:5]), row  # both sides timed every part
+    assert all(float(x) > 0 for x in cells[8].split(" / ")) and float(cells[9]) > 0, row  # scheduler, begin_step
     assert "geometric mean over the pairs" in proc.stdout
 
 
@@ -158,10 +156,7 @@ def test_env_ab_quick():
     an environment switch (here where metric-free decode rows run), a table
     of B/A ratios with every part timed on both sides (no timing
     assertions)."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "env_ab.py"), "--quick",
-         "--env", "KVCOMPRESS_PACKED_DECODE", "--values", "ours,vllm"],
-        capture_output=True, text=True, timeout=900)
+    proc = _bench("env_ab.py", "--env", "KVCOMPRESS_PACKED_DECODE", "--values", "ours,vllm", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert ("run 1: KVCOMPRESS_PACKED_DECODE=ours" in proc.stdout
             and "run 2: KVCOMPRESS_PACKED_DECODE=vllm" in proc.stdout)
@@ -174,8 +169,7 @@ def test_env_ab_quick():
 def test_eviction_bench_quick():
     """bench_eviction.py --quick: one compression with KeyDiff read in place and
     gathered, on both page layouts (no timing assertions)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_eviction.py"), "--quick"],
-                          capture_output=True, text=True, timeout=600)
+    proc = _bench("bench_eviction.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln.split("|") for ln in proc.stdout.splitlines() if ln.startswith("| 640 |")]
     assert len(rows) == 4

@@ -11,11 +11,11 @@ scheduler.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subproc import run
 
 from kvcompress_vllm import tasks
 
@@ -63,10 +63,8 @@ def _run_fresh(model_path, prompt_ids, engine_kwargs, *, plugin=False):
         "max_tokens": MAX_TOKENS,
         "logprobs": 2,
     }
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("engine_runner.py"))],
-        input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=900,
-    )
+    proc = run([sys.executable, str(Path(__file__).with_name("engine_runner.py"))],
+               input=json.dumps(spec), env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

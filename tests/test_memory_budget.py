@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from subproc import run
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 TOKENS = 32768
@@ -138,8 +138,7 @@ def test_compression_peak_memory_is_bounded():
     # measurement sees its own allocations (not memory kept from the last one).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 20))
-    proc = subprocess.run([sys.executable, __file__, "child"], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = run([sys.executable, __file__, "child"], env=env, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
