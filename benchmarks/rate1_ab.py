@@ -15,8 +15,10 @@ Timed with wall-clock wrappers: the whole ``generate``; the model runner's
 ``execute_model`` (batch building + forward) and the model's ``forward``; the
 attention layers (stock: vLLM's ``forward`` + its separate cache write; plugin:
 the backend's ``forward``, cache write included); the attention metadata
-builder.  *Outside the runner* = everything else of a step (the scheduler, the
-plugin worker's ``begin_step``, output processing).
+builder; the scheduler's ``schedule`` + ``update_from_output``; the plugin
+worker's ``begin_step`` (its page tables and plans; before the runner).
+*Outside the runner* = everything else of a step (the scheduler, the plugin
+worker's ``begin_step``, output processing).
 
     python benchmarks/rate1_ab.py --pairs 6          # ~20 min here
     python benchmarks/rate1_ab.py --quick            # 1 pair, 4 x 32 tokens (~1 min)
@@ -62,10 +64,16 @@ def child(mode: str, model: str, requests: int, prompt: int, output: int) -> dic
 
         wrap(cpu_backend.KVCompressCPUImpl, "forward", "attention")
         wrap(cpu_backend.KVCompressCPUMetadataBuilder, "build", "metadata")
+        from kvcompress_vllm.worker.state import KVCompressWorkerState
+
+        wrap(KVCompressWorkerState, "begin_step", "begin_step")
         kwargs["additional_config"] = {"kv_compress": {"enabled": True, "rate": 1.0}}
         extra = {"kv_compress_rate": 1.0}
     llm = LLM(model, **kwargs)
-    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    core = llm.llm_engine.engine_core.engine_core
+    wrap(core.scheduler, "schedule", "scheduler")
+    wrap(core.scheduler, "update_from_output", "scheduler")
+    runner = core.model_executor.driver_worker.worker.model_runner
     wrap(runner, "execute_model", "runner")
     wrap(runner.model, "forward", "forward")
     llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 400)))] * 2,
@@ -136,15 +144,18 @@ def main() -> None:
     print(f"\n{args.requests} requests x {args.prompt} in / {args.output} out, rate 1.0 vs stock, "
           f"{args.pairs} alternated pairs\n")
     print("| pair | wall plugin/stock | forward | attention | forward w/o attention | ms/step: "
-          "builder stock / plugin | runner w/o forward | outside the runner |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "builder stock / plugin | runner w/o forward | outside the runner | scheduler | "
+          "plugin's begin_step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p, s, q in rows:
         print(f"| {p} | {q['wall'] / s['wall']:.3f} | {q['forward'] / s['forward']:.3f} | "
               f"{q['attention'] / s['attention']:.3f} | "
               f"{q['forward - attention'] / s['forward - attention']:.3f} | "
               f"{per_step_ms(s, 'metadata'):.2f} / {per_step_ms(q, 'metadata'):.2f} | "
               f"{per_step_ms(s, 'runner - forward'):.2f} / {per_step_ms(q, 'runner - forward'):.2f} | "
-              f"{per_step_ms(s, 'outside'):.2f} / {per_step_ms(q, 'outside'):.2f} |")
+              f"{per_step_ms(s, 'outside'):.2f} / {per_step_ms(q, 'outside'):.2f} | "
+              f"{per_step_ms(s, 'scheduler'):.2f} / {per_step_ms(q, 'scheduler'):.2f} | "
+              f"{per_step_ms(q, 'begin_step'):.2f} |")
     geo = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in ratios.items()}
     print("\ngeometric mean over the pairs (plugin/stock): "
           + ", ".join(f"{k} {v:.3f} ({min(ratios[k]):.3f}-{max(ratios[k]):.3f})" for k, v in geo.items()))

@@ -238,6 +238,30 @@ def test_batched_growth_equals_per_request_growth():
         assert torch.equal(batched.kv_count, looped.kv_count)
         assert all(batched.requests[r].num_tokens == looped.requests[r].num_tokens for r in sched)
         assert all(batched.requests[r].step_tokens == sched[r] for r in sched)
+        for req in batched.requests.values():  # the per-request check append_tokens relies on
+            assert req.slack == int((batched.num_pages[req.slot] * N - batched.kv_count[req.slot]).min())
+
+
+def test_counts_recorded_by_append_tokens_reach_kv_count_when_read():
+    """``append_tokens`` only records each step's counts; ``kv_count`` adds
+    them on its next read -- after several unread steps, and where a finished
+    request's slot went to a new request in between."""
+    state, _ = make_state()
+    table = state.table
+    a = table.add("a", [0, 1, 2], 5, 5)
+    b = table.add("b", [3, 4], 3, 3)
+    for _ in range(6):
+        table.append_tokens([a, b], [1, 2])
+    table.remove("a")
+    c = table.add("c", [5], 2, 2)
+    assert c.slot == a.slot  # the slot is reused
+    table.append_tokens([c, b], [1, 1])
+    counts = table.kv_count
+    assert (counts[c.slot] == 3).all() and (counts[b.slot] == 3 + 12 + 1).all()
+    assert (c.num_tokens, b.num_tokens) == (3, 16)
+    assert table.pages_in_use(b) == L * H * 2 and table.pages_in_use(c) == L * H
+    for req in (b, c):
+        assert req.slack == int((table.num_pages[req.slot] * N - counts[req.slot]).min())
 
 
 def test_stock_layout_requests_are_marked_and_never_evicted():

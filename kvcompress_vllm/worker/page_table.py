@@ -18,7 +18,8 @@ Per request (a "slot" row of the persistent tensors):
     num_pages   [S, L, H]            int32   pages assigned to each head
     kv_count    [S, L, H]            int32   KVs held by each head
 Invariant: ``num_pages >= ceil(kv_count / N)`` and every assigned page lies in
-a block the request owns; no page is assigned twice.
+a block the request owns; no page is assigned twice.  ``RequestPages.slack``
+= min over the request's heads of ``num_pages * N - kv_count``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class RequestPages:
     compressions: int = 0
     #: Tokens scheduled in the current step (set by ``begin_step``).
     step_tokens: int = 0
+    #: KVs every head can still append without another page: the minimum over
+    #: heads of ``num_pages * N - kv_count`` (``HeadPageTable`` keeps it after
+    #: every change of either; ``append_tokens`` assigns pages only past it).
+    slack: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -81,13 +86,29 @@ class HeadPageTable:
         shape = (max_requests, num_layers, num_kv_heads)
         self.page_table = torch.full((*shape, max_pages_per_head), -1, dtype=torch.int32)
         self.num_pages = torch.zeros(shape, dtype=torch.int32)
-        self.kv_count = torch.zeros(shape, dtype=torch.int32)
+        self._kv_count = torch.zeros(shape, dtype=torch.int32)
+        #: slot -> tokens of ``append_tokens`` not yet added to ``_kv_count``.
+        self._pending: dict[int, int] = {}
         self.requests: dict[str, RequestPages] = {}
         self._free_slots = list(range(max_requests - 1, -1, -1))
         # page_id(l, 0, h) for every (l, h): add block * H for other blocks.
         layer = torch.arange(num_layers).view(-1, 1)
         head = torch.arange(num_kv_heads).view(1, -1)
         self._page_base = (layer * num_blocks * num_kv_heads + head).to(torch.int64)
+
+    @property
+    def kv_count(self) -> torch.Tensor:
+        """``[S, L, H]`` int32: KVs held by each head.  ``append_tokens``
+        only records its counts; they are added here, on the first read after
+        it (one ``index_add_``), so a step whose requests' counts nobody reads
+        -- never-compressed requests on vLLM's own metadata -- costs no tensor op."""
+        if self._pending:
+            r = len(self._pending)
+            both = torch.tensor([*self._pending, *self._pending.values()], dtype=torch.int64)
+            self._pending = {}
+            new = both[r:].to(torch.int32).view(-1, 1, 1).expand(r, *self._kv_count.shape[1:])
+            self._kv_count.index_add_(0, both[:r], new)
+        return self._kv_count
 
     # -- geometry ----------------------------------------------------------
     @property
@@ -144,6 +165,16 @@ class HeadPageTable:
         page i -> ``page_id(l, blocks[i], h)``); compressed requests take any
         free page of their blocks, preferring the head's own page of block i.
         """
+        try:
+            self._assign_pages(req, new_tokens)
+        finally:
+            self._refresh_slack(req)
+
+    def _refresh_slack(self, req: RequestPages) -> None:
+        slot = req.slot
+        req.slack = int((self.num_pages[slot] * self.block_size - self.kv_count[slot]).min())
+
+    def _assign_pages(self, req: RequestPages, new_tokens: int) -> None:
         slot = req.slot
         need = self.needed_pages(req, new_tokens)
         have = self.num_pages[slot]
@@ -197,22 +228,20 @@ class HeadPageTable:
         """Make room for and count ``new_tokens[i]`` more KVs in every head of
         ``reqs[i]`` (one step's scheduled tokens; requests distinct).
 
-        One batched check over all requests (``[R, L, H]``); only requests
-        whose heads run out of pages go through ``ensure_capacity`` (one in
-        ``block_size`` decode steps), so the per-step cost stays a few tensor
-        ops however many requests run."""
-        if not reqs:
-            return
-        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
-        new = torch.tensor(new_tokens, dtype=torch.int32).view(-1, 1, 1)
-        counts = self.kv_count.index_select(0, slots) + new  # [R, L, H]
-        short = (cdiv(counts, self.block_size) > self.num_pages.index_select(0, slots))
-        for i in short.flatten(1).any(1).nonzero().view(-1).tolist():
-            self.ensure_capacity(reqs[i], new_tokens[i])
-        self.kv_count.index_copy_(0, slots, counts)
+        Every head of a request appends the same number of KVs, so a request
+        needs pages only where its tokens exceed its ``slack`` (once in
+        ``block_size`` decode steps: ``ensure_capacity``); the check is integer
+        arithmetic per request, and the counts reach ``kv_count`` when it is
+        next read: no tensor op per step where nothing needs pages."""
+        pending = self._pending
         for req, n in zip(reqs, new_tokens):
+            if n > req.slack:
+                self.ensure_capacity(req, n)  # reads kv_count: adds ``pending`` first
+                pending = self._pending
+            req.slack -= n
             req.num_tokens += n
             req.step_tokens = n
+            pending[req.slot] = pending.get(req.slot, 0) + n
 
     def used_pages(self, req: RequestPages) -> torch.Tensor:
         """Page ids assigned to any head of ``req`` (1-D int64)."""
@@ -232,6 +261,7 @@ class HeadPageTable:
         drop = torch.arange(self.max_pages).view(1, 1, -1) >= keep.unsqueeze(-1)
         self.page_table[slot][drop] = -1
         self.num_pages[slot] = keep
+        self._refresh_slack(req)
 
     def release_blocks(self, req: RequestPages, released: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stop owning the tail blocks ``released``; return (src, dst) page
