@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace kvc {
 
@@ -53,5 +54,13 @@ const int32_t* packing_offsets(const std::optional<at::Tensor>& packing, int64_t
 at::Tensor keydiff_scores(const at::Tensor& kv_pages, const at::Tensor& page_rows,
                           const at::Tensor& counts, int64_t width,
                           const std::optional<at::Tensor>& packing);
+
+// A step's attention inputs from the worker's head page tables: page rows
+// [L, R, H, W], KV counts [L, R, H], write slots [L, T, H] and token
+// positions [T] of the table rows `slots` (contract: reference.gather_batch).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_batch(
+    const at::Tensor& page_table, const at::Tensor& num_pages, const at::Tensor& kv_count,
+    const at::Tensor& slots, const at::Tensor& query_start_loc, const at::Tensor& tokens_before,
+    int64_t block_size);
 
 }  // namespace kvc

@@ -28,6 +28,9 @@ TORCH_LIBRARY(KVC_OP_NAMESPACE, m) {
   m.def(
       "keydiff_scores(Tensor kv_pages, Tensor page_rows, Tensor counts, int width, "
       "Tensor? packing=None) -> Tensor");
+  m.def(
+      "gather_batch(Tensor page_table, Tensor num_pages, Tensor kv_count, Tensor slots, "
+      "Tensor query_start_loc, Tensor tokens_before, int block_size) -> (Tensor, Tensor, Tensor, Tensor)");
   // Run-time ISA of the kernels (csrc/cpu_isa.h): the path in use, and a switch
   // (auto | avx2 | avx512 | avx512_bf16 | avx512_amx) that returns the previous
   // path; whether the path in use runs the AVX-512 micro-kernels with the
@@ -46,4 +49,5 @@ TORCH_LIBRARY_IMPL(KVC_OP_NAMESPACE, CPU, m) {
   m.impl("compact_heads", &kvc::compact_heads);
   m.impl("unpack_pages", &kvc::unpack_pages);
   m.impl("keydiff_scores", &kvc::keydiff_scores);
+  m.impl("gather_batch", &kvc::gather_batch);
 }

@@ -239,6 +239,27 @@ def keydiff_scores(
     return torch.ops.kvcompress.keydiff_scores(kv_pages, page_rows, counts, width, packing)
 
 
+def gather_batch(
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    kv_count: torch.Tensor,
+    slots: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    tokens_before: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See ``reference.gather_batch``.  The worker's page tables live on the
+    host for every pool (the CUDA worker copies the result to the device), so
+    this runs the C++ kernel whatever the pool's device; ``reference`` mode
+    runs the reference."""
+    if KERNELS == "reference":
+        return reference.gather_batch(**_args(locals()))
+    load_library()
+    return torch.ops.kvcompress.gather_batch(
+        page_table, num_pages, kv_count, slots, query_start_loc, tokens_before, block_size
+    )
+
+
 def _no_packing(op: str, packing: torch.Tensor | None) -> None:
     if packing is not None:
         raise ValueError(

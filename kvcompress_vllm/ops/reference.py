@@ -264,3 +264,47 @@ def compact_heads(
                     halves[dp, h, packing[h, do].long()] = halves[sp, h, packing[h, so].long()]
             metrics[dp, do] = metrics[sp, so]
             positions[dp, do] = positions[sp, so]
+
+
+def gather_batch(
+    page_table: torch.Tensor,  # [S, L, H, max_pages] int32 (-1: no page)
+    num_pages: torch.Tensor,  # [S, L, H] int32
+    kv_count: torch.Tensor,  # [S, L, H] int32, this step's tokens included
+    slots: torch.Tensor,  # [R] int64: the table rows of the step's requests
+    query_start_loc: torch.Tensor,  # [R + 1] int: the step's tokens of each request
+    tokens_before: torch.Tensor,  # [R] int64: each request's tokens before this step
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's attention inputs from the head page tables, in batch order:
+
+    * ``page_table`` ``[L, R, H, W]`` int32, ``W`` = the most pages any head of
+      the step holds;
+    * ``kv_lens`` ``[L, R, H]`` int32;
+    * ``write_slots`` ``[L, T, H]`` int64: ``page * N + slot`` of the KV that
+      token ``t`` (the ``o``-th of request ``r``) writes in each head: logical
+      index ``kv_lens - q_len + o``;
+    * ``token_positions`` ``[T]`` int64: ``tokens_before[r] + o``.
+
+    Every written logical index must lie in an assigned page of its head (the
+    C++ kernel raises otherwise)."""
+    slots = slots.to(torch.int64)
+    qsl = query_start_loc.to(torch.int64)
+    q_lens = qsl[1:] - qsl[:-1]
+    width = int(num_pages.index_select(0, slots).max()) if slots.numel() else 0
+    pages = page_table[..., :width].index_select(0, slots).permute(1, 0, 2, 3).contiguous()
+    kv_lens = kv_count.index_select(0, slots).permute(1, 0, 2).contiguous()  # [L, R, H]
+    num_layers, num_reqs, num_heads = kv_lens.shape
+    num_tokens = int(qsl[-1]) if qsl.numel() else 0
+    row = torch.repeat_interleave(torch.arange(num_reqs), q_lens)
+    offset = torch.arange(num_tokens) - qsl[row]
+    logical = (kv_lens.to(torch.int64) - q_lens.view(1, -1, 1))[:, row, :] + offset.view(1, -1, 1)
+    layer = torch.arange(num_layers).view(-1, 1, 1)
+    head = torch.arange(num_heads).view(1, 1, -1)
+    flat = ((layer * num_reqs + row.view(1, -1, 1)) * num_heads + head) * width + logical // block_size
+    held = num_pages.index_select(0, slots).permute(1, 0, 2)[:, row, :].to(torch.int64)  # [L, T, H]
+    if bool(((logical < 0) | (logical >= held * block_size)).any()):
+        raise RuntimeError("gather_batch: a token's KV lies outside its head's pages")
+    page = pages.view(-1).index_select(0, flat.view(-1)).view(flat.shape).to(torch.int64)
+    write_slots = page * block_size + logical % block_size
+    token_positions = tokens_before.to(torch.int64)[row] + offset
+    return pages, kv_lens, write_slots, token_positions

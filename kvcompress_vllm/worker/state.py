@@ -460,59 +460,48 @@ class KVCompressWorkerState:
 
     def build_batch(self, req_ids: list[str], query_start_loc: torch.Tensor) -> AttentionBatch:
         """Per-step attention tensors in the runner's batch order."""
-        key = (tuple(req_ids), tuple(query_start_loc.tolist()))
+        qsl = query_start_loc.tolist()
+        key = (tuple(req_ids), tuple(qsl))
         if self._batch is not None and self._batch_key == key:
             return self._batch
         table = self.table
         reqs = [table.requests[rid] for rid in req_ids]
-        qsl = query_start_loc.to(torch.int64)
-        q_lens = qsl[1:] - qsl[:-1]
-        self._check_step_tokens(req_ids, reqs, qsl.tolist())
-        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
-        width = int(table.num_pages.index_select(0, slots).max())
-        page_table = (
-            table.page_table[..., :width].index_select(0, slots).permute(1, 0, 2, 3).contiguous()
-        )  # [L, R, H, width]
-        kv_lens = table.kv_count.index_select(0, slots).permute(1, 0, 2).contiguous()  # [L, R, H]
-        num_layers, num_reqs, num_heads = kv_lens.shape
-        num_tokens = int(qsl[-1])
-        row = torch.repeat_interleave(torch.arange(num_reqs), q_lens)
-        offset = torch.arange(num_tokens) - qsl[row]
-        logical = (kv_lens.to(torch.int64) - q_lens.view(1, -1, 1))[:, row, :] + offset.view(1, -1, 1)
-        layer = torch.arange(num_layers).view(-1, 1, 1)
-        head = torch.arange(num_heads).view(1, 1, -1)
-        flat = ((layer * num_reqs + row.view(1, -1, 1)) * num_heads + head) * width + logical // self.block_size
-        page = page_table.view(-1).index_select(0, flat.view(-1)).view(flat.shape).to(torch.int64)
-        write_slots = page * self.block_size + logical % self.block_size
-        before = torch.tensor([r.num_tokens - r.step_tokens for r in reqs], dtype=torch.int64)
-        token_positions = before[row] + offset
+        self._check_step_tokens(req_ids, reqs, qsl)
+        before = [r.num_tokens - r.step_tokens for r in reqs]
+        # Page rows, KV counts, write slots and token positions: one kernel
+        # over the tables (``ops.gather_batch``); the rest is per request.
+        try:
+            page_table, kv_lens, write_slots, token_positions = ops.gather_batch(
+                table.page_table, table.num_pages, table.kv_count,
+                torch.tensor([r.slot for r in reqs], dtype=torch.int64),
+                query_start_loc, torch.tensor(before, dtype=torch.int64), self.block_size,
+            )
+        except RuntimeError as err:
+            raise RuntimeError(f"{err} (rows: the step's requests {req_ids[:16]})") from err
         # Observation window: prompt queries at positions >= prefill_end - w
         # score the KVs; decode queries (positions >= prefill_end) always do
-        # unless record_decode_metrics is off.
-        prefill_end = torch.tensor([r.prefill_end for r in reqs], dtype=torch.int64)
-        start = (prefill_end - self.cfg.observation_window - before).clamp(min=0)
-        start = torch.minimum(start, q_lens)
-        if not self.cfg.record_decode_metrics:
-            start = torch.where(before >= prefill_end, q_lens, start)
-        # Requests whose metric is never read (not compressed, or a scorer
-        # without it) record none.
-        records = torch.tensor([r.records_metric for r in reqs], dtype=torch.bool)
-        start = torch.where(records, start, q_lens)
-        pool_rows = []
-        if self.cfg.pooling_kernel > 1:
-            ends = before + q_lens
+        # unless record_decode_metrics is off.  Requests whose metric is
+        # never read (not compressed, or a scorer without it) record none.
+        window, decode = self.cfg.observation_window, self.cfg.record_decode_metrics
+        start, pool_rows = [], []
+        for i, (r, b) in enumerate(zip(reqs, before)):
+            q_len = qsl[i + 1] - qsl[i]
+            if not r.records_metric or (not decode and b >= r.prefill_end):
+                start.append(q_len)
+                continue
+            start.append(min(max(r.prefill_end - window - b, 0), q_len))
             # Only requests that record a metric have one to pool.
-            done = (ends == prefill_end) & (q_lens > 0) & records
-            for r in done.nonzero().view(-1).tolist():
-                pool_rows.append((r, int(ends[r]), req_ids[r]))
+            if self.cfg.pooling_kernel > 1 and q_len > 0 and b + q_len == r.prefill_end:
+                pool_rows.append((i, r.prefill_end, req_ids[i]))
+        record_metrics = any(s < qsl[i + 1] - qsl[i] for i, s in enumerate(start))
         batch = AttentionBatch(
             page_table=page_table,
             kv_lens=kv_lens,
             write_slots=write_slots,
             token_positions=token_positions,
             query_start_loc=query_start_loc.to(torch.int32),
-            metric_q_start=start.to(torch.int32),
-            record_metrics=bool((start < q_lens).any()),
+            metric_q_start=torch.tensor(start, dtype=torch.int32),
+            record_metrics=record_metrics,
             pool_rows=pool_rows,
             stock_layout=torch.tensor([r.stock_layout for r in reqs], dtype=torch.bool),
             packed=(torch.tensor([r.packed for r in reqs], dtype=torch.bool)
