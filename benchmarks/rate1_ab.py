@@ -155,7 +155,7 @@ def main() -> None:
               f"{per_step_ms(s, 'runner - forward'):.2f} / {per_step_ms(q, 'runner - forward'):.2f} | "
               f"{per_step_ms(s, 'outside'):.2f} / {per_step_ms(q, 'outside'):.2f} | "
               f"{per_step_ms(s, 'scheduler'):.2f} / {per_step_ms(q, 'scheduler'):.2f} | "
-              f"{per_step_ms(q, 'begin_step'):.2f} |")
+              f"{per_step_ms(q, 'begin_step'):.3f} |")
     geo = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in ratios.items()}
     print("\ngeometric mean over the pairs (plugin/stock): "
           + ", ".join(f"{k} {v:.3f} ({min(ratios[k]):.3f}-{max(ratios[k]):.3f})" for k, v in geo.items()))

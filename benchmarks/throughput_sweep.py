@@ -157,18 +157,23 @@ def emulation_env(cpu: str) -> dict[str, str]:
     benchmarks/cpu_emulation/sitecustomize.py answers torch's CPU probes as
     that CPU would, so vLLM loads that CPU's kernel library and layout.
 
-    Inductor's cache gets a directory of its own per emulated CPU: its FX
-    graph cache is not keyed by ``ATEN_CPU_CAPABILITY``, so a kernel generated
-    natively (AVX-512: 16 int32 lanes) was reused and compiled for AVX2 (8
-    lanes), which garbled vLLM's vocab-parallel embedding indices at tp=2."""
+    Inductor's cache, and vLLM's compile cache (where Inductor's goes when
+    vLLM compiles the model, i.e. without ``enforce_eager``), get directories
+    of their own per emulated CPU: Inductor's FX graph cache is not keyed by
+    ``ATEN_CPU_CAPABILITY``, so a kernel generated natively (AVX-512: 16 int32
+    lanes) was reused and compiled for AVX2 (8 lanes), which garbled vLLM's
+    vocab-parallel embedding indices at tp=2."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from vllm import envs
 
     emulated = EMULATED_CPUS[cpu]
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
     path = os.environ.get("PYTHONPATH")
     return {
         "KVC_EMULATE_CPU": cpu,
         "PYTHONPATH": str(HERE / "cpu_emulation") + (os.pathsep + path if path else ""),
-        "TORCHINDUCTOR_CACHE_DIR": f"{default_cache_dir()}_emulate_{cpu}",
+        "TORCHINDUCTOR_CACHE_DIR": f"{inductor}_emulate_{cpu}",
+        "VLLM_CACHE_ROOT": f"{envs.VLLM_CACHE_ROOT}_emulate_{cpu}",
         "ATEN_CPU_CAPABILITY": emulated.aten_capability,
         "ONEDNN_MAX_CPU_ISA": emulated.onednn_isa,
         "KVCOMPRESS_CPU_ISA": emulated.our_path,

@@ -26,6 +26,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_batch(
                 "gather_batch: num_pages and kv_count must be [S, L, H] int32 CPU tensors like page_table's");
   }
   TORCH_CHECK(block_size > 0, "gather_batch: block_size must be positive, got ", block_size);
+  TORCH_CHECK(L * H > 0, "gather_batch: the tables have no heads (L = ", L, ", H = ", H, ")");
+  TORCH_CHECK(slots.is_cpu() && query_start_loc.is_cpu() && tokens_before.is_cpu(),
+              "gather_batch: slots, query_start_loc and tokens_before must be CPU tensors");
   const at::Tensor sl = slots.to(at::kLong).contiguous();
   const at::Tensor qsl = query_start_loc.to(at::kLong).contiguous();
   const at::Tensor before = tokens_before.to(at::kLong).contiguous();

@@ -294,9 +294,8 @@ def gather_batch(
     pages = page_table[..., :width].index_select(0, slots).permute(1, 0, 2, 3).contiguous()
     kv_lens = kv_count.index_select(0, slots).permute(1, 0, 2).contiguous()  # [L, R, H]
     num_layers, num_reqs, num_heads = kv_lens.shape
-    num_tokens = int(qsl[-1]) if qsl.numel() else 0
     row = torch.repeat_interleave(torch.arange(num_reqs), q_lens)
-    offset = torch.arange(num_tokens) - qsl[row]
+    offset = torch.arange(int(qsl[0]), int(qsl[-1])) - qsl[row]  # token's index in its request
     logical = (kv_lens.to(torch.int64) - q_lens.view(1, -1, 1))[:, row, :] + offset.view(1, -1, 1)
     layer = torch.arange(num_layers).view(-1, 1, 1)
     head = torch.arange(num_heads).view(1, 1, -1)
@@ -305,6 +304,8 @@ def gather_batch(
     if bool(((logical < 0) | (logical >= held * block_size)).any()):
         raise RuntimeError("gather_batch: a token's KV lies outside its head's pages")
     page = pages.view(-1).index_select(0, flat.view(-1)).view(flat.shape).to(torch.int64)
+    if bool((page < 0).any()):
+        raise RuntimeError("gather_batch: a token's KV lies outside its head's pages (no page)")
     write_slots = page * block_size + logical % block_size
     token_positions = tokens_before.to(torch.int64)[row] + offset
     return pages, kv_lens, write_slots, token_positions

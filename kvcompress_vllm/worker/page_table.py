@@ -101,13 +101,15 @@ class HeadPageTable:
         """``[S, L, H]`` int32: KVs held by each head.  ``append_tokens``
         only records its counts; they are added here, on the first read after
         it (one ``index_add_``), so a step whose requests' counts nobody reads
-        -- never-compressed requests on vLLM's own metadata -- costs no tensor op."""
+        -- never-compressed requests on vLLM's own metadata -- costs no tensor op.
+        Only ``HeadPageTable`` changes the counts (``RequestPages.slack``
+        follows them)."""
         if self._pending:
             r = len(self._pending)
             both = torch.tensor([*self._pending, *self._pending.values()], dtype=torch.int64)
-            self._pending = {}
             new = both[r:].to(torch.int32).view(-1, 1, 1).expand(r, *self._kv_count.shape[1:])
             self._kv_count.index_add_(0, both[:r], new)
+            self._pending = {}
         return self._kv_count
 
     # -- geometry ----------------------------------------------------------
