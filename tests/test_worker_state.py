@@ -193,6 +193,61 @@ def test_requests_without_a_metric_reader_record_none():
     state.end_step()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_metric_rows_follow_the_window_rule_over_random_chunks(seed):
+    """``build_batch``'s first metric row of each request (``metric_q_start``),
+    ``record_metrics`` and ``pool_rows`` against the rule written per query
+    position here: a query records iff its request's metric is read and it is
+    in the last ``observation_window`` prompt positions, or a decode query
+    with ``record_decode_metrics`` on; a request pools when its prompt
+    completes in the step."""
+    import random
+
+    rng = random.Random(seed)
+    window, decode = rng.randint(1, 12), seed % 2 == 0
+    state, _ = make_state(rate=0.5, observation_window=window, record_decode_metrics=decode,
+                          pooling_kernel=rng.choice([1, 3]))
+    prompts = {"a": rng.randint(5, 22), "b": rng.randint(5, 22), "c": rng.randint(5, 22)}
+    no_metric = {rid for rid in prompts if rng.random() < 0.3}
+    done = dict.fromkeys(prompts, 0)
+
+    def records(rid, pos):
+        if rid in no_metric:
+            return False
+        end = prompts[rid]
+        return end - window <= pos < end or (pos >= end and decode)
+
+    for i in range(12):
+        sched = {rid: (min(rng.randint(1, 9), prompts[rid] - done[rid]) if done[rid] < prompts[rid]
+                       else 1) for rid in prompts if rng.random() < 0.8 and done[rid] < 28}
+        if not sched:
+            continue
+        new = [(rid, list(range(4 * k, 4 * k + 4)), prompts[rid])  # 4 blocks: 32 tokens
+               for k, rid in enumerate(prompts) if done[rid] == 0 and rid in sched]
+        cached = [(rid, None) for rid in sched if done[rid] > 0]
+        state.begin_step(step(new=new, cached=cached, scheduled=sched,
+                              prefill_ends={rid: prompts[rid] for rid, _, _ in new},
+                              no_metric=no_metric & {rid for rid, _, _ in new}))
+        rids = list(sched)
+        rng.shuffle(rids)  # any batch order
+        batch = state.build_batch(rids, qsl_of(state, rids))
+        expected_start, expected_pool = [], []
+        for row, rid in enumerate(rids):
+            rec = [records(rid, done[rid] + o) for o in range(sched[rid])]
+            first = rec.index(True) if True in rec else len(rec)
+            assert all(rec[first:]), "a request's recording queries are its last ones"
+            expected_start.append(first)
+            if (state.cfg.pooling_kernel > 1 and rid not in no_metric
+                    and done[rid] < prompts[rid] == done[rid] + sched[rid]):
+                expected_pool.append((row, prompts[rid], rid))
+        assert batch.metric_q_start.tolist() == expected_start, (i, rids, done, sched)
+        assert batch.record_metrics == any(st < sched[r] for st, r in zip(expected_start, rids))
+        assert batch.pool_rows == expected_pool
+        state.end_step()
+        for rid, n in sched.items():
+            done[rid] += n
+
+
 def test_batched_growth_equals_per_request_growth():
     """``HeadPageTable.append_tokens`` (one batched check per step) assigns
     exactly the pages the per-request ``ensure_capacity`` loop assigns, over
