@@ -109,7 +109,7 @@ class HeadPageTable:
             both = torch.tensor([*self._pending, *self._pending.values()], dtype=torch.int64)
             new = both[r:].to(torch.int32).view(-1, 1, 1).expand(r, *self._kv_count.shape[1:])
             self._kv_count.index_add_(0, both[:r], new)
-            self._pending = {}
+            self._pending.clear()
         return self._kv_count
 
     # -- geometry ----------------------------------------------------------
@@ -238,8 +238,7 @@ class HeadPageTable:
         pending = self._pending
         for req, n in zip(reqs, new_tokens):
             if n > req.slack:
-                self.ensure_capacity(req, n)  # reads kv_count: adds ``pending`` first
-                pending = self._pending
+                self.ensure_capacity(req, n)  # reads kv_count: adds (and clears) ``pending`` first
             req.slack -= n
             req.num_tokens += n
             req.step_tokens = n

@@ -483,17 +483,17 @@ class KVCompressWorkerState:
         # unless record_decode_metrics is off.  Requests whose metric is
         # never read (not compressed, or a scorer without it) record none.
         window, decode = self.cfg.observation_window, self.cfg.record_decode_metrics
-        start, pool_rows = [], []
+        start, pool_rows, record_metrics = [], [], False
         for i, (r, b) in enumerate(zip(reqs, before)):
             q_len = qsl[i + 1] - qsl[i]
             if not r.records_metric or (not decode and b >= r.prefill_end):
                 start.append(q_len)
                 continue
             start.append(min(max(r.prefill_end - window - b, 0), q_len))
+            record_metrics |= start[-1] < q_len
             # Only requests that record a metric have one to pool.
             if self.cfg.pooling_kernel > 1 and q_len > 0 and b + q_len == r.prefill_end:
                 pool_rows.append((i, r.prefill_end, req_ids[i]))
-        record_metrics = any(s < qsl[i + 1] - qsl[i] for i, s in enumerate(start))
         batch = AttentionBatch(
             page_table=page_table,
             kv_lens=kv_lens,
