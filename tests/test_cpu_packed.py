@@ -268,6 +268,62 @@ def test_packed_requests_run_on_vllm_kernel_per_head(vllm_ready, seed, metric_pa
         cpu_packed.plan_packed(packed, hole[None], case.kv_lens[None], qsl, kernel, pages)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_plan_packed_row_split_matches_the_rule(vllm_ready, seed):
+    """Which rows of a packed request vLLM's kernel attends, written per
+    request here: its rows before ``metric_q_start`` (clamped to
+    ``[0, q_len]``; all of them without metric rows), none of a decode row
+    under ``decode_ours``, none of a request not packed.  Random masks,
+    chunks and metric starts, so both the early return (nothing for vLLM's
+    kernel: no per-layer inputs) and the per-head plan are reached; the
+    write rows are every row of the packed requests (None: every row)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    g = torch.Generator().manual_seed(7000 + seed)
+    heads, group, dim, block = 2, 3, 64, 32
+    dtype = torch.bfloat16
+    isa = _get_attn_isa(dtype, block, dim)
+    kernel = cpu_prefill.StockKernel(num_heads=heads * group, num_kv_heads=heads, head_dim=dim,
+                                     dtype=dtype, isa=isa)
+    num_reqs = int(torch.randint(1, 8, (1,), generator=g))
+    case = make_attention_case(num_reqs=num_reqs, num_kv_heads=heads, group=group, head_dim=dim,
+                               block_size=block, dtype=dtype, max_kv=300,
+                               max_q=1 if seed % 3 == 0 else 40, seed=seed)
+    qsl = case.query_start_loc
+    q_len = (qsl[1:] - qsl[:-1]).tolist()
+    mask = torch.rand(num_reqs, generator=g) < (0.5 if seed % 2 else 1.0)
+    mqs = torch.tensor([int(torch.randint(-2, n + 2, (1,), generator=g)) for n in q_len],
+                       dtype=torch.int32)
+    for decode_ours in (False, True):
+        for metric_q_start in (mqs, None):
+            ph = cpu_packed.plan_packed(mask, case.page_table[None], case.kv_lens[None], qsl,
+                                        kernel, case.kv_pages, metric_q_start=metric_q_start,
+                                        decode_ours=decode_ours)
+            want = []
+            for r, n in enumerate(q_len):
+                if not mask[r] or (decode_ours and n == 1):
+                    want.append(0)
+                elif metric_q_start is None:
+                    want.append(n)
+                else:
+                    want.append(min(max(int(mqs[r]), 0), n))
+            assert ph.vllm_rows.tolist() == want, (decode_ours, metric_q_start)
+            assert torch.equal(ph.mask, mask)
+            rows_of = [list(range(int(qsl[r]), int(qsl[r + 1]))) for r in range(num_reqs)]
+            written = [i for r in range(num_reqs) if mask[r] for i in rows_of[r]]
+            every_row = written == list(range(int(qsl[-1])))
+            assert (ph.write_rows is None) == every_row  # no row copies then
+            if not every_row:
+                assert ph.write_rows.tolist() == written
+            attended = [i for r in range(num_reqs) for i in rows_of[r][:want[r]]]
+            if not any(want):
+                assert ph.layers == [] and ph.rows.numel() == 0
+            else:
+                assert len(ph.layers) == 1
+                got = list(range(int(qsl[-1]))) if ph.rows is None else ph.rows.tolist()
+                assert got == attended
+
+
 @pytest.mark.parametrize("choice,env,on,off", [
     ("metric_pages_packed", "METRIC_PAGES_ENV", "packed", "plain"),
     ("packed_decode_ours", "PACKED_DECODE_ENV", "ours", "vllm"),

@@ -511,7 +511,21 @@ def test_worker_gives_scorers_a_seed_from_the_prompt():
              for rid, req in state.table.requests.items()}
     assert seeds["0-1111aaaa"] == seeds["0-2222bbbb"] == request_seed("x", [5, 6, 7, 8, 9, 10])
     assert seeds["1-3333cccc"] == request_seed("y", [5, 6, 7, 8, 9, 11]) != seeds["0-1111aaaa"]
-    assert request_seed("a", None) != request_seed("b", None)  # no token ids: by id
+    # A prompt given as embeddings: by their bytes (not the random id), with
+    # their shape and dtype; a long one by its first and last bytes.
+    emb = torch.randn(7, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert request_seed("a", None, emb) == request_seed("b", None, emb.clone())
+    other = emb.clone()
+    other[3, 5] += 1
+    assert request_seed("a", None, other) != request_seed("a", None, emb)
+    assert request_seed("a", None, emb.view(14, 8)) != request_seed("a", None, emb)
+    assert request_seed("a", None, emb.float()) != request_seed("a", None, emb)
+    big = torch.randn(1 << 19, generator=torch.Generator().manual_seed(2))  # 2 MiB
+    tail = big.clone()
+    tail[-1] += 1
+    assert request_seed("a", None, big) == request_seed("b", None, big.clone())
+    assert request_seed("a", None, tail) != request_seed("a", None, big)
+    assert request_seed("a", None) != request_seed("b", None)  # neither: by id
     # Preempted (its pages dropped), then resumed: the same seed.
     preempt = _step()
     preempt.preempted_req_ids = {"1-3333cccc"}
@@ -534,3 +548,26 @@ def test_worker_gives_scorers_a_seed_from_the_prompt():
     state.begin_step(done)
     state.end_step()
     assert state._seeds == {}
+
+
+def test_worker_seeds_a_prompt_given_as_embeddings_by_its_embeddings():
+    """A request whose prompt comes as embeddings (no token ids): the worker
+    seeds it from the embeddings, so the same prompt under two request ids
+    (random per run) gets one seed."""
+    from kvcompress_vllm.worker.state import request_seed
+
+    storage = torch.zeros(L * B * H * N * 2 * D, dtype=torch.bfloat16)
+    layer_numel = B * H * N * 2 * D
+    layers = [storage[i * layer_numel:(i + 1) * layer_numel].view(B, H, N, 2 * D) for i in range(L)]
+    state = KVCompressWorkerState(KVCompressConfig(rate=0.5), HeadPool.from_layer_caches(layers),
+                                  max_model_len=B * N, max_num_reqs=2)
+    emb = torch.randn(6, 32, generator=torch.Generator().manual_seed(5))
+    step = _step(new=[("0-1111aaaa", [0, 1], 6), ("0-2222bbbb", [2, 3], 6)],
+                 scheduled={"0-1111aaaa": 6, "0-2222bbbb": 6})
+    for new_req in step.scheduled_new_reqs:
+        new_req.prompt_token_ids, new_req.prompt_embeds = None, emb.clone()
+    state.begin_step(step)
+    state.end_step()
+    seeds = {rid: state._gather_request(req, 0, 1, 8, rid).seed
+             for rid, req in state.table.requests.items()}
+    assert seeds["0-1111aaaa"] == seeds["0-2222bbbb"] == request_seed("x", None, emb)

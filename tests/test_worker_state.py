@@ -330,6 +330,9 @@ def test_stock_layout_requests_are_marked_and_never_evicted():
     batch = fill(state, ["a", "b"])
     assert batch.stock_layout.tolist() == [False, True]
     state.end_step()
+    state.begin_step(step(cached=[("a", [])], scheduled={"a": 1}))
+    assert fill(state, ["a"]).stock_layout is None  # none in vLLM's layout: no mask
+    state.end_step()
     geom = PageGeometry(N, L * H)
     plan = EvictionPlan(req_id="b", num_pages=L * H, num_tokens=20,
                         pages_after=geom.pages_in_use(20, L * H), released_block_ids=(),

@@ -109,6 +109,9 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             if prefill_path() == "vllm"
             else None
         )
+        # vLLM's kernel over head-pages in vLLM's layout: the ISA of its blocks.
+        self._packed_kernel = (None if self._stock_kernel is None
+                               else dataclasses.replace(self._stock_kernel, isa=self.isa))
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         state = get_state()
@@ -139,13 +142,13 @@ class KVCompressCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         batch = state.build_batch(req_ids, qsl)
         stock = None
         if self._stock_kernel is not None:
-            any_stock = batch.stock_layout is not None and bool(batch.stock_layout.any())
+            any_stock = batch.stock_layout is not None
             packed = None
             if batch.packed is not None:
                 self._check_packing(state.pool.packing)
                 packed = plan_packed(
                     batch.packed, batch.page_table, batch.kv_lens, batch.query_start_loc,
-                    dataclasses.replace(self._stock_kernel, isa=self.isa),
+                    self._packed_kernel,
                     state.pool.kv_pages, req_ids, batch.metric_q_start,
                     decode_ours=state.pool.decode_ours,
                 )

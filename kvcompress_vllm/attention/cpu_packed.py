@@ -260,26 +260,38 @@ def plan_packed(
     kernel checks its own rows)."""
     num_layers, num_reqs, heads, width = page_table.shape
     num_pages, _, block_size, _ = kv_pages.shape
-    qsl = query_start_loc.long()
-    q_len = qsl[1:] - qsl[:-1]
-    num_tokens = int(qsl[-1])
+    # The leading rows each request leaves to vLLM's kernel, worked out on the
+    # host: on a decode step of the default scorer there are none, and the
+    # plan is done without a tensor op per step (each costs 20-50 us between
+    # forward passes).
+    starts = query_start_loc.tolist()
+    flags = mask.tolist()
+    first = None if metric_q_start is None else metric_q_start.tolist()
+    lead, packed_tokens = [0] * num_reqs, 0
+    for i in range(num_reqs):
+        n = starts[i + 1] - starts[i]
+        if not flags[i]:
+            continue
+        packed_tokens += n
+        if not (decode_ours and n == 1):
+            lead[i] = n if first is None else min(max(first[i], 0), n)
     mask = mask.to(torch.bool)
-    pr = torch.nonzero(mask).view(-1)
-    write_rows = segment_rows(qsl[:-1].index_select(0, pr), q_len.index_select(0, pr))  # [Tw]
-    write_rows = None if write_rows.numel() == num_tokens else write_rows
-    # vLLM's kernel takes each packed request's rows before its first metric row.
-    first = q_len if metric_q_start is None else torch.minimum(
-        metric_q_start.long().clamp(min=0), q_len)
-    if decode_ours:
-        first = torch.where(q_len == 1, 0, first)
-    vllm_rows = torch.where(mask, first, 0)  # [R]
-    if not bool(vllm_rows.any()):  # every packed row is for our kernel: none for vLLM
+    qsl = query_start_loc.long()
+    num_tokens = starts[-1]
+    write_rows = None
+    if packed_tokens != num_tokens:  # [Tw] the packed requests' rows
+        pr = torch.nonzero(mask).view(-1)
+        q_len = qsl[1:] - qsl[:-1]
+        write_rows = segment_rows(qsl[:-1].index_select(0, pr), q_len.index_select(0, pr))
+    vllm_rows = torch.tensor(lead, dtype=torch.int64)  # [R]
+    if not any(lead):  # every packed row is for our kernel: none for vLLM
         return PackedHeads(
             mask=mask, vllm_rows=vllm_rows, write_rows=write_rows,
             rows=torch.zeros(0, dtype=torch.int64), q_index=None,
             qsl=torch.zeros(1, dtype=torch.int32),
             caches=(kv_pages[:, 0:1], kv_pages[:, 1:2]), seq_heads=heads, layers=[],
         )
+    q_len = qsl[1:] - qsl[:-1]
     pr = torch.nonzero(vllm_rows).view(-1)  # requests with rows for vLLM's kernel
     pq = vllm_rows.index_select(0, pr)  # [Rp] their leading rows
     if pr.numel() == num_reqs:  # every request (the usual decode step)

@@ -150,21 +150,19 @@ def plan_stock_prefill(
     layout attended per KV head (their rows before ``metric_q_start``; the
     rest are own rows, on packed pages: ``own_packed``); without them every
     request is in our layout."""
-    qsl = query_start_loc.long()
-    q_len = qsl[1:] - qsl[:-1]  # [R]
-    num_reqs = q_len.numel()
-    direct = (
-        vllm_inputs.stock_layout.to(torch.bool)
-        if vllm_inputs is not None
-        else torch.zeros(num_reqs, dtype=torch.bool)
-    )
-    any_direct = bool(direct.any())
+    num_reqs = query_start_loc.shape[0] - 1
+    direct = None if vllm_inputs is None else vllm_inputs.stock_layout.to(torch.bool)
+    any_direct = direct is not None and bool(direct.any())
     if packed is not None and packed.rows is None and not any_direct:
         return _packed_only(packed, num_reqs, page_table.shape[0], kernel)
     if (packed is not None and not any_direct and not packed.layers
             and bool(packed.mask.all())):  # e.g. decode steps: every row to our kernel
         return _packed_only(packed, num_reqs, page_table.shape[0], kernel,
                             own_all=(query_start_loc, metric_q_start))
+    qsl = query_start_loc.long()
+    q_len = qsl[1:] - qsl[:-1]  # [R]
+    if direct is None:
+        direct = torch.zeros(num_reqs, dtype=torch.bool)
     # Requests not in our plain layout: every row to vLLM's kernel, but the
     # rows of packed requests that plan_packed leaves to ours (metric rows;
     # with decode_ours, decode rows): own rows on packed pages.

@@ -102,7 +102,8 @@ class HeadKVs:
     #: scored, and ``counts`` is a copy taken at gather time.
     paged_keys: PagedKeys | None = None
     #: A number fixed for the request across runs, ranks and preemptions
-    #: (``worker.state.request_seed``: a hash of its prompt tokens), for
+    #: (``worker.state.request_seed``: a hash of its prompt tokens or
+    #: embeddings), for
     #: scorers that draw random numbers.
     seed: int = 0
 

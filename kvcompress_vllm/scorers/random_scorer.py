@@ -15,7 +15,7 @@ class RandomScorer(Scorer):
 
     Deterministic per (request, token count, head): each row draws from its
     own generator seeded by ``crc32("seed:num_tokens:row")`` with the
-    request's ``HeadKVs.seed`` (a hash of its prompt tokens), so the scores do
+    request's ``HeadKVs.seed`` (a hash of its prompt tokens or embeddings), so the scores do
     not depend on how rows are chunked, repeat for the same prompt and length
     -- in another run too, where vLLM gives the request another id -- and
     differ across prompts and compressions.

@@ -119,20 +119,35 @@ class AttentionBatch:
     #: max-pooled along keys): list of (row, prompt length, request id).
     pool_rows: list[tuple[int, int, str]]
     #: [R] bool: requests kept in vLLM's own cache layout (never compressed;
-    #: ``RequestPages.stock_layout``).
+    #: ``RequestPages.stock_layout``); None: none.
     stock_layout: torch.Tensor | None = None
     #: [R] bool: requests in vLLM's in-page layout, attended per KV head
     #: (``RequestPages.packed``); None: none.
     packed: torch.Tensor | None = None
 
 
-def request_seed(req_id: str, prompt_token_ids) -> int:
+#: Bytes of a prompt's embeddings hashed for its seed, at most: half from the
+#: start, half from the end (with the shape), so a long prompt costs no more.
+SEED_EMBEDS_BYTES = 1 << 20
+
+
+def request_seed(req_id: str, prompt_token_ids, prompt_embeds: torch.Tensor | None = None) -> int:
     """A number fixed for a request across runs, ranks and preemptions: the
     CRC-32 of its prompt tokens (vLLM makes request ids unique with random
-    characters); of the id where the prompt has no token ids (embeddings)."""
-    if prompt_token_ids is None:
-        return zlib.crc32(req_id.encode())
-    return zlib.crc32(array.array("q", prompt_token_ids).tobytes())
+    characters); for a prompt given as embeddings, of their shape, dtype and
+    bytes (up to ``SEED_EMBEDS_BYTES``: the first and last halves); of the
+    id only where the request has neither."""
+    if prompt_token_ids is not None:
+        return zlib.crc32(array.array("q", prompt_token_ids).tobytes())
+    if prompt_embeds is not None:
+        flat = prompt_embeds.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+        half = SEED_EMBEDS_BYTES // 2
+        parts = [flat] if flat.numel() <= 2 * half else [flat[:half], flat[-half:]]
+        crc = zlib.crc32(f"{tuple(prompt_embeds.shape)} {prompt_embeds.dtype}".encode())
+        for part in parts:
+            crc = zlib.crc32(part.numpy().tobytes(), crc)
+        return crc
+    return zlib.crc32(req_id.encode())
 
 
 class KVCompressWorkerState:
@@ -179,7 +194,8 @@ class KVCompressWorkerState:
             table.remove(rid)
         for new_req in scheduler_output.scheduled_new_reqs:
             table.remove(new_req.req_id)  # abort + resubmit with the same id
-            self._seeds[new_req.req_id] = request_seed(new_req.req_id, new_req.prompt_token_ids)
+            self._seeds[new_req.req_id] = request_seed(
+                new_req.req_id, new_req.prompt_token_ids, new_req.prompt_embeds)
             table.add(
                 new_req.req_id,
                 list(new_req.block_ids[0]),
@@ -503,7 +519,8 @@ class KVCompressWorkerState:
             metric_q_start=torch.tensor(start, dtype=torch.int32),
             record_metrics=record_metrics,
             pool_rows=pool_rows,
-            stock_layout=torch.tensor([r.stock_layout for r in reqs], dtype=torch.bool),
+            stock_layout=(torch.tensor([r.stock_layout for r in reqs], dtype=torch.bool)
+                          if any(r.stock_layout for r in reqs) else None),
             packed=(torch.tensor([r.packed for r in reqs], dtype=torch.bool)
                     if any(r.packed for r in reqs) else None),
         )
