@@ -121,7 +121,7 @@ FIELDS: list[tuple[str, str, tuple[str, ...]]] = [
      ("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
       "finished_req_ids", "preempted_req_ids")),
     ("vllm.v1.core.sched.output", "NewRequestData",
-     ("req_id", "prompt_token_ids", "block_ids", "num_computed_tokens")),
+     ("req_id", "prompt_token_ids", "prompt_embeds", "block_ids", "num_computed_tokens")),
     # serving.py: abort mode (0) is when the engine core sends abort outputs.
     ("vllm.config.vllm", "VllmConfig", ("shutdown_timeout",)),
     ("vllm.v1.core.sched.output", "CachedRequestData",

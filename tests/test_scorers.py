@@ -525,6 +525,10 @@ def test_worker_gives_scorers_a_seed_from_the_prompt():
     tail[-1] += 1
     assert request_seed("a", None, big) == request_seed("b", None, big.clone())
     assert request_seed("a", None, tail) != request_seed("a", None, big)
+    # Token ids with placeholders where embeddings go: the embeddings count too.
+    assert request_seed("a", [0, 0, 7], emb) != request_seed("a", [0, 0, 7], other)
+    assert request_seed("a", [0, 0, 7], emb) != request_seed("a", [0, 0, 7])
+    assert request_seed("a", None, emb.t()) == request_seed("b", None, emb.t().contiguous())
     assert request_seed("a", None) != request_seed("b", None)  # neither: by id
     # Preempted (its pages dropped), then resumed: the same seed.
     preempt = _step()

@@ -134,20 +134,24 @@ SEED_EMBEDS_BYTES = 1 << 20
 def request_seed(req_id: str, prompt_token_ids, prompt_embeds: torch.Tensor | None = None) -> int:
     """A number fixed for a request across runs, ranks and preemptions: the
     CRC-32 of its prompt tokens (vLLM makes request ids unique with random
-    characters); for a prompt given as embeddings, of their shape, dtype and
-    bytes (up to ``SEED_EMBEDS_BYTES``: the first and last halves); of the
-    id only where the request has neither."""
+    characters), continued over its prompt embeddings where it has some
+    (their shape, dtype and bytes; of a long prompt the first and last
+    ``SEED_EMBEDS_BYTES / 2``; a prompt mixing token ids and embeddings has
+    placeholder ids where the embeddings go); of the id only where the
+    request has neither."""
+    if prompt_token_ids is None and prompt_embeds is None:
+        return zlib.crc32(req_id.encode())
+    crc = 0
     if prompt_token_ids is not None:
-        return zlib.crc32(array.array("q", prompt_token_ids).tobytes())
+        crc = zlib.crc32(array.array("q", prompt_token_ids).tobytes())
     if prompt_embeds is not None:
         flat = prompt_embeds.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
         half = SEED_EMBEDS_BYTES // 2
         parts = [flat] if flat.numel() <= 2 * half else [flat[:half], flat[-half:]]
-        crc = zlib.crc32(f"{tuple(prompt_embeds.shape)} {prompt_embeds.dtype}".encode())
+        crc = zlib.crc32(f"{tuple(prompt_embeds.shape)} {prompt_embeds.dtype}".encode(), crc)
         for part in parts:
             crc = zlib.crc32(part.numpy().tobytes(), crc)
-        return crc
-    return zlib.crc32(req_id.encode())
+    return crc
 
 
 class KVCompressWorkerState:
