@@ -10,6 +10,10 @@ exactly its output length; all requests submitted at once via ``LLM.generate``):
                      where continual decode compression matters most)
 * ``many-requests``  32 x  640 in /  128 out  (per-step work that grows with
                      the number of running requests)
+* ``shared-prefix``  16 x 1280 in /  256 out, the first 1024 tokens the same
+                     in every prompt (only with ``--shapes``; for prefix
+                     caching, which every engine runs without unless a
+                     ``--variant`` turns it on)
 
 Budgets (``kv_cache_memory_bytes``, the same for every shape): *tight* holds
 ``--tight-tokens`` (6144) uncompressed KV tokens: a quarter of all the
@@ -90,6 +94,8 @@ class Shape:
     num_prompts: int
     input_len: int
     output_len: int
+    #: Leading tokens every prompt of the shape shares (a system prompt).
+    shared_prefix: int = 0
 
 
 SHAPES = [
@@ -103,6 +109,11 @@ QUICK_SHAPES = [
     Shape("prefill-heavy", 3, 768, 16),
     Shape("decode-heavy", 3, 256, 288),  # > 2 pages of output: decode-time compressions
     Shape("many-requests", 12, 512, 16),
+]
+#: Only by name (``--shapes``): prompts that share a system prompt, for
+#: prefix caching (``--variant 'pc={"enable_prefix_caching": true}'``).
+EXTRA_SHAPES = [
+    Shape("shared-prefix", 16, 1280, 256, shared_prefix=1024),
 ]
 RESULT_TAG = "KVC_SWEEP_RESULT "
 PLUGIN_RATES = {"tight": [0.25, 1.0], "ample": [0.25]}
@@ -255,8 +266,10 @@ def run_engine(spec: dict) -> list[dict]:
     for job in spec["jobs"]:
         shape = Shape(**job["shape"])
         rng = random.Random(job["seed"])
+        prefix = [rng.randrange(100, 20000) for _ in range(shape.shared_prefix)]
         prompts = [
-            TokensPrompt(prompt_token_ids=[rng.randrange(100, 20000) for _ in range(shape.input_len)])
+            TokensPrompt(prompt_token_ids=prefix + [
+                rng.randrange(100, 20000) for _ in range(shape.input_len - shape.shared_prefix)])
             for _ in range(shape.num_prompts)
         ]
         extra = {"kv_compress_rate": job["rate"]} if job["rate"] is not None else None
@@ -540,7 +553,7 @@ def main() -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         wanted = args.shapes.split(",")
-        shapes = [s for s in shapes if s.name in wanted]
+        shapes = [s for s in shapes + ([] if args.quick else EXTRA_SHAPES) if s.name in wanted]
     tight_tokens = 1536 if args.quick else args.tight_tokens
     modes = ["inproc"] if args.quick else args.modes.split(",")
     max_seq = max(s.input_len + s.output_len for s in shapes)

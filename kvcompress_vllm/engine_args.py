@@ -11,7 +11,8 @@ vLLM 0.32 has no hook for plugin engine arguments, so we wrap four
   (vLLM would silently drop it: it keeps dataclass fields only).
 * ``create_engine_config``: the one place that turns KV-Compress on -- it
   validates the config, rejects incompatible options, switches off prefix
-  caching and plugs in the scheduler and worker classes.  Without a
+  caching unless it was asked for (on CPU) and plugs in the scheduler and
+  worker classes.  Without a
   ``kv_compress`` config (or with rate 1 and ``enabled`` unset) it does
   nothing, so vLLM runs exactly as without the plugin.
 """
@@ -224,9 +225,18 @@ def _wrap_create_engine_config(cls: type) -> None:
                 f"the {current_platform.device_name} platform is not supported "
                 "(CPU and NVIDIA CUDA only)",
             )
-        if self.enable_prefix_caching:
-            logger.warning("KV-Compress: prefix caching is turned off (evicted blocks cannot be shared)")
-        self.enable_prefix_caching = False
+        if self.enable_prefix_caching and current_platform.is_cpu():
+            # Asked for (vLLM's default, None, is off here): kept.  The
+            # scheduler keeps shared prefix blocks intact; the worker checks
+            # that every request's pages are in one layout.
+            logger.info("KV-Compress with prefix caching: blocks other requests share "
+                        "are kept intact; a request's other blocks leave the cache when "
+                        "it is first compressed")
+        else:
+            if self.enable_prefix_caching:
+                logger.warning("KV-Compress: prefix caching is turned off (not supported on "
+                               "%s yet)", current_platform.device_name)
+            self.enable_prefix_caching = False
         self.async_scheduling = False
         self.scheduler_cls = SCHEDULER_CLS
         self.worker_cls = worker_cls

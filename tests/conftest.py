@@ -90,6 +90,16 @@ class Engine:
             gc.collect()
 
 
+def skip_where_prefix_caching_is_refused(err: BaseException) -> None:
+    """Skip the test if ``err`` is the worker refusing prefix caching on a CPU
+    where requests would use two page layouts (``worker.check_prefix_caching_layout``)."""
+    import traceback
+
+    text = "".join(traceback.format_exception(err))
+    if "--enable-prefix-caching needs every request" in text:
+        pytest.skip(text.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def engine_factory(model_path):
     engines = []

@@ -184,13 +184,17 @@ def test_cli_flag_rejects_bad_values(engine_args_mod, bad, capsys):
 
 
 def test_create_engine_config_enables_plugin(engine_args_mod, model_path):
-    args = engine_args_mod.EngineArgs(
-        model=model_path, kv_compress_rate=0.3, enable_prefix_caching=True, max_model_len=2048
-    )
+    args = engine_args_mod.EngineArgs(model=model_path, kv_compress_rate=0.3, max_model_len=2048)
     cfg = args.create_engine_config()
     assert cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS
     assert cfg.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
+    # vLLM's default would turn prefix caching on: off unless asked for...
     assert cfg.cache_config.enable_prefix_caching is False
+    # ... and kept where asked for (on CPU).
+    args = engine_args_mod.EngineArgs(
+        model=model_path, kv_compress_rate=0.3, enable_prefix_caching=True, max_model_len=2048
+    )
+    assert args.create_engine_config().cache_config.enable_prefix_caching is True
 
 
 def test_create_engine_config_passthrough_without_config(engine_args_mod, model_path):

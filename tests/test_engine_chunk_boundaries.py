@@ -29,10 +29,10 @@ def engine(engine_factory):
     manager = eng.scheduler.kvc_manager
     original = manager.apply_eviction
 
-    def apply_eviction(request_id, num_pages, num_tokens):
+    def apply_eviction(request_id, num_pages, num_tokens, **kwargs):
         request = eng.scheduler.requests[request_id]
         compressions.append((request_id, num_tokens, request.num_prompt_tokens))
-        return original(request_id, num_pages, num_tokens)
+        return original(request_id, num_pages, num_tokens, **kwargs)
 
     manager.apply_eviction = apply_eviction
     eng.compressions = compressions

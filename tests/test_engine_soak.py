@@ -56,26 +56,43 @@ def _options(rng):
     return extra
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix-caching"])
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_soak(model_path, budget):
+def test_soak(model_path, budget, prefix_caching):
+    """``prefix_caching``: ``--enable-prefix-caching``, and prompts that start
+    with one of a few shared prefixes (random lengths, block-aligned or not)
+    half of the time; checked too after every step: no block that is in the
+    prefix cache was in a range a compression could change since the pool
+    last handed it out, and blocks held (each once, however many requests
+    share it) plus free blocks make up the pool."""
     from vllm import SamplingParams
 
-    from conftest import Engine
+    from conftest import Engine, skip_where_prefix_caching_is_refused
 
     from kvcompress_vllm.model import kv_budget_bytes
 
-    rng = random.Random(budget if SEED == 0 else f"{SEED}/{budget}")
+    seed = budget if SEED == 0 else f"{SEED}/{budget}"
+    rng = random.Random(f"{seed}/pc" if prefix_caching else seed)
     num_requests = TOTAL // len(BUDGETS)
-    eng = Engine(
-        model_path,
-        max_model_len=MAX_PROMPT + 512,
-        max_num_batched_tokens=budget,
-        max_num_seqs=32,
-        kv_cache_memory_bytes=kv_budget_bytes(model_path, 1, NUM_BLOCKS * 128,
-                                              max_num_seqs=32, max_model_len=MAX_PROMPT + 512),
-        additional_config={"kv_compress": {"rate": 0.5, "debug_checks": True,
-                                           "compress_to_admit": True}},
-    )
+    if prefix_caching and TOTAL < 100:
+        num_requests = 24  # CI's quick form: fewer
+    prefixes = [[rng.randrange(100, 20000) for _ in range(rng.randint(100, 1500))]
+                for _ in range(3)]
+    try:
+        eng = Engine(
+            model_path,
+            max_model_len=MAX_PROMPT + 512,
+            max_num_batched_tokens=budget,
+            max_num_seqs=32,
+            kv_cache_memory_bytes=kv_budget_bytes(model_path, 1, NUM_BLOCKS * 128,
+                                                  max_num_seqs=32, max_model_len=MAX_PROMPT + 512),
+            enable_prefix_caching=prefix_caching,
+            additional_config={"kv_compress": {"rate": 0.5, "debug_checks": True,
+                                               "compress_to_admit": True}},
+        )
+    except Exception as err:
+        skip_where_prefix_caching_is_refused(err)
+        raise
     try:
         core, sched = eng.engine, eng.scheduler
         manager = sched.kvc_manager
@@ -83,15 +100,31 @@ def test_soak(model_path, budget):
         total_free = pool.get_num_free_blocks()
         bad_plans = []
         original = manager.apply_eviction
+        # Blocks a compression may have changed, until the pool hands them out again.
+        dirty: set[int] = set()
+        kept_shared = [0]
+        get_new = pool.get_new_blocks
 
-        def apply_eviction(request_id, num_pages, num_tokens):
+        def get_new_blocks(num_blocks):
+            blocks = get_new(num_blocks)
+            dirty.difference_update(b.block_id for b in blocks)
+            return blocks
+
+        pool.get_new_blocks = get_new_blocks
+
+        def apply_eviction(request_id, num_pages, num_tokens, keep_cached=0):
             end = sched.kvc_requests[request_id].prefill_end
             if end is None or num_tokens < end:
                 bad_plans.append((request_id, num_tokens, end))
-            return original(request_id, num_pages, num_tokens)
+            blocks = list(manager.req_to_blocks[request_id])
+            released = original(request_id, num_pages, num_tokens, keep_cached=keep_cached)
+            dirty.update(b.block_id for b in blocks[keep_cached:])
+            kept_shared[0] += keep_cached > 0
+            return released
 
         manager.apply_eviction = apply_eviction
         added, finished, aborted = [], set(), set()
+        last_prefix = [None]
         steps = 0
         while len(finished | aborted) < num_requests:
             while len(added) < num_requests and (rng.random() < 0.5 or not core.has_unfinished_requests()):
@@ -106,6 +139,12 @@ def test_soak(model_path, budget):
                 )
                 length = rng.choice([rng.randint(1, 300), rng.randint(1, MAX_PROMPT)])
                 prompt = [rng.randrange(100, 20000) for _ in range(length)]
+                if prefix_caching and rng.random() < 0.5:
+                    # Often the same prefix as the request before: it may hit
+                    # blocks that request is still computing.
+                    if last_prefix[0] is None or rng.random() < 0.4:
+                        last_prefix[0] = rng.choice(prefixes)
+                    prompt = (last_prefix[0] + prompt)[:MAX_PROMPT]
                 core.add_request(rid, {"prompt_token_ids": prompt}, params)
                 added.append(rid)
             if rng.random() < 0.01:
@@ -118,8 +157,12 @@ def test_soak(model_path, budget):
                 if out.finished:
                     finished.add(out.request_id)
             steps += 1
-            owned = sum(len(b) for b in manager.req_to_blocks.values())
-            assert owned + pool.get_num_free_blocks() == total_free, f"step {steps}"
+            owned = {b.block_id for blocks in manager.req_to_blocks.values() for b in blocks}
+            assert len(owned) + pool.get_num_free_blocks() == total_free, f"step {steps}"
+            if not prefix_caching:  # else shared blocks are listed by several requests
+                assert sum(len(b) for b in manager.req_to_blocks.values()) == len(owned)
+            stale = [b.block_id for b in pool.blocks if b.block_hash is not None and b.block_id in dirty]
+            assert not stale, f"step {steps}: cached blocks {stale[:8]} were changed"
             assert not bad_plans, bad_plans
             assert steps < 20_000, "soak did not finish"
         assert not core.has_unfinished_requests()
@@ -127,13 +170,19 @@ def test_soak(model_path, budget):
         assert not manager.evicted_pages and not sched.kvc_requests
         totals = sched.kvc_totals
         assert totals.compressions > 0
+        if prefix_caching:  # shared prefixes were hit and kept through compressions
+            stats = sched.kv_cache_manager.prefix_cache_stats
+            assert kept_shared[0] > 0, (stats, totals)
         print(
-            f"\nsoak budget {budget}: {num_requests} requests ({len(aborted)} aborted), {steps} steps, "
-            f"{totals.compressions} compressions, {totals.preemptions} preemptions, "
+            f"\nsoak budget {budget}{' prefix caching' if prefix_caching else ''}: {num_requests} "
+            f"requests ({len(aborted)} aborted), {steps} steps, "
+            f"{totals.compressions} compressions ({kept_shared[0]} keeping a shared prefix), "
+            f"{totals.preemptions} preemptions, "
             f"{totals.admission_steps} admission steps, {totals.blocks_released} blocks released"
         )
-        PREEMPTIONS[budget] = totals.preemptions
-        ADMISSIONS[budget] = totals.admission_steps
+        if not prefix_caching:
+            PREEMPTIONS[budget] = totals.preemptions
+            ADMISSIONS[budget] = totals.admission_steps
     finally:
         eng.shutdown()
 

@@ -56,10 +56,10 @@ def make_scheduler(vllm_config, num_blocks=40, budget=64, **config):
     sched.plans_log = []  # (req_id, num_tokens, prefill_end, num_pages, pressure)
     original = sched.kvc_manager.apply_eviction
 
-    def apply_eviction(request_id, num_pages, num_tokens):
+    def apply_eviction(request_id, num_pages, num_tokens, **kwargs):
         state = sched.kvc_requests[request_id]
         sched.plans_log.append((request_id, num_tokens, state.prefill_end, num_pages))
-        return original(request_id, num_pages, num_tokens)
+        return original(request_id, num_pages, num_tokens, **kwargs)
 
     sched.kvc_manager.apply_eviction = apply_eviction
     return sched
@@ -340,3 +340,163 @@ def test_randomized_scheduling_keeps_every_invariant(vllm_config, seed):
     assert admitted > 0, "no compression ahead of the interval for admission"
     print(f"seed {seed}: {len(sched.plans_log)} compressions, {preempted} preemptions, "
           f"{sched.kvc_totals.admission_steps} steps with compressions ahead for admission")
+
+
+@pytest.fixture(scope="module")
+def vllm_config_pc(model_path):
+    """``vllm_config`` with prefix caching asked for (the plugin keeps it on CPU)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(
+        model=model_path, enforce_eager=True, max_model_len=2048, block_size=BS,
+        max_num_batched_tokens=64, max_num_seqs=16, enable_prefix_caching=True,
+        additional_config={"kv_compress": {
+            "rate": 0.25, "protected_window": PROTECTED, "sink_tokens": SINKS,
+            "compress_to_admit": True}},
+    )
+    cfg = args.create_engine_config()
+    assert cfg.cache_config.enable_prefix_caching
+    return cfg
+
+
+def _hasher():
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    fn = get_hash_fn_by_name("sha256")
+    init_none_hash(fn)
+    return get_request_block_hasher(BS, fn)
+
+
+def add_tokens(sched, rid, tokens, hasher, max_tokens=50, **extra):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra or None)
+    sched.add_request(Request(rid, list(tokens), params, None, block_hasher=hasher))
+
+
+def _watch_blocks(sched):
+    """Track which blocks a compression may have changed (``dirty``): every
+    block of the request after its ``keep_cached`` leading ones, until the
+    pool hands the block out again.  Returns (dirty, keeps) where ``keeps``
+    logs (request, keep_cached, plan sink tokens) per compression."""
+    pool = sched.kv_cache_manager.block_pool
+    dirty: set[int] = set()
+    keeps: list[tuple[str, int]] = []
+    get_new = pool.get_new_blocks
+
+    def get_new_blocks(num_blocks):
+        blocks = get_new(num_blocks)
+        dirty.difference_update(b.block_id for b in blocks)
+        return blocks
+
+    pool.get_new_blocks = get_new_blocks
+    apply = sched.kvc_manager.apply_eviction
+
+    def apply_eviction(request_id, num_pages, num_tokens, keep_cached=0):
+        blocks = list(sched.kvc_manager.req_to_blocks[request_id])
+        # Blocks other requests hold are all among the kept ones.
+        assert all(b.ref_cnt == 1 for b in blocks[keep_cached:]), request_id
+        released = apply(request_id, num_pages, num_tokens, keep_cached=keep_cached)
+        dirty.update(b.block_id for b in blocks[keep_cached:])
+        keeps.append((request_id, keep_cached))
+        return released
+
+    sched.kvc_manager.apply_eviction = apply_eviction
+    return dirty, keeps
+
+
+def test_prefix_caching_keeps_shared_blocks_intact(vllm_config_pc):
+    """Two requests share a 3-block prefix (the second hits the first's
+    blocks while both run): each compression keeps those blocks and protects
+    their tokens (the plan's sinks), takes the request's other blocks out of
+    the prefix cache, and caches nothing after; once both finish, the shared
+    blocks are still cached and a third request hits them, and keeps its hits
+    although it holds them alone.  A request sharing nothing takes all its
+    blocks out of the cache when compressed."""
+    sched = make_scheduler(vllm_config_pc, budget=64)
+    manager, pool = sched.kvc_manager, sched.kv_cache_manager.block_pool
+    dirty, keeps = _watch_blocks(sched)
+    hasher = _hasher()
+    prefix = list(range(1000, 1000 + 3 * BS))
+    add_tokens(sched, "a", prefix + list(range(2000, 2040)), hasher, max_tokens=40)
+    run_step(sched)  # a: 64 of 88 prompt tokens; its 4 full blocks cached
+    add_tokens(sched, "b", prefix + list(range(3000, 3040)), hasher, max_tokens=40)
+    out = run_step(sched)  # a's last chunk; b admitted with a hit on the prefix
+    (new,) = out.scheduled_new_reqs
+    assert new.req_id == "b" and new.num_computed_tokens == 3 * BS
+    shared = manager.req_to_blocks["a"][:3]
+    assert manager.req_to_blocks["b"][:3] == shared and all(b.ref_cnt == 2 for b in shared)
+    seen = set()
+    for _ in range(200):
+        out = run_step(sched)
+        for plan in out.kv_compress.evictions:
+            seen.add(plan.req_id)
+            assert plan.sink_tokens == 3 * BS, plan  # the shared prefix is protected
+        for rid in ("a", "b"):
+            blocks = manager.req_to_blocks.get(rid)
+            if blocks and manager.evicted_pages.get(rid):
+                assert blocks[:3] == shared  # kept, in place
+                assert all(b.block_hash is None for b in blocks[3:]), rid
+        for block in pool.blocks:  # nothing cached was changed by a compression
+            assert block.block_hash is None or block.block_id not in dirty, block
+        if not sched.requests:
+            break
+    assert seen == {"a", "b"} and {k for _, k in keeps} == {3}
+    assert all(b.block_hash is not None and b.ref_cnt == 0 for b in shared)
+    # c hits them alone: its hits stay kept (and cached) through its compressions.
+    add_tokens(sched, "c", prefix + list(range(4000, 4040)), hasher, max_tokens=40)
+    out = run_step(sched)
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 3 * BS
+    assert manager.req_to_blocks["c"][:3] == shared and all(b.ref_cnt == 1 for b in shared)
+    while sched.requests:
+        run_step(sched)
+        for block in pool.blocks:
+            assert block.block_hash is None or block.block_id not in dirty, block
+    assert ("c", 3) in keeps and {k for r, k in keeps if r == "c"} == {3}
+    assert all(b.block_hash is not None for b in shared)
+    # Alone, a request keeps nothing cached once compressed (sinks < a block),
+    # and caches none of the blocks it fills while decoding on.
+    add_tokens(sched, "d", list(range(5000, 5100)), hasher, max_tokens=400)
+    while "d" not in manager.evicted_pages:
+        run_step(sched)
+    assert keeps[-1] == ("d", 0)
+    while sched.requests:
+        assert all(b.block_hash is None for b in manager.req_to_blocks["d"])
+        run_step(sched)
+        for block in pool.blocks:
+            assert block.block_hash is None or block.block_id not in dirty, block
+    add_tokens(sched, "e", list(range(5000, 5100)), hasher, max_tokens=2)
+    assert run_step(sched).scheduled_new_reqs[0].num_computed_tokens == 0
+    # Lightly compressed (a page or two per compression): it holds as many
+    # blocks as vLLM would have cached for it, and must still cache none.
+    add_tokens(sched, "f", list(range(6000, 6100)), hasher, max_tokens=300, kv_compress_rate=0.97)
+    while sched.requests:
+        run_step(sched)
+        for block in pool.blocks:
+            assert block.block_hash is None or block.block_id not in dirty, block
+    assert keeps[-1][0] == "f"
+
+
+def test_shared_blocks_after_an_unshared_one_are_kept_too(vllm_config_pc):
+    """vLLM keeps duplicate blocks under one hash (a block recomputed because
+    a hit stops a token short of the prompt), so a request's blocks that
+    other requests hold need not be a prefix: a compression keeps everything
+    up to the last of them, and at least the request's own hits."""
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    sched = make_scheduler(vllm_config_pc, budget=64)
+    manager = sched.kvc_manager
+    blocks = [KVCacheBlock(block_id=i) for i in range(6)]
+    for b, ref in zip(blocks, [2, 2, 1, 2, 1, 1]):
+        b.ref_cnt = ref
+    manager.req_to_blocks["x"] = blocks
+    assert manager.shared_prefix_blocks("x") == 4
+    manager.hit_blocks["x"] = 5
+    assert manager.shared_prefix_blocks("x") == 5
+    for b in blocks:
+        b.ref_cnt = 1
+    manager.hit_blocks["x"] = 0
+    assert manager.shared_prefix_blocks("x") == 0
+    del manager.req_to_blocks["x"], manager.hit_blocks["x"]

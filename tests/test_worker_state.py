@@ -438,3 +438,88 @@ def test_packed_requests_evict_what_plain_ones_evict():
         assert want[key].keys() == got[key].keys()
         for pos, (k, v) in want[key].items():
             assert torch.equal(k, got[key][pos][0]) and torch.equal(v, got[key][pos][1])
+
+
+def test_compression_leaves_a_shared_prefix_untouched():
+    """Prefix caching: b starts with a prefix-cache hit on a's first two
+    blocks (vLLM hands it the same block ids and ``num_computed_tokens``).
+    Compressing either with its plan's sinks covering those blocks (what the
+    scheduler sends) leaves their bytes, positions and every head's page
+    mapping as they were, so the other request still reads its prefix; a
+    page table that lost one of them is refused loudly."""
+    state, _ = make_state(rate=0.25, protected_window=4, sink_tokens=1)
+    geom = PageGeometry(N, L * H)
+    shared, n = [3, 7], 37
+    blocks = {"a": shared + [1, 9, 4], "b": shared + [5, 6, 8]}
+    state.begin_step(step(new=[("a", blocks["a"], n)], scheduled={"a": n}, prefill_ends={"a": n}))
+    fill(state, ["a"], seed=1)
+    state.end_step()
+    hit = step(new=[("b", blocks["b"], n)], scheduled={"b": n - 2 * N}, prefill_ends={"b": n})
+    hit.scheduled_new_reqs[0].num_computed_tokens = 2 * N  # the hit
+    state.begin_step(hit)
+    fill(state, ["b"], seed=2)
+    state.end_step()
+    pages = state.table.block_page_ids(shared).view(-1)
+    kv, pos = state.pool.kv_pages[pages].clone(), state.pool.positions[pages].clone()
+    prefix = {key: {p: kv_ for p, kv_ in kvs.items() if p < 2 * N}
+              for key, kvs in head_kvs(state, "a").items()}
+    g = torch.Generator().manual_seed(3)
+    state.pool.metrics.copy_(torch.rand(state.pool.metrics.shape, generator=g))
+    for rid in ("a", "b"):
+        num_pages = L * H * ((n - 4 - 2 * N) // N)  # all that is evictable
+        keep = geom.blocks_needed(n, num_pages)
+        plan = EvictionPlan(req_id=rid, num_pages=num_pages, num_tokens=n,
+                            pages_after=geom.pages_in_use(n, num_pages),
+                            released_block_ids=tuple(blocks[rid][keep:]), protected_window=4,
+                            sink_tokens=2 * N, scorer="random")
+        state.begin_step(step(plans=[plan]))
+        state.end_step()
+        req = state.table.requests[rid]
+        assert req.blocks[:2] == shared
+        assert torch.equal(state.pool.kv_pages[pages], kv) and torch.equal(state.pool.positions[pages], pos)
+        for other in ("a", "b"):  # both still read the same prefix KVs
+            got = head_kvs(state, other)
+            for key, kvs in prefix.items():
+                for p, (k, v) in kvs.items():
+                    assert torch.equal(got[key][p][0], k) and torch.equal(got[key][p][1], v)
+    req = state.table.requests["b"]
+    state.table.page_table[req.slot, 1, 0, 1] = int(state.table.page_table[req.slot, 1, 0, 2])
+    with pytest.raises(RuntimeError, match="request b: after compression, layer 1 head 0 .* "
+                                           "logical page 1 of its 2 protected leading blocks"):
+        state._check_prefix_intact(plan, req)
+
+
+def test_a_hit_gets_positions_and_eviction_never_enters_the_protected_prefix():
+    """Blocks written by vLLM's own writer (a never-compressed request) carry
+    no positions: a request that hits them gets them written (the shared
+    prefix is protected by position).  Were a protected KV ever chosen --
+    here positions are scrambled after the hit -- the worker refuses to
+    compact, naming the request, before anything is moved."""
+    state, _ = make_state(rate=0.25, protected_window=4, sink_tokens=1)
+    geom = PageGeometry(N, L * H)
+    shared, n = [3, 7], 37
+    state.begin_step(step(new=[("a", shared + [1, 9, 4], n)], scheduled={"a": n},
+                          prefill_ends={"a": n}))
+    fill(state, ["a"], seed=1)
+    state.end_step()
+    pages = state.table.block_page_ids(shared).view(-1)
+    state.pool.positions[pages] = 20  # what vLLM's writer leaves: not these KVs' positions
+    hit = step(new=[("b", shared + [5, 6, 8], n)], scheduled={"b": n - 2 * N},
+               prefill_ends={"b": n})
+    hit.scheduled_new_reqs[0].num_computed_tokens = 2 * N
+    state.begin_step(hit)
+    fill(state, ["b"], seed=2)
+    state.end_step()
+    want = (torch.arange(2).view(-1, 1, 1) * N + torch.arange(N)).expand(2, L * H, N)
+    assert torch.equal(state.pool.positions[pages].view(2, L * H, N), want.int())
+    state.pool.positions[pages] = 20  # now protection by position cannot see the prefix
+    kv = state.pool.kv_pages[pages].clone()
+    num_pages = L * H * ((n - 4 - 2 * N) // N)
+    plan = EvictionPlan(req_id="b", num_pages=num_pages, num_tokens=n,
+                        pages_after=geom.pages_in_use(n, num_pages),
+                        released_block_ids=(), protected_window=4, sink_tokens=2 * N,
+                        scorer="streamingllm")  # evicts the oldest unprotected KVs first
+    with pytest.raises(RuntimeError, match=r"request b: head row \d+ would evict its KV at "
+                                           r"logical index \d+, inside the 16 protected"):
+        state.begin_step(step(plans=[plan]))
+    assert torch.equal(state.pool.kv_pages[pages], kv)

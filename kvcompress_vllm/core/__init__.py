@@ -23,6 +23,7 @@ from kvcompress_vllm.core.policy import (
     compression_due,
     pages_to_evict,
     protected_mask,
+    shared_prefix_sinks,
     target_kvs_per_head,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "max_pages_per_head",
     "pages_to_evict",
     "protected_mask",
+    "shared_prefix_sinks",
     "target_kvs_per_head",
 ]

@@ -53,33 +53,45 @@ def compression_due(
     return pressure or last_check is None or num_computed - last_check >= interval
 
 
-def target_kvs_per_head(policy: RequestPolicy, num_tokens: int) -> float:
+def target_kvs_per_head(policy: RequestPolicy, num_tokens: int, shared_prefix: int = 0) -> float:
     """Mean KVs per head the policy wants to keep for ``num_tokens`` tokens:
-    ``rate * (n - protected) + protected``, capped by ``max_cache_tokens``
-    (never below the protected window plus sinks)."""
+    ``rate * (n - protected - shared) + protected + shared``, capped by
+    ``max_cache_tokens`` (never below the protected window plus the sinks or
+    the shared prefix).  ``shared_prefix``: leading tokens whose blocks other
+    requests hold too (prefix caching; ``shared_prefix_sinks``): kept, and
+    not counted as compressible."""
     protected = min(num_tokens, policy.protected_window)
-    target = policy.rate * (num_tokens - protected) + protected
+    shared = max(0, min(shared_prefix, num_tokens - protected))
+    target = policy.rate * (num_tokens - protected - shared) + protected + shared
     if policy.max_cache_tokens is not None:
-        floor = min(num_tokens, policy.protected_window + policy.sink_tokens)
+        floor = min(num_tokens, policy.protected_window + max(policy.sink_tokens, shared_prefix))
         target = min(target, max(policy.max_cache_tokens, floor))
     return target
 
 
+def shared_prefix_sinks(policy: RequestPolicy, shared_prefix: int) -> int:
+    """The leading tokens no compression of the request may touch: its sinks,
+    or its shared prefix where that is longer."""
+    return max(policy.sink_tokens, shared_prefix)
+
+
 def pages_to_evict(
-    geometry: PageGeometry, policy: RequestPolicy, num_tokens: int, evicted: int
+    geometry: PageGeometry, policy: RequestPolicy, num_tokens: int, evicted: int,
+    shared_prefix: int = 0,
 ) -> int:
     """Head-pages to evict now to bring the request down to its target.
 
     Rounds down (never keeps fewer KVs than the target) and never exceeds what
-    is evictable outside the protected window and the sinks.
+    is evictable outside the protected window and the sinks (or the shared
+    prefix, ``target_kvs_per_head``).
     """
     if not policy.compresses:
         return 0
     excess = geometry.kept_kvs(num_tokens, evicted) - (
-        geometry.pages_per_block * target_kvs_per_head(policy, num_tokens)
+        geometry.pages_per_block * target_kvs_per_head(policy, num_tokens, shared_prefix)
     )
     want = math.floor(excess / geometry.block_size) if excess > 0 else 0
     limit = geometry.max_evictable(
-        num_tokens, evicted, policy.protected_window, policy.sink_tokens
+        num_tokens, evicted, policy.protected_window, shared_prefix_sinks(policy, shared_prefix)
     )
     return max(0, min(want, limit))

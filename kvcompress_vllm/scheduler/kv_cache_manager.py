@@ -26,8 +26,10 @@ class KVCompressSpec(FullAttentionSpec):
 
     @property
     def prefix_cacheable(self) -> bool:
-        # Evicted/compacted blocks no longer hold the tokens their hash names.
-        return False
+        # With prefix caching on, a request's blocks are cached while they
+        # hold the tokens their hash names: ``KVCompressManager`` takes every
+        # block a compression may change out of the cache first.
+        return True
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:  # type: ignore[override]
         # Append-only worker block-table rows: see core.geometry.BLOCK_TABLE_SLACK.
@@ -35,7 +37,18 @@ class KVCompressSpec(FullAttentionSpec):
 
 
 class KVCompressManager(FullAttentionManager):
-    """Full-attention manager with per-request evicted head-page counts."""
+    """Full-attention manager with per-request evicted head-page counts.
+
+    Prefix caching (``enable_caching``): a request's full blocks are cached
+    as vLLM caches them until its first compression, after which it caches no
+    more (its blocks no longer hold the tokens of their position).  A
+    compression keeps the request's leading ``keep_cached`` blocks intact
+    (``shared_prefix_blocks``: its prefix-cache hits and blocks other
+    requests hold too, and blocks wholly inside the sinks; the scheduler
+    protects their tokens) and takes
+    every later block out of the prefix cache before the worker compacts or
+    releases it.
+    """
 
     #: Set by ``KVCompressScheduler`` once the layer count is known.
     geometry: PageGeometry | None = None
@@ -43,6 +56,8 @@ class KVCompressManager(FullAttentionManager):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.evicted_pages: dict[str, int] = {}
+        #: Prefix-cache hits (blocks) of each request's current allocation.
+        self.hit_blocks: dict[str, int] = {}
 
     # -- accounting ------------------------------------------------------
     def _required_blocks(self, request_id: str, num_tokens: int) -> int | None:
@@ -84,7 +99,7 @@ class KVCompressManager(FullAttentionManager):
         if new_computed_blocks:
             raise RuntimeError(
                 f"request {request_id}: {len(new_computed_blocks)} prefix-cache hits on a "
-                "compressed request (prefix caching must be off with KV-Compress)"
+                "compressed request (only a request's first allocation looks for hits)"
             )
         return max(required - len(self.req_to_blocks[request_id]), 0)
 
@@ -104,10 +119,42 @@ class KVCompressManager(FullAttentionManager):
             self.new_block_ids.extend(b.block_id for b in new_blocks)
         return new_blocks
 
+    def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
+        if self.evicted_pages.get(request.request_id, 0):
+            return  # compressed: its blocks hold other tokens than their position's
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, *args, **kwargs) -> None:
+        super().add_local_computed_blocks(request_id, new_computed_blocks, *args, **kwargs)
+        self.hit_blocks[request_id] = len(new_computed_blocks)
+
+    def shared_prefix_blocks(self, request_id: str) -> int:
+        """Leading blocks of the request a compression must leave intact: up
+        to its last block another request holds too (a hit on this request's
+        blocks), and at least its own prefix-cache hits; 0 without prefix
+        caching.  Hits count even once no other request holds them, so a
+        prefix that was reused stays cached for the next request.  Shared
+        blocks are usually a prefix (hashes chain), but not always: vLLM
+        keeps duplicate blocks under one hash (a block recomputed because a
+        hit stops a token short of the prompt), and a later request can hit
+        one copy's predecessors and another copy's successor."""
+        if not self.enable_caching:
+            return 0
+        blocks = self.req_to_blocks.get(request_id, ())
+        shared = min(self.hit_blocks.get(request_id, 0), len(blocks))
+        for i in range(len(blocks) - 1, shared - 1, -1):
+            if blocks[i].ref_cnt > 1:
+                return i + 1
+        return shared
+
     # -- eviction --------------------------------------------------------
-    def apply_eviction(self, request_id: str, num_pages: int, num_tokens: int) -> list[int]:
+    def apply_eviction(self, request_id: str, num_pages: int, num_tokens: int,
+                       keep_cached: int = 0) -> list[int]:
         """Record ``num_pages`` evicted head-pages and release the tail blocks
-        the request no longer needs; they are free for this very step."""
+        the request no longer needs; they are free for this very step.  With
+        prefix caching, every block after the first ``keep_cached`` (whose
+        tokens the compression may not touch) leaves the prefix cache first;
+        none of those may be shared."""
         geometry = self._geometry()
         if num_pages <= 0:
             raise ValueError(f"request {request_id}: cannot evict {num_pages} pages")
@@ -118,6 +165,18 @@ class KVCompressManager(FullAttentionManager):
                 f"request {request_id}: evicting {num_pages} pages leaves {in_use} of "
                 f"{num_tokens} tokens' pages (already evicted {evicted - num_pages})"
             )
+        if self.enable_caching:
+            later = self.req_to_blocks[request_id][keep_cached:]
+            shared = [b.block_id for b in later if b.ref_cnt > 1]
+            if shared:
+                raise RuntimeError(
+                    f"request {request_id}: compressing would change blocks {shared[:8]} "
+                    f"that other requests hold (only its first {keep_cached} blocks are "
+                    "kept intact)"
+                )
+            cached = {b.block_id for b in later if b.block_hash is not None}
+            if cached:
+                self.block_pool.evict_blocks(cached)
         self.evicted_pages[request_id] = evicted
         req_blocks = self.req_to_blocks[request_id]
         keep = geometry.blocks_needed(num_tokens, evicted)
@@ -137,6 +196,7 @@ class KVCompressManager(FullAttentionManager):
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         self.evicted_pages.pop(request_id, None)
+        self.hit_blocks.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
 

@@ -41,7 +41,12 @@ from kvcompress_vllm.config import (
 from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.metrics import CompressionMetricsBuffer, compression_trigger, publish
 from kvcompress_vllm.plan import EvictionPlan, StepPlan, attach_plan, read_stats
-from kvcompress_vllm.core import PageGeometry, compression_due, pages_to_evict
+from kvcompress_vllm.core import (
+    PageGeometry,
+    compression_due,
+    pages_to_evict,
+    shared_prefix_sinks,
+)
 from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressManager, KVCompressSpec
 
 logger = get_logger(__name__)
@@ -117,6 +122,13 @@ class KVCompressScheduler(Scheduler):
                 f"got {[type(g.kv_cache_spec).__name__ for g in groups]}"
             )
         spec = groups[0].kv_cache_spec
+        if self.cache_config.enable_prefix_caching and self.hash_block_size != spec.block_size:
+            # Hits inside a block would need vLLM's copy-on-write of a shared
+            # block, which the plugin's block accounting does not do.
+            raise RuntimeError(
+                f"KV-Compress with prefix caching needs prefix-cache hashes per block "
+                f"({spec.block_size} tokens); vLLM hashes every {self.hash_block_size}"
+            )
         self.geometry = PageGeometry(
             block_size=spec.block_size,
             pages_per_block=len(groups[0].layer_names) * spec.num_kv_heads,
@@ -156,6 +168,18 @@ class KVCompressScheduler(Scheduler):
             state = RequestCompression(policy=policy)
             self.kvc_requests[request.request_id] = state
         return state
+
+    def _shared_prefix(self, request_id: str, policy: RequestPolicy) -> tuple[int, int]:
+        """(tokens, blocks) of the request's leading blocks a compression
+        must leave intact: with prefix caching, its hits and blocks up to the
+        last one other requests hold too (``KVCompressManager.shared_prefix_blocks``),
+        and those wholly inside its sinks, all of which stay cached; (0, 0)
+        without."""
+        if not self.kvc_manager.enable_caching:
+            return 0, 0
+        blocks = max(self.kvc_manager.shared_prefix_blocks(request_id),
+                     policy.sink_tokens // self.geometry.block_size)
+        return blocks * self.geometry.block_size, blocks
 
     def _next_tokens(self, request: Request) -> int:
         """Tokens a running request computes in its next step, at most: the
@@ -233,7 +257,8 @@ class KVCompressScheduler(Scheduler):
                 continue  # not scorable yet
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
-            pages = pages_to_evict(self.geometry, state.policy, n, evicted)
+            shared, _ = self._shared_prefix(rid, state.policy)
+            pages = pages_to_evict(self.geometry, state.policy, n, evicted, shared)
             upto = n + self._next_tokens(request)
             gain = self.geometry.blocks_needed(upto, evicted) - self.geometry.blocks_needed(
                 upto, evicted + pages
@@ -293,10 +318,12 @@ class KVCompressScheduler(Scheduler):
             state.tokens_at_last_check = n
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
-            num_pages = pages_to_evict(self.geometry, policy, n, evicted)
+            shared, shared_blocks = self._shared_prefix(rid, policy)
+            num_pages = pages_to_evict(self.geometry, policy, n, evicted, shared)
             if num_pages == 0:
                 continue
-            released = self.kvc_manager.apply_eviction(rid, num_pages, n)
+            released = self.kvc_manager.apply_eviction(rid, num_pages, n,
+                                                       keep_cached=shared_blocks)
             self.kvc_metrics.record_compression(
                 trigger, num_pages, len(released), first=state.compressions == 0
             )
@@ -313,7 +340,7 @@ class KVCompressScheduler(Scheduler):
                     pages_after=self.geometry.pages_in_use(n, evicted + num_pages),
                     released_block_ids=tuple(released),
                     protected_window=policy.protected_window,
-                    sink_tokens=policy.sink_tokens,
+                    sink_tokens=shared_prefix_sinks(policy, shared),
                     scorer=policy.scorer,
                     allocation=policy.allocation,
                 )

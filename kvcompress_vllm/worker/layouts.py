@@ -22,11 +22,13 @@ contiguous ``[B, H, N, 2D]`` region and every (block, head) row is one
 contiguous ``N * 2D`` run, which we read as ``[2, N, D]``: the head-page.
 
 * **CPU**: vLLM's own CPU backend only supports ``LBHNC`` and our CPU backend
-  subclasses it (``attention/cpu_backend.py``).  The stock CPU kernel stores K
-  transposed inside a page; a block holds one of the two layouts, that of the
-  request that owns it: vLLM's for never-compressed requests (read only by
-  vLLM's kernel), ours for all others (read only by our kernels; see
-  docs/design.md).
+  subclasses it (``attention/cpu_backend.py``).  vLLM's writer lays a page
+  out its own way (``attention/cpu_packed.PagePacking``); a block holds one of
+  two layouts, that of the requests that own it: vLLM's for never-compressed
+  requests and for compressed ones kept in it (``RequestPages.packed``), our
+  plain rows for the others.  With prefix caching a block can be read by
+  several requests, so the worker then requires every request in one layout
+  (``worker.check_prefix_caching_layout``; see docs/design.md).
 * **CUDA**: our backend (``attention/cuda_backend.py``) declares
   ``supported_kv_cache_layouts() == (LBHNC,)``, so vLLM allocates exactly the
   same shape; the Triton kernels take ``kv_pages`` and its strides.

@@ -200,7 +200,7 @@ class KVCompressWorkerState:
             table.remove(new_req.req_id)  # abort + resubmit with the same id
             self._seeds[new_req.req_id] = request_seed(
                 new_req.req_id, new_req.prompt_token_ids, new_req.prompt_embeds)
-            table.add(
+            req = table.add(
                 new_req.req_id,
                 list(new_req.block_ids[0]),
                 new_req.num_computed_tokens,
@@ -209,12 +209,13 @@ class KVCompressWorkerState:
                 new_req.req_id in step.stock_layout,
                 self._packed(step, new_req.req_id),
             )
+            self._write_hit_positions(req)
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             if rid in cached.resumed_req_ids:
                 table.remove(rid)
                 blocks = cached.new_block_ids[i]
-                table.add(
+                req = table.add(
                     rid,
                     list(blocks[0]) if blocks is not None else [],
                     cached.num_computed_tokens[i],
@@ -223,6 +224,7 @@ class KVCompressWorkerState:
                     rid in step.stock_layout,
                     self._packed(step, rid),
                 )
+                self._write_hit_positions(req)
         # Plans refer to the block lists as they were before this step's
         # allocations, so they run before new blocks are appended.
         for plan in step.evictions:
@@ -235,6 +237,25 @@ class KVCompressWorkerState:
         table.append_tokens([table.requests[rid] for rid in scheduled], list(scheduled.values()))
         self._report_pages = step.report_pages
         self.in_step = True
+
+    def _write_hit_positions(self, req: RequestPages) -> None:
+        """A request that starts with KVs in its blocks (prefix-cache hits)
+        holds them at the identity pages of its first blocks: give those
+        slots their positions.  The request that wrote the blocks may have
+        been one vLLM's writer served (never compressed), which writes no
+        position, and eviction protects the shared prefix by position."""
+        n = req.num_tokens
+        if n == 0:
+            return
+        num_blocks = min(cdiv(n, self.block_size), len(req.blocks))
+        if num_blocks == 0:
+            return
+        pages = self.table.block_page_ids(req.blocks[:num_blocks]).view(num_blocks, -1)
+        positions = self.pool.positions
+        first = torch.arange(num_blocks, device=positions.device) * self.block_size
+        slot = torch.arange(self.block_size, device=positions.device)
+        positions[pages.to(positions.device)] = (first.view(-1, 1, 1) + slot.view(1, 1, -1)).to(
+            positions.dtype).expand(num_blocks, pages.shape[1], self.block_size)
 
     def _packed(self, step: StepPlan, req_id: str) -> bool:
         """Kept in vLLM's in-page layout: compressible, the pool has vLLM's
@@ -398,9 +419,19 @@ class KVCompressWorkerState:
             b = min(a + step, num_rows)
             if not bool(evict_counts[a:b].any()):
                 continue
+            idx = evict_indices(order[a:b], pages[a:b], n)  # [rows, E] ascending, -1 padded
+            first = idx[:, 0]
+            bad = (first >= 0) & (first < plan.sink_tokens)
+            if bool(bad.any()):
+                row = a + int(torch.nonzero(bad)[0])
+                raise RuntimeError(
+                    f"request {plan.req_id}: head row {row} would evict its KV at logical index "
+                    f"{int(first[row - a])}, inside the {plan.sink_tokens} protected leading "
+                    "tokens (sinks or a prefix shared with other requests)"
+                )
             ops.compact_heads(
                 pool.kv_pages, pool.metrics, pool.positions, page_rows[a:b], counts[a:b],
-                evict_indices(order[a:b], pages[a:b], n), evict_counts[a:b],
+                idx, evict_counts[a:b],
                 packing=pool.packing.offsets if req.packed else None,
             )
         del order, costs
@@ -415,6 +446,7 @@ class KVCompressWorkerState:
             pool.copy_pages(src[a : a + step], dst[a : a + step])
         req.evicted_pages += plan.num_pages
         req.compressions += 1
+        self._check_prefix_intact(plan, req)
         in_use = table.pages_in_use(req)
         if in_use != plan.pages_after:
             raise RuntimeError(
@@ -427,6 +459,27 @@ class KVCompressWorkerState:
         stats.compactions += 1
         stats.pages_migrated += int(src.numel())
         stats.compaction_ms += 1000.0 * (time.perf_counter() - start)
+
+    def _check_prefix_intact(self, plan: EvictionPlan, req: RequestPages) -> None:
+        """The request's blocks wholly inside its protected leading tokens
+        (``plan.sink_tokens``: sinks, or a prefix shared with other requests
+        under prefix caching) still hold every head's KVs of those tokens at
+        their own pages: no compression writes into a block another request
+        may read."""
+        k = min(plan.sink_tokens // self.block_size, len(req.blocks))
+        if k == 0:
+            return
+        table = self.table
+        want = table.block_page_ids(req.blocks[:k]).permute(1, 2, 0)  # [L, H, k]
+        got = table.page_table[req.slot, :, :, :k]
+        if not torch.equal(got.to(torch.int64), want):
+            bad = torch.nonzero(got.to(torch.int64) != want)[0].tolist()
+            raise RuntimeError(
+                f"request {plan.req_id}: after compression, layer {bad[0]} head {bad[1]} "
+                f"holds page {int(got[tuple(bad)])} at logical page {bad[2]} of its "
+                f"{k} protected leading blocks, not its block's own page "
+                f"{int(want[tuple(bad)])}"
+            )
 
     # ------------------------------------------------------------------
     @staticmethod

@@ -66,6 +66,7 @@ class KVCompressCPUWorker(KVCompressWorkerMixin, CPUWorker):
                 "all compressible" if pool.metric_packed else "metric-free", isa,
                 ops.cpu_isa(), vllm_kernel_build(), "our" if pool.decode_ours else "vLLM's",
             )
+        check_prefix_caching_layout(self.vllm_config.cache_config.enable_prefix_caching, pool)
         logger.info(
             "KV-Compress: %d layers x %d KV heads x %d blocks = %d head-pages of %d "
             "tokens; keep rate %.3g, scorer %s",
@@ -76,4 +77,22 @@ class KVCompressCPUWorker(KVCompressWorkerMixin, CPUWorker):
             pool.kv_pages.shape[2],
             self.kvc_config.rate,
             self.kvc_config.scorer,
+        )
+
+
+def check_prefix_caching_layout(enable_prefix_caching: bool, pool) -> None:
+    """With prefix caching, a block one request wrote may be read by another,
+    so every request's pages must be in one layout: our plain one (no
+    packing: our prefill path for every request), or vLLM's, which requests
+    that record the metric keep only where our kernel reads it
+    (``HeadPool.metric_packed``).  Raises, naming the flag, otherwise."""
+    if enable_prefix_caching and pool.packing is not None and not pool.metric_packed:
+        raise RuntimeError(
+            "KV-Compress with --enable-prefix-caching needs every request's pages in "
+            "vLLM's layout, which our kernel does not read with the metric here "
+            f"(prefill path {prefill_path()}, vLLM's layout "
+            f"{'none' if pool.packing is None else pool.packing.isa}, our kernel's "
+            f"path {ops.cpu_isa()}): drop --enable-prefix-caching, or set "
+            "KVCOMPRESS_METRIC_PAGES=packed (all in vLLM's layout) or KVCOMPRESS_CPU_PREFILL=own "
+            "(all in ours)"
         )

@@ -1,0 +1,174 @@
+"""Prefix caching together with compression (``--enable-prefix-caching``,
+CPU engine, in-process core; ``debug_checks`` on).
+
+Requests that share a prompt prefix share its blocks; a compression keeps
+the blocks another request holds intact (their tokens protected like sinks)
+and takes its other blocks out of the prefix cache, so a later request with
+the same prefix hits blocks that still hold exactly its tokens.
+"""
+
+import pytest
+import torch
+
+from kvcompress_vllm import tasks
+
+pytestmark = pytest.mark.engine
+
+BLOCK = 128
+PREFIX_BLOCKS = 5
+
+
+@pytest.fixture(scope="module")
+def engine(engine_factory):
+    from conftest import skip_where_prefix_caching_is_refused
+
+    try:
+        return engine_factory(
+            enable_prefix_caching=True,
+            additional_config={"kv_compress": {"rate": 0.25, "debug_checks": True}},
+        )
+    except Exception as err:  # a CPU where requests would use two page layouts
+        skip_where_prefix_caching_is_refused(err)
+        raise
+
+
+def _prefix_pages(worker, blocks):
+    """The worker's head-pages (K/V and positions) of ``blocks``, all layers and heads."""
+    from kvcompress_vllm.worker.state import get_state
+
+    state = get_state()
+    pages = state.table.block_page_ids(blocks).view(-1)
+    return state.pool.kv_pages[pages].clone(), state.pool.positions[pages].clone()
+
+
+def test_shared_prefix_stays_cached_and_intact_through_compression(engine):
+    from vllm import SamplingParams
+
+    import random
+
+    tok = engine.tokenizer
+    prefix = tok.encode(tasks.prose(tok, PREFIX_BLOCKS * BLOCK + 40, random.Random(11)))
+    prefix = prefix[:PREFIX_BLOCKS * BLOCK]
+    # Tails that differ from their first token: the shared blocks are the prefix's.
+    prompts = {name: prefix + tok.encode(f" {name.upper()}: " + tasks.prose(tok, 200, random.Random(s)),
+                                         add_special_tokens=False)
+               for name, s in zip("abc", (21, 22, 23))}
+    assert len({p[PREFIX_BLOCKS * BLOCK] for p in prompts.values()}) == 3
+    sched = engine.scheduler
+    manager = sched.kvc_manager
+    keeps = []
+    apply = manager.apply_eviction
+
+    def apply_eviction(request_id, num_pages, num_tokens, keep_cached=0):
+        keeps.append((request_id, keep_cached))
+        return apply(request_id, num_pages, num_tokens, keep_cached=keep_cached)
+
+    manager.apply_eviction = apply_eviction
+    params = SamplingParams(temperature=0.0, max_tokens=160, ignore_eos=True)
+    free0 = engine.free_blocks()
+    try:
+        # a and b in one step (a's whole prompt fits the step's budget): b
+        # hits a's prefix blocks, cached when a's were allocated.
+        rid = {n: engine.engine.add_request(n, {"prompt_token_ids": prompts[n]}, params)
+               for n in "ab"}
+        engine.engine.step()
+        blocks = list(manager.req_to_blocks[rid["a"]][:PREFIX_BLOCKS])
+        assert manager.req_to_blocks[rid["b"]][:PREFIX_BLOCKS] == blocks
+        assert all(b.ref_cnt == 2 for b in blocks)
+        block_ids = [b.block_id for b in blocks]
+        ((kv, pos),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
+        outs = {}
+        for _ in range(400):  # both compressed, repeatedly, while decoding
+            for out in engine.engine.step():
+                if out.finished:
+                    outs[out.request_id] = out
+            if len(outs) == 2:
+                break
+        assert {r for r, _ in keeps} >= {rid["a"], rid["b"]}
+        assert all(k == PREFIX_BLOCKS for r, k in keeps if r in (rid["a"], rid["b"])), (keeps, rid)
+        for name in "ab":  # outputs carry the ids the requests were added with
+            out = outs[name]
+            assert len(out.outputs[0].token_ids) == 160
+            assert out.kv_transfer_params["kv_compress"]["compressions"] >= 2
+        assert outs["b"].num_cached_tokens == PREFIX_BLOCKS * BLOCK
+        # Both finished: the prefix blocks are still cached, with a's bytes.
+        assert all(b.block_hash is not None and b.ref_cnt == 0 for b in blocks)
+        # c, later, hits them and is compressed around them too.
+        rid["c"] = engine.engine.add_request("c", {"prompt_token_ids": prompts["c"]}, params)
+        out = engine.run_until_done()["c"]
+        assert out.num_cached_tokens == PREFIX_BLOCKS * BLOCK
+        assert (rid["c"], PREFIX_BLOCKS) in keeps
+        ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
+        assert kv_after.equal(kv) and pos_after.equal(pos)
+        assert engine.free_blocks() == free0  # nothing leaked; cached blocks are free
+    finally:
+        manager.apply_eviction = apply
+
+
+def test_prefix_written_by_vllms_writer_is_protected_for_a_hitter(engine):
+    """A never-compressed request (rate 1.0: vLLM's writer and kernel, no
+    positions written) computes the prefix; a compressed request hits it in
+    the same step and is compressed around it several times: the prefix
+    blocks keep their bytes, and hold the positions the hitter's eviction
+    protects by."""
+    import random
+
+    from vllm import SamplingParams
+
+    tok = engine.tokenizer
+    prefix = tok.encode(tasks.prose(tok, PREFIX_BLOCKS * BLOCK + 40, random.Random(31)))
+    prefix = prefix[:PREFIX_BLOCKS * BLOCK]
+    tails = [tok.encode(f" {c}: " + tasks.prose(tok, 200, random.Random(s)),
+                        add_special_tokens=False) for c, s in (("S", 41), ("Q", 42))]
+    manager = engine.scheduler.kvc_manager
+    keeps = []
+    apply = manager.apply_eviction
+
+    def apply_eviction(request_id, num_pages, num_tokens, keep_cached=0):
+        keeps.append((request_id, keep_cached))
+        return apply(request_id, num_pages, num_tokens, keep_cached=keep_cached)
+
+    manager.apply_eviction = apply_eviction
+    free0 = engine.free_blocks()
+    try:
+        stock = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                               extra_args={"kv_compress_rate": 1.0})
+        params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+        rid_s = engine.engine.add_request("s", {"prompt_token_ids": prefix + tails[0]}, stock)
+        rid_q = engine.engine.add_request("q", {"prompt_token_ids": prefix + tails[1]}, params)
+        engine.engine.step()
+        blocks = manager.req_to_blocks[rid_s][:PREFIX_BLOCKS]
+        assert manager.req_to_blocks[rid_q][:PREFIX_BLOCKS] == blocks
+        block_ids = [b.block_id for b in blocks]
+        ((kv, pos),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
+        want = torch.arange(PREFIX_BLOCKS * BLOCK).view(PREFIX_BLOCKS, 1, BLOCK)
+        assert pos.view(PREFIX_BLOCKS, -1, BLOCK).eq(want).all()  # written for the hitter
+        outs = engine.run_until_done()
+        assert outs["q"].num_cached_tokens == PREFIX_BLOCKS * BLOCK
+        assert outs["q"].kv_transfer_params["kv_compress"]["compressions"] >= 3
+        kept = [k for r, k in keeps if r == rid_q]
+        assert kept and set(kept) == {PREFIX_BLOCKS}
+        ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
+        assert kv_after.equal(kv) and pos_after.equal(pos)
+        assert engine.free_blocks() == free0
+    finally:
+        manager.apply_eviction = apply
+
+
+def test_layout_check_refuses_mixed_layouts():
+    """A worker whose metric-recording requests would use our plain layout
+    next to vLLM's for the others refuses prefix caching at start-up, naming
+    the flag; without prefix caching, or with one layout (all vLLM's, or all
+    ours), it starts."""
+    from types import SimpleNamespace
+
+    from kvcompress_vllm.worker.worker import check_prefix_caching_layout
+
+    vllms = SimpleNamespace(packing=SimpleNamespace(isa="vec"), metric_packed=True)
+    ours = SimpleNamespace(packing=None, metric_packed=False)
+    mixed = SimpleNamespace(packing=SimpleNamespace(isa="vec"), metric_packed=False)
+    for pool in (vllms, ours):
+        check_prefix_caching_layout(True, pool)
+    check_prefix_caching_layout(False, mixed)
+    with pytest.raises(RuntimeError, match="--enable-prefix-caching needs every request"):
+        check_prefix_caching_layout(True, mixed)
