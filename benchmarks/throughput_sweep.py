@@ -265,6 +265,10 @@ def run_engine(spec: dict) -> list[dict]:
     perf.send("enable")
     for job in spec["jobs"]:
         shape = Shape(**job["shape"])
+        if engine_kwargs.get("enable_prefix_caching"):
+            # Jobs of one engine run the same prompts: each may share only
+            # within itself, not hit what an earlier job left in the cache.
+            llm.reset_prefix_cache()
         rng = random.Random(job["seed"])
         prefix = [rng.randrange(100, 20000) for _ in range(shape.shared_prefix)]
         prompts = [
