@@ -54,16 +54,11 @@ def test_shared_prefix_stays_cached_and_intact_through_compression(engine):
                                          add_special_tokens=False)
                for name, s in zip("abc", (21, 22, 23))}
     assert len({p[PREFIX_BLOCKS * BLOCK] for p in prompts.values()}) == 3
-    sched = engine.scheduler
-    manager = sched.kvc_manager
-    keeps = []
-    apply = manager.apply_eviction
+    from block_watch import BlockWatch
 
-    def apply_eviction(request_id, num_pages, num_tokens, keep_cached=0):
-        keeps.append((request_id, keep_cached))
-        return apply(request_id, num_pages, num_tokens, keep_cached=keep_cached)
-
-    manager.apply_eviction = apply_eviction
+    manager = engine.scheduler.kvc_manager
+    watch = BlockWatch(engine.scheduler)
+    keeps = watch.keeps
     params = SamplingParams(temperature=0.0, max_tokens=160, ignore_eos=True)
     free0 = engine.free_blocks()
     try:
@@ -101,8 +96,9 @@ def test_shared_prefix_stays_cached_and_intact_through_compression(engine):
         ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
         assert kv_after.equal(kv) and pos_after.equal(pos)
         assert engine.free_blocks() == free0  # nothing leaked; cached blocks are free
+        assert not watch.stale()
     finally:
-        manager.apply_eviction = apply
+        watch.restore()
 
 
 def test_prefix_written_by_vllms_writer_is_protected_for_a_hitter(engine):
@@ -120,15 +116,11 @@ def test_prefix_written_by_vllms_writer_is_protected_for_a_hitter(engine):
     prefix = prefix[:PREFIX_BLOCKS * BLOCK]
     tails = [tok.encode(f" {c}: " + tasks.prose(tok, 200, random.Random(s)),
                         add_special_tokens=False) for c, s in (("S", 41), ("Q", 42))]
+    from block_watch import BlockWatch
+
     manager = engine.scheduler.kvc_manager
-    keeps = []
-    apply = manager.apply_eviction
-
-    def apply_eviction(request_id, num_pages, num_tokens, keep_cached=0):
-        keeps.append((request_id, keep_cached))
-        return apply(request_id, num_pages, num_tokens, keep_cached=keep_cached)
-
-    manager.apply_eviction = apply_eviction
+    watch = BlockWatch(engine.scheduler)
+    keeps = watch.keeps
     free0 = engine.free_blocks()
     try:
         stock = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
@@ -151,8 +143,9 @@ def test_prefix_written_by_vllms_writer_is_protected_for_a_hitter(engine):
         ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
         assert kv_after.equal(kv) and pos_after.equal(pos)
         assert engine.free_blocks() == free0
+        assert not watch.stale()
     finally:
-        manager.apply_eviction = apply
+        watch.restore()
 
 
 def test_layout_check_refuses_mixed_layouts():

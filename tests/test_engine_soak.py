@@ -67,6 +67,7 @@ def test_soak(model_path, budget, prefix_caching):
     share it) plus free blocks make up the pool."""
     from vllm import SamplingParams
 
+    from block_watch import BlockWatch
     from conftest import Engine, skip_where_prefix_caching_is_refused
 
     from kvcompress_vllm.model import kv_budget_bytes
@@ -99,30 +100,14 @@ def test_soak(model_path, budget, prefix_caching):
         pool = sched.kv_cache_manager.block_pool
         total_free = pool.get_num_free_blocks()
         bad_plans = []
-        original = manager.apply_eviction
-        # Blocks a compression may have changed, until the pool hands them out again.
-        dirty: set[int] = set()
-        kept_shared = [0]
-        get_new = pool.get_new_blocks
 
-        def get_new_blocks(num_blocks):
-            blocks = get_new(num_blocks)
-            dirty.difference_update(b.block_id for b in blocks)
-            return blocks
-
-        pool.get_new_blocks = get_new_blocks
-
-        def apply_eviction(request_id, num_pages, num_tokens, keep_cached=0):
+        def check_prefill_done(request_id, num_tokens):
             end = sched.kvc_requests[request_id].prefill_end
             if end is None or num_tokens < end:
                 bad_plans.append((request_id, num_tokens, end))
-            blocks = list(manager.req_to_blocks[request_id])
-            released = original(request_id, num_pages, num_tokens, keep_cached=keep_cached)
-            dirty.update(b.block_id for b in blocks[keep_cached:])
-            kept_shared[0] += keep_cached > 0
-            return released
 
-        manager.apply_eviction = apply_eviction
+        # Blocks a compression may have changed, until the pool hands them out again.
+        watch = BlockWatch(sched, before=check_prefill_done)
         added, finished, aborted = [], set(), set()
         last_prefix = [None]
         steps = 0
@@ -161,7 +146,7 @@ def test_soak(model_path, budget, prefix_caching):
             assert len(owned) + pool.get_num_free_blocks() == total_free, f"step {steps}"
             if not prefix_caching:  # else shared blocks are listed by several requests
                 assert sum(len(b) for b in manager.req_to_blocks.values()) == len(owned)
-            stale = [b.block_id for b in pool.blocks if b.block_hash is not None and b.block_id in dirty]
+            stale = watch.stale()
             assert not stale, f"step {steps}: cached blocks {stale[:8]} were changed"
             assert not bad_plans, bad_plans
             assert steps < 20_000, "soak did not finish"
@@ -170,13 +155,13 @@ def test_soak(model_path, budget, prefix_caching):
         assert not manager.evicted_pages and not sched.kvc_requests
         totals = sched.kvc_totals
         assert totals.compressions > 0
+        kept_shared = sum(keep > 0 for _, keep in watch.keeps)
         if prefix_caching:  # shared prefixes were hit and kept through compressions
-            stats = sched.kv_cache_manager.prefix_cache_stats
-            assert kept_shared[0] > 0, (stats, totals)
+            assert kept_shared > 0, totals
         print(
             f"\nsoak budget {budget}{' prefix caching' if prefix_caching else ''}: {num_requests} "
             f"requests ({len(aborted)} aborted), {steps} steps, "
-            f"{totals.compressions} compressions ({kept_shared[0]} keeping a shared prefix), "
+            f"{totals.compressions} compressions ({kept_shared} keeping a shared prefix), "
             f"{totals.preemptions} preemptions, "
             f"{totals.admission_steps} admission steps, {totals.blocks_released} blocks released"
         )

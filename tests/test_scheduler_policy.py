@@ -376,37 +376,6 @@ def add_tokens(sched, rid, tokens, hasher, max_tokens=50, **extra):
     sched.add_request(Request(rid, list(tokens), params, None, block_hasher=hasher))
 
 
-def _watch_blocks(sched):
-    """Track which blocks a compression may have changed (``dirty``): every
-    block of the request after its ``keep_cached`` leading ones, until the
-    pool hands the block out again.  Returns (dirty, keeps) where ``keeps``
-    logs (request, keep_cached, plan sink tokens) per compression."""
-    pool = sched.kv_cache_manager.block_pool
-    dirty: set[int] = set()
-    keeps: list[tuple[str, int]] = []
-    get_new = pool.get_new_blocks
-
-    def get_new_blocks(num_blocks):
-        blocks = get_new(num_blocks)
-        dirty.difference_update(b.block_id for b in blocks)
-        return blocks
-
-    pool.get_new_blocks = get_new_blocks
-    apply = sched.kvc_manager.apply_eviction
-
-    def apply_eviction(request_id, num_pages, num_tokens, keep_cached=0):
-        blocks = list(sched.kvc_manager.req_to_blocks[request_id])
-        # Blocks other requests hold are all among the kept ones.
-        assert all(b.ref_cnt == 1 for b in blocks[keep_cached:]), request_id
-        released = apply(request_id, num_pages, num_tokens, keep_cached=keep_cached)
-        dirty.update(b.block_id for b in blocks[keep_cached:])
-        keeps.append((request_id, keep_cached))
-        return released
-
-    sched.kvc_manager.apply_eviction = apply_eviction
-    return dirty, keeps
-
-
 def test_prefix_caching_keeps_shared_blocks_intact(vllm_config_pc):
     """Two requests share a 3-block prefix (the second hits the first's
     blocks while both run): each compression keeps those blocks and protects
@@ -415,9 +384,17 @@ def test_prefix_caching_keeps_shared_blocks_intact(vllm_config_pc):
     blocks are still cached and a third request hits them, and keeps its hits
     although it holds them alone.  A request sharing nothing takes all its
     blocks out of the cache when compressed."""
+    from block_watch import BlockWatch
+
     sched = make_scheduler(vllm_config_pc, budget=64)
     manager, pool = sched.kvc_manager, sched.kv_cache_manager.block_pool
-    dirty, keeps = _watch_blocks(sched)
+
+    def shared_kept(request_id, num_tokens):  # blocks others hold are all kept
+        keep = sched._shared_prefix(request_id, sched.kvc_requests[request_id].policy)[1]
+        assert all(b.ref_cnt == 1 for b in manager.req_to_blocks[request_id][keep:])
+
+    watch = BlockWatch(sched, before=shared_kept)
+    keeps = watch.keeps
     hasher = _hasher()
     prefix = list(range(1000, 1000 + 3 * BS))
     add_tokens(sched, "a", prefix + list(range(2000, 2040)), hasher, max_tokens=40)
@@ -439,8 +416,7 @@ def test_prefix_caching_keeps_shared_blocks_intact(vllm_config_pc):
             if blocks and manager.evicted_pages.get(rid):
                 assert blocks[:3] == shared  # kept, in place
                 assert all(b.block_hash is None for b in blocks[3:]), rid
-        for block in pool.blocks:  # nothing cached was changed by a compression
-            assert block.block_hash is None or block.block_id not in dirty, block
+        assert not watch.stale()  # nothing cached was changed by a compression
         if not sched.requests:
             break
     assert seen == {"a", "b"} and {k for _, k in keeps} == {3}
@@ -452,8 +428,7 @@ def test_prefix_caching_keeps_shared_blocks_intact(vllm_config_pc):
     assert manager.req_to_blocks["c"][:3] == shared and all(b.ref_cnt == 1 for b in shared)
     while sched.requests:
         run_step(sched)
-        for block in pool.blocks:
-            assert block.block_hash is None or block.block_id not in dirty, block
+        assert not watch.stale()
     assert ("c", 3) in keeps and {k for r, k in keeps if r == "c"} == {3}
     assert all(b.block_hash is not None for b in shared)
     # Alone, a request keeps nothing cached once compressed (sinks < a block),
@@ -465,8 +440,7 @@ def test_prefix_caching_keeps_shared_blocks_intact(vllm_config_pc):
     while sched.requests:
         assert all(b.block_hash is None for b in manager.req_to_blocks["d"])
         run_step(sched)
-        for block in pool.blocks:
-            assert block.block_hash is None or block.block_id not in dirty, block
+        assert not watch.stale()
     add_tokens(sched, "e", list(range(5000, 5100)), hasher, max_tokens=2)
     assert run_step(sched).scheduled_new_reqs[0].num_computed_tokens == 0
     # Lightly compressed (a page or two per compression): it holds as many
@@ -474,8 +448,7 @@ def test_prefix_caching_keeps_shared_blocks_intact(vllm_config_pc):
     add_tokens(sched, "f", list(range(6000, 6100)), hasher, max_tokens=300, kv_compress_rate=0.97)
     while sched.requests:
         run_step(sched)
-        for block in pool.blocks:
-            assert block.block_hash is None or block.block_id not in dirty, block
+        assert not watch.stale()
     assert keeps[-1][0] == "f"
 
 
