@@ -473,3 +473,21 @@ def test_shared_blocks_after_an_unshared_one_are_kept_too(vllm_config_pc):
     manager.hit_blocks["x"] = 0
     assert manager.shared_prefix_blocks("x") == 0
     del manager.req_to_blocks["x"], manager.hit_blocks["x"]
+
+
+def test_streaming_input_sessions_are_never_compressed(vllm_config):
+    """A resumable request (vLLM's streaming-input session) keeps its blocks
+    between turns and comes back as a new request holding them, so it is kept
+    uncompressed (vLLM's own layout), whatever rate it asked for."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    sched = make_scheduler(vllm_config, budget=64)
+    params = SamplingParams(max_tokens=40, ignore_eos=True, extra_args={"kv_compress_rate": 0.25})
+    sched.add_request(Request("s", list(range(100, 200)), params, None, resumable=True))
+    add(sched, "plain", 100, max_tokens=40, kv_compress_rate=0.25)
+    out = run_step(sched)
+    assert out.kv_compress.stock_layout == {"s"}
+    for _ in range(40):
+        run_step(sched)
+    assert [p[0] for p in sched.plans_log] and {p[0] for p in sched.plans_log} == {"plain"}

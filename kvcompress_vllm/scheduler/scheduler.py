@@ -165,6 +165,14 @@ class KVCompressScheduler(Scheduler):
                     rate=1.0,
                     max_cache_tokens=None,
                 )
+            if getattr(request, "resumable", False) and policy.compresses:
+                # A streaming-input session keeps its blocks between turns and
+                # comes back as a new request that holds them: its cache must
+                # still be laid out as it was computed, i.e. never compressed.
+                logger.warning(
+                    "request %s is a streaming-input session: KV-Compress keeps its cache "
+                    "uncompressed", request.request_id)
+                policy = dataclasses.replace(policy, rate=1.0, max_cache_tokens=None)
             state = RequestCompression(policy=policy)
             self.kvc_requests[request.request_id] = state
         return state
