@@ -277,22 +277,23 @@ def plan_packed(
             lead[i] = n if first is None else min(max(first[i], 0), n)
     mask = mask.to(torch.bool)
     num_tokens = starts[-1]
-    write_rows = None
-    if packed_tokens != num_tokens:  # [Tw] the packed requests' rows
+    every_row = packed_tokens == num_tokens  # the packed requests' rows are the step's
+    any_lead = any(lead)
+    if not every_row or any_lead:
         qsl = query_start_loc.long()
-        pr = torch.nonzero(mask).view(-1)
         q_len = qsl[1:] - qsl[:-1]
+    write_rows = None
+    if not every_row:  # [Tw] the packed requests' rows
+        pr = torch.nonzero(mask).view(-1)
         write_rows = segment_rows(qsl[:-1].index_select(0, pr), q_len.index_select(0, pr))
     vllm_rows = torch.tensor(lead, dtype=torch.int64)  # [R]
-    if not any(lead):  # every packed row is for our kernel: none for vLLM
+    if not any_lead:  # every packed row is for our kernel: none for vLLM
         return PackedHeads(
             mask=mask, vllm_rows=vllm_rows, write_rows=write_rows,
             rows=torch.zeros(0, dtype=torch.int64), q_index=None,
             qsl=torch.zeros(1, dtype=torch.int32),
             caches=(kv_pages[:, 0:1], kv_pages[:, 1:2]), seq_heads=heads, layers=[],
         )
-    qsl = query_start_loc.long()
-    q_len = qsl[1:] - qsl[:-1]
     pr = torch.nonzero(vllm_rows).view(-1)  # requests with rows for vLLM's kernel
     pq = vllm_rows.index_select(0, pr)  # [Rp] their leading rows
     if pr.numel() == num_reqs:  # every request (the usual decode step)

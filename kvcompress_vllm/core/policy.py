@@ -64,7 +64,7 @@ def target_kvs_per_head(policy: RequestPolicy, num_tokens: int, shared_prefix: i
     shared = max(0, min(shared_prefix, num_tokens - protected))
     target = policy.rate * (num_tokens - protected - shared) + protected + shared
     if policy.max_cache_tokens is not None:
-        floor = min(num_tokens, policy.protected_window + max(policy.sink_tokens, shared_prefix))
+        floor = min(num_tokens, policy.protected_window + shared_prefix_sinks(policy, shared_prefix))
         target = min(target, max(policy.max_cache_tokens, floor))
     return target
 

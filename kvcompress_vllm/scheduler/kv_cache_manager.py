@@ -131,15 +131,13 @@ class KVCompressManager(FullAttentionManager):
     def shared_prefix_blocks(self, request_id: str) -> int:
         """Leading blocks of the request a compression must leave intact: up
         to its last block another request holds too (a hit on this request's
-        blocks), and at least its own prefix-cache hits; 0 without prefix
-        caching.  Hits count even once no other request holds them, so a
+        blocks), and at least its own prefix-cache hits (0 without prefix
+        caching: no hits, no block held twice).  Hits count even once no other request holds them, so a
         prefix that was reused stays cached for the next request.  Shared
         blocks are usually a prefix (hashes chain), but not always: vLLM
         keeps duplicate blocks under one hash (a block recomputed because a
         hit stops a token short of the prompt), and a later request can hit
         one copy's predecessors and another copy's successor."""
-        if not self.enable_caching:
-            return 0
         blocks = self.req_to_blocks.get(request_id, ())
         shared = min(self.hit_blocks.get(request_id, 0), len(blocks))
         for i in range(len(blocks) - 1, shared - 1, -1):
@@ -165,8 +163,9 @@ class KVCompressManager(FullAttentionManager):
                 f"request {request_id}: evicting {num_pages} pages leaves {in_use} of "
                 f"{num_tokens} tokens' pages (already evicted {evicted - num_pages})"
             )
+        req_blocks = self.req_to_blocks[request_id]
         if self.enable_caching:
-            later = self.req_to_blocks[request_id][keep_cached:]
+            later = req_blocks[keep_cached:]
             shared = [b.block_id for b in later if b.ref_cnt > 1]
             if shared:
                 raise RuntimeError(
@@ -178,7 +177,6 @@ class KVCompressManager(FullAttentionManager):
             if cached:
                 self.block_pool.evict_blocks(cached)
         self.evicted_pages[request_id] = evicted
-        req_blocks = self.req_to_blocks[request_id]
         keep = geometry.blocks_needed(num_tokens, evicted)
         if keep > len(req_blocks):
             raise RuntimeError(

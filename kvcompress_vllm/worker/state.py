@@ -244,10 +244,7 @@ class KVCompressWorkerState:
         slots their positions.  The request that wrote the blocks may have
         been one vLLM's writer served (never compressed), which writes no
         position, and eviction protects the shared prefix by position."""
-        n = req.num_tokens
-        if n == 0:
-            return
-        num_blocks = min(cdiv(n, self.block_size), len(req.blocks))
+        num_blocks = min(cdiv(req.num_tokens, self.block_size), len(req.blocks))
         if num_blocks == 0:
             return
         pages = self.table.block_page_ids(req.blocks[:num_blocks]).view(num_blocks, -1)
