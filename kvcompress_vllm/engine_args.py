@@ -11,8 +11,9 @@ vLLM 0.32 has no hook for plugin engine arguments, so we wrap four
   (vLLM would silently drop it: it keeps dataclass fields only).
 * ``create_engine_config``: the one place that turns KV-Compress on -- it
   validates the config, rejects incompatible options, switches off prefix
-  caching unless it was asked for (on CPU) and plugs in the scheduler and
-  worker classes.  Without a
+  caching unless it was asked for (on CPU, where it then checks that every
+  request's pages share one layout) and plugs in the scheduler and worker
+  classes.  Without a
   ``kv_compress`` config (or with rate 1 and ``enabled`` unset) it does
   nothing, so vLLM runs exactly as without the plugin.
 """
@@ -135,6 +136,24 @@ def _check_model(vllm_config: Any) -> None:
         )
 
 
+def _check_prefix_caching_layouts(vllm_config: Any, logger) -> None:
+    """CPU, prefix caching asked for: a cached block is read by requests other
+    than its writer, so every request's pages must be in one layout.  Makes
+    the worker's layout decision in advance (``PageLayouts.decide``, its one
+    home) and refuses, naming the option, where requests would use two."""
+    from kvcompress_vllm.attention.cpu_prefill import PageLayouts
+
+    cache, model = vllm_config.cache_config, vllm_config.model_config
+    layouts = PageLayouts.decide(model.dtype, cache.block_size, model.get_head_size(),
+                                 cache.cache_dtype)
+    try:
+        layouts.check_prefix_caching(True)
+    except RuntimeError as e:
+        raise KVCompressConfigError("enable_prefix_caching", str(e)) from None
+    logger.info("KV-Compress with prefix caching: blocks other requests share are kept "
+                "intact; a request's other blocks leave the cache when it is first compressed")
+
+
 def _select_cuda_path(args: Any, logger) -> None:
     """CUDA: our attention backend in vLLM's ``CUSTOM`` slot (the GPU worker
     registers it) and vLLM's V1 model runner (the builder maps batch rows to
@@ -225,23 +244,25 @@ def _wrap_create_engine_config(cls: type) -> None:
                 f"the {current_platform.device_name} platform is not supported "
                 "(CPU and NVIDIA CUDA only)",
             )
-        if self.enable_prefix_caching and current_platform.is_cpu():
-            # Asked for (vLLM's default, None, is off here): kept.  The
-            # scheduler keeps shared prefix blocks intact; the worker checks
-            # that every request's pages are in one layout.
-            logger.info("KV-Compress with prefix caching: blocks other requests share "
-                        "are kept intact; a request's other blocks leave the cache when "
-                        "it is first compressed")
-        else:
+        # Prefix caching: kept where asked for on CPU (checked below, once the
+        # layouts are known); else off, vLLM's default (on) included.
+        if not (self.enable_prefix_caching and current_platform.is_cpu()):
             if self.enable_prefix_caching:
                 logger.warning("KV-Compress: prefix caching is turned off (not supported on "
                                "%s yet)", current_platform.device_name)
+            elif current_platform.is_cpu() and self.enable_prefix_caching is None:
+                logger.info("KV-Compress: prefix caching is off by default (vLLM's default is "
+                            "on): blocks other requests share stay uncompressed, so requests "
+                            "with a common prefix would compress less; --enable-prefix-caching "
+                            "turns it on")
             self.enable_prefix_caching = False
         self.async_scheduling = False
         self.scheduler_cls = SCHEDULER_CLS
         self.worker_cls = worker_cls
         vllm_config = original(self, *args, **kwargs)
         _check_model(vllm_config)
+        if vllm_config.cache_config.enable_prefix_caching:
+            _check_prefix_caching_layouts(vllm_config, logger)
         if worker_cls == GPU_WORKER_CLS:
             _check_cuda_config(vllm_config)
         logger.info(

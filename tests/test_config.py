@@ -188,13 +188,43 @@ def test_create_engine_config_enables_plugin(engine_args_mod, model_path):
     cfg = args.create_engine_config()
     assert cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS
     assert cfg.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
-    # vLLM's default would turn prefix caching on: off unless asked for...
+    # vLLM's default would turn prefix caching on: off unless asked for (it
+    # would keep blocks that requests share uncompressed).
     assert cfg.cache_config.enable_prefix_caching is False
-    # ... and kept where asked for (on CPU).
-    args = engine_args_mod.EngineArgs(
-        model=model_path, kv_compress_rate=0.3, enable_prefix_caching=True, max_model_len=2048
-    )
-    assert args.create_engine_config().cache_config.enable_prefix_caching is True
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["one-layout", "two-layouts"])
+def test_prefix_caching_asked_for_needs_one_layout(engine_args_mod, model_path, monkeypatch,
+                                                   single):
+    """``enable_prefix_caching=True`` is kept where every request's pages share
+    one layout -- the worker's own decision, made at configuration from the
+    cache's dtype, block size and head dim -- and refused, naming the option
+    and the settings that give one layout, where they would not; vLLM's
+    default and ``False`` leave it off without asking for the layouts."""
+    from types import SimpleNamespace
+
+    from kvcompress_vllm.attention.cpu_prefill import PageLayouts
+    from kvcompress_vllm.config import KVCompressConfigError
+
+    layouts = PageLayouts(SimpleNamespace(isa="vec"), metric_packed=single, decode_ours=True)
+    seen = []
+    monkeypatch.setattr(PageLayouts, "decide",
+                        classmethod(lambda cls, *a: seen.append(a) or layouts))
+
+    def config(**kw):
+        return engine_args_mod.EngineArgs(model=model_path, kv_compress_rate=0.3,
+                                          max_model_len=2048, **kw).create_engine_config()
+
+    for kw in ({}, {"enable_prefix_caching": False}):
+        assert config(**kw).cache_config.enable_prefix_caching is False
+    assert not seen
+    if single:
+        assert config(enable_prefix_caching=True).cache_config.enable_prefix_caching is True
+    else:
+        with pytest.raises(KVCompressConfigError,
+                           match="enable_prefix_caching: .*one layout.*METRIC_PAGES=packed"):
+            config(enable_prefix_caching=True)
+    assert seen[0][1:3] == (128, 64)  # the cache's block size and head dim
 
 
 def test_create_engine_config_passthrough_without_config(engine_args_mod, model_path):

@@ -149,19 +149,23 @@ def test_prefix_written_by_vllms_writer_is_protected_for_a_hitter(engine):
 
 
 def test_layout_check_refuses_mixed_layouts():
-    """A worker whose metric-recording requests would use our plain layout
-    next to vLLM's for the others refuses prefix caching at start-up, naming
-    the flag; without prefix caching, or with one layout (all vLLM's, or all
-    ours), it starts."""
+    """Layouts where metric-recording requests would use our plain layout next
+    to vLLM's for the others refuse prefix caching, naming the flag and the
+    settings that give one layout; without prefix caching, or with one layout
+    (all vLLM's, or all ours), they pass."""
     from types import SimpleNamespace
 
-    from kvcompress_vllm.worker.worker import check_prefix_caching_layout
+    from kvcompress_vllm.attention.cpu_prefill import PageLayouts
 
-    vllms = SimpleNamespace(packing=SimpleNamespace(isa="vec"), metric_packed=True)
-    ours = SimpleNamespace(packing=None, metric_packed=False)
-    mixed = SimpleNamespace(packing=SimpleNamespace(isa="vec"), metric_packed=False)
-    for pool in (vllms, ours):
-        check_prefix_caching_layout(True, pool)
-    check_prefix_caching_layout(False, mixed)
-    with pytest.raises(RuntimeError, match="--enable-prefix-caching needs every request"):
-        check_prefix_caching_layout(True, mixed)
+    vec = SimpleNamespace(isa="vec")
+    vllms = PageLayouts(packing=vec, metric_packed=True, decode_ours=True)
+    ours = PageLayouts(packing=None, metric_packed=False, decode_ours=False)
+    mixed = PageLayouts(packing=vec, metric_packed=False, decode_ours=False)
+    for layouts in (vllms, ours):
+        assert layouts.single and layouts.two_layouts() is None
+        layouts.check_prefix_caching(True)
+    assert not mixed.single
+    mixed.check_prefix_caching(False)
+    with pytest.raises(RuntimeError, match="--enable-prefix-caching needs every request") as e:
+        mixed.check_prefix_caching(True)
+    assert "vLLM's vec layout" in str(e.value) and "KVCOMPRESS_METRIC_PAGES=packed" in str(e.value)

@@ -48,9 +48,19 @@ from dataclasses import dataclass
 
 import torch
 from vllm.utils.math_utils import cdiv
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from kvcompress_vllm import ops
-from kvcompress_vllm.attention.cpu_packed import PackedHeads, attend_packed, write_packed
+from kvcompress_vllm.attention.cpu_packed import (
+    METRIC_PAGES,
+    METRIC_PAGES_ENV,
+    PackedHeads,
+    PagePacking,
+    attend_packed,
+    metric_pages_packed,
+    packed_decode_ours,
+    write_packed,
+)
 from kvcompress_vllm.attention.vllm_cpu import (
     StockKernel,
     offsets,
@@ -64,6 +74,9 @@ ENV = "KVCOMPRESS_CPU_PREFILL"
 PATHS = ("vllm", "own")
 #: Fewer stock rows than this: the gather of the request's KVs is not worth it.
 MIN_STOCK_ROWS = 16
+#: What puts every request in one layout (``PageLayouts.single``).
+ONE_LAYOUT_SETTINGS = ("set KVCOMPRESS_METRIC_PAGES=packed (all in vLLM's layout) or "
+                       "KVCOMPRESS_CPU_PREFILL=own (all in ours)")
 #: Block size of the scratch cache (vLLM's AMX kernel needs a multiple of 32).
 SCRATCH_BLOCK = 128
 
@@ -74,6 +87,54 @@ def prefill_path() -> str:
     if path not in PATHS:
         raise ValueError(f"{ENV}={path!r}: allowed values are {', '.join(PATHS)}")
     return path
+
+
+@dataclass(frozen=True)
+class PageLayouts:
+    """Which in-page layouts an engine's requests use on CPU: one home for
+    the worker (which installs them) and for ``create_engine_config``'s
+    prefix-caching default (which must know before the worker exists)."""
+
+    packing: PagePacking | None  # vLLM's layout, learned (None: every request in our plain rows)
+    metric_packed: bool  # requests that record the metric stay in vLLM's layout too
+    decode_ours: bool  # decode rows of metric-free packed requests on our kernel
+
+    @classmethod
+    def decide(cls, dtype: torch.dtype, block_size: int, head_dim: int,
+               cache_dtype: str) -> "PageLayouts":
+        """From the prefill path, the cache's dtype and shape and the CPU
+        (``metric_pages_packed``, ``packed_decode_ours``)."""
+        if prefill_path() != "vllm":
+            return cls(None, False, False)
+        isa = _get_attn_isa(dtype, block_size, head_dim, cache_dtype)
+        packing = PagePacking.learn(dtype, block_size, head_dim, isa)
+        return cls(packing, metric_pages_packed(packing), packed_decode_ours(packing))
+
+    @property
+    def single(self) -> bool:
+        """Every request's pages are in one layout -- what prefix caching needs,
+        since a cached block is read by requests other than its writer."""
+        return self.packing is None or self.metric_packed
+
+    def two_layouts(self) -> str | None:
+        """Why requests would use two layouts here (None: they use one)."""
+        if self.single:
+            return None
+        return (f"requests that record the metric would use our plain layout next to "
+                f"vLLM's {self.packing.isa} layout for the others (our kernel's path "
+                f"{ops.cpu_isa()}, {METRIC_PAGES_ENV}="
+                f"{os.environ.get(METRIC_PAGES_ENV, METRIC_PAGES[0])}); {ONE_LAYOUT_SETTINGS}")
+
+    def check_prefix_caching(self, enabled: bool) -> None:
+        """Raises, naming the flag and the ways out, if prefix caching is
+        ``enabled`` where requests would use two layouts."""
+        why = self.two_layouts() if enabled else None
+        if why:
+            raise RuntimeError(
+                "KV-Compress with --enable-prefix-caching needs every request's pages in "
+                f"one layout (a cached block is read by other requests), but {why}, or "
+                "drop --enable-prefix-caching"
+            )
 
 
 @dataclass

@@ -8,16 +8,10 @@ before the forward pass, stats back to the scheduler after it.
 
 from __future__ import annotations
 
-from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from kvcompress_vllm import ops
-from kvcompress_vllm.attention.cpu_packed import (
-    PagePacking,
-    metric_pages_packed,
-    packed_decode_ours,
-)
-from kvcompress_vllm.attention.cpu_prefill import prefill_path
+from kvcompress_vllm.attention.cpu_prefill import PageLayouts
 from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
 from kvcompress_vllm.log import get_logger
 from kvcompress_vllm.worker.common import KVCompressWorkerMixin, kv_budget_after_plugin
@@ -48,25 +42,28 @@ class KVCompressCPUWorker(KVCompressWorkerMixin, CPUWorker):
     def initialize_from_config(self, kv_cache_config) -> None:
         super().initialize_from_config(kv_cache_config)
         pool = self._install_state(kv_cache_config)
-        if prefill_path() == "vllm":
-            # Requests whose metric is never read stay in vLLM's in-page layout
-            # and are attended by vLLM's kernel (attention/cpu_packed.py).
-            _, _, block_size, head_dim = pool.kv_pages.shape
-            isa = _get_attn_isa(
-                pool.kv_pages.dtype, block_size, head_dim, self.vllm_config.cache_config.cache_dtype
-            )
-            pool.packing = PagePacking.learn(pool.kv_pages.dtype, block_size, head_dim, isa)
-            # So do requests that record the metric where our kernel reads it.
-            pool.metric_packed = metric_pages_packed(pool.packing)
-            # Their decode rows run on our kernel too where it reads it fast.
-            pool.decode_ours = packed_decode_ours(pool.packing)
+        _, _, block_size, head_dim = pool.kv_pages.shape
+        layouts = PageLayouts.decide(pool.kv_pages.dtype, block_size, head_dim,
+                                     self.vllm_config.cache_config.cache_dtype)
+        # Requests whose metric is never read stay in vLLM's in-page layout and
+        # are attended by vLLM's kernel (attention/cpu_packed.py); so do those
+        # that record the metric where our kernel reads it; the decode rows of
+        # the former run on our kernel where it reads the layout fast.
+        pool.packing = layouts.packing
+        pool.metric_packed = layouts.metric_packed
+        pool.decode_ours = layouts.decode_ours
+        if layouts.packing is not None:
             logger.info(
                 "KV-Compress: %s requests stay in vLLM's %s page layout (our kernel: %s "
                 "path, vLLM's: %s; decode rows of metric-free requests on %s kernel)",
-                "all compressible" if pool.metric_packed else "metric-free", isa,
-                ops.cpu_isa(), vllm_kernel_build(), "our" if pool.decode_ours else "vLLM's",
+                "all compressible" if pool.metric_packed else "metric-free",
+                layouts.packing.isa, ops.cpu_isa(), vllm_kernel_build(),
+                "our" if pool.decode_ours else "vLLM's",
             )
-        check_prefix_caching_layout(self.vllm_config.cache_config.enable_prefix_caching, pool)
+        # With prefix caching a block one request wrote may be read by another:
+        # every request must be in one layout (create_engine_config checked the
+        # same decision before the engine started).
+        layouts.check_prefix_caching(self.vllm_config.cache_config.enable_prefix_caching)
         logger.info(
             "KV-Compress: %d layers x %d KV heads x %d blocks = %d head-pages of %d "
             "tokens; keep rate %.3g, scorer %s",
@@ -77,22 +74,4 @@ class KVCompressCPUWorker(KVCompressWorkerMixin, CPUWorker):
             pool.kv_pages.shape[2],
             self.kvc_config.rate,
             self.kvc_config.scorer,
-        )
-
-
-def check_prefix_caching_layout(enable_prefix_caching: bool, pool) -> None:
-    """With prefix caching, a block one request wrote may be read by another,
-    so every request's pages must be in one layout: our plain one (no
-    packing: our prefill path for every request), or vLLM's, which requests
-    that record the metric keep only where our kernel reads it
-    (``HeadPool.metric_packed``).  Raises, naming the flag, otherwise."""
-    if enable_prefix_caching and pool.packing is not None and not pool.metric_packed:
-        raise RuntimeError(
-            "KV-Compress with --enable-prefix-caching needs every request's pages in "
-            "vLLM's layout, which our kernel does not read with the metric here "
-            f"(prefill path {prefill_path()}, vLLM's layout "
-            f"{'none' if pool.packing is None else pool.packing.isa}, our kernel's "
-            f"path {ops.cpu_isa()}): drop --enable-prefix-caching, or set "
-            "KVCOMPRESS_METRIC_PAGES=packed (all in vLLM's layout) or KVCOMPRESS_CPU_PREFILL=own "
-            "(all in ours)"
         )
