@@ -149,13 +149,17 @@ def _blocks(n, evicted):
     return -(-(LH * -(-n // BS) - evicted) // LH)
 
 
-def _grown_request(vllm_config, num_blocks, **config):
+def _grown_request(vllm_config, num_blocks, hasher=None, **config):
     """A scheduler whose one running request "a" (rate 0.25, interval 96)
     has decoded past its prompt compression until compressing it now would
-    free at least one block; returns (sched, gain in blocks, free - demand)."""
+    free at least one block; returns (sched, gain in blocks, free - demand).
+    ``hasher``: the block hasher (needed with prefix caching)."""
     sched = make_scheduler(vllm_config, num_blocks=num_blocks, budget=64,
                            compress_interval=96, **config)
-    add(sched, "a", 200, max_tokens=400)
+    if hasher is None:
+        add(sched, "a", 200, max_tokens=400)
+    else:
+        add_tokens(sched, "a", range(100, 300), hasher, max_tokens=400)
     while len(sched.plans_log) < 1:
         run_step(sched)
     last = sched.plans_log[-1][1]
@@ -491,3 +495,38 @@ def test_streaming_input_sessions_are_never_compressed(vllm_config):
     for _ in range(40):
         run_step(sched)
     assert [p[0] for p in sched.plans_log] and {p[0] for p in sched.plans_log} == {"plain"}
+
+
+@pytest.mark.parametrize("count_hits", [True, False], ids=["hits-counted", "hits-ignored"])
+def test_admission_counts_hits_on_blocks_running_requests_hold(vllm_config_pc, count_hits):
+    """Prefix caching: a waiting prompt whose first 3 blocks a running request
+    holds needs that many fewer free blocks, as in vLLM's own admission.  Sized
+    so that it fits only with its hits counted: then it is admitted with the
+    hits and nobody is compressed ahead of its interval; with the hits ignored
+    (the scheduler before this rule), "a" would be compressed to admit it."""
+    hasher = _hasher()
+    sched, _, _ = _grown_request(vllm_config_pc, 60, hasher)
+    if not count_hits:
+        sched._held_hits = lambda request: 0
+    prefix = list(range(1000, 1000 + 3 * BS))
+    add_tokens(sched, "p", prefix + list(range(2000, 2008)), hasher, max_tokens=400,
+               kv_compress_rate=1.0)
+    run_step(sched)  # "p" prefilled: it holds the 3 prefix blocks, cached
+    assert [r.request_id for r in sched.running] == ["a", "p"]
+    n = sched.requests["a"].num_computed_tokens
+    evicted = sched.kvc_manager.evicted_pages["a"]
+    gain = _blocks(n + 1, evicted) - _blocks(
+        n + 1, evicted + evict_now(n, evicted, LH, BS, 0.25, PROTECTED, SINKS))
+    assert 1 <= gain <= 3
+    spare = sched.kv_cache_manager.block_pool.get_num_free_blocks() - sched._next_step_demand()
+    add_tokens(sched, "b", prefix + list(range(3000, 3000 + BS * (spare + gain - 3))), hasher,
+               max_tokens=4, kv_compress_rate=1.0)
+    out = run_step(sched)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b"]
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 3 * BS  # the hits
+    if count_hits:
+        assert out.kv_compress.evictions == []
+        assert sched.kvc_metrics.compressions["admission"] == 0
+    else:
+        assert [(p.req_id, p.num_tokens) for p in out.kv_compress.evictions] == [("a", n)]
+        assert sched.kvc_metrics.compressions["admission"] == 1

@@ -213,8 +213,8 @@ class KVCompressScheduler(Scheduler):
         waits, it fits, no more requests may run, or the running requests
         leave it no tokens of this step's budget.  Mirrors vLLM's admission:
         the whole uncompressed sequence must fit (``scheduler_reserve_full_isl``;
-        otherwise the chunk the budget leaves), plus the watermark once
-        anything runs.  Running prefills are counted at their whole remaining
+        otherwise the chunk the budget leaves), less its prefix-cache hits on
+        blocks running requests hold, plus the watermark once anything runs.  Running prefills are counted at their whole remaining
         chunk, so the budget left is never overestimated."""
         if not self.waiting or len(self.running) >= self.max_num_active_reqs:
             return 0
@@ -234,7 +234,20 @@ class KVCompressScheduler(Scheduler):
                 request.num_tokens - request.num_computed_tokens, left
             )
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
-        return max(0, self.geometry.blocks_needed(tokens, 0) + watermark + demand - free)
+        needed = self.geometry.blocks_needed(tokens, 0) - self._held_hits(request)
+        return max(0, needed + watermark + demand - free)
+
+    def _held_hits(self, request: Request) -> int:
+        """Blocks of the waiting ``request``'s prefix-cache hit that running
+        requests hold: vLLM admits it without allocating them (a hit on a
+        free cached block still takes one of the free blocks).  The lookup
+        is vLLM's own, without its statistics."""
+        manager = self.kv_cache_manager
+        if not manager.prefix_cache_lookup_enabled(request):
+            return 0
+        hit, _, _ = manager.coordinator.find_longest_cache_hit(
+            request.block_hashes, request.num_tokens - 1)
+        return sum(1 for block in hit[0] if block.ref_cnt > 0)
 
     def _admission_compressions(self, shortfall: int) -> set[str]:
         """Running requests to compress ahead of their interval so that
