@@ -144,11 +144,11 @@ def _check_prefix_caching_layouts(vllm_config: Any, logger) -> None:
     from kvcompress_vllm.attention.cpu_prefill import PageLayouts
 
     cache, model = vllm_config.cache_config, vllm_config.model_config
-    layouts = PageLayouts.decide(model.dtype, cache.block_size, model.get_head_size(),
-                                 cache.cache_dtype)
     try:
+        layouts = PageLayouts.decide(model.dtype, cache.block_size, model.get_head_size(),
+                                     cache.cache_dtype)
         layouts.check_prefix_caching(True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # two layouts, or a layout setting refused
         raise KVCompressConfigError("enable_prefix_caching", str(e)) from None
     logger.info("KV-Compress with prefix caching: blocks other requests share are kept "
                 "intact; a request's other blocks leave the cache when it is first compressed")

@@ -91,8 +91,8 @@ class Engine:
 
 
 def skip_where_prefix_caching_is_refused(err: BaseException) -> None:
-    """Skip the test if ``err`` is the worker refusing prefix caching on a CPU
-    where requests would use two page layouts (``worker.check_prefix_caching_layout``)."""
+    """Skip the test if ``err`` is the engine refusing prefix caching on a CPU
+    where requests would use two page layouts (``PageLayouts.check_prefix_caching``)."""
     import traceback
 
     text = "".join(traceback.format_exception(err))

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from kvcompress_vllm.config import (
     KVCompressConfig,
@@ -224,7 +225,7 @@ def test_prefix_caching_asked_for_needs_one_layout(engine_args_mod, model_path, 
         with pytest.raises(KVCompressConfigError,
                            match="enable_prefix_caching: .*one layout.*METRIC_PAGES=packed"):
             config(enable_prefix_caching=True)
-    assert seen[0][1:3] == (128, 64)  # the cache's block size and head dim
+    assert seen[0] == (torch.bfloat16, 128, 64, "auto")  # the cache's dtype, shape, cache dtype
 
 
 def test_create_engine_config_passthrough_without_config(engine_args_mod, model_path):

@@ -358,7 +358,11 @@ def vllm_config_pc(model_path):
             "rate": 0.25, "protected_window": PROTECTED, "sink_tokens": SINKS,
             "compress_to_admit": True}},
     )
-    cfg = args.create_engine_config()
+    # No worker here: every request in our layout, so prefix caching is
+    # accepted on any CPU (the layout check is test_config's).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVCOMPRESS_CPU_PREFILL", "own")
+        cfg = args.create_engine_config()
     assert cfg.cache_config.enable_prefix_caching
     return cfg
 
@@ -507,7 +511,7 @@ def test_admission_counts_hits_on_blocks_running_requests_hold(vllm_config_pc, c
     hasher = _hasher()
     sched, _, _ = _grown_request(vllm_config_pc, 60, hasher)
     if not count_hits:
-        sched._held_hits = lambda request: 0
+        sched._awaited_hit = lambda: []
     prefix = list(range(1000, 1000 + 3 * BS))
     add_tokens(sched, "p", prefix + list(range(2000, 2008)), hasher, max_tokens=400,
                kv_compress_rate=1.0)
@@ -530,3 +534,45 @@ def test_admission_counts_hits_on_blocks_running_requests_hold(vllm_config_pc, c
     else:
         assert [(p.req_id, p.num_tokens) for p in out.kv_compress.evictions] == [("a", n)]
         assert sched.kvc_metrics.compressions["admission"] == 1
+
+
+@pytest.mark.parametrize("look_ahead", [True, False], ids=["awaited-kept", "awaited-ignored"])
+def test_compression_keeps_the_blocks_the_next_waiting_request_hits(vllm_config_pc, look_ahead):
+    """"p" alone holds a 3-block prefix and is compressed in the step after its
+    prefill; "b", waiting with the same prefix, is admitted in that step.  The
+    compression keeps (and leaves cached) the blocks "b" hits -- protected
+    like sinks -- so "b" is admitted with the hit and shares them.  Without
+    looking at the waiting request (the scheduler before this rule), the
+    compression takes them out of the cache and "b" recomputes the prefix."""
+    from block_watch import BlockWatch
+
+    sched = make_scheduler(vllm_config_pc, budget=64)
+    if not look_ahead:
+        sched._awaited_hit = lambda: []
+    watch = BlockWatch(sched)
+    hasher = _hasher()
+    prefix = list(range(1000, 1000 + 3 * BS))
+    add_tokens(sched, "p", prefix + list(range(2000, 2048)), hasher, max_tokens=40)
+    run_step(sched)
+    run_step(sched)  # p prefilled (96 tokens in two chunks); its 3 prefix blocks cached
+    assert sched.requests["p"].num_computed_tokens == 96 and not sched.kvc_manager.evicted_pages
+    add_tokens(sched, "b", prefix + list(range(3000, 3008)), hasher, max_tokens=40)
+    out = run_step(sched)
+    (plan,) = out.kv_compress.evictions
+    assert plan.req_id == "p"
+    (new,) = out.scheduled_new_reqs
+    assert new.req_id == "b"
+    shared = sched.kvc_manager.req_to_blocks["p"][:3]
+    if look_ahead:
+        assert watch.keeps == [("p", 3)] and plan.sink_tokens == 3 * BS
+        assert new.num_computed_tokens == 3 * BS
+        assert sched.kvc_manager.req_to_blocks["b"][:3] == shared
+        assert all(b.ref_cnt == 2 and b.block_hash is not None for b in shared)
+    else:
+        assert watch.keeps == [("p", 0)]
+        assert new.num_computed_tokens == 0
+    assert not watch.stale()
+    while sched.requests:
+        run_step(sched)
+        assert not watch.stale()
+    watch.restore()

@@ -128,12 +128,15 @@ class KVCompressManager(FullAttentionManager):
         super().add_local_computed_blocks(request_id, new_computed_blocks, *args, **kwargs)
         self.hit_blocks[request_id] = len(new_computed_blocks)
 
-    def shared_prefix_blocks(self, request_id: str) -> int:
+    def shared_prefix_blocks(self, request_id: str,
+                             awaited: frozenset[int] = frozenset()) -> int:
         """Leading blocks of the request a compression must leave intact: up
         to its last block another request holds too (a hit on this request's
-        blocks), and at least its own prefix-cache hits (0 without prefix
-        caching: no hits, no block held twice).  Hits count even once no other request holds them, so a
-        prefix that was reused stays cached for the next request.  Shared
+        blocks) or is about to hit (``awaited``: block ids of the next
+        waiting request's hit), and at least its own prefix-cache hits (0
+        without prefix caching: no hits, no block held twice).  Hits count
+        even once no other request holds them, so a prefix that was reused
+        stays cached for the next request.  Shared
         blocks are usually a prefix (hashes chain), but not always: vLLM
         keeps duplicate blocks under one hash (a block recomputed because a
         hit stops a token short of the prompt), and a later request can hit
@@ -141,7 +144,7 @@ class KVCompressManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id, ())
         shared = min(self.hit_blocks.get(request_id, 0), len(blocks))
         for i in range(len(blocks) - 1, shared - 1, -1):
-            if blocks[i].ref_cnt > 1:
+            if blocks[i].ref_cnt > 1 or blocks[i].block_id in awaited:
                 return i + 1
         return shared
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
@@ -177,17 +178,35 @@ class KVCompressScheduler(Scheduler):
             self.kvc_requests[request.request_id] = state
         return state
 
-    def _shared_prefix(self, request_id: str, policy: RequestPolicy) -> tuple[int, int]:
+    def _shared_prefix(self, request_id: str, policy: RequestPolicy,
+                       awaited: frozenset[int] = frozenset()) -> tuple[int, int]:
         """(tokens, blocks) of the request's leading blocks a compression
         must leave intact: with prefix caching, its hits and blocks up to the
-        last one other requests hold too (``KVCompressManager.shared_prefix_blocks``),
+        last one other requests hold too or the next waiting request hits
+        (``awaited``, block ids; ``KVCompressManager.shared_prefix_blocks``),
         and those wholly inside its sinks, all of which stay cached; (0, 0)
         without."""
         if not self.kvc_manager.enable_caching:
             return 0, 0
-        blocks = max(self.kvc_manager.shared_prefix_blocks(request_id),
+        blocks = max(self.kvc_manager.shared_prefix_blocks(request_id, awaited),
                      policy.sink_tokens // self.geometry.block_size)
         return blocks * self.geometry.block_size, blocks
+
+    def _awaited_hit(self) -> list[KVCacheBlock]:
+        """The prefix-cache hit (leading cached blocks) of the waiting request
+        vLLM admits next, by vLLM's own lookup without its statistics; []
+        without prefix caching or a waiting request.  This step's
+        compressions keep these blocks (``_shared_prefix``), so the hit is
+        still there when vLLM admits the request."""
+        if not self.waiting:
+            return []
+        request = self.waiting.peek_request()
+        manager = self.kv_cache_manager
+        if not manager.prefix_cache_lookup_enabled(request):
+            return []
+        hit, _, _ = manager.coordinator.find_longest_cache_hit(
+            request.block_hashes, request.num_tokens - 1)
+        return hit[0]
 
     def _next_tokens(self, request: Request) -> int:
         """Tokens a running request computes in its next step, at most: the
@@ -207,49 +226,38 @@ class KVCompressScheduler(Scheduler):
             demand += max(0, need - len(self.kvc_manager.req_to_blocks.get(rid, ())))
         return demand
 
-    def _admission_shortfall(self, free: int, demand: int) -> int:
+    def _admission_shortfall(self, free: int, demand: int, hit: list[KVCacheBlock]) -> int:
         """Blocks the next waiting request lacks to be admitted in this step,
         after the running requests' next tokens (``demand``); 0 when none
         waits, it fits, no more requests may run, or the running requests
         leave it no tokens of this step's budget.  Mirrors vLLM's admission:
         the whole uncompressed sequence must fit (``scheduler_reserve_full_isl``;
-        otherwise the chunk the budget leaves), less its prefix-cache hits on
-        blocks running requests hold, plus the watermark once anything runs.  Running prefills are counted at their whole remaining
-        chunk, so the budget left is never overestimated."""
+        otherwise the chunk the budget leaves after its prefix-cache ``hit``),
+        less the hit blocks running requests hold (a hit on a free cached
+        block still takes a free block), plus the watermark once anything
+        runs.  Running prefills are counted at their whole remaining chunk,
+        so the budget left is never overestimated."""
         if not self.waiting or len(self.running) >= self.max_num_active_reqs:
             return 0
         left = self.max_num_scheduled_tokens
         for request in self.running:
             left -= min(self._next_tokens(request), left)
         request = self.waiting.peek_request()
+        computed = max(request.num_computed_tokens, len(hit) * self.geometry.block_size)
         if left <= 0 or (
             not self.scheduler_config.enable_chunked_prefill
-            and request.num_tokens - request.num_computed_tokens > left
+            and request.num_tokens - computed > left
         ):
             return 0
         if self.scheduler_reserve_full_isl:
             tokens = min(request.num_tokens, self.max_model_len)
         else:
-            tokens = request.num_computed_tokens + min(
-                request.num_tokens - request.num_computed_tokens, left
-            )
+            tokens = computed + min(request.num_tokens - computed, left)
+        held = sum(1 for block in hit if block.ref_cnt > 0)
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
-        needed = self.geometry.blocks_needed(tokens, 0) - self._held_hits(request)
-        return max(0, needed + watermark + demand - free)
+        return max(0, self.geometry.blocks_needed(tokens, 0) - held + watermark + demand - free)
 
-    def _held_hits(self, request: Request) -> int:
-        """Blocks of the waiting ``request``'s prefix-cache hit that running
-        requests hold: vLLM admits it without allocating them (a hit on a
-        free cached block still takes one of the free blocks).  The lookup
-        is vLLM's own, without its statistics."""
-        manager = self.kv_cache_manager
-        if not manager.prefix_cache_lookup_enabled(request):
-            return 0
-        hit, _, _ = manager.coordinator.find_longest_cache_hit(
-            request.block_hashes, request.num_tokens - 1)
-        return sum(1 for block in hit[0] if block.ref_cnt > 0)
-
-    def _admission_compressions(self, shortfall: int) -> set[str]:
+    def _admission_compressions(self, shortfall: int, awaited: frozenset[int]) -> set[str]:
         """Running requests to compress ahead of their interval so that
         ``shortfall`` more blocks are free: what the compressions due in this
         step anyway free counts first, then the largest block gains (the
@@ -278,7 +286,7 @@ class KVCompressScheduler(Scheduler):
                 continue  # not scorable yet
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
-            shared, _ = self._shared_prefix(rid, state.policy)
+            shared, _ = self._shared_prefix(rid, state.policy, awaited)
             pages = pages_to_evict(self.geometry, state.policy, n, evicted, shared)
             upto = n + self._next_tokens(request)
             gain = self.geometry.blocks_needed(upto, evicted) - self.geometry.blocks_needed(
@@ -303,11 +311,14 @@ class KVCompressScheduler(Scheduler):
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         demand = self._next_step_demand()
         pressure = free < demand
+        hit = self._awaited_hit()
+        awaited = frozenset(block.block_id for block in hit)
         admit: set[str] = set()
         if pressure:
             self.kvc_totals.pressure_steps += 1
         elif self.kvc_config.compress_to_admit:
-            admit = self._admission_compressions(self._admission_shortfall(free, demand))
+            admit = self._admission_compressions(
+                self._admission_shortfall(free, demand, hit), awaited)
             self.kvc_totals.admission_steps += bool(admit)
         plans: list[EvictionPlan] = []
         for request in self.running:
@@ -339,7 +350,7 @@ class KVCompressScheduler(Scheduler):
             state.tokens_at_last_check = n
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
-            shared, shared_blocks = self._shared_prefix(rid, policy)
+            shared, shared_blocks = self._shared_prefix(rid, policy, awaited)
             num_pages = pages_to_evict(self.geometry, policy, n, evicted, shared)
             if num_pages == 0:
                 continue

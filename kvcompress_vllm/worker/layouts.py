@@ -27,8 +27,9 @@ contiguous ``N * 2D`` run, which we read as ``[2, N, D]``: the head-page.
   two layouts, that of the requests that own it: vLLM's for never-compressed
   requests and for compressed ones kept in it (``RequestPages.packed``), our
   plain rows for the others.  With prefix caching a block can be read by
-  several requests, so the worker then requires every request in one layout
-  (``worker.check_prefix_caching_layout``; see docs/design.md).
+  several requests, so every request must then be in one layout
+  (``attention.cpu_prefill.PageLayouts.check_prefix_caching``, run by
+  ``create_engine_config`` and by the worker; see docs/design.md).
 * **CUDA**: our backend (``attention/cuda_backend.py``) declares
   ``supported_kv_cache_layouts() == (LBHNC,)``, so vLLM allocates exactly the
   same shape; the Triton kernels take ``kv_pages`` and its strides.
