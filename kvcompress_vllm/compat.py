@@ -62,11 +62,12 @@ RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
      ("self", "spec_decoding_stats", "kv_connector_stats")),
     ("vllm.v1.core.sched.scheduler", "Scheduler._free_request", ("self", "request", "delay_free_blocks")),
     ("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request", ("self", "request", "timestamp")),
-    # Admission counts a waiting request's hits on blocks running requests hold.
+    # The next waiting request's prefix-cache hit (kept; admission counts it).
     ("vllm.v1.core.kv_cache_manager", "KVCacheManager.prefix_cache_lookup_enabled",
      ("self", "request")),
     ("vllm.v1.core.kv_cache_coordinator", "UnitaryKVCacheCoordinator.find_longest_cache_hit",
      ("self", "block_hashes", "max_cache_hit_length")),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._is_blocked_waiting_status", ("status",)),
     ("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry.register",
      ("kvcache_spec_cls", "manager_class", "uniform_type_base_spec")),
     ("vllm.v1.worker.gpu_worker", "Worker.execute_model", ("self", "scheduler_output")),

@@ -525,6 +525,20 @@ def test_admission_counts_hits_on_blocks_running_requests_hold(vllm_config_pc, c
     spare = sched.kv_cache_manager.block_pool.get_num_free_blocks() - sched._next_step_demand()
     add_tokens(sched, "b", prefix + list(range(3000, 3000 + BS * (spare + gain - 3))), hasher,
                max_tokens=4, kv_compress_rate=1.0)
+    if count_hits:
+        # The shortfall vLLM's rule gives: whole prompt (or, for chunked
+        # admission, the hit plus the chunk the budget leaves) less held hits.
+        hit = sched._awaited_hit()
+        assert hit == sched.kvc_manager.req_to_blocks["p"][:3]
+        free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+        demand = sched._next_step_demand()
+        fixed = sched.kv_cache_manager.watermark_blocks + demand - free
+        size, left = BS * (spare + gain), 64 - 2  # "a" and "p" decode one token each
+        assert sched._admission_shortfall(free, demand, hit) == max(0, -(-size // BS) - 3 + fixed)
+        sched.scheduler_reserve_full_isl = False
+        chunk = 3 * BS + min(size - 3 * BS, left)
+        assert sched._admission_shortfall(free, demand, hit) == max(0, -(-chunk // BS) - 3 + fixed)
+        sched.scheduler_reserve_full_isl = True
     out = run_step(sched)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["b"]
     assert out.scheduled_new_reqs[0].num_computed_tokens == 3 * BS  # the hits
@@ -575,4 +589,57 @@ def test_compression_keeps_the_blocks_the_next_waiting_request_hits(vllm_config_
     while sched.requests:
         run_step(sched)
         assert not watch.stale()
+    watch.restore()
+
+
+def test_admission_counts_hits_on_free_cached_blocks_as_needed(vllm_config_pc):
+    """A hit on blocks nobody holds any more (cached, free) takes free blocks,
+    as in vLLM's admission: sized like the test above, the waiting prompt now
+    lacks "a"'s gain, so "a" is compressed ahead of its interval and the
+    prompt is admitted with its hit."""
+    hasher = _hasher()
+    sched, _, _ = _grown_request(vllm_config_pc, 60, hasher)
+    prefix = list(range(1000, 1000 + 3 * BS))
+    add_tokens(sched, "p", prefix + list(range(2000, 2008)), hasher, max_tokens=1,
+               kv_compress_rate=1.0)
+    run_step(sched)  # "p" prefilled and finished: its blocks free, the prefix still cached
+    assert "p" not in sched.requests and [r.request_id for r in sched.running] == ["a"]
+    n = sched.requests["a"].num_computed_tokens
+    evicted = sched.kvc_manager.evicted_pages["a"]
+    gain = _blocks(n + 1, evicted) - _blocks(
+        n + 1, evicted + evict_now(n, evicted, LH, BS, 0.25, PROTECTED, SINKS))
+    assert 1 <= gain <= 3
+    spare = sched.kv_cache_manager.block_pool.get_num_free_blocks() - sched._next_step_demand()
+    add_tokens(sched, "b", prefix + list(range(3000, 3000 + BS * (spare + gain - 3))), hasher,
+               max_tokens=4, kv_compress_rate=1.0)
+    hit = sched._awaited_hit()
+    assert len(hit) == 3 and all(b.ref_cnt == 0 for b in hit)
+    out = run_step(sched)
+    assert [(p.req_id, p.num_tokens) for p in out.kv_compress.evictions] == [("a", n)]
+    assert sched.kvc_metrics.compressions["admission"] == 1
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["b"]
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 3 * BS
+
+
+def test_under_pressure_the_waiting_requests_hit_is_not_kept(vllm_config_pc):
+    """Under memory pressure vLLM admits nobody in the step (it preempts
+    first), so a compression then keeps no block for the waiting request's
+    hit: "p", alone on a full pool and needing a block for its next token,
+    frees all it can although "b" waits with a hit on its prefix."""
+    from block_watch import BlockWatch
+
+    sched = make_scheduler(vllm_config_pc, num_blocks=7, budget=64)  # 6 usable (+ the null block)
+    watch = BlockWatch(sched)
+    hasher = _hasher()
+    prefix = list(range(1000, 1000 + 3 * BS))
+    add_tokens(sched, "p", prefix + list(range(2000, 2048)), hasher, max_tokens=40)
+    run_step(sched)
+    run_step(sched)  # p prefilled: 96 tokens in all 6 blocks
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 0
+    assert sched._next_step_demand() == 1  # its next token needs a seventh block
+    add_tokens(sched, "b", prefix + list(range(3000, 3008)), hasher, max_tokens=4)
+    assert len(sched._awaited_hit()) == 3
+    run_step(sched)
+    assert watch.keeps == [("p", 0)] and sched.kvc_totals.pressure_steps == 1
+    assert not watch.stale()
     watch.restore()

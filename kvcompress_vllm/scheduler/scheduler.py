@@ -23,6 +23,7 @@ Per step (``schedule``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +104,8 @@ class KVCompressScheduler(Scheduler):
         # vLLM scheduler state read by the eviction planning (checked here so
         # that a vLLM without it fails at start-up, not in the first step).
         missing = [a for a in ("running", "max_num_active_reqs", "max_model_len",
-                               "max_num_scheduled_tokens", "scheduler_reserve_full_isl")
+                               "max_num_scheduled_tokens", "scheduler_reserve_full_isl",
+                               "kv_holding_waiting")
                    if not hasattr(self, a)]
         for owner, attr in (("kv_cache_manager", "watermark_blocks"),
                             ("scheduler_config", "enable_chunked_prefill")):
@@ -192,17 +194,26 @@ class KVCompressScheduler(Scheduler):
                      policy.sink_tokens // self.geometry.block_size)
         return blocks * self.geometry.block_size, blocks
 
-    def _awaited_hit(self) -> list[KVCacheBlock]:
-        """The prefix-cache hit (leading cached blocks) of the waiting request
-        vLLM admits next, by vLLM's own lookup without its statistics; []
-        without prefix caching or a waiting request.  This step's
-        compressions keep these blocks (``_shared_prefix``), so the hit is
-        still there when vLLM admits the request."""
-        if not self.waiting:
-            return []
+    def _next_admitted(self) -> Request | None:
+        """The waiting request vLLM tries to admit next, where that is the
+        head of ``waiting``: None when no request waits, no more may run,
+        requests that hold blocks (``kv_holding_waiting``) go first, or the
+        head waits for something else (grammar, remote KVs, streamed input)."""
+        if (not self.waiting or self.kv_holding_waiting
+                or len(self.running) >= self.max_num_active_reqs):
+            return None
         request = self.waiting.peek_request()
+        return None if self._is_blocked_waiting_status(request.status) else request
+
+    def _awaited_hit(self) -> list[KVCacheBlock]:
+        """The prefix-cache hit (leading cached blocks) of the request vLLM
+        admits next (``_next_admitted``), by vLLM's own lookup without its
+        statistics; [] without prefix caching or such a request.  This
+        step's compressions keep these blocks (``_shared_prefix``), so the hit
+        is still there when vLLM admits the request."""
+        request = self._next_admitted()
         manager = self.kv_cache_manager
-        if not manager.prefix_cache_lookup_enabled(request):
+        if request is None or not manager.prefix_cache_lookup_enabled(request):
             return []
         hit, _, _ = manager.coordinator.find_longest_cache_hit(
             request.block_hashes, request.num_tokens - 1)
@@ -237,12 +248,12 @@ class KVCompressScheduler(Scheduler):
         block still takes a free block), plus the watermark once anything
         runs.  Running prefills are counted at their whole remaining chunk,
         so the budget left is never overestimated."""
-        if not self.waiting or len(self.running) >= self.max_num_active_reqs:
+        request = self._next_admitted()
+        if request is None:
             return 0
         left = self.max_num_scheduled_tokens
-        for request in self.running:
-            left -= min(self._next_tokens(request), left)
-        request = self.waiting.peek_request()
+        for running in self.running:
+            left -= min(self._next_tokens(running), left)
         computed = max(request.num_computed_tokens, len(hit) * self.geometry.block_size)
         if left <= 0 or (
             not self.scheduler_config.enable_chunked_prefill
@@ -311,14 +322,22 @@ class KVCompressScheduler(Scheduler):
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
         demand = self._next_step_demand()
         pressure = free < demand
-        hit = self._awaited_hit()
-        awaited = frozenset(block.block_id for block in hit)
+
+        @functools.cache
+        def awaited() -> tuple[list[KVCacheBlock], frozenset[int]]:
+            """The next admitted request's hit, looked up when first needed.
+            None under pressure: vLLM admits nobody in a step it preempts in,
+            so keeping the hit would only free fewer blocks."""
+            hit = [] if pressure else self._awaited_hit()
+            return hit, frozenset(block.block_id for block in hit)
+
         admit: set[str] = set()
         if pressure:
             self.kvc_totals.pressure_steps += 1
         elif self.kvc_config.compress_to_admit:
+            hit, awaited_ids = awaited()
             admit = self._admission_compressions(
-                self._admission_shortfall(free, demand, hit), awaited)
+                self._admission_shortfall(free, demand, hit), awaited_ids)
             self.kvc_totals.admission_steps += bool(admit)
         plans: list[EvictionPlan] = []
         for request in self.running:
@@ -350,7 +369,7 @@ class KVCompressScheduler(Scheduler):
             state.tokens_at_last_check = n
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
-            shared, shared_blocks = self._shared_prefix(rid, policy, awaited)
+            shared, shared_blocks = self._shared_prefix(rid, policy, awaited()[1])
             num_pages = pages_to_evict(self.geometry, policy, n, evicted, shared)
             if num_pages == 0:
                 continue
