@@ -501,6 +501,34 @@ def test_streaming_input_sessions_are_never_compressed(vllm_config):
     assert [p[0] for p in sched.plans_log] and {p[0] for p in sched.plans_log} == {"plain"}
 
 
+def _newcomer_behind_a_prefix(vllm_config_pc, holder_runs, look_ahead=True):
+    """``_grown_request``'s "a"; then "p" (rate 1.0) computes a 3-block prefix
+    and keeps running (``holder_runs``) or finishes, leaving the prefix cached
+    and free; then "b" waits with that prefix, sized to lack exactly what
+    compressing "a" now would free unless its 3 hit blocks count as held.
+    ``look_ahead`` False: the scheduler before the look-ahead (no lookup).
+    Returns (sched, "a"'s tokens, "b"'s size)."""
+    hasher = _hasher()
+    sched, _, _ = _grown_request(vllm_config_pc, 60, hasher)
+    if not look_ahead:
+        sched._awaited_hit = lambda: []
+    prefix = list(range(1000, 1000 + 3 * BS))
+    add_tokens(sched, "p", prefix + list(range(2000, 2008)), hasher,
+               max_tokens=400 if holder_runs else 1, kv_compress_rate=1.0)
+    run_step(sched)  # "p" prefilled (and, with max_tokens 1, finished)
+    assert [r.request_id for r in sched.running] == (["a", "p"] if holder_runs else ["a"])
+    n = sched.requests["a"].num_computed_tokens
+    evicted = sched.kvc_manager.evicted_pages["a"]
+    gain = _blocks(n + 1, evicted) - _blocks(
+        n + 1, evicted + evict_now(n, evicted, LH, BS, 0.25, PROTECTED, SINKS))
+    assert 1 <= gain <= 3
+    spare = sched.kv_cache_manager.block_pool.get_num_free_blocks() - sched._next_step_demand()
+    size = BS * (spare + gain)
+    add_tokens(sched, "b", prefix + list(range(3000, 3000 + size - 3 * BS)), hasher,
+               max_tokens=4, kv_compress_rate=1.0)
+    return sched, n, size
+
+
 @pytest.mark.parametrize("count_hits", [True, False], ids=["hits-counted", "hits-ignored"])
 def test_admission_counts_hits_on_blocks_running_requests_hold(vllm_config_pc, count_hits):
     """Prefix caching: a waiting prompt whose first 3 blocks a running request
@@ -508,23 +536,8 @@ def test_admission_counts_hits_on_blocks_running_requests_hold(vllm_config_pc, c
     so that it fits only with its hits counted: then it is admitted with the
     hits and nobody is compressed ahead of its interval; with the hits ignored
     (the scheduler before this rule), "a" would be compressed to admit it."""
-    hasher = _hasher()
-    sched, _, _ = _grown_request(vllm_config_pc, 60, hasher)
-    if not count_hits:
-        sched._awaited_hit = lambda: []
-    prefix = list(range(1000, 1000 + 3 * BS))
-    add_tokens(sched, "p", prefix + list(range(2000, 2008)), hasher, max_tokens=400,
-               kv_compress_rate=1.0)
-    run_step(sched)  # "p" prefilled: it holds the 3 prefix blocks, cached
-    assert [r.request_id for r in sched.running] == ["a", "p"]
-    n = sched.requests["a"].num_computed_tokens
-    evicted = sched.kvc_manager.evicted_pages["a"]
-    gain = _blocks(n + 1, evicted) - _blocks(
-        n + 1, evicted + evict_now(n, evicted, LH, BS, 0.25, PROTECTED, SINKS))
-    assert 1 <= gain <= 3
-    spare = sched.kv_cache_manager.block_pool.get_num_free_blocks() - sched._next_step_demand()
-    add_tokens(sched, "b", prefix + list(range(3000, 3000 + BS * (spare + gain - 3))), hasher,
-               max_tokens=4, kv_compress_rate=1.0)
+    sched, n, size = _newcomer_behind_a_prefix(vllm_config_pc, holder_runs=True,
+                                               look_ahead=count_hits)
     if count_hits:
         # The shortfall vLLM's rule gives: whole prompt (or, for chunked
         # admission, the hit plus the chunk the budget leaves) less held hits.
@@ -533,7 +546,7 @@ def test_admission_counts_hits_on_blocks_running_requests_hold(vllm_config_pc, c
         free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
         demand = sched._next_step_demand()
         fixed = sched.kv_cache_manager.watermark_blocks + demand - free
-        size, left = BS * (spare + gain), 64 - 2  # "a" and "p" decode one token each
+        left = 64 - 2  # "a" and "p" decode one token each
         assert sched._admission_shortfall(free, demand, hit) == max(0, -(-size // BS) - 3 + fixed)
         sched.scheduler_reserve_full_isl = False
         chunk = 3 * BS + min(size - 3 * BS, left)
@@ -597,21 +610,7 @@ def test_admission_counts_hits_on_free_cached_blocks_as_needed(vllm_config_pc):
     as in vLLM's admission: sized like the test above, the waiting prompt now
     lacks "a"'s gain, so "a" is compressed ahead of its interval and the
     prompt is admitted with its hit."""
-    hasher = _hasher()
-    sched, _, _ = _grown_request(vllm_config_pc, 60, hasher)
-    prefix = list(range(1000, 1000 + 3 * BS))
-    add_tokens(sched, "p", prefix + list(range(2000, 2008)), hasher, max_tokens=1,
-               kv_compress_rate=1.0)
-    run_step(sched)  # "p" prefilled and finished: its blocks free, the prefix still cached
-    assert "p" not in sched.requests and [r.request_id for r in sched.running] == ["a"]
-    n = sched.requests["a"].num_computed_tokens
-    evicted = sched.kvc_manager.evicted_pages["a"]
-    gain = _blocks(n + 1, evicted) - _blocks(
-        n + 1, evicted + evict_now(n, evicted, LH, BS, 0.25, PROTECTED, SINKS))
-    assert 1 <= gain <= 3
-    spare = sched.kv_cache_manager.block_pool.get_num_free_blocks() - sched._next_step_demand()
-    add_tokens(sched, "b", prefix + list(range(3000, 3000 + BS * (spare + gain - 3))), hasher,
-               max_tokens=4, kv_compress_rate=1.0)
+    sched, n, _ = _newcomer_behind_a_prefix(vllm_config_pc, holder_runs=False)
     hit = sched._awaited_hit()
     assert len(hit) == 3 and all(b.ref_cnt == 0 for b in hit)
     out = run_step(sched)
