@@ -93,7 +93,7 @@ def prefill_path() -> str:
 class PageLayouts:
     """Which in-page layouts an engine's requests use on CPU: one home for
     the worker (which installs them) and for ``create_engine_config``'s
-    prefix-caching default (which must know before the worker exists)."""
+    prefix-caching check (which must know before the worker exists)."""
 
     packing: PagePacking | None  # vLLM's layout, learned (None: every request in our plain rows)
     metric_packed: bool  # requests that record the metric stay in vLLM's layout too

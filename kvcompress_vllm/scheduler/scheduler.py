@@ -325,9 +325,9 @@ class KVCompressScheduler(Scheduler):
 
         @functools.cache
         def awaited() -> tuple[list[KVCacheBlock], frozenset[int]]:
-            """The next admitted request's hit, looked up when first needed.
-            None under pressure: vLLM admits nobody in a step it preempts in,
-            so keeping the hit would only free fewer blocks."""
+            """The next admitted request's hit and its block ids, looked up
+            when first needed.  Empty under pressure: vLLM admits nobody in a
+            step it preempts in, so keeping the hit would only free fewer blocks."""
             hit = [] if pressure else self._awaited_hit()
             return hit, frozenset(block.block_id for block in hit)
 
