@@ -261,7 +261,7 @@ def _wrap_create_engine_config(cls: type) -> None:
         self.worker_cls = worker_cls
         vllm_config = original(self, *args, **kwargs)
         _check_model(vllm_config)
-        if vllm_config.cache_config.enable_prefix_caching:
+        if current_platform.is_cpu() and vllm_config.cache_config.enable_prefix_caching:
             _check_prefix_caching_layouts(vllm_config, logger)
         if worker_cls == GPU_WORKER_CLS:
             _check_cuda_config(vllm_config)

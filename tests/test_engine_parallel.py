@@ -92,11 +92,11 @@ def test_tp2_at_rate_one_matches_stock_tp2(random_model):
 
 
 def _shared_prefix_prompts():
-    """``PROMPTS * 3`` behind one 2-block prefix, each tail its own from its
+    """``PROMPTS * 2`` behind one 2-block prefix, each tail its own from its
     first token (so only the prefix blocks are shared)."""
     prefix = [(i * 7919) % 20000 + 100 for i in range(SHARED_BLOCKS * 128)]
     return [prefix + [(t + 1000 * k) % 20000 + 100 for t in p]
-            for k, p in enumerate(PROMPTS * 3)]
+            for k, p in enumerate(PROMPTS * 2)]
 
 
 SHARED_BLOCKS = 2
