@@ -14,7 +14,7 @@ while the load runs).  The crossover is the lowest request rate at which the
 compressed deployment's output throughput exceeds stock's.
 
     python benchmarks/cluster_bench.py                 # ~15 min here
-    python benchmarks/cluster_bench.py --quick         # smoke run (a few min)
+    python benchmarks/cluster_bench.py --quick         # smoke run (~3 min; one API server)
     python benchmarks/cluster_bench.py --base-url http://h1:8000,http://h2:8000 \\
         --model MODEL --label my-cluster               # an existing deployment
 
@@ -70,6 +70,8 @@ class Deployment:
             "--kv-cache-memory-bytes", str(args.kv_bytes), "--max-num-seqs", str(args.max_num_seqs),
             "--enforce-eager",
         ]
+        if args.api_server_count is not None:
+            cmd += ["--api-server-count", str(args.api_server_count)]
         env = dict(os.environ)
         if rate is None:
             env["VLLM_PLUGINS"] = ""  # stock vLLM: the plugin is not loaded at all
@@ -199,6 +201,9 @@ def main() -> int:
                         help="KV cache bytes per replica (default: room for 3 uncompressed "
                         "requests of the workload)")
     parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--api-server-count", type=int, default=None,
+                        help="API server processes of each deployment (default: vLLM's, one "
+                        "per replica; --quick: 1, which starts ~10 s sooner here)")
     parser.add_argument("--base-url", default=None,
                         help="measure an existing deployment (comma list of URLs)")
     parser.add_argument("--label", default="remote", help="config name for --base-url")
@@ -214,6 +219,8 @@ def main() -> int:
         args.num_prompts, args.input_len, args.output_len = 8, 600, 32
         args.request_rates = "inf"
         args.tag = args.tag or "_quick"
+        if args.api_server_count is None:
+            args.api_server_count = 1
     args.model = args.model or str(prepare_default_model())
     if args.kv_bytes is None and not args.base_url:
         args.kv_bytes = kv_budget_bytes(args.model, 3, args.input_len + args.output_len)

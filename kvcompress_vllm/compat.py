@@ -68,6 +68,9 @@ RUNTIME_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("vllm.v1.core.kv_cache_coordinator", "UnitaryKVCacheCoordinator.find_longest_cache_hit",
      ("self", "block_hashes", "max_cache_hit_length")),
     ("vllm.v1.core.sched.scheduler", "Scheduler._is_blocked_waiting_status", ("status",)),
+    # A reset of the prefix cache also drops KVCompressManager's record of uncached hashes.
+    ("vllm.v1.core.sched.scheduler", "Scheduler.reset_prefix_cache",
+     ("self", "reset_running_requests", "reset_connector")),
     ("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry.register",
      ("kvcache_spec_cls", "manager_class", "uniform_type_base_spec")),
     ("vllm.v1.worker.gpu_worker", "Worker.execute_model", ("self", "scheduler_output")),

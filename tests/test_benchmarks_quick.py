@@ -176,3 +176,19 @@ def test_eviction_bench_quick():
     assert {(r[3].strip(), r[4].strip()) for r in rows} == {
         (layout, path) for layout in ("vLLM in-page", "plain") for path in ("in place", "gathered")}
     assert all(float(r[5]) > 0 for r in rows)
+
+
+def test_prefix_reuse_quick():
+    """prefix_reuse.py --quick: three requests with one 2-block prefix, one
+    after another, with prefix caching; with the record of uncached prefixes
+    the second keeps the prefix and the third hits it, without it (the rule
+    before) nobody hits (hits are behaviour, not timing)."""
+    proc = _bench("prefix_reuse.py")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {cells[0]: cells for cells in (
+        [c.strip() for c in ln.strip("|").split("|")]
+        for ln in proc.stdout.splitlines() if ln.startswith("| kvc"))}
+    assert set(rows) == {"kvc+pc", "kvc+pc-norecord"}
+    assert rows["kvc+pc"][5] == "0 0 256" and rows["kvc+pc"][3] == "1 of 3"
+    assert rows["kvc+pc-norecord"][5] == "0 0 0"
+    assert all(float(r[1]) > 0 and 0 < float(r[4]) <= 1 for r in rows.values())

@@ -4,7 +4,9 @@ CPU engine, in-process core; ``debug_checks`` on).
 Requests that share a prompt prefix share its blocks; a compression keeps
 the blocks another request holds intact (their tokens protected like sinks)
 and takes its other blocks out of the prefix cache, so a later request with
-the same prefix hits blocks that still hold exactly its tokens.
+the same prefix hits blocks that still hold exactly its tokens.  A prefix a
+compression took out of the cache is kept by the next request that computes
+it (its second use).
 """
 
 import pytest
@@ -140,6 +142,51 @@ def test_prefix_written_by_vllms_writer_is_protected_for_a_hitter(engine):
         assert outs["q"].kv_transfer_params["kv_compress"]["compressions"] >= 3
         kept = [k for r, k in keeps if r == rid_q]
         assert kept and set(kept) == {PREFIX_BLOCKS}
+        ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
+        assert kv_after.equal(kv) and pos_after.equal(pos)
+        assert engine.free_blocks() == free0
+        assert not watch.stale()
+    finally:
+        watch.restore()
+
+
+def test_a_prefix_computed_again_after_its_compression_stays_cached(engine):
+    """Three requests with one prefix, one after another (each after the
+    previous one finished).  The first is compressed with its prefix, which
+    leaves the cache; the second recomputes the prefix and, since a
+    compression took those hashes out of the cache before, keeps its blocks
+    intact and cached through its compressions; the third hits them."""
+    import random
+
+    from vllm import SamplingParams
+
+    from block_watch import BlockWatch
+
+    tok = engine.tokenizer
+    prefix = tok.encode(tasks.prose(tok, PREFIX_BLOCKS * BLOCK + 40, random.Random(51)))
+    prefix = prefix[:PREFIX_BLOCKS * BLOCK]
+    manager = engine.scheduler.kvc_manager
+    watch = BlockWatch(engine.scheduler)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    free0 = engine.free_blocks()
+    outs, blocks, names = {}, {}, {}
+    try:
+        for name, seed in zip("xyz", (52, 53, 54)):
+            tail = tok.encode(f" {name.upper()}: " + tasks.prose(tok, 200, random.Random(seed)),
+                              add_special_tokens=False)
+            rid = engine.engine.add_request(name, {"prompt_token_ids": prefix + tail}, params)
+            names[rid] = name
+            engine.engine.step()
+            blocks[name] = list(manager.req_to_blocks[rid][:PREFIX_BLOCKS])
+            if name == "z":
+                assert blocks["z"] == blocks["y"]
+                block_ids = [b.block_id for b in blocks["y"]]
+                ((kv, pos),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
+            outs[name] = engine.run_until_done()[name]
+            assert outs[name].kv_transfer_params["kv_compress"]["compressions"] >= 1
+        keeps = {names[r]: {k for q, k in watch.keeps if q == r} for r, _ in watch.keeps}
+        assert keeps == {"x": {0}, "y": {PREFIX_BLOCKS}, "z": {PREFIX_BLOCKS}}, watch.keeps
+        assert [outs[n].num_cached_tokens for n in "xyz"] == [0, 0, PREFIX_BLOCKS * BLOCK]
         ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
         assert kv_after.equal(kv) and pos_after.equal(pos)
         assert engine.free_blocks() == free0

@@ -483,6 +483,80 @@ def test_shared_blocks_after_an_unshared_one_are_kept_too(vllm_config_pc):
     del manager.req_to_blocks["x"], manager.hit_blocks["x"]
 
 
+@pytest.mark.parametrize("remember", [True, False], ids=["second-use-kept", "second-use-ignored"])
+def test_a_prefix_in_its_second_use_stays_cached(vllm_config_pc, remember):
+    """Requests that share a 3-block prefix arrive one after another, each
+    after the previous one finished.  The first, alone, is compressed with
+    its prefix, which leaves the cache.  The second recomputes the prefix;
+    its compression keeps those blocks (protected like sinks, still cached),
+    because another request's compression took their hashes out of the cache
+    before.  The third hits them.  Without the record (``remember`` False: the
+    scheduler before this rule) every request recomputes the prefix and
+    compresses it.  A reset of the prefix cache forgets the record."""
+    from block_watch import BlockWatch
+
+    sched = make_scheduler(vllm_config_pc, budget=64)
+    manager = sched.kvc_manager
+    if not remember:
+        manager.uncached = lambda blocks, request_id: None
+    watch = BlockWatch(sched)
+    hasher = _hasher()
+    prefix = list(range(1000, 1000 + 3 * BS))
+    hits = {}
+    for i, name in enumerate("abcd"):
+        if name == "d":
+            assert sched.reset_prefix_cache()
+            assert not manager.uncached_by
+        add_tokens(sched, name, prefix + list(range(2000 + 100 * i, 2040 + 100 * i)), hasher,
+                   max_tokens=40)
+        out = run_step(sched)
+        hits[name] = out.scheduled_new_reqs[0].num_computed_tokens
+        while sched.requests:
+            run_step(sched)
+            assert not watch.stale()
+    keeps = {r: {k for q, k in watch.keeps if q == r} for r, _ in watch.keeps}
+    compressions = {r: sum(q == r for q, _ in watch.keeps) for r in keeps}
+    assert set(keeps) == set("abcd") and min(compressions.values()) >= 2
+    if remember:  # every compression of b and c keeps the prefix
+        assert hits == {"a": 0, "b": 0, "c": 3 * BS, "d": 0}
+        assert keeps == {"a": {0}, "b": {3}, "c": {3}, "d": {0}}
+    else:
+        assert hits == {"a": 0, "b": 0, "c": 0, "d": 0}
+        assert keeps == {"a": {0}, "b": {0}, "c": {0}, "d": {0}}
+    watch.restore()
+
+
+def test_the_record_of_uncached_prefixes(vllm_config_pc):
+    """``KVCompressManager.uncached``: a block whose hash another request's
+    compression took out of the cache is kept, one the same request's
+    compression did (before its preemption) is not; the record holds at most
+    one hash per block of the pool, forgetting the oldest."""
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    sched = make_scheduler(vllm_config_pc, num_blocks=8, budget=64)
+    manager = sched.kvc_manager
+
+    def hashed(i):
+        block = KVCacheBlock(block_id=i)
+        block._block_hash = bytes([i]) * 8
+        return block
+
+    blocks = [hashed(i) for i in range(4)]
+    manager.uncached(blocks[:2], "x")
+    manager.req_to_blocks["x"] = manager.req_to_blocks["y"] = blocks
+    assert manager.shared_prefix_blocks("x") == 0  # its own compression: not a second use
+    assert manager.shared_prefix_blocks("y") == 2
+    manager.uncached(blocks[3:], "x")
+    assert manager.shared_prefix_blocks("y") == 4  # up to the last (hashes chain)
+    manager.uncached([hashed(i) for i in range(10, 16)], "z")  # 9 hashes, 8 blocks in the pool
+    assert len(manager.uncached_by) == 8 and blocks[0].block_hash not in manager.uncached_by
+    assert manager.shared_prefix_blocks("y") == 4 and blocks[1].block_hash in manager.uncached_by
+    manager.uncached([hashed(20)], "z")
+    assert blocks[1].block_hash not in manager.uncached_by
+    assert manager.shared_prefix_blocks("y") == 4  # blocks[3] is still in the record
+    del manager.req_to_blocks["x"], manager.req_to_blocks["y"]
+
+
 def test_streaming_input_sessions_are_never_compressed(vllm_config):
     """A resumable request (vLLM's streaming-input session) keeps its blocks
     between turns and comes back as a new request holding them, so it is kept

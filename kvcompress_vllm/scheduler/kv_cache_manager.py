@@ -9,6 +9,7 @@ admission and preemption all see each request's *compressed* size.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,10 +44,11 @@ class KVCompressManager(FullAttentionManager):
     as vLLM caches them until its first compression, after which it caches no
     more (its blocks no longer hold the tokens of their position).  A
     compression keeps the request's leading ``keep_cached`` blocks intact
-    (``shared_prefix_blocks``: its prefix-cache hits and blocks other
-    requests hold too, and blocks wholly inside the sinks; the scheduler
-    protects their tokens) and takes
-    every later block out of the prefix cache before the worker compacts or
+    (``shared_prefix_blocks``: its prefix-cache hits, blocks other requests
+    hold too, blocks whose hash another request's compression took out of
+    the cache before -- a prefix in its second use -- and blocks wholly
+    inside the sinks; the scheduler protects their tokens) and takes every
+    later block out of the prefix cache before the worker compacts or
     releases it.
     """
 
@@ -58,6 +60,10 @@ class KVCompressManager(FullAttentionManager):
         self.evicted_pages: dict[str, int] = {}
         #: Prefix-cache hits (blocks) of each request's current allocation.
         self.hit_blocks: dict[str, int] = {}
+        #: Hashes of blocks compressions took out of the prefix cache -> the
+        #: request whose compression did; oldest first, at most one per block
+        #: of the pool (``uncached``, ``forget_uncached``).
+        self.uncached_by: OrderedDict[bytes, str] = OrderedDict()
 
     # -- accounting ------------------------------------------------------
     def _required_blocks(self, request_id: str, num_tokens: int) -> int | None:
@@ -132,21 +138,40 @@ class KVCompressManager(FullAttentionManager):
                              awaited: frozenset[int] = frozenset()) -> int:
         """Leading blocks of the request a compression must leave intact: up
         to its last block another request holds too (a hit on this request's
-        blocks) or is about to hit (``awaited``: block ids of the next
-        waiting request's hit), and at least its own prefix-cache hits (0
-        without prefix caching: no hits, no block held twice).  Hits count
-        even once no other request holds them, so a prefix that was reused
-        stays cached for the next request.  Shared
-        blocks are usually a prefix (hashes chain), but not always: vLLM
-        keeps duplicate blocks under one hash (a block recomputed because a
-        hit stops a token short of the prompt), and a later request can hit
+        blocks), is about to hit (``awaited``: block ids of the next waiting
+        request's hit) or computed and lost to a compression before
+        (``uncached``: the prefix's second use), and at least its own
+        prefix-cache hits (0 without prefix caching: no hits, no block held
+        twice, no hashes).  Hits count even once no other request holds
+        them, so a prefix that was reused stays cached for the next request.
+        Shared blocks are usually a prefix (hashes chain), but not always:
+        vLLM keeps duplicate blocks under one hash (a block recomputed because
+        a hit stops a token short of the prompt), and a later request can hit
         one copy's predecessors and another copy's successor."""
         blocks = self.req_to_blocks.get(request_id, ())
         shared = min(self.hit_blocks.get(request_id, 0), len(blocks))
         for i in range(len(blocks) - 1, shared - 1, -1):
-            if blocks[i].ref_cnt > 1 or blocks[i].block_id in awaited:
+            block = blocks[i]
+            if (block.ref_cnt > 1 or block.block_id in awaited
+                    or self.uncached_by.get(block.block_hash, request_id) != request_id):
                 return i + 1
         return shared
+
+    def uncached(self, blocks: Sequence[KVCacheBlock], request_id: str) -> None:
+        """Remember the hashes of ``blocks`` (about to leave the prefix cache
+        because ``request_id`` is compressed).  A request that computes one
+        of them again keeps it (``shared_prefix_blocks``): such a prefix is
+        in its second use, and the next request with it will hit it.  The
+        record forgets the oldest hashes beyond one per block of the pool."""
+        for block in blocks:
+            self.uncached_by[block.block_hash] = request_id
+            self.uncached_by.move_to_end(block.block_hash)
+        while len(self.uncached_by) > self.block_pool.num_gpu_blocks:
+            self.uncached_by.popitem(last=False)
+
+    def forget_uncached(self) -> None:
+        """Drop the record of uncached hashes (the prefix cache was reset)."""
+        self.uncached_by.clear()
 
     # -- eviction --------------------------------------------------------
     def apply_eviction(self, request_id: str, num_pages: int, num_tokens: int,
@@ -176,9 +201,10 @@ class KVCompressManager(FullAttentionManager):
                     f"that other requests hold (only its first {keep_cached} blocks are "
                     "kept intact)"
                 )
-            cached = {b.block_id for b in later if b.block_hash is not None}
+            cached = [b for b in later if b.block_hash is not None]
             if cached:
-                self.block_pool.evict_blocks(cached)
+                self.uncached(cached, request_id)
+                self.block_pool.evict_blocks({b.block_id for b in cached})
         self.evicted_pages[request_id] = evicted
         keep = geometry.blocks_needed(num_tokens, evicted)
         if keep > len(req_blocks):

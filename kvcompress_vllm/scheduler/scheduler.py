@@ -184,8 +184,9 @@ class KVCompressScheduler(Scheduler):
                        awaited: frozenset[int] = frozenset()) -> tuple[int, int]:
         """(tokens, blocks) of the request's leading blocks a compression
         must leave intact: with prefix caching, its hits and blocks up to the
-        last one other requests hold too or the next waiting request hits
-        (``awaited``, block ids; ``KVCompressManager.shared_prefix_blocks``),
+        last one other requests hold too, the next waiting request hits
+        (``awaited``, block ids) or another request's compression took out of
+        the cache before (their second use; ``KVCompressManager.shared_prefix_blocks``),
         and those wholly inside its sinks, all of which stay cached; (0, 0)
         without."""
         if not self.kvc_manager.enable_caching:
@@ -523,6 +524,14 @@ class KVCompressScheduler(Scheduler):
         if state is not None:
             state.prefill_end = None
             state.tokens_at_last_check = None
+
+    def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
+        """vLLM's reset; once it succeeded, the record of prefixes that
+        compressions took out of the cache goes too (``KVCompressManager.uncached``)."""
+        reset = super().reset_prefix_cache(*args, **kwargs)
+        if reset:
+            self.kvc_manager.forget_uncached()
+        return reset
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         result = super()._free_request(request, delay_free_blocks)

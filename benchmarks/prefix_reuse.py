@@ -1,0 +1,152 @@
+"""Prefix caching with compression when requests arrive one after another.
+
+Requests that share a system prompt usually do not arrive together: a chat
+server sees one, then the next after it finished.  With prefix caching the
+second request should hit the prefix the first one computed.  A compression
+keeps a request's shared blocks intact (docs/design.md, "Prefix caching"),
+but a request that is alone with a new prefix shares nothing yet, so its
+compression takes the prefix out of the cache.  This benchmark measures what
+each configuration recomputes and how long the load takes.
+
+Load: ``--requests`` prompts of one ``--prefix``-token system prompt and
+``--user`` tokens of their own (random tokens), ``--output`` tokens each
+(greedy, ``ignore_eos``), submitted ``--concurrency`` at a time, each group
+after the previous one finished (1: one client, one request at a time).  An
+ample KV budget (no preemption: what is measured is the cache, not memory).
+Each configuration is a fresh in-process engine in a child process:
+
+* ``stock``, ``stock+pc``: stock vLLM (``VLLM_PLUGINS=``) without / with
+  ``enable_prefix_caching``;
+* ``kvc``, ``kvc+pc``: the plugin at ``--rate`` without / with prefix caching;
+* ``kvc+pc-norecord``: as ``kvc+pc`` with ``KVCompressManager.uncached``
+  made a no-op in the child -- the rule before this revision, where a prefix
+  that a compression took out of the cache was compressed again by the next
+  request that computed it.
+
+Reports per configuration: wall time, prompt tokens computed (prompt tokens
+less prefix-cache hits), requests that hit the prefix, the mean kept
+fraction.
+
+    python benchmarks/prefix_reuse.py                # ~3 min here
+    python benchmarks/prefix_reuse.py --quick        # 2 configurations, 3 short requests (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+CONFIGS = ("stock", "stock+pc", "kvc", "kvc+pc", "kvc+pc-norecord")
+
+
+def child(config: str, args) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvcompress_vllm.model import kv_budget_bytes
+
+    total = args.prefix + args.user + args.output
+    max_model_len = max(1024, total + 128)
+    budget = kv_budget_bytes(args.model, args.concurrency + 1, max_model_len, max_num_seqs=64,
+                             max_model_len=max_model_len)
+    kwargs = dict(enforce_eager=True, seed=0, max_model_len=max_model_len, max_num_seqs=64,
+                  kv_cache_memory_bytes=budget, max_num_batched_tokens=2048,
+                  enable_prefix_caching="+pc" in config)
+    plugin = config.startswith("kvc")
+    if plugin:
+        kwargs["additional_config"] = {"kv_compress": {"rate": args.rate}}
+    if config.endswith("-norecord"):
+        from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressManager
+
+        KVCompressManager.uncached = lambda self, blocks, request_id: None
+    llm = LLM(args.model, **kwargs)
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(30000, 30300)))] * 2,
+                 SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    rng = random.Random(0)
+    prefix = [rng.randrange(100, 20000) for _ in range(args.prefix)]
+    prompts = [TokensPrompt(prompt_token_ids=prefix + [rng.randrange(100, 20000)
+                                                       for _ in range(args.user)])
+               for _ in range(args.requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
+    outs = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), args.concurrency):
+        outs += llm.generate(prompts[i:i + args.concurrency], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    if sum(len(o.outputs[0].token_ids) for o in outs) != args.requests * args.output:
+        raise RuntimeError("a request ended early: the configurations would not compare")
+    cached = [o.num_cached_tokens or 0 for o in outs]
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    shareable = args.prefix // block_size * block_size  # whole blocks of the prefix
+    kept = [o.kv_transfer_params["kv_compress"]["kept_fraction"]
+            for o in outs if o.kv_transfer_params and "kv_compress" in o.kv_transfer_params]
+    return {
+        "config": config, "wall_s": wall,
+        "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),
+        "computed_tokens": sum(len(p["prompt_token_ids"]) for p in prompts) - sum(cached),
+        "hits": sum(c >= shareable > 0 for c in cached),
+        "cached_tokens": cached,
+        "kept_fraction": sum(kept) / len(kept) if kept else 1.0,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--prefix", type=int, default=1024, help="shared system-prompt tokens")
+    ap.add_argument("--user", type=int, default=256, help="tokens of each request's own")
+    ap.add_argument("--output", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=1, help="requests submitted together")
+    ap.add_argument("--rate", type=float, default=0.25)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {CONFIGS}")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.prefix, args.user, args.output = 3, 256, 64, 8
+        args.configs = "kvc+pc,kvc+pc-norecord"
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args)))
+        return
+    configs = [c.strip() for c in args.configs.split(",")]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        sys.exit(f"--configs: unknown {sorted(unknown)}; choose from {CONFIGS}")
+    if args.model is None:
+        from kvcompress_vllm.model import prepare_default_model
+
+        args.model = str(prepare_default_model())
+    rows = []
+    for config in configs:
+        env = dict(os.environ)
+        if config.startswith("stock"):
+            env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
+        cmd = [sys.executable, __file__, "--child", config, "--model", args.model]
+        for key in ("requests", "prefix", "user", "output", "concurrency", "rate"):
+            cmd += [f"--{key}", str(getattr(args, key))]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{config} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        rows.append(json.loads(line[-1][len("RESULT "):]))
+        print(f"{config}: {rows[-1]['wall_s']:.1f} s", flush=True)
+    print(f"\n{args.requests} requests of a {args.prefix}-token shared prefix + {args.user} own "
+          f"tokens, {args.output} out, {args.concurrency} at a time; plugin rate {args.rate}\n")
+    print("| config | wall s | prompt tokens computed | requests hitting the prefix | "
+          "mean kept fraction | cached tokens per request |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['wall_s']:.1f} | {r['computed_tokens']} of {r['prompt_tokens']} "
+              f"| {r['hits']} of {args.requests} | {r['kept_fraction']:.2f} | "
+              f"{' '.join(map(str, r['cached_tokens']))} |")
+
+
+if __name__ == "__main__":
+    main()
