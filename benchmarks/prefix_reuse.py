@@ -18,14 +18,16 @@ Each configuration is a fresh in-process engine in a child process:
 * ``stock``, ``stock+pc``: stock vLLM (``VLLM_PLUGINS=``) without / with
   ``enable_prefix_caching``;
 * ``kvc``, ``kvc+pc``: the plugin at ``--rate`` without / with prefix caching;
-* ``kvc+pc-norecord``: as ``kvc+pc`` with ``KVCompressManager.uncached``
-  made a no-op in the child -- the rule before this revision, where a prefix
-  that a compression took out of the cache was compressed again by the next
-  request that computed it.
+* ``kvc+pc-norecord``: as ``kvc+pc`` with ``KVCompressManager.record_uncached``
+  recording nothing in the child -- the rule before this revision, where a
+  prefix that a compression took out of the cache was compressed again by the
+  next request that computed it.
 
 Reports per configuration: wall time, prompt tokens computed (prompt tokens
 less prefix-cache hits), requests that hit the prefix, the mean kept
-fraction.
+fraction (KVs kept / the request's KVs: a shared or kept prefix counts as
+kept by every request, though requests that run together store it once).
+A plugin engine that preempted a request fails the run.
 
     python benchmarks/prefix_reuse.py                # ~3 min here
     python benchmarks/prefix_reuse.py --quick        # 2 configurations, 3 short requests (~1 min)
@@ -64,7 +66,7 @@ def child(config: str, args) -> dict:
     if config.endswith("-norecord"):
         from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressManager
 
-        KVCompressManager.uncached = lambda self, blocks, request_id: None
+        KVCompressManager.record_uncached = lambda self: self.pending_uncached.clear()
     llm = LLM(args.model, **kwargs)
     llm.generate([TokensPrompt(prompt_token_ids=list(range(30000, 30300)))] * 2,
                  SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -79,6 +81,9 @@ def child(config: str, args) -> dict:
     for i in range(0, len(prompts), args.concurrency):
         outs += llm.generate(prompts[i:i + args.concurrency], params, use_tqdm=False)
     wall = time.perf_counter() - start
+    totals = getattr(llm.llm_engine.engine_core.engine_core.scheduler, "kvc_totals", None)
+    if totals is not None and totals.preemptions:
+        raise RuntimeError(f"{config}: {totals.preemptions} preemptions under the ample budget")
     if sum(len(o.outputs[0].token_ids) for o in outs) != args.requests * args.output:
         raise RuntimeError("a request ended early: the configurations would not compare")
     cached = [o.num_cached_tokens or 0 for o in outs]

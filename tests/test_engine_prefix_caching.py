@@ -34,6 +34,15 @@ def engine(engine_factory):
         raise
 
 
+def _assert_intact(engine, watch, block_ids, before, free0):
+    """The prefix blocks hold the bytes and positions they held ``before``
+    (``_prefix_pages``), no block leaked, nothing cached was changed."""
+    ((kv, pos),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
+    assert kv.equal(before[0]) and pos.equal(before[1])
+    assert engine.free_blocks() == free0
+    assert not watch.stale()
+
+
 def _prefix_pages(worker, blocks):
     """The worker's head-pages (K/V and positions) of ``blocks``, all layers and heads."""
     from kvcompress_vllm.worker.state import get_state
@@ -95,10 +104,7 @@ def test_shared_prefix_stays_cached_and_intact_through_compression(engine):
         out = engine.run_until_done()["c"]
         assert out.num_cached_tokens == PREFIX_BLOCKS * BLOCK
         assert (rid["c"], PREFIX_BLOCKS) in keeps
-        ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
-        assert kv_after.equal(kv) and pos_after.equal(pos)
-        assert engine.free_blocks() == free0  # nothing leaked; cached blocks are free
-        assert not watch.stale()
+        _assert_intact(engine, watch, block_ids, (kv, pos), free0)  # cached blocks are free
     finally:
         watch.restore()
 
@@ -142,10 +148,7 @@ def test_prefix_written_by_vllms_writer_is_protected_for_a_hitter(engine):
         assert outs["q"].kv_transfer_params["kv_compress"]["compressions"] >= 3
         kept = [k for r, k in keeps if r == rid_q]
         assert kept and set(kept) == {PREFIX_BLOCKS}
-        ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
-        assert kv_after.equal(kv) and pos_after.equal(pos)
-        assert engine.free_blocks() == free0
-        assert not watch.stale()
+        _assert_intact(engine, watch, block_ids, (kv, pos), free0)
     finally:
         watch.restore()
 
@@ -187,10 +190,7 @@ def test_a_prefix_computed_again_after_its_compression_stays_cached(engine):
         keeps = {names[r]: {k for q, k in watch.keeps if q == r} for r, _ in watch.keeps}
         assert keeps == {"x": {0}, "y": {PREFIX_BLOCKS}, "z": {PREFIX_BLOCKS}}, watch.keeps
         assert [outs[n].num_cached_tokens for n in "xyz"] == [0, 0, PREFIX_BLOCKS * BLOCK]
-        ((kv_after, pos_after),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
-        assert kv_after.equal(kv) and pos_after.equal(pos)
-        assert engine.free_blocks() == free0
-        assert not watch.stale()
+        _assert_intact(engine, watch, block_ids, (kv, pos), free0)
     finally:
         watch.restore()
 

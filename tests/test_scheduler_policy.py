@@ -487,18 +487,22 @@ def test_shared_blocks_after_an_unshared_one_are_kept_too(vllm_config_pc):
 def test_a_prefix_in_its_second_use_stays_cached(vllm_config_pc, remember):
     """Requests that share a 3-block prefix arrive one after another, each
     after the previous one finished.  The first, alone, is compressed with
-    its prefix, which leaves the cache.  The second recomputes the prefix;
-    its compression keeps those blocks (protected like sinks, still cached),
-    because another request's compression took their hashes out of the cache
-    before.  The third hits them.  Without the record (``remember`` False: the
-    scheduler before this rule) every request recomputes the prefix and
-    compresses it.  A reset of the prefix cache forgets the record."""
+    its prefix, which leaves the cache; preempted after that, it recomputes
+    the prefix and compresses it again (its own compression is no second
+    use).  The second recomputes the prefix; its compressions keep those
+    blocks (protected like sinks, still cached), because another request's
+    compression took their hashes out of the cache before.  The third hits
+    them.  Without the record (``remember`` False: the scheduler before this
+    rule) every request recomputes the prefix and compresses it.  A reset of
+    the prefix cache forgets the record."""
+    import time
+
     from block_watch import BlockWatch
 
     sched = make_scheduler(vllm_config_pc, budget=64)
     manager = sched.kvc_manager
     if not remember:
-        manager.uncached = lambda blocks, request_id: None
+        manager.record_uncached = manager.pending_uncached.clear
     watch = BlockWatch(sched)
     hasher = _hasher()
     prefix = list(range(1000, 1000 + 3 * BS))
@@ -514,9 +518,14 @@ def test_a_prefix_in_its_second_use_stays_cached(vllm_config_pc, remember):
         while sched.requests:
             run_step(sched)
             assert not watch.stale()
+            if name == "a" and watch.keeps and not sched.kvc_totals.preemptions:
+                request = sched.requests["a"]  # compressed: preempt it
+                sched.running.remove(request)
+                sched._preempt_request(request, time.monotonic())
     keeps = {r: {k for q, k in watch.keeps if q == r} for r, _ in watch.keeps}
     compressions = {r: sum(q == r for q, _ in watch.keeps) for r in keeps}
     assert set(keeps) == set("abcd") and min(compressions.values()) >= 2
+    assert sched.kvc_totals.preemptions == 1
     if remember:  # every compression of b and c keeps the prefix
         assert hits == {"a": 0, "b": 0, "c": 3 * BS, "d": 0}
         assert keeps == {"a": {0}, "b": {3}, "c": {3}, "d": {0}}
@@ -526,11 +535,54 @@ def test_a_prefix_in_its_second_use_stays_cached(vllm_config_pc, remember):
     watch.restore()
 
 
+def test_a_second_use_is_not_kept_under_pressure_or_a_cap(vllm_config_pc):
+    """The second use of a prefix is kept for requests that may come, by a
+    request that holds it alone: not when the pool is short of blocks for
+    the next step, and not by a request capped by ``max_cache_tokens``."""
+    from block_watch import BlockWatch
+
+    hasher = _hasher()
+    prefix = list(range(1000, 1000 + 3 * BS))
+    for case in ("pressure", "cap"):
+        # pressure: 6 usable blocks (+ the null block), all taken by a prompt
+        # of 3 prefix blocks + 48 tokens when its first compression is due
+        sched = make_scheduler(vllm_config_pc, num_blocks=7 if case == "pressure" else 40,
+                               budget=64)
+        watch = BlockWatch(sched)
+        add_tokens(sched, "a", prefix + list(range(2000, 2048)), hasher, max_tokens=40)
+        while sched.requests:
+            run_step(sched)
+        assert watch.keeps[0] == ("a", 0) and manager_has_record(sched, prefix)
+        extra = {"max_cache_tokens": PROTECTED + 64} if case == "cap" else {}
+        add_tokens(sched, "b", prefix + list(range(3000, 3048)), hasher, max_tokens=40, **extra)
+        while sched.requests:
+            run_step(sched)
+            assert not watch.stale()
+        kept = [k for r, k in watch.keeps if r == "b"]
+        assert kept and set(kept) == {0}, (case, watch.keeps)
+        if case == "pressure":
+            assert sched.kvc_totals.pressure_steps > 0
+        watch.restore()
+
+
+def manager_has_record(sched, prefix):
+    """The record names every block of ``prefix`` (hashes of its whole blocks)."""
+    from vllm import SamplingParams
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+    from vllm.v1.request import Request
+
+    probe = Request("probe", list(prefix), SamplingParams(max_tokens=1), None,
+                    block_hasher=_hasher())
+    return all(make_block_hash_with_group_id(h, 0) in sched.kvc_manager.uncached_by
+               for h in probe.block_hashes)
+
+
 def test_the_record_of_uncached_prefixes(vllm_config_pc):
-    """``KVCompressManager.uncached``: a block whose hash another request's
-    compression took out of the cache is kept, one the same request's
-    compression did (before its preemption) is not; the record holds at most
-    one hash per block of the pool, forgetting the oldest."""
+    """``KVCompressManager.record_uncached``: a block whose hash another
+    request's compression took out of the cache is kept, one the same
+    request's compression did (before its preemption) is not, nor any
+    without ``second_use``; the record holds at most one hash per block of
+    the pool, forgetting the least recently recorded or kept first."""
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
     sched = make_scheduler(vllm_config_pc, num_blocks=8, budget=64)
@@ -541,19 +593,31 @@ def test_the_record_of_uncached_prefixes(vllm_config_pc):
         block._block_hash = bytes([i]) * 8
         return block
 
+    def record(blocks, request_id):
+        manager.pending_uncached.extend((b.block_hash, request_id) for b in blocks)
+        manager.record_uncached()
+
     blocks = [hashed(i) for i in range(4)]
-    manager.uncached(blocks[:2], "x")
+    record(blocks[:2], "x")
     manager.req_to_blocks["x"] = manager.req_to_blocks["y"] = blocks
     assert manager.shared_prefix_blocks("x") == 0  # its own compression: not a second use
     assert manager.shared_prefix_blocks("y") == 2
-    manager.uncached(blocks[3:], "x")
+    assert manager.shared_prefix_blocks("y", second_use=False) == 0
+    record(blocks[3:], "x")
     assert manager.shared_prefix_blocks("y") == 4  # up to the last (hashes chain)
-    manager.uncached([hashed(i) for i in range(10, 16)], "z")  # 9 hashes, 8 blocks in the pool
+    record([hashed(i) for i in range(10, 16)], "z")  # 9 hashes, 8 blocks in the pool
     assert len(manager.uncached_by) == 8 and blocks[0].block_hash not in manager.uncached_by
-    assert manager.shared_prefix_blocks("y") == 4 and blocks[1].block_hash in manager.uncached_by
-    manager.uncached([hashed(20)], "z")
-    assert blocks[1].block_hash not in manager.uncached_by
-    assert manager.shared_prefix_blocks("y") == 4  # blocks[3] is still in the record
+    record([blocks[1]], "x")  # recorded again: now the most recent
+    record([hashed(20)], "z")
+    assert blocks[1].block_hash in manager.uncached_by
+    assert blocks[3].block_hash not in manager.uncached_by  # the least recent went
+    assert manager.shared_prefix_blocks("y") == 2
+    record([blocks[3]], "x")
+    record([hashed(30)], "z")
+    assert manager.shared_prefix_blocks("y") == 4  # a kept block is used: forgotten last
+    record([hashed(i) for i in range(21, 28)], "z")
+    assert list(manager.uncached_by) == [blocks[3].block_hash] + [
+        hashed(i).block_hash for i in range(21, 28)]
     del manager.req_to_blocks["x"], manager.req_to_blocks["y"]
 
 

@@ -61,9 +61,12 @@ class KVCompressManager(FullAttentionManager):
         #: Prefix-cache hits (blocks) of each request's current allocation.
         self.hit_blocks: dict[str, int] = {}
         #: Hashes of blocks compressions took out of the prefix cache -> the
-        #: request whose compression did; oldest first, at most one per block
-        #: of the pool (``uncached``, ``forget_uncached``).
+        #: request whose compression did; least recently used first, at most
+        #: one per block of the pool (``record_uncached``, ``forget_uncached``).
         self.uncached_by: OrderedDict[bytes, str] = OrderedDict()
+        #: This step's additions to ``uncached_by`` (``apply_eviction``), so
+        #: that no compression of a step depends on another's of the same step.
+        self.pending_uncached: list[tuple[bytes, str]] = []
 
     # -- accounting ------------------------------------------------------
     def _required_blocks(self, request_id: str, num_tokens: int) -> int | None:
@@ -134,16 +137,17 @@ class KVCompressManager(FullAttentionManager):
         super().add_local_computed_blocks(request_id, new_computed_blocks, *args, **kwargs)
         self.hit_blocks[request_id] = len(new_computed_blocks)
 
-    def shared_prefix_blocks(self, request_id: str,
-                             awaited: frozenset[int] = frozenset()) -> int:
+    def shared_prefix_blocks(self, request_id: str, awaited: frozenset[int] = frozenset(),
+                             second_use: bool = True) -> int:
         """Leading blocks of the request a compression must leave intact: up
         to its last block another request holds too (a hit on this request's
         blocks), is about to hit (``awaited``: block ids of the next waiting
-        request's hit) or computed and lost to a compression before
-        (``uncached``: the prefix's second use), and at least its own
-        prefix-cache hits (0 without prefix caching: no hits, no block held
-        twice, no hashes).  Hits count even once no other request holds
-        them, so a prefix that was reused stays cached for the next request.
+        request's hit) or, with ``second_use``, another request's
+        compression took out of the cache before (``record_uncached``: the
+        prefix's second use), and at least its own prefix-cache hits (0
+        without prefix caching: no hits, no block held twice, no hashes).
+        Hits count even once no other request holds them, so a prefix that
+        was reused stays cached for the next request.
         Shared blocks are usually a prefix (hashes chain), but not always:
         vLLM keeps duplicate blocks under one hash (a block recomputed because
         a hit stops a token short of the prompt), and a later request can hit
@@ -152,26 +156,31 @@ class KVCompressManager(FullAttentionManager):
         shared = min(self.hit_blocks.get(request_id, 0), len(blocks))
         for i in range(len(blocks) - 1, shared - 1, -1):
             block = blocks[i]
-            if (block.ref_cnt > 1 or block.block_id in awaited
-                    or self.uncached_by.get(block.block_hash, request_id) != request_id):
+            if block.ref_cnt > 1 or block.block_id in awaited:
+                return i + 1
+            if second_use and self.uncached_by.get(block.block_hash, request_id) != request_id:
+                self.uncached_by.move_to_end(block.block_hash)  # in use: forgotten last
                 return i + 1
         return shared
 
-    def uncached(self, blocks: Sequence[KVCacheBlock], request_id: str) -> None:
-        """Remember the hashes of ``blocks`` (about to leave the prefix cache
-        because ``request_id`` is compressed).  A request that computes one
-        of them again keeps it (``shared_prefix_blocks``): such a prefix is
-        in its second use, and the next request with it will hit it.  The
-        record forgets the oldest hashes beyond one per block of the pool."""
-        for block in blocks:
-            self.uncached_by[block.block_hash] = request_id
-            self.uncached_by.move_to_end(block.block_hash)
+    def record_uncached(self) -> None:
+        """Remember the hashes of the blocks this step's compressions took out
+        of the prefix cache, with the request compressed.  A request that
+        computes one of them again keeps it (``shared_prefix_blocks``): such a
+        prefix is in its second use, and the next request with it will hit
+        it.  The record forgets the least recently used hashes beyond one per
+        block of the pool."""
+        for block_hash, request_id in self.pending_uncached:
+            self.uncached_by[block_hash] = request_id
+            self.uncached_by.move_to_end(block_hash)
+        self.pending_uncached.clear()
         while len(self.uncached_by) > self.block_pool.num_gpu_blocks:
             self.uncached_by.popitem(last=False)
 
     def forget_uncached(self) -> None:
         """Drop the record of uncached hashes (the prefix cache was reset)."""
         self.uncached_by.clear()
+        self.pending_uncached.clear()
 
     # -- eviction --------------------------------------------------------
     def apply_eviction(self, request_id: str, num_pages: int, num_tokens: int,
@@ -203,7 +212,7 @@ class KVCompressManager(FullAttentionManager):
                 )
             cached = [b for b in later if b.block_hash is not None]
             if cached:
-                self.uncached(cached, request_id)
+                self.pending_uncached.extend((b.block_hash, request_id) for b in cached)
                 self.block_pool.evict_blocks({b.block_id for b in cached})
         self.evicted_pages[request_id] = evicted
         keep = geometry.blocks_needed(num_tokens, evicted)

@@ -181,17 +181,21 @@ class KVCompressScheduler(Scheduler):
         return state
 
     def _shared_prefix(self, request_id: str, policy: RequestPolicy,
-                       awaited: frozenset[int] = frozenset()) -> tuple[int, int]:
+                       awaited: frozenset[int] = frozenset(),
+                       pressure: bool = False) -> tuple[int, int]:
         """(tokens, blocks) of the request's leading blocks a compression
         must leave intact: with prefix caching, its hits and blocks up to the
         last one other requests hold too, the next waiting request hits
         (``awaited``, block ids) or another request's compression took out of
         the cache before (their second use; ``KVCompressManager.shared_prefix_blocks``),
         and those wholly inside its sinks, all of which stay cached; (0, 0)
-        without."""
+        without.  A second use is kept only for a request without a
+        ``max_cache_tokens`` cap and not under ``pressure``: it holds those
+        blocks alone, for requests that may come."""
         if not self.kvc_manager.enable_caching:
             return 0, 0
-        blocks = max(self.kvc_manager.shared_prefix_blocks(request_id, awaited),
+        second_use = not pressure and policy.max_cache_tokens is None
+        blocks = max(self.kvc_manager.shared_prefix_blocks(request_id, awaited, second_use),
                      policy.sink_tokens // self.geometry.block_size)
         return blocks * self.geometry.block_size, blocks
 
@@ -370,7 +374,7 @@ class KVCompressScheduler(Scheduler):
             state.tokens_at_last_check = n
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
-            shared, shared_blocks = self._shared_prefix(rid, policy, awaited()[1])
+            shared, shared_blocks = self._shared_prefix(rid, policy, awaited()[1], pressure)
             num_pages = pages_to_evict(self.geometry, policy, n, evicted, shared)
             if num_pages == 0:
                 continue
@@ -397,6 +401,7 @@ class KVCompressScheduler(Scheduler):
                     allocation=policy.allocation,
                 )
             )
+        self.kvc_manager.record_uncached()
         return plans
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
@@ -527,7 +532,7 @@ class KVCompressScheduler(Scheduler):
 
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
         """vLLM's reset; once it succeeded, the record of prefixes that
-        compressions took out of the cache goes too (``KVCompressManager.uncached``)."""
+        compressions took out of the cache goes too (``KVCompressManager.record_uncached``)."""
         reset = super().reset_prefix_cache(*args, **kwargs)
         if reset:
             self.kvc_manager.forget_uncached()
