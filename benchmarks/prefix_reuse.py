@@ -11,7 +11,9 @@ each configuration recomputes and how long the load takes.
 Load: ``--requests`` prompts of one ``--prefix``-token system prompt and
 ``--user`` tokens of their own (random tokens), ``--output`` tokens each
 (greedy, ``ignore_eos``), submitted ``--concurrency`` at a time, each group
-after the previous one finished (1: one client, one request at a time).  An
+after the previous one finished (1: one client, one request at a time).
+``--turns``: the requests are instead the turns of one conversation, each
+prompt the previous one, its answer and ``--user`` new tokens.  An
 ample KV budget (no preemption: what is measured is the cache, not memory).
 Each configuration is a fresh in-process engine in a child process:
 
@@ -30,6 +32,7 @@ kept by every request, though requests that run together store it once).
 A plugin engine that preempted a request fails the run.
 
     python benchmarks/prefix_reuse.py                # ~3 min here
+    python benchmarks/prefix_reuse.py --turns --requests 8   # one conversation of 8 turns
     python benchmarks/prefix_reuse.py --quick        # 2 configurations, 3 short requests (~1 min)
 """
 
@@ -53,7 +56,7 @@ def child(config: str, args) -> dict:
 
     from kvcompress_vllm.model import kv_budget_bytes
 
-    total = args.prefix + args.user + args.output
+    total = args.prefix + (args.requests if args.turns else 1) * (args.user + args.output)
     max_model_len = max(1024, total + 128)
     budget = kv_budget_bytes(args.model, args.concurrency + 1, max_model_len, max_num_seqs=64,
                              max_model_len=max_model_len)
@@ -72,14 +75,23 @@ def child(config: str, args) -> dict:
                  SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     rng = random.Random(0)
     prefix = [rng.randrange(100, 20000) for _ in range(args.prefix)]
-    prompts = [TokensPrompt(prompt_token_ids=prefix + [rng.randrange(100, 20000)
-                                                       for _ in range(args.user)])
-               for _ in range(args.requests)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
     outs = []
-    start = time.perf_counter()
-    for i in range(0, len(prompts), args.concurrency):
-        outs += llm.generate(prompts[i:i + args.concurrency], params, use_tqdm=False)
+    if args.turns:  # one conversation: each prompt is the last one, its answer and a new question
+        prompts, history = [], list(prefix)
+        start = time.perf_counter()
+        for _ in range(args.requests):
+            history += [rng.randrange(100, 20000) for _ in range(args.user)]
+            prompts.append(TokensPrompt(prompt_token_ids=list(history)))
+            outs += llm.generate(prompts[-1:], params, use_tqdm=False)
+            history += list(outs[-1].outputs[0].token_ids)
+    else:
+        prompts = [TokensPrompt(prompt_token_ids=prefix + [rng.randrange(100, 20000)
+                                                           for _ in range(args.user)])
+                   for _ in range(args.requests)]
+        start = time.perf_counter()
+        for i in range(0, len(prompts), args.concurrency):
+            outs += llm.generate(prompts[i:i + args.concurrency], params, use_tqdm=False)
     wall = time.perf_counter() - start
     totals = getattr(llm.llm_engine.engine_core.engine_core.scheduler, "kvc_totals", None)
     if totals is not None and totals.preemptions:
@@ -108,6 +120,9 @@ def main() -> None:
     ap.add_argument("--user", type=int, default=256, help="tokens of each request's own")
     ap.add_argument("--output", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=1, help="requests submitted together")
+    ap.add_argument("--turns", action="store_true",
+                    help="the requests are the turns of one conversation: each prompt is the "
+                    "previous one, its answer and --user new tokens (one at a time)")
     ap.add_argument("--rate", type=float, default=0.25)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {CONFIGS}")
     ap.add_argument("--quick", action="store_true")
@@ -115,8 +130,11 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.requests, args.prefix, args.user, args.output = 3, 256, 64, 8
+        # 2 prefix blocks + 320 own tokens: the second request is compressed around the kept prefix
+        args.requests, args.prefix, args.user, args.output = 3, 256, 320, 8
         args.configs = "kvc+pc,kvc+pc-norecord"
+    if args.turns and args.concurrency != 1:
+        sys.exit("--turns: the turns of one conversation come one at a time (--concurrency 1)")
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args)))
         return
@@ -136,14 +154,19 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", config, "--model", args.model]
         for key in ("requests", "prefix", "user", "output", "concurrency", "rate"):
             cmd += [f"--{key}", str(getattr(args, key))]
+        cmd += ["--turns"] if args.turns else []
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{config} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         rows.append(json.loads(line[-1][len("RESULT "):]))
         print(f"{config}: {rows[-1]['wall_s']:.1f} s", flush=True)
-    print(f"\n{args.requests} requests of a {args.prefix}-token shared prefix + {args.user} own "
-          f"tokens, {args.output} out, {args.concurrency} at a time; plugin rate {args.rate}\n")
+    if args.turns:
+        print(f"\none conversation of {args.requests} turns: a {args.prefix}-token system prompt, "
+              f"each turn {args.user} new tokens and {args.output} out; plugin rate {args.rate}\n")
+    else:
+        print(f"\n{args.requests} requests of a {args.prefix}-token shared prefix + {args.user} own "
+              f"tokens, {args.output} out, {args.concurrency} at a time; plugin rate {args.rate}\n")
     print("| config | wall s | prompt tokens computed | requests hitting the prefix | "
           "mean kept fraction | cached tokens per request |")
     print("|---|---:|---:|---:|---:|---|")

@@ -181,10 +181,12 @@ def test_a_prefix_computed_again_after_its_compression_stays_cached(engine):
             names[rid] = name
             engine.engine.step()
             blocks[name] = list(manager.req_to_blocks[rid][:PREFIX_BLOCKS])
-            if name == "z":
-                assert blocks["z"] == blocks["y"]
+            if name == "y":  # the prefix written (y's first step), before any compression of y
+                assert not [k for r, k in watch.keeps if r == rid]
                 block_ids = [b.block_id for b in blocks["y"]]
                 ((kv, pos),) = engine.llm.collective_rpc(_prefix_pages, args=(block_ids,))
+            if name == "z":
+                assert blocks["z"] == blocks["y"]
             outs[name] = engine.run_until_done()[name]
             assert outs[name].kv_transfer_params["kv_compress"]["compressions"] >= 1
         keeps = {names[r]: {k for q, k in watch.keeps if q == r} for r, _ in watch.keeps}

@@ -535,34 +535,47 @@ def test_a_prefix_in_its_second_use_stays_cached(vllm_config_pc, remember):
     watch.restore()
 
 
-def test_a_second_use_is_not_kept_under_pressure_or_a_cap(vllm_config_pc):
+def test_a_second_use_is_not_kept_while_blocks_are_wanted_or_under_a_cap(vllm_config_pc):
     """The second use of a prefix is kept for requests that may come, by a
     request that holds it alone: not when the pool is short of blocks for
-    the next step, and not by a request capped by ``max_cache_tokens``."""
+    the next step, not while the next waiting request does not fit, and not
+    by a request capped by ``max_cache_tokens``."""
     from block_watch import BlockWatch
 
     hasher = _hasher()
     prefix = list(range(1000, 1000 + 3 * BS))
-    for case in ("pressure", "cap"):
+    for case in ("pressure", "waiting", "cap"):
         # pressure: 6 usable blocks (+ the null block), all taken by a prompt
         # of 3 prefix blocks + 48 tokens when its first compression is due
         sched = make_scheduler(vllm_config_pc, num_blocks=7 if case == "pressure" else 40,
                                budget=64)
         watch = BlockWatch(sched)
-        add_tokens(sched, "a", prefix + list(range(2000, 2048)), hasher, max_tokens=40)
-        while sched.requests:
-            run_step(sched)
-        assert watch.keeps[0] == ("a", 0) and manager_has_record(sched, prefix)
-        extra = {"max_cache_tokens": PROTECTED + 64} if case == "cap" else {}
-        add_tokens(sched, "b", prefix + list(range(3000, 3048)), hasher, max_tokens=40, **extra)
-        while sched.requests:
-            run_step(sched)
-            assert not watch.stale()
-        kept = [k for r, k in watch.keeps if r == "b"]
-        assert kept and set(kept) == {0}, (case, watch.keeps)
-        if case == "pressure":
-            assert sched.kvc_totals.pressure_steps > 0
-        watch.restore()
+        try:
+            add_tokens(sched, "a", prefix + list(range(2000, 2048)), hasher, max_tokens=40)
+            while sched.requests:
+                run_step(sched)
+            assert watch.keeps[0] == ("a", 0) and manager_has_record(sched, prefix)
+            extra = {"max_cache_tokens": PROTECTED + 64} if case == "cap" else {}
+            add_tokens(sched, "b", prefix + list(range(3000, 3048)), hasher, max_tokens=40,
+                       **extra)
+            if case == "waiting":
+                compressions = len(watch.keeps)
+                run_step(sched)
+                run_step(sched)  # b prefilled: its first compression is due next step
+                assert len(watch.keeps) == compressions
+                free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+                add_tokens(sched, "w", range(5000, 5000 + (free + 2) * BS), hasher,
+                           max_tokens=2, kv_compress_rate=1.0)  # does not fit yet
+                assert sched._admission_shortfall(free, sched._next_step_demand(), []) > 0
+            while sched.requests:
+                run_step(sched)
+                assert not watch.stale()
+            kept = [k for r, k in watch.keeps if r == "b"]
+            assert kept and set(kept) == {0}, (case, watch.keeps)
+            if case == "pressure":
+                assert sched.kvc_totals.pressure_steps > 0
+        finally:
+            watch.restore()
 
 
 def manager_has_record(sched, prefix):

@@ -182,19 +182,20 @@ class KVCompressScheduler(Scheduler):
 
     def _shared_prefix(self, request_id: str, policy: RequestPolicy,
                        awaited: frozenset[int] = frozenset(),
-                       pressure: bool = False) -> tuple[int, int]:
+                       second_use: bool = True) -> tuple[int, int]:
         """(tokens, blocks) of the request's leading blocks a compression
         must leave intact: with prefix caching, its hits and blocks up to the
         last one other requests hold too, the next waiting request hits
         (``awaited``, block ids) or another request's compression took out of
         the cache before (their second use; ``KVCompressManager.shared_prefix_blocks``),
         and those wholly inside its sinks, all of which stay cached; (0, 0)
-        without.  A second use is kept only for a request without a
-        ``max_cache_tokens`` cap and not under ``pressure``: it holds those
-        blocks alone, for requests that may come."""
+        without.  A second use is kept only with ``second_use`` (nothing
+        waits for blocks: ``_plan_evictions``) and for a request without a
+        ``max_cache_tokens`` cap: it holds those blocks alone, for requests
+        that may come."""
         if not self.kvc_manager.enable_caching:
             return 0, 0
-        second_use = not pressure and policy.max_cache_tokens is None
+        second_use = second_use and policy.max_cache_tokens is None
         blocks = max(self.kvc_manager.shared_prefix_blocks(request_id, awaited, second_use),
                      policy.sink_tokens // self.geometry.block_size)
         return blocks * self.geometry.block_size, blocks
@@ -273,7 +274,8 @@ class KVCompressScheduler(Scheduler):
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
         return max(0, self.geometry.blocks_needed(tokens, 0) - held + watermark + demand - free)
 
-    def _admission_compressions(self, shortfall: int, awaited: frozenset[int]) -> set[str]:
+    def _admission_compressions(self, shortfall: int, awaited: frozenset[int],
+                                second_use: bool) -> set[str]:
         """Running requests to compress ahead of their interval so that
         ``shortfall`` more blocks are free: what the compressions due in this
         step anyway free counts first, then the largest block gains (the
@@ -302,7 +304,7 @@ class KVCompressScheduler(Scheduler):
                 continue  # not scorable yet
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
-            shared, _ = self._shared_prefix(rid, state.policy, awaited)
+            shared, _ = self._shared_prefix(rid, state.policy, awaited, second_use)
             pages = pages_to_evict(self.geometry, state.policy, n, evicted, shared)
             upto = n + self._next_tokens(request)
             gain = self.geometry.blocks_needed(upto, evicted) - self.geometry.blocks_needed(
@@ -336,13 +338,22 @@ class KVCompressScheduler(Scheduler):
             hit = [] if pressure else self._awaited_hit()
             return hit, frozenset(block.block_id for block in hit)
 
+        @functools.cache
+        def second_use() -> bool:
+            """Whether compressions keep prefixes in their second use (held
+            alone, for requests that may come): only while nothing waits for
+            blocks -- no pressure, and the next admitted request, if any, fits."""
+            if pressure or self._next_admitted() is None:
+                return not pressure
+            return self._admission_shortfall(free, demand, awaited()[0]) <= 0
+
         admit: set[str] = set()
         if pressure:
             self.kvc_totals.pressure_steps += 1
         elif self.kvc_config.compress_to_admit:
             hit, awaited_ids = awaited()
             admit = self._admission_compressions(
-                self._admission_shortfall(free, demand, hit), awaited_ids)
+                self._admission_shortfall(free, demand, hit), awaited_ids, second_use())
             self.kvc_totals.admission_steps += bool(admit)
         plans: list[EvictionPlan] = []
         for request in self.running:
@@ -374,7 +385,7 @@ class KVCompressScheduler(Scheduler):
             state.tokens_at_last_check = n
             rid = request.request_id
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
-            shared, shared_blocks = self._shared_prefix(rid, policy, awaited()[1], pressure)
+            shared, shared_blocks = self._shared_prefix(rid, policy, awaited()[1], second_use())
             num_pages = pages_to_evict(self.geometry, policy, n, evicted, shared)
             if num_pages == 0:
                 continue
