@@ -33,7 +33,7 @@ A plugin engine that preempted a request fails the run.
 
     python benchmarks/prefix_reuse.py                # ~3 min here
     python benchmarks/prefix_reuse.py --turns --requests 8   # one conversation of 8 turns
-    python benchmarks/prefix_reuse.py --quick        # 2 configurations, 3 short requests (~1 min)
+    python benchmarks/prefix_reuse.py --quick        # kvc+pc and kvc+pc-norecord (or --configs), 3 short requests (~1 min)
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def main() -> None:
     if args.quick:
         # 2 prefix blocks + 320 own tokens: the second request is compressed around the kept prefix
         args.requests, args.prefix, args.user, args.output = 3, 256, 320, 8
-        args.configs = "kvc+pc,kvc+pc-norecord"
+        if args.configs == ",".join(CONFIGS):
+            args.configs = "kvc+pc,kvc+pc-norecord"
     if args.turns and args.concurrency != 1:
         sys.exit("--turns: the turns of one conversation come one at a time (--concurrency 1)")
     if args.child:
