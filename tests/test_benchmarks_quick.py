@@ -192,3 +192,15 @@ def test_prefix_reuse_quick():
     assert rows["kvc+pc"][5] == "0 0 256" and rows["kvc+pc"][3] == "1 of 3"
     assert rows["kvc+pc-norecord"][5] == "0 0 0"
     assert all(float(r[1]) > 0 and 0 < float(r[4]) <= 1 for r in rows.values())
+
+
+def test_prefix_reuse_quick_conversation():
+    """prefix_reuse.py --quick --turns: one conversation of three turns (each
+    prompt the previous one, its answer and new tokens); the third turn hits
+    the first turn's prompt (4 whole blocks), which the second kept."""
+    proc = _bench("prefix_reuse.py", "--turns", "--configs", "kvc+pc")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = [[c.strip() for c in ln.strip("|").split("|")]
+              for ln in proc.stdout.splitlines() if ln.startswith("| kvc")]
+    assert row[0] == "kvc+pc" and row[5] == "0 0 512", row
+    assert "one conversation of 3 turns" in proc.stdout
