@@ -103,10 +103,11 @@ def child(config: str, args) -> dict:
     shareable = args.prefix // block_size * block_size  # whole blocks of the prefix
     kept = [o.kv_transfer_params["kv_compress"]["kept_fraction"]
             for o in outs if o.kv_transfer_params and "kv_compress" in o.kv_transfer_params]
+    prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
     return {
         "config": config, "wall_s": wall,
-        "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),
-        "computed_tokens": sum(len(p["prompt_token_ids"]) for p in prompts) - sum(cached),
+        "prompt_tokens": prompt_tokens,
+        "computed_tokens": prompt_tokens - sum(cached),
         "hits": sum(c >= shareable > 0 for c in cached),
         "cached_tokens": cached,
         "kept_fraction": sum(kept) / len(kept) if kept else 1.0,

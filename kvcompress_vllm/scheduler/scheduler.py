@@ -339,21 +339,21 @@ class KVCompressScheduler(Scheduler):
             return hit, frozenset(block.block_id for block in hit)
 
         @functools.cache
+        def shortfall() -> int:
+            """Blocks the next admitted request lacks (0: none waits, or it fits)."""
+            return self._admission_shortfall(free, demand, awaited()[0])
+
         def second_use() -> bool:
             """Whether compressions keep prefixes in their second use (held
             alone, for requests that may come): only while nothing waits for
             blocks -- no pressure, and the next admitted request, if any, fits."""
-            if pressure or self._next_admitted() is None:
-                return not pressure
-            return self._admission_shortfall(free, demand, awaited()[0]) <= 0
+            return not pressure and shortfall() <= 0
 
         admit: set[str] = set()
         if pressure:
             self.kvc_totals.pressure_steps += 1
         elif self.kvc_config.compress_to_admit:
-            hit, awaited_ids = awaited()
-            admit = self._admission_compressions(
-                self._admission_shortfall(free, demand, hit), awaited_ids, second_use())
+            admit = self._admission_compressions(shortfall(), awaited()[1], second_use())
             self.kvc_totals.admission_steps += bool(admit)
         plans: list[EvictionPlan] = []
         for request in self.running:
