@@ -9,15 +9,23 @@ STAMP   := $(VENV)/.deps-installed
 PORT    ?= 8765
 QUIET   := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: demo test install model bench-quick clean
+.PHONY: demo test install model qemu bench-quick clean
 
 ## make demo: serve the default model with --kv-compress-rate 0.3 and ask it one question.
 demo: install model
 	$(BIN)/python examples/serve_demo.py --port $(PORT) --rate 0.3
 
 ## make test: the whole test suite (sets up everything it needs first).
-test: install model
+test: install model qemu
 	$(BIN)/pytest tests --durations=30
+
+# qemu-user (Debian's) runs the kernel tests once more on an emulated CPU without AVX-512
+# (tests/test_cpu_without_avx512.py); where it cannot be installed that test skips, saying why.
+qemu:
+	@command -v qemu-x86_64 >/dev/null || [ "$$(uname -m)" != x86_64 ] || \
+	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q qemu-user >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q qemu-user >/dev/null 2>&1; }; } || \
+	  echo "make: could not install qemu-user (apt-get, as root): tests/test_cpu_without_avx512.py will skip"
 
 $(STAMP): requirements/cpu.txt requirements/dev.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)

@@ -1,0 +1,196 @@
+"""The kernels on a CPU that has AVX2 and no AVX-512, as the CPU itself says.
+
+The machines this project runs on have AVX-512 (often with BF16), so the
+other tests reach the AVX2 path only by asking for it
+(``set_cpu_isa("avx2")``), and ``benchmarks/cpu_emulation`` runs engines as
+on an older CPU by answering torch's probes.  Neither would notice an
+AVX-512 instruction executed on the way (the host runs it), nor a choice made
+from the real CPUID.  Here the tests run under QEMU's user-mode emulator as
+a Haswell (``qemu-x86_64 -cpu Haswell-v4``: AVX2, FMA, F16C; no AVX-512):
+CPUID says so to torch, to vLLM (which then loads ``_C_AVX2``) and to our
+library, and an AVX-512 instruction would stop the process with SIGILL.
+
+What runs there: which paths each library picks, then the kernel tests of
+``CASES`` (the quick form, 113 tests, 1.5 min here; ``KVC_NO_AVX512_FULL=1``
+runs the whole files, 284 tests, 4 min): our attention, write and compaction kernels against
+the reference, vLLM's AVX2 writer against the in-page layout we learn from
+it, packed requests on vLLM's kernel per KV head, batch gathering, KeyDiff
+and the prefill paths.  The emulator runs the model's matmuls some 300x
+slower than the host, so an engine is not started by default: ``KVC_NO_AVX512_ENGINE=1`` adds one plugin and one stock
+engine on short prompts (~7 min here; docs/performance.md, "On a CPU
+without AVX-512, under QEMU").
+
+Needs ``qemu-x86_64`` (Debian's ``qemu-user``; ``make test`` installs it
+where it can) on an x86_64 host; skips otherwise, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from subproc import run
+
+TESTS = Path(__file__).resolve().parent
+
+#: QEMU's CPU model: Haswell without TSX, with IBRS -- AVX2 + FMA + F16C.
+CPU_MODEL = "Haswell-v4"
+
+#: Quick form: file -> the ``-k`` expression of its tests that run (None: all).
+#: Each expression names its module, since ``-k`` applies to every file.
+CASES = {
+    "test_cpu_kernels.py": "dispatch or write or compact or (avx2 and not packed_pages and "
+                           "not random) or (random and avx2-3-64) or (packed_pages and avx2-128-3-64)",
+    "test_cpu_packed.py": "learned_packing or vllm_kernel_build or choice or packed_decode_step "
+                          "or ((packed_requests_run or compaction or row_split) and [0)",
+    "test_gather_batch.py": None,
+    "test_keydiff_kernel.py": "not kvpress or kvpress[0",
+    "test_cpu_prefill.py": "not split_matches or [True-0] or [False-1]",
+}
+
+#: What the process must find before the tests run: (our path, torch's capability, vLLM's build).
+PREAMBLE = """
+import sys, torch, pytest
+import vllm
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+from kvcompress_vllm import ops
+from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
+found = (ops.cpu_isa(), torch.backends.cpu.get_cpu_capability(), vllm_kernel_build())
+print("found", found, flush=True)
+if found != ("avx2", "AVX2", "_C_AVX2"):
+    sys.exit(f"expected ('avx2', 'AVX2', '_C_AVX2') on a CPU without AVX-512, found {found}")
+for path in ("avx512", "avx512_bf16", "avx512_amx"):
+    try:
+        torch.ops.kvcompress.set_cpu_isa(path)
+    except RuntimeError as e:
+        assert "lacks" in str(e), e
+    else:
+        sys.exit(f"set_cpu_isa({path!r}) was accepted on a CPU without AVX-512")
+torch.ops.kvcompress.set_cpu_isa("auto")
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+def _qemu() -> str:
+    if platform.machine() != "x86_64":
+        pytest.skip(f"runs x86_64 code under qemu-x86_64; this host is {platform.machine()}")
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 not found: install Debian's qemu-user (make test tries to)")
+    return qemu
+
+
+def _cpu_decides() -> dict:
+    """This environment without what would choose a path for the CPU."""
+    env = dict(os.environ)
+    for name in ("KVCOMPRESS_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                 "KVC_EMULATE_CPU"):
+        env.pop(name, None)
+    return env
+
+
+def pytest_args(full: bool) -> list[str]:
+    """One pytest run over the files of ``CASES`` (``full``: all their tests)."""
+    args = ["-q", "-p", "no:cacheprovider", "-rs", "--rootdir", str(TESTS.parent)]
+    args += [str(TESTS / name) for name in CASES]
+    if full:
+        return args
+    # -k applies to every file: each part names its module (a keyword of its tests).
+    parts = [Path(name).stem + (f" and ({expr})" if expr else "") for name, expr in CASES.items()]
+    return args + ["-k", " or ".join(f"({part})" for part in parts)]
+
+
+def test_kernels_on_a_cpu_without_avx512():
+    qemu = _qemu()
+    full = os.environ.get("KVC_NO_AVX512_FULL") == "1"
+    cmd = [qemu, "-cpu", CPU_MODEL, sys.executable, "-c", PREAMBLE, *pytest_args(full)]
+    proc = run(cmd, timeout=1800 if full else 900, env=_cpu_decides())
+    out = proc.stdout + "\n".join(
+        line for line in proc.stderr.splitlines() if "TCG doesn't support" not in line)
+    assert proc.returncode == 0, f"under {CPU_MODEL} (rc {proc.returncode}):\n{out[-6000:]}"
+    assert "found ('avx2', 'AVX2', '_C_AVX2')" in out, out[-3000:]
+    summary = re.findall(r"^\d+ passed.*$", proc.stdout, re.M)
+    passed = int(summary[-1].split()[0]) if summary else 0
+    assert passed >= (250 if full else 100), f"too few tests ran under {CPU_MODEL}: {summary}"
+    print(f"under {CPU_MODEL}: {summary[-1]}")
+
+
+#: One engine under the emulator: ``spec`` in argv[1], a line ``RESULT {json}`` out.
+ENGINE = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+spec = json.loads(sys.argv[1])
+import torch
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
+llm = LLM(spec["model"], **spec["engine"])
+runs = []
+for batch in spec["batches"]:  # one generate() each, so a batch is scheduled alone
+    params = [SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                             extra_args=x) for x in batch["extra_args"]]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch["prompts"]], params,
+                        use_tqdm=False)
+    runs.append([{"tokens": list(o.outputs[0].token_ids),
+                  "stats": (o.kv_transfer_params or {}).get("kv_compress")} for o in outs])
+ours = None
+if spec["plugin"]:
+    from kvcompress_vllm import ops
+    ours = ops.cpu_isa()
+found = [ours, torch.backends.cpu.get_cpu_capability(), vllm_kernel_build()]
+print("RESULT " + json.dumps({"found": found, "runs": runs}), flush=True)
+llm.llm_engine.engine_core.shutdown()
+"""
+
+
+def _engine(qemu: str, spec: dict, plugin: bool) -> dict:
+    import json
+
+    env = _cpu_decides()
+    if not plugin:
+        env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
+    spec = {**spec, "plugin": plugin}
+    proc = run([qemu, "-cpu", CPU_MODEL, sys.executable, "-c", ENGINE, json.dumps(spec)],
+               timeout=1500, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    tail = "\n".join(line for line in proc.stderr.splitlines()
+                     if "TCG doesn't support" not in line)[-4000:]
+    assert proc.returncode == 0 and lines, f"engine under {CPU_MODEL} (rc {proc.returncode}):\n{tail}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(os.environ.get("KVC_NO_AVX512_ENGINE") != "1",
+                    reason="~7 min under the emulator: KVC_NO_AVX512_ENGINE=1 runs it")
+def test_engines_on_a_cpu_without_avx512(model_path):
+    """A plugin engine at rate 0.25 compresses one request and serves one at
+    rate 1.0; a stock engine serves that one too, alone as in the plugin's
+    engine, and gives the same tokens.  Both engines find vLLM's ``_C_AVX2``
+    and torch's AVX2 kernels, ours its AVX2 path."""
+    import random
+
+    qemu = _qemu()
+    rng = random.Random(0)
+    compressed, stock_like = ([rng.randrange(100, 40000) for _ in range(160)] for _ in range(2))
+    spec = {"model": model_path, "max_tokens": 12,
+            "engine": dict(enforce_eager=True, seed=0, max_model_len=512, max_num_seqs=4,
+                           block_size=32, max_num_batched_tokens=512,
+                           kv_cache_memory_bytes=32 << 20)}
+    plugin = _engine(qemu, {**spec, "engine": {**spec["engine"], "kv_compress_rate": 0.25},
+                            "batches": [{"prompts": [stock_like], "extra_args": [{"kv_compress_rate": 1.0}]},
+                                        {"prompts": [compressed], "extra_args": [None]}]}, True)
+    stock = _engine(qemu, {**spec, "batches": [{"prompts": [stock_like], "extra_args": [None]}]}, False)
+    assert plugin["found"] == ["avx2", "AVX2", "_C_AVX2"], plugin["found"]
+    assert stock["found"] == [None, "AVX2", "_C_AVX2"], stock["found"]
+    (kept,), (squeezed,) = plugin["runs"]
+    assert squeezed["stats"]["compressions"] >= 1 and squeezed["stats"]["kept_fraction"] < 0.6, squeezed
+    assert len(squeezed["tokens"]) == spec["max_tokens"]
+    assert kept["stats"]["compressions"] == 0, kept
+    assert kept["tokens"] == stock["runs"][0][0]["tokens"]
+    print(f"under {CPU_MODEL}: plugin {plugin['found']}, compressed request {squeezed['stats']}")
