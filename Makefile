@@ -23,8 +23,9 @@ test: install model qemu
 # (tests/test_cpu_without_avx512.py); where it cannot be installed that test skips, saying why.
 qemu:
 	@command -v qemu-x86_64 >/dev/null || [ "$$(uname -m)" != x86_64 ] || \
-	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q qemu-user >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q qemu-user >/dev/null 2>&1; }; } || \
+	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q --no-install-recommends qemu-user >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q --no-install-recommends qemu-user >/dev/null 2>&1; }; } || \
 	  echo "make: could not install qemu-user (apt-get, as root): tests/test_cpu_without_avx512.py will skip"
 
 $(STAMP): requirements/cpu.txt requirements/dev.txt

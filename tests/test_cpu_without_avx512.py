@@ -83,6 +83,11 @@ def _qemu() -> str:
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
         pytest.skip("qemu-x86_64 not found: install Debian's qemu-user (make test tries to)")
+    version = run([qemu, "--version"], timeout=60).stdout
+    found = re.search(r"version (\d+)\.(\d+)", version)
+    if found is None or tuple(map(int, found.groups())) < (7, 2):
+        # Before 7.2 QEMU's TCG drops AVX2 / FMA from the CPU model (with a warning).
+        pytest.skip(f"qemu-x86_64 emulates AVX2 from 7.2 on; this one says {version.strip()!r}")
     return qemu
 
 
@@ -90,14 +95,17 @@ def _cpu_decides() -> dict:
     """This environment without what would choose a path for the CPU."""
     env = dict(os.environ)
     for name in ("KVCOMPRESS_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                 "KVC_EMULATE_CPU"):
+                 "KVC_EMULATE_CPU", "PYTEST_ADDOPTS",
+                 # debug switches that would route around the kernels under test
+                 "KVCOMPRESS_VLLM_KERNELS", "KVCOMPRESS_CPU_PREFILL", "KVCOMPRESS_METRIC_PAGES",
+                 "KVCOMPRESS_PACKED_DECODE"):
         env.pop(name, None)
     return env
 
 
 def pytest_args(full: bool) -> list[str]:
     """One pytest run over the files of ``CASES`` (``full``: all their tests)."""
-    args = ["-q", "-p", "no:cacheprovider", "-rs", "--rootdir", str(TESTS.parent)]
+    args = ["-q", "--color=no", "-p", "no:cacheprovider", "-rs", "--rootdir", str(TESTS.parent)]
     args += [str(TESTS / name) for name in CASES]
     if full:
         return args
@@ -115,10 +123,11 @@ def test_kernels_on_a_cpu_without_avx512():
         line for line in proc.stderr.splitlines() if "TCG doesn't support" not in line)
     assert proc.returncode == 0, f"under {CPU_MODEL} (rc {proc.returncode}):\n{out[-6000:]}"
     assert "found ('avx2', 'AVX2', '_C_AVX2')" in out, out[-3000:]
-    summary = re.findall(r"^\d+ passed.*$", proc.stdout, re.M)
-    passed = int(summary[-1].split()[0]) if summary else 0
-    assert passed >= (250 if full else 100), f"too few tests ran under {CPU_MODEL}: {summary}"
-    print(f"under {CPU_MODEL}: {summary[-1]}")
+    summary = re.findall(r"^.*\b(\d+) passed.*$", proc.stdout, re.M)
+    passed = int(summary[-1]) if summary else 0
+    # The quick form selects 113 tests (284 in all): a -k part that stops matching shows here.
+    assert passed >= (280 if full else 110), f"too few tests ran under {CPU_MODEL}: {out[-2000:]}"
+    print(f"under {CPU_MODEL}: {passed} passed")
 
 
 #: One engine under the emulator: ``spec`` in argv[1], a line ``RESULT {json}`` out.
@@ -172,7 +181,12 @@ def test_engines_on_a_cpu_without_avx512(model_path):
     """A plugin engine at rate 0.25 compresses one request and serves one at
     rate 1.0; a stock engine serves that one too, alone as in the plugin's
     engine, and gives the same tokens.  Both engines find vLLM's ``_C_AVX2``
-    and torch's AVX2 kernels, ours its AVX2 path."""
+    and torch's AVX2 kernels, ours its AVX2 path.
+
+    The rate-1.0 request, alone in its steps, runs on vLLM's own path: its
+    tokens show that the plugin leaves stock vLLM's results alone there.  Our
+    AVX2 kernels serve the compressed request, whose tokens have no reference
+    here (the kernel tests above compare those kernels with the reference)."""
     import random
 
     qemu = _qemu()
