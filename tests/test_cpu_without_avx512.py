@@ -17,7 +17,7 @@ the reference, vLLM's AVX2 writer against the in-page layout we learn from
 it, packed requests on vLLM's kernel per KV head, batch gathering, KeyDiff
 and the prefill paths.  The emulator runs the model's matmuls some 300x
 slower than the host, so an engine is not started by default: ``KVC_NO_AVX512_ENGINE=1`` adds one plugin and one stock
-engine on short prompts (~7 min here; docs/performance.md, "On a CPU
+engine on short prompts (7-9 min here; docs/performance.md, "On a CPU
 without AVX-512, under QEMU").
 
 Needs ``qemu-x86_64`` (Debian's ``qemu-user``; ``make test`` installs it
@@ -26,6 +26,7 @@ where it can) on an x86_64 host; skips otherwise, saying why.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -37,6 +38,17 @@ import pytest
 from subproc import run
 
 TESTS = Path(__file__).resolve().parent
+BENCHMARKS = TESTS.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from throughput_sweep import EMULATED_CPUS  # noqa: E402  (one home: build, capability, path)
+
+#: (vLLM's build, torch's capability, our path) on a CPU without AVX-512, as
+#: ``throughput_sweep.worker_cpu`` reports them.
+WANT = (EMULATED_CPUS["avx2"].vllm_build, EMULATED_CPUS["avx2"].aten_capability,
+        EMULATED_CPUS["avx2"].our_path)
+#: The start of each script under the emulator: ``worker_cpu`` importable.
+FIND = f"import sys\nsys.path.insert(0, {str(BENCHMARKS)!r})\nfrom throughput_sweep import worker_cpu\n"
 
 #: QEMU's CPU model: Haswell without TSX, with IBRS -- AVX2 + FMA + F16C.
 CPU_MODEL = "Haswell-v4"
@@ -53,25 +65,23 @@ CASES = {
     "test_cpu_prefill.py": "not split_matches or [True-0] or [False-1]",
 }
 
-#: What the process must find before the tests run: (our path, torch's capability, vLLM's build).
-PREAMBLE = """
-import sys, torch, pytest
+#: What the process must find before the tests run (``WANT``), then the tests.
+PREAMBLE = FIND + f"""
+import torch, pytest
 import vllm
 from vllm.platforms import current_platform
 current_platform.import_kernels()
-from kvcompress_vllm import ops
-from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
-found = (ops.cpu_isa(), torch.backends.cpu.get_cpu_capability(), vllm_kernel_build())
+found = worker_cpu(None, True)
 print("found", found, flush=True)
-if found != ("avx2", "AVX2", "_C_AVX2"):
-    sys.exit(f"expected ('avx2', 'AVX2', '_C_AVX2') on a CPU without AVX-512, found {found}")
+if found != {WANT!r}:
+    sys.exit(f"expected {WANT!r} on a CPU without AVX-512, found {{found}}")
 for path in ("avx512", "avx512_bf16", "avx512_amx"):
     try:
         torch.ops.kvcompress.set_cpu_isa(path)
     except RuntimeError as e:
         assert "lacks" in str(e), e
     else:
-        sys.exit(f"set_cpu_isa({path!r}) was accepted on a CPU without AVX-512")
+        sys.exit(f"set_cpu_isa({{path!r}}) was accepted on a CPU without AVX-512")
 torch.ops.kvcompress.set_cpu_isa("auto")
 sys.exit(pytest.main(sys.argv[1:]))
 """
@@ -103,6 +113,15 @@ def _cpu_decides() -> dict:
     return env
 
 
+def _run_under(qemu: str, script: str, args: list[str], timeout: float, env: dict):
+    """``python -c script *args`` on ``CPU_MODEL``: the process and its stderr
+    without QEMU's warnings about features of the model it does not emulate."""
+    proc = run([qemu, "-cpu", CPU_MODEL, sys.executable, "-c", script, *args],
+               timeout=timeout, env=env)
+    return proc, "\n".join(line for line in proc.stderr.splitlines()
+                           if "TCG doesn't support" not in line)
+
+
 def pytest_args(full: bool) -> list[str]:
     """One pytest run over the files of ``CASES`` (``full``: all their tests)."""
     args = ["-q", "--color=no", "-p", "no:cacheprovider", "-rs", "--rootdir", str(TESTS.parent)]
@@ -117,12 +136,11 @@ def pytest_args(full: bool) -> list[str]:
 def test_kernels_on_a_cpu_without_avx512():
     qemu = _qemu()
     full = os.environ.get("KVC_NO_AVX512_FULL") == "1"
-    cmd = [qemu, "-cpu", CPU_MODEL, sys.executable, "-c", PREAMBLE, *pytest_args(full)]
-    proc = run(cmd, timeout=1800 if full else 900, env=_cpu_decides())
-    out = proc.stdout + "\n".join(
-        line for line in proc.stderr.splitlines() if "TCG doesn't support" not in line)
+    proc, stderr = _run_under(qemu, PREAMBLE, pytest_args(full), 1800 if full else 900,
+                              _cpu_decides())
+    out = proc.stdout + stderr
     assert proc.returncode == 0, f"under {CPU_MODEL} (rc {proc.returncode}):\n{out[-6000:]}"
-    assert "found ('avx2', 'AVX2', '_C_AVX2')" in out, out[-3000:]
+    assert f"found {WANT!r}" in out, out[-3000:]
     summary = re.findall(r"^.*\b(\d+) passed.*$", proc.stdout, re.M)
     passed = int(summary[-1]) if summary else 0
     # The quick form selects 113 tests (284 in all): a -k part that stops matching shows here.
@@ -131,14 +149,12 @@ def test_kernels_on_a_cpu_without_avx512():
 
 
 #: One engine under the emulator: ``spec`` in argv[1], a line ``RESULT {json}`` out.
-ENGINE = """
-import json, os, sys
+ENGINE = FIND + """
+import json, os
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 spec = json.loads(sys.argv[1])
-import torch
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
-from kvcompress_vllm.attention.vllm_cpu import vllm_kernel_build
 llm = LLM(spec["model"], **spec["engine"])
 runs = []
 for batch in spec["batches"]:  # one generate() each, so a batch is scheduled alone
@@ -148,35 +164,26 @@ for batch in spec["batches"]:  # one generate() each, so a batch is scheduled al
                         use_tqdm=False)
     runs.append([{"tokens": list(o.outputs[0].token_ids),
                   "stats": (o.kv_transfer_params or {}).get("kv_compress")} for o in outs])
-ours = None
-if spec["plugin"]:
-    from kvcompress_vllm import ops
-    ours = ops.cpu_isa()
-found = [ours, torch.backends.cpu.get_cpu_capability(), vllm_kernel_build()]
+found = worker_cpu(None, spec["plugin"])
 print("RESULT " + json.dumps({"found": found, "runs": runs}), flush=True)
 llm.llm_engine.engine_core.shutdown()
 """
 
 
 def _engine(qemu: str, spec: dict, plugin: bool) -> dict:
-    import json
-
     env = _cpu_decides()
     if not plugin:
         env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
-    spec = {**spec, "plugin": plugin}
-    proc = run([qemu, "-cpu", CPU_MODEL, sys.executable, "-c", ENGINE, json.dumps(spec)],
-               timeout=1500, env=env)
+    proc, stderr = _run_under(qemu, ENGINE, [json.dumps({**spec, "plugin": plugin})], 1500, env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    tail = "\n".join(line for line in proc.stderr.splitlines()
-                     if "TCG doesn't support" not in line)[-4000:]
-    assert proc.returncode == 0 and lines, f"engine under {CPU_MODEL} (rc {proc.returncode}):\n{tail}"
+    assert proc.returncode == 0 and lines, \
+        f"engine under {CPU_MODEL} (rc {proc.returncode}):\n{stderr[-4000:]}"
     return json.loads(lines[-1][len("RESULT "):])
 
 
 @pytest.mark.engine
 @pytest.mark.skipif(os.environ.get("KVC_NO_AVX512_ENGINE") != "1",
-                    reason="~7 min under the emulator: KVC_NO_AVX512_ENGINE=1 runs it")
+                    reason="7-9 min under the emulator: KVC_NO_AVX512_ENGINE=1 runs it")
 def test_engines_on_a_cpu_without_avx512(model_path):
     """A plugin engine at rate 0.25 compresses one request and serves one at
     rate 1.0; a stock engine serves that one too, alone as in the plugin's
@@ -200,8 +207,8 @@ def test_engines_on_a_cpu_without_avx512(model_path):
                             "batches": [{"prompts": [stock_like], "extra_args": [{"kv_compress_rate": 1.0}]},
                                         {"prompts": [compressed], "extra_args": [None]}]}, True)
     stock = _engine(qemu, {**spec, "batches": [{"prompts": [stock_like], "extra_args": [None]}]}, False)
-    assert plugin["found"] == ["avx2", "AVX2", "_C_AVX2"], plugin["found"]
-    assert stock["found"] == [None, "AVX2", "_C_AVX2"], stock["found"]
+    assert plugin["found"] == list(WANT), plugin["found"]
+    assert stock["found"] == [*WANT[:2], None], stock["found"]
     (kept,), (squeezed,) = plugin["runs"]
     assert squeezed["stats"]["compressions"] >= 1 and squeezed["stats"]["kept_fraction"] < 0.6, squeezed
     assert len(squeezed["tokens"]) == spec["max_tokens"]
