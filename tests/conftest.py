@@ -34,6 +34,47 @@ def pytest_configure(config):
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+#: nodeid -> the ``Background`` job of a selected test marked ``background``.
+_BACKGROUND: dict = {}
+
+
+def pytest_collection_finish(session):
+    """Start the job of every selected test marked ``background(make_cmd)``
+    (``subproc.Background``): engine-free commands that run beside the tests
+    before their own, on CPU time those leave idle."""
+    if session.config.option.collectonly:
+        return
+    from subproc import Background
+
+    for item in session.items:
+        mark = item.get_closest_marker("background")
+        if mark is None:
+            continue
+        try:
+            _BACKGROUND[item.nodeid] = Background(mark.args[0])
+        except pytest.skip.Exception:
+            pass  # the test skips, saying why, when it asks for its job
+
+
+def pytest_sessionfinish(session):
+    for job in _BACKGROUND.values():
+        job.remove()
+    _BACKGROUND.clear()
+
+
+@pytest.fixture
+def background(request):
+    """The test's ``Background`` job: started after collection, or now (the
+    mark's ``make_cmd`` may skip the test)."""
+    from subproc import Background
+
+    job = _BACKGROUND.pop(request.node.nodeid, None)
+    if job is None:
+        job = Background(request.node.get_closest_marker("background").args[0])
+    request.addfinalizer(job.remove)
+    return job
+
+
 ENGINE_DEFAULTS = dict(
     enforce_eager=True,
     seed=0,

@@ -6,11 +6,19 @@ alive and hold their KV cache and weights, so every engine test after it
 fails vLLM's memory check.  ``run`` starts the command in a session of its
 own and kills that whole process group when the command times out or the
 test is interrupted, then raises as ``subprocess.run`` would.
+
+``Background``: a command that starts early (when the session's tests are
+collected: ``conftest.py``, mark ``background``) at the lowest CPU priority,
+so that it uses only the CPU time the tests before its own leave idle, and
+that its test then waits for like ``run``.
 """
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
+from pathlib import Path
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -42,3 +50,58 @@ def run(cmd: list[str], *, timeout: float, input: str | None = None,
         raise
     _kill_group(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+class Background:
+    """``cmd`` started now in a session of its own at ``nice`` 19, stdout and
+    stderr to files (nobody reads a pipe while it runs).  ``dir`` is a
+    directory of its own for files it writes (``--out`` paths): pass
+    ``make_cmd(dir) -> (cmd, env)``."""
+
+    def __init__(self, make_cmd) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kvc-background-"))
+        try:
+            self.cmd, env = make_cmd(self.dir)
+        except BaseException:  # pytest.skip among them
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self._out = open(self.dir / "stdout", "w+")
+        self._err = open(self.dir / "stderr", "w+")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._out, stderr=self._err, text=True,
+                                     env=env, start_new_session=True,
+                                     preexec_fn=lambda: os.nice(19))
+
+    def _output(self) -> tuple[str, str]:
+        self._out.seek(0)
+        self._err.seek(0)
+        return self._out.read(), self._err.read()
+
+    def result(self, *, timeout: float) -> subprocess.CompletedProcess:
+        """Wait up to ``timeout`` s from now (it may have had little CPU so
+        far); as ``run``: on a timeout the group is killed and
+        ``TimeoutExpired`` carries the output, and processes it left behind
+        are killed once it has exited."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            stdout, stderr = self._output()
+            raise subprocess.TimeoutExpired(self.cmd, timeout, output=stdout, stderr=stderr) from None
+        except BaseException:
+            self.kill()
+            raise
+        _kill_group(self.proc)
+        stdout, stderr = self._output()
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, stdout, stderr)
+
+    def kill(self) -> None:
+        """Kill the whole group (if still there) and wait for the command."""
+        _kill_group(self.proc)
+        self.proc.wait()
+
+    def remove(self) -> None:
+        """``kill``, then delete ``dir`` (its output included)."""
+        self.kill()
+        self._out.close()
+        self._err.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -113,13 +113,15 @@ def _cpu_decides() -> dict:
     return env
 
 
-def _run_under(qemu: str, script: str, args: list[str], timeout: float, env: dict):
-    """``python -c script *args`` on ``CPU_MODEL``: the process and its stderr
-    without QEMU's warnings about features of the model it does not emulate."""
-    proc = run([qemu, "-cpu", CPU_MODEL, sys.executable, "-c", script, *args],
-               timeout=timeout, env=env)
-    return proc, "\n".join(line for line in proc.stderr.splitlines()
-                           if "TCG doesn't support" not in line)
+def _under(qemu: str, script: str, args: list[str]) -> list[str]:
+    """The command line of ``python -c script *args`` on ``CPU_MODEL``."""
+    return [qemu, "-cpu", CPU_MODEL, sys.executable, "-c", script, *args]
+
+
+def _without_warnings(stderr: str) -> str:
+    """``stderr`` without QEMU's warnings about features of the model it does
+    not emulate."""
+    return "\n".join(line for line in stderr.splitlines() if "TCG doesn't support" not in line)
 
 
 def pytest_args(full: bool) -> list[str]:
@@ -133,11 +135,22 @@ def pytest_args(full: bool) -> list[str]:
     return args + ["-k", " or ".join(f"({part})" for part in parts)]
 
 
-def test_kernels_on_a_cpu_without_avx512():
-    qemu = _qemu()
-    full = os.environ.get("KVC_NO_AVX512_FULL") == "1"
-    proc, stderr = _run_under(qemu, PREAMBLE, pytest_args(full), 1800 if full else 900,
-                              _cpu_decides())
+def _full() -> bool:
+    return os.environ.get("KVC_NO_AVX512_FULL") == "1"
+
+
+def _kernel_tests(_dir):
+    """The emulated pytest run, a ``background`` job: it starts when the
+    session's tests are collected and runs beside them at the lowest CPU
+    priority (``subproc.Background``)."""
+    return _under(_qemu(), PREAMBLE, pytest_args(_full())), _cpu_decides()
+
+
+@pytest.mark.background.with_args(_kernel_tests)
+def test_kernels_on_a_cpu_without_avx512(background):
+    full = _full()
+    proc = background.result(timeout=1800 if full else 900)
+    stderr = _without_warnings(proc.stderr)
     out = proc.stdout + stderr
     assert proc.returncode == 0, f"under {CPU_MODEL} (rc {proc.returncode}):\n{out[-6000:]}"
     assert f"found {WANT!r}" in out, out[-3000:]
@@ -174,7 +187,8 @@ def _engine(qemu: str, spec: dict, plugin: bool) -> dict:
     env = _cpu_decides()
     if not plugin:
         env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
-    proc, stderr = _run_under(qemu, ENGINE, [json.dumps({**spec, "plugin": plugin})], 1500, env)
+    proc = run(_under(qemu, ENGINE, [json.dumps({**spec, "plugin": plugin})]), timeout=1500, env=env)
+    stderr = _without_warnings(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, \
         f"engine under {CPU_MODEL} (rc {proc.returncode}):\n{stderr[-4000:]}"

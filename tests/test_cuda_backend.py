@@ -457,16 +457,18 @@ def test_cuda_hooks_exist_in_installed_vllm():
 # --------------------------------------------------------------------------
 # every kernel configuration compiles for sm_80 and sm_90 (no GPU needed)
 # --------------------------------------------------------------------------
-def test_compile_check_all_configurations_sm80_sm90():
+def _compile_check(_dir):
     import importlib.util
 
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton has no NVIDIA backend")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    res = subprocess.run(
-        [sys.executable, "-m", "kvcompress_vllm.triton_kernels._compile_check", "80", "90"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    return [sys.executable, "-m", "kvcompress_vllm.triton_kernels._compile_check", "80", "90"], env
+
+
+@pytest.mark.background.with_args(_compile_check)
+def test_compile_check_all_configurations_sm80_sm90(background):
+    res = background.result(timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "kernels OK" in res.stdout
     for arch in ("sm_80", "sm_90"):
@@ -478,18 +480,21 @@ def test_compile_check_all_configurations_sm80_sm90():
 # --------------------------------------------------------------------------
 # the device check anyone with a GPU can run: its quick form runs here
 # --------------------------------------------------------------------------
-def test_gpu_kernels_benchmark_quick_on_cpu(tmp_path):
+def _gpu_kernels_quick(out_dir):
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_kernels.py"
-    out = tmp_path / "gpu_kernels.md"
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("PYTHONPATH", None)  # torch + triton only: the script loads kernels/ by path
-    res = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    return [sys.executable, str(script), "--quick", "--out", str(out_dir / "gpu_kernels.md")], env
+
+
+@pytest.mark.background.with_args(_gpu_kernels_quick)  # its timings mean nothing on CPU anyway
+def test_gpu_kernels_benchmark_quick_on_cpu(background):
+    res = background.result(timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "vllm was imported" not in res.stderr
-    text = out.read_text()
+    text = (background.dir / "gpu_kernels.md").read_text()
     assert "Triton interpreter" in text and "**FAILED**" not in text
     for check in ("attention decode bf16", "attention mixed bf16", "attention split-KV decode bf16",
                   "write_kv bfloat16", "compact_heads bfloat16"):

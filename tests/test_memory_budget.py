@@ -15,7 +15,6 @@ import os
 import sys
 
 import pytest
-from subproc import run
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 TOKENS = 32768
@@ -132,13 +131,19 @@ def child() -> None:
     print("RESULTS " + json.dumps(results), flush=True)
 
 
-def test_compression_peak_memory_is_bounded():
+def _child(_dir):
+    """The child, a ``background`` job (it measures memory, not time)."""
     env = dict(os.environ)
     # Fixed malloc thresholds: freed buffers go back to the OS, so each
     # measurement sees its own allocations (not memory kept from the last one).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 20))
-    proc = run([sys.executable, __file__, "child"], env=env, timeout=900)
+    return [sys.executable, __file__, "child"], env
+
+
+@pytest.mark.background.with_args(_child)
+def test_compression_peak_memory_is_bounded(background):
+    proc = background.result(timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
