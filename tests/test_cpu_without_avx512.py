@@ -11,7 +11,8 @@ CPUID says so to torch, to vLLM (which then loads ``_C_AVX2``) and to our
 library, and an AVX-512 instruction would stop the process with SIGILL.
 
 What runs there: which paths each library picks, then the kernel tests of
-``CASES`` (the quick form, 113 tests, 1.5 min here; ``KVC_NO_AVX512_FULL=1``
+``CASES`` (the quick form, 113 tests, 1.5 min here alone; in ``make test``
+a ``background`` job beside the tests before it; ``KVC_NO_AVX512_FULL=1``
 runs the whole files, 284 tests, 4 min): our attention, write and compaction kernels against
 the reference, vLLM's AVX2 writer against the in-page layout we learn from
 it, packed requests on vLLM's kernel per KV head, batch gathering, KeyDiff

@@ -72,6 +72,8 @@ def test_background_job_runs_at_the_lowest_priority_and_hands_back_its_output():
             # its own session's autogroup at nice 19 too: otherwise the
             # scheduler shares the CPU equally with the tests' sessions
             assert nice == 19 and (group == "" or group.endswith("nice 19")), (nice, group)
+            # and a waking test preempts it at once
+            assert os.sched_getscheduler(pid) == os.SCHED_IDLE
         with pytest.raises(subprocess.TimeoutExpired) as exc:
             job.result(timeout=1)
         assert exc.value.output == "out\n" and exc.value.stderr == "err\n"
