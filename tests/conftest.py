@@ -44,16 +44,20 @@ def pytest_collection_finish(session):
     before their own, on CPU time those leave idle."""
     if session.config.option.collectonly:
         return
-    from subproc import Background
-
     for item in session.items:
-        mark = item.get_closest_marker("background")
-        if mark is None:
+        if item.get_closest_marker("background") is None:
             continue
         try:
-            _BACKGROUND[item.nodeid] = Background(mark.args[0])
+            _BACKGROUND[item.nodeid] = _start_background(item)
         except pytest.skip.Exception:
             pass  # the test skips, saying why, when it asks for its job
+
+
+def _start_background(item):
+    """``subproc.Background`` of ``item``'s ``background(make_cmd)`` mark."""
+    from subproc import Background
+
+    return Background(item.get_closest_marker("background").args[0])
 
 
 def pytest_sessionfinish(session):
@@ -66,11 +70,9 @@ def pytest_sessionfinish(session):
 def background(request):
     """The test's ``Background`` job: started after collection, or now (the
     mark's ``make_cmd`` may skip the test)."""
-    from subproc import Background
-
     job = _BACKGROUND.pop(request.node.nodeid, None)
     if job is None:
-        job = Background(request.node.get_closest_marker("background").args[0])
+        job = _start_background(request.node)
     request.addfinalizer(job.remove)
     return job
 
