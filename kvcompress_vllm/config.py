@@ -12,7 +12,6 @@ the newest ``protected_window`` tokens; ``rate = 1`` keeps everything (off).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +53,7 @@ def _is_number(value: Any) -> bool:
 
 def check_rate(value: Any, option: str = "kv_compress.rate") -> float:
     """Validate a keep-rate; the error names ``option`` and the allowed range."""
-    if not _is_number(value) or math.isnan(value) or not 0.0 < value <= 1.0:
+    if not _is_number(value) or not 0.0 < value <= 1.0:  # NaN fails the comparison
         raise KVCompressConfigError(
             option,
             f"must be a number in (0, 1] -- the fraction of each sequence's "

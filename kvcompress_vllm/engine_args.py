@@ -254,7 +254,8 @@ def _wrap_create_engine_config(cls: type) -> None:
                 logger.info("KV-Compress: prefix caching is off by default (vLLM's default is "
                             "on): blocks other requests share stay uncompressed, so requests "
                             "with a common prefix would compress less; --enable-prefix-caching "
-                            "turns it on")
+                            "turns it on (do so for beam search, which prefills the prompt "
+                            "again at every step without it)")
             self.enable_prefix_caching = False
         self.async_scheduling = False
         self.scheduler_cls = SCHEDULER_CLS

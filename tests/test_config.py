@@ -14,7 +14,8 @@ from kvcompress_vllm.config import (
 from kvcompress_vllm.engine_args import SCHEDULER_CLS, fold_rate
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.0001, 2, math.nan, math.inf, "0.3", None, True])
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.0001, 2, math.nan, math.inf, "0.3", None, True,
+                                 10 ** 400, -(10 ** 400)])
 def test_bad_rates_name_option_and_range(bad):
     with pytest.raises(KVCompressConfigError) as err:
         KVCompressConfig(rate=bad)
@@ -60,8 +61,10 @@ def test_request_overrides():
     cfg = KVCompressConfig(rate=0.5, protected_window=16)
     p = request_policy(cfg, {"kv_compress_rate": 0.25, "kv_compress_scorer": "knorm"}, 128)
     assert (p.rate, p.scorer, p.protected_window, p.compress_interval) == (0.25, "knorm", 16, 128)
-    with pytest.raises(KVCompressConfigError, match="extra_args.kv_compress_rate"):
-        request_policy(cfg, {"kv_compress_rate": 0}, 128)
+    # a JSON body may carry an integer too large for a float
+    for bad in (0, 10 ** 400, -(10 ** 400)):
+        with pytest.raises(KVCompressConfigError, match="extra_args.kv_compress_rate"):
+            request_policy(cfg, {"kv_compress_rate": bad}, 128)
     with pytest.raises(KVCompressConfigError, match="extra_args.protected_window"):
         request_policy(cfg, {"protected_window": -2}, 128)
 

@@ -119,29 +119,46 @@ def test_plan_names_requests_whose_metric_is_never_read(vllm_config):
 
 
 def test_interval_and_pressure(vllm_config):
-    sched = make_scheduler(vllm_config, num_blocks=40, budget=64, compress_to_admit=False)
-    add(sched, "a", 60, max_tokens=200)
+    """Compressions after the prompt and every `interval` tokens; under
+    memory pressure one runs at once only where it frees a block for the
+    step: here "a"'s would not (the rate-1 prompt that fills the pool is
+    preempted instead), so "a" waits for its interval."""
+    interval = 4 * BS
+    sched = make_scheduler(vllm_config, num_blocks=40, budget=64, compress_to_admit=False,
+                           compress_interval=interval)
+    add(sched, "a", 60, max_tokens=300)
     for _ in range(3):
         run_step(sched)
     assert [p[0] for p in sched.plans_log] == ["a"]
-    # Next compression once BS more tokens are in the cache, not before.
+    # Next compression once `interval` more tokens are in the cache, not before.
     n_first = sched.plans_log[0][1]
-    while sched.requests["a"].num_computed_tokens < n_first + BS:
+    while sched.requests["a"].num_computed_tokens < n_first + interval:
         assert len(sched.plans_log) == 1
         run_step(sched)
     run_step(sched)
-    assert len(sched.plans_log) == 2 and sched.plans_log[1][1] == n_first + BS
-    # Pressure: fill the pool with another request; "a" is compressed at once
-    # although its interval has not elapsed.
+    assert len(sched.plans_log) == 2 and sched.plans_log[1][1] == n_first + interval
+    # Pressure: fill the pool with a prompt that is not compressed.
     free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
-    demand_before = sched._next_step_demand()
     add(sched, "b", BS * free - 8, max_tokens=200, kv_compress_rate=1.0)
-    for _ in range(40):
+    manager = sched.kvc_manager
+    for _ in range(interval):
+        free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+        pressure = free < sched._next_step_demand()
+        n, evicted = sched.requests["a"].num_computed_tokens, manager.evicted_pages["a"]
+        pages = evict_now(n, evicted, LH, BS, 0.25, PROTECTED, SINKS)
+        before = len(sched.plans_log)
         run_step(sched)
-        if any(p[0] == "a" and p[1] < n_first + 2 * BS for p in sched.plans_log[2:]):
+        if pressure:
             break
     else:
-        pytest.fail(f"no pressure compression: {sched.plans_log}, demand {demand_before}")
+        pytest.fail("no memory pressure")
+    assert pages > 0 and _blocks(n + 1, evicted) == _blocks(n + 1, evicted + pages)
+    assert sched.plans_log[before:] == [] and sched.kvc_totals.pressure_steps == 1
+    assert sched.kvc_totals.preemptions == 1 and sched.requests["b"].status.name == "PREEMPTED"
+    while sched.requests["a"].num_computed_tokens < n_first + 2 * interval:
+        run_step(sched)
+    run_step(sched)
+    assert [p[1] for p in sched.plans_log] == [n_first, n_first + interval, n_first + 2 * interval]
 
 
 def _blocks(n, evicted):
@@ -175,6 +192,64 @@ def _grown_request(vllm_config, num_blocks, hasher=None, **config):
         assert len(sched.plans_log) == 1 and n < last + 96, "no gain before the interval"
     free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     return sched, gain, free - sched._next_step_demand()
+
+
+def test_under_pressure_a_compression_that_frees_a_block_runs_at_once(vllm_config):
+    """"a" could free a block before its interval; a rate-1 prompt takes every
+    spare block, and its first decode token needs one more: "a" is
+    compressed at once (trigger "pressure") and nobody is preempted."""
+    sched, gain, spare = _grown_request(vllm_config, 40, compress_to_admit=False)
+    n0 = sched.requests["a"].num_computed_tokens
+    add(sched, "b", BS * spare - 1, max_tokens=40, kv_compress_rate=1.0)
+    pool = sched.kv_cache_manager.block_pool
+    for _ in range(30):
+        pressure = pool.get_num_free_blocks() < sched._next_step_demand()
+        out = run_step(sched)
+        if pressure:
+            break
+    else:
+        pytest.fail("no memory pressure")
+    assert [p.req_id for p in out.kv_compress.evictions] == ["a"]
+    assert sched.requests["a"].num_computed_tokens < n0 + 96  # before its interval
+    assert sched.kvc_metrics.compressions["pressure"] == 1
+    assert sched.kvc_totals.preemptions == 0
+
+
+def test_no_look_ahead_while_vllm_would_admit_no_one(vllm_config):
+    """The request vLLM admits next (whose lack of blocks compressions may
+    cover, and whose prefix-cache hit they keep): none while new requests
+    are paused or paused streaming sessions hold the free slots, and no
+    tokens at all while everything is paused."""
+    from vllm.v1.core.sched.interface import PauseState
+
+    sched = make_scheduler(vllm_config, budget=64)
+    add(sched, "a", 20)
+    run_step(sched)
+    add(sched, "b", 20)
+    assert sched._next_admitted().request_id == "b"
+    sched.set_pause_state(PauseState.PAUSED_NEW)
+    assert sched._next_admitted() is None and sched._step_tokens() == {"a": 1}
+    sched.set_pause_state(PauseState.PAUSED_ALL)
+    assert sched._next_admitted() is None and sched._step_tokens() == {}
+    sched.set_pause_state(PauseState.UNPAUSED)
+    sched.num_waiting_for_streaming_input = sched.max_num_active_reqs - 1
+    assert sched._next_admitted() is None
+    sched.num_waiting_for_streaming_input = sched.max_num_active_reqs - 2
+    assert sched._next_admitted().request_id == "b"
+
+
+def test_invalid_options_that_reach_the_scheduler_get_the_server_settings(vllm_config):
+    """The frontend answers 400 to bad ``vllm_xargs``; a request that
+    reaches the engine core with them anyway (a direct client) runs with the
+    server's settings -- compressed at the server's rate, not left whole."""
+    sched = make_scheduler(vllm_config, budget=64)
+    add(sched, "bad", 60, kv_compress_rate=5)
+    add(sched, "good", 60)
+    for _ in range(3):
+        run_step(sched)
+    assert sched.kvc_requests["bad"].policy == sched.kvc_requests["good"].policy
+    assert sched.kvc_requests["bad"].policy.rate == 0.25
+    assert {p[0] for p in sched.plans_log} == {"bad", "good"}
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -259,41 +334,67 @@ def test_admission_takes_the_largest_gain_first(vllm_config):
     assert [r.req_id for r in out.scheduled_new_reqs] == ["b"]
 
 
-def test_next_step_demand_counts_blocks_for_the_next_tokens(vllm_config):
-    sched = make_scheduler(vllm_config, num_blocks=60, budget=64)
-    add(sched, "a", 40)   # prefilled in one step, then decoding
-    add(sched, "b", 150)  # chunked
-    run_step(sched)
-    run_step(sched)
+@pytest.mark.parametrize("threshold", [0, 16])
+def test_next_step_demand_counts_blocks_for_the_next_tokens(vllm_config, monkeypatch, threshold):
+    """The running requests share the step's token budget as vLLM hands it
+    out (in running order; with a long-prefill threshold, prompts prefill
+    side by side, each capped): the tokens ``_step_tokens`` expects are the
+    ones vLLM schedules, and the demand counts their blocks, not a whole
+    budget per prefilling request."""
+    monkeypatch.setattr(vllm_config.scheduler_config, "long_prefill_token_threshold", threshold)
+    sched = make_scheduler(vllm_config, num_blocks=80, budget=64)
+    add(sched, "a", 40)
+    for rid in "bcd":
+        add(sched, rid, 150)
     manager = sched.kvc_manager
-    expected = 0
-    for request in sched.running:
-        n = request.num_computed_tokens
-        new = min(max(request.num_tokens - n, 1), 64)
-        evicted = manager.evicted_pages.get(request.request_id, 0)
-        pages = LH * -(-(n + new) // BS) - evicted
-        blocks = -(-pages // LH)
-        expected += max(0, blocks - len(manager.req_to_blocks[request.request_id]))
-    assert sched._next_step_demand() == expected
+    side_by_side = 0
+    for _ in range(8):
+        tokens = sched._step_tokens()
+        expected = 0
+        for request in sched.running:
+            new = tokens.get(request.request_id, 0)
+            n = request.num_computed_tokens
+            evicted = manager.evicted_pages.get(request.request_id, 0)
+            if new:
+                blocks = -(-(LH * -(-(n + new) // BS) - evicted) // LH)
+                expected += max(0, blocks - len(manager.req_to_blocks[request.request_id]))
+        assert sched._next_step_demand() == expected
+        assert sum(tokens.values()) <= 64
+        prefilling = [r for r in sched.running if r.num_tokens - r.num_computed_tokens > 1]
+        side_by_side += len(prefilling) > 1
+        out = run_step(sched)
+        assert {r: out.num_scheduled_tokens[r] for r in tokens} == tokens
+        assert set(tokens) | {r.req_id for r in out.scheduled_new_reqs} == set(
+            out.num_scheduled_tokens)
+    assert (side_by_side > 0) == (threshold > 0)
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_randomized_scheduling_keeps_every_invariant(vllm_config, seed):
-    """Random prompts, budgets, rates and aborts over a pool small enough to
-    preempt; after every step: blocks owned + free = pool, every request
-    holds exactly the blocks its compressed size needs, no compression
-    before the (re)started prefill is complete, and nothing is evicted
-    below the target or from the protected window."""
+def test_randomized_scheduling_keeps_every_invariant(vllm_config, monkeypatch, seed):
+    """Random prompts, budgets, long-prefill thresholds, rates and aborts
+    over a pool small enough to preempt; after every step: blocks owned +
+    free = pool, every request holds exactly the blocks its compressed size
+    needs, no compression before the (re)started prefill is complete,
+    nothing is evicted below the target or from the protected window, the
+    running requests got the tokens the planning expected (unless vLLM
+    preempted), and under memory pressure exactly the requests whose
+    compression frees a block for the step were compressed ahead of their
+    interval."""
     from vllm.v1.request import RequestStatus
 
+    from kvcompress_vllm.core import compression_due
+
     rng = random.Random(seed)
-    budget = rng.choice([32, 48, 64, 100])
+    budget = rng.choice([32, 48, 64, 100])  # 100: capped by max_num_batched_tokens=64
     num_blocks = rng.choice([30, 45, 80])
+    threshold = random.Random(seed + 100).choice([0, 0, 16, 40])  # apart: same draws as before
+    monkeypatch.setattr(vllm_config.scheduler_config, "long_prefill_token_threshold", threshold)
     sched = make_scheduler(vllm_config, num_blocks=num_blocks, budget=budget)
     manager = sched.kvc_manager
     pool = sched.kv_cache_manager.block_pool
     total_free = pool.get_num_free_blocks()
     next_id, preempted, admitted = 0, 0, 0
+    pressure_skips = pressure_runs = 0
     for step in range(2000):
         if next_id < 30 and rng.random() < 0.3:
             extra = rng.choice([{}, {"kv_compress_rate": 0.5}, {"kv_compress_rate": 1.0},
@@ -306,7 +407,36 @@ def test_randomized_scheduling_keeps_every_invariant(vllm_config, seed):
         before = len(sched.plans_log)
         head = sched.waiting.peek_request().request_id if sched.waiting else None
         admissions = sched.kvc_totals.admission_steps
+        tokens = sched._step_tokens()
+        free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+        pressure = free < sched._next_step_demand()
+        gains = {}  # requests compressed now only if pressure: their block gain
+        for request in sched.running:
+            rid = request.request_id
+            state = sched.kvc_requests.get(rid)
+            if state is None or not state.policy.compresses:
+                continue
+            n = request.num_computed_tokens
+            due = [compression_due(num_computed=n, prefill_end=state.prefill_end,
+                                   last_check=state.tokens_at_last_check,
+                                   interval=state.policy.compress_interval, pressure=p)
+                   for p in (False, True)]
+            if due[True] and not due[False]:
+                evicted = manager.evicted_pages.get(rid, 0)
+                pages = evict_now(n, evicted, LH, BS, state.policy.rate, PROTECTED, SINKS,
+                                  state.policy.max_cache_tokens)
+                upto = n + tokens.get(rid, 0)
+                gains[rid] = _blocks(upto, evicted) - _blocks(upto, evicted + pages)
+        preemptions = sched.kvc_totals.preemptions
         out = run_step(sched)
+        if sched.kvc_totals.preemptions == preemptions:
+            assert {r: out.num_scheduled_tokens.get(r) for r in tokens} == tokens, step
+        compressed = {p[0] for p in sched.plans_log[before:]}
+        if pressure:
+            for rid, gain in gains.items():
+                assert (rid in compressed) == (gain > 0), (step, rid, gain)
+                pressure_skips += gain == 0
+                pressure_runs += gain > 0
         if sched.kvc_totals.admission_steps > admissions:
             # compressed ahead of the interval only when that admits the head
             admitted += 1
@@ -343,7 +473,8 @@ def test_randomized_scheduling_keeps_every_invariant(vllm_config, seed):
     assert sched.plans_log, "nothing was compressed"
     assert admitted > 0, "no compression ahead of the interval for admission"
     print(f"seed {seed}: {len(sched.plans_log)} compressions, {preempted} preemptions, "
-          f"{sched.kvc_totals.admission_steps} steps with compressions ahead for admission")
+          f"{sched.kvc_totals.admission_steps} steps with compressions ahead for admission, "
+          f"under pressure {pressure_runs} compressions and {pressure_skips} skipped (no gain)")
 
 
 @pytest.fixture(scope="module")

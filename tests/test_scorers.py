@@ -355,10 +355,12 @@ def test_metric_keydiff_is_per_head_normalised():
 
 # --- protection -----------------------------------------------------------------
 
-def adversarial_kvs(num_tokens=50, protected=10, sinks=4, rows=3):
+def adversarial_kvs(num_tokens=50, protected=10, sinks=4, rows=3, non_finite=False):
     """KVs where the sinks and the protected window are what every scorer
     would evict first: lowest metric, largest norm, all along the dominant key
-    direction (keydiff's anchor), and the sinks are the oldest."""
+    direction (keydiff's anchor), and the sinks are the oldest.
+    ``non_finite``: plus keys that overflowed (inf, -inf), a NaN key
+    component and NaN / inf metrics among the unprotected KVs."""
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(rows, num_tokens, 8, generator=g)
     metrics = torch.rand(rows, num_tokens, generator=g) + 1
@@ -367,6 +369,12 @@ def adversarial_kvs(num_tokens=50, protected=10, sinks=4, rows=3):
     special[num_tokens - protected:] = True
     keys[:, special] = 10 * torch.eye(8)[0]
     metrics[:, special] = 0
+    if non_finite:
+        keys[0, 20] = float("inf")
+        keys[1, 21, 3] = float("nan")
+        keys[2, 22] = float("-inf")
+        metrics[0, 23] = float("nan")
+        metrics[1, 24] = float("inf")
     return make_kvs(keys, metrics=metrics, num_tokens=num_tokens), special
 
 
@@ -386,6 +394,24 @@ def test_protected_window_and_sinks_are_never_evicted(name):
         ev = select_evictions(s, max_evictable, 4, allocation)
         evicted = ev.evict_idx[ev.evict_idx >= 0]
         assert not special[evicted.long()].any()
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_non_finite_keys_and_metrics_leave_every_unprotected_kv_evictable(name):
+    """Keys that overflowed, NaN keys and NaN/inf metrics give NaN or inf
+    raw scores (knorm: inf, keydiff: NaN); the scheduler planned with
+    every unprotected KV, so they must all stay selectable, and the
+    protected ones never."""
+    kvs, special = adversarial_kvs(non_finite=True)
+    s = scorers.score(name, kvs, protected_window=10, sink_tokens=4)
+    assert not torch.isnan(s).any()
+    assert torch.isinf(s[:, special]).all() and torch.isfinite(s[:, ~special]).all()
+    costs, _ = unit_costs(s, 4)
+    max_evictable = int(torch.isfinite(costs).sum())
+    assert max_evictable == 3 * ((50 - 10 - 4) // 4)
+    ev = select_evictions(s, max_evictable, 4)
+    evicted = ev.evict_idx[ev.evict_idx >= 0]
+    assert not special[evicted.long()].any()
 
 
 # --- chunking -------------------------------------------------------------------

@@ -5,9 +5,9 @@ Per step (``schedule``):
 
 1. For every running request whose prompt is fully in the cache, the policy
    (``core.pages_to_evict``) computes how many head-pages to evict: once
-   right after the prompt, then every ``compress_interval`` new tokens, and
-   immediately for all of them when the next step would not fit (compress
-   before preempting).  With ``compress_to_admit``, when the next waiting
+   right after the prompt, then every ``compress_interval`` new tokens, and,
+   when the next step would not fit (compress before preempting), at once
+   for each whose compression frees a block for that step.  With ``compress_to_admit``, when the next waiting
    request does not fit, the running requests whose compression now would
    free the most blocks are compressed ahead of their interval, if together
    they free what it lacks.
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
@@ -105,10 +106,14 @@ class KVCompressScheduler(Scheduler):
         # that a vLLM without it fails at start-up, not in the first step).
         missing = [a for a in ("running", "max_num_active_reqs", "max_model_len",
                                "max_num_scheduled_tokens", "scheduler_reserve_full_isl",
-                               "kv_holding_waiting")
+                               "kv_holding_waiting", "num_waiting_for_streaming_input",
+                               "pause_state", "adaptive_long_prefill_threshold",
+                               "get_request_counts")
                    if not hasattr(self, a)]
         for owner, attr in (("kv_cache_manager", "watermark_blocks"),
-                            ("scheduler_config", "enable_chunked_prefill")):
+                            ("scheduler_config", "enable_chunked_prefill"),
+                            ("scheduler_config", "long_prefill_token_threshold"),
+                            ("scheduler_config", "max_num_batched_tokens")):
             if not hasattr(getattr(self, owner, None), attr):
                 missing.append(f"{owner}.{attr}")
         if not callable(getattr(getattr(self, "waiting", None), "peek_request", None)):
@@ -155,19 +160,18 @@ class KVCompressScheduler(Scheduler):
             extra = params.extra_args if params is not None else None
             try:
                 policy = request_policy(self.kvc_config, extra, self.geometry.block_size)
-            except KVCompressConfigError:
-                # The frontend validates these; a request that slipped through
-                # (e.g. a direct EngineCore client) keeps its full cache.
+            except KVCompressConfigError as e:
+                # The frontend validates these and answers 400; a request that
+                # slipped through (e.g. a direct EngineCore client) gets the
+                # server's settings, neither more cache nor less.
                 logger.error(
-                    "request %s: invalid KV-Compress extra_args %r; not compressing it",
+                    "request %s: invalid KV-Compress extra_args %r (%s); it runs with "
+                    "the server's KV-Compress settings",
                     request.request_id,
                     extra,
+                    e,
                 )
-                policy = dataclasses.replace(
-                    request_policy(self.kvc_config, None, self.geometry.block_size),
-                    rate=1.0,
-                    max_cache_tokens=None,
-                )
+                policy = request_policy(self.kvc_config, None, self.geometry.block_size)
             if getattr(request, "resumable", False) and policy.compresses:
                 # A streaming-input session keeps its blocks between turns and
                 # comes back as a new request that holds them: its cache must
@@ -202,11 +206,14 @@ class KVCompressScheduler(Scheduler):
 
     def _next_admitted(self) -> Request | None:
         """The waiting request vLLM tries to admit next, where that is the
-        head of ``waiting``: None when no request waits, no more may run,
+        head of ``waiting``: None when no request waits, no more may run
+        (paused streaming sessions hold slots too), new requests are paused,
         requests that hold blocks (``kv_holding_waiting``) go first, or the
         head waits for something else (grammar, remote KVs, streamed input)."""
         if (not self.waiting or self.kv_holding_waiting
-                or len(self.running) >= self.max_num_active_reqs):
+                or self.pause_state != PauseState.UNPAUSED
+                or len(self.running) + self.num_waiting_for_streaming_input
+                >= self.max_num_active_reqs):
             return None
         request = self.waiting.peek_request()
         return None if self._is_blocked_waiting_status(request.status) else request
@@ -225,41 +232,73 @@ class KVCompressScheduler(Scheduler):
             request.block_hashes, request.num_tokens - 1)
         return hit[0]
 
-    def _next_tokens(self, request: Request) -> int:
-        """Tokens a running request computes in its next step, at most: the
-        rest of its prefill up to the step's budget, else one."""
-        return min(max(request.num_tokens - request.num_computed_tokens, 1),
-                   self.max_num_scheduled_tokens)
+    def _step_budget(self) -> int:
+        """Tokens vLLM's ``schedule`` may hand out in a step: its token budget
+        and its input budget (the same unless ``max_num_scheduled_tokens``
+        is set; no draft slots: speculative decoding is refused)."""
+        return min(self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens)
 
-    def _next_step_demand(self) -> int:
-        """Blocks the running requests need for their next tokens."""
+    def _step_tokens(self) -> dict[str, int]:
+        """Tokens each running request computes in the next step, as vLLM's
+        ``schedule`` hands them out: in running order from the step's budget
+        (``_step_budget``; none while paused), a prefill chunk capped by the long-prefill
+        threshold (vLLM's rule: only with more than one request, adaptive if
+        so configured), a decode one token.  Requests the budget does not
+        reach are absent.  Not modelled (rare, and each only moves tokens
+        between requests or drops one): the cap at ``max_model_len`` and the
+        prefills data-parallel prefill balancing defers."""
+        budget = 0 if self.pause_state == PauseState.PAUSED_ALL else self._step_budget()
+        num_running, num_waiting = self.get_request_counts()
+        eligible = num_running + num_waiting
+        threshold = self.scheduler_config.long_prefill_token_threshold if eligible > 1 else 0
+        if threshold > 0 and self.adaptive_long_prefill_threshold:
+            threshold = max(threshold, self.scheduler_config.max_num_batched_tokens // eligible)
+        tokens: dict[str, int] = {}
+        for request in self.running:
+            if budget <= 0:
+                break
+            new = max(request.num_tokens - request.num_computed_tokens, 1)
+            if 0 < threshold < new:
+                new = threshold
+            new = min(new, budget)
+            tokens[request.request_id] = new
+            budget -= new
+        return tokens
+
+    def _next_step_demand(self, step_tokens: dict[str, int] | None = None) -> int:
+        """Blocks the running requests need for their next tokens
+        (``step_tokens``: ``_step_tokens``, computed when not given)."""
+        if step_tokens is None:
+            step_tokens = self._step_tokens()
         demand = 0
         for request in self.running:
             rid = request.request_id
+            new = step_tokens.get(rid)
+            if new is None:
+                break  # past the step's budget, as every later one
             n = request.num_computed_tokens
-            new = self._next_tokens(request)
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
             need = self.geometry.blocks_needed(n + new, evicted)
             demand += max(0, need - len(self.kvc_manager.req_to_blocks.get(rid, ())))
         return demand
 
-    def _admission_shortfall(self, free: int, demand: int, hit: list[KVCacheBlock]) -> int:
+    def _admission_shortfall(self, free: int, demand: int, hit: list[KVCacheBlock],
+                             step_tokens: dict[str, int] | None = None) -> int:
         """Blocks the next waiting request lacks to be admitted in this step,
-        after the running requests' next tokens (``demand``); 0 when none
-        waits, it fits, no more requests may run, or the running requests
-        leave it no tokens of this step's budget.  Mirrors vLLM's admission:
-        the whole uncompressed sequence must fit (``scheduler_reserve_full_isl``;
-        otherwise the chunk the budget leaves after its prefix-cache ``hit``),
-        less the hit blocks running requests hold (a hit on a free cached
-        block still takes a free block), plus the watermark once anything
-        runs.  Running prefills are counted at their whole remaining chunk,
-        so the budget left is never overestimated."""
+        after the running requests' next tokens (``step_tokens``, needing
+        ``demand`` blocks); 0 when none waits, it fits, no more requests may
+        run, or the running requests leave it no tokens of this step's
+        budget.  Mirrors vLLM's admission: the whole uncompressed sequence
+        must fit (``scheduler_reserve_full_isl``; otherwise the chunk the
+        budget leaves after its prefix-cache ``hit``), less the hit blocks
+        running requests hold (a hit on a free cached block still takes a
+        free block), plus the watermark once anything runs."""
         request = self._next_admitted()
         if request is None:
             return 0
-        left = self.max_num_scheduled_tokens
-        for running in self.running:
-            left -= min(self._next_tokens(running), left)
+        if step_tokens is None:
+            step_tokens = self._step_tokens()
+        left = self._step_budget() - sum(step_tokens.values())
         computed = max(request.num_computed_tokens, len(hit) * self.geometry.block_size)
         if left <= 0 or (
             not self.scheduler_config.enable_chunked_prefill
@@ -274,8 +313,8 @@ class KVCompressScheduler(Scheduler):
         watermark = self.kv_cache_manager.watermark_blocks if self.running else 0
         return max(0, self.geometry.blocks_needed(tokens, 0) - held + watermark + demand - free)
 
-    def _admission_compressions(self, shortfall: int, awaited: frozenset[int],
-                                second_use: bool) -> set[str]:
+    def _admission_compressions(self, shortfall: int, step_tokens: dict[str, int],
+                                awaited: frozenset[int], second_use: bool) -> set[str]:
         """Running requests to compress ahead of their interval so that
         ``shortfall`` more blocks are free: what the compressions due in this
         step anyway free counts first, then the largest block gains (the
@@ -306,10 +345,7 @@ class KVCompressScheduler(Scheduler):
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
             shared, _ = self._shared_prefix(rid, state.policy, awaited, second_use)
             pages = pages_to_evict(self.geometry, state.policy, n, evicted, shared)
-            upto = n + self._next_tokens(request)
-            gain = self.geometry.blocks_needed(upto, evicted) - self.geometry.blocks_needed(
-                upto, evicted + pages
-            )
+            gain = self._block_gain(n + step_tokens.get(rid, 0), evicted, pages)
             if due[False]:
                 shortfall -= gain  # compressed in this step anyway
             elif gain > 0:
@@ -325,9 +361,16 @@ class KVCompressScheduler(Scheduler):
             shortfall -= gain
         return chosen if shortfall <= 0 else set()
 
+    def _block_gain(self, upto: int, evicted: int, pages: int) -> int:
+        """Blocks a request with ``evicted`` pages, holding ``upto`` tokens
+        after its next step, needs fewer when it evicts ``pages`` more."""
+        return (self.geometry.blocks_needed(upto, evicted)
+                - self.geometry.blocks_needed(upto, evicted + pages))
+
     def _plan_evictions(self) -> list[EvictionPlan]:
         free = self.kv_cache_manager.block_pool.get_num_free_blocks()
-        demand = self._next_step_demand()
+        step_tokens = self._step_tokens()
+        demand = self._next_step_demand(step_tokens)
         pressure = free < demand
 
         @functools.cache
@@ -341,7 +384,7 @@ class KVCompressScheduler(Scheduler):
         @functools.cache
         def shortfall() -> int:
             """Blocks the next admitted request lacks (0: none waits, or it fits)."""
-            return self._admission_shortfall(free, demand, awaited()[0])
+            return self._admission_shortfall(free, demand, awaited()[0], step_tokens)
 
         def second_use() -> bool:
             """Whether compressions keep prefixes in their second use (held
@@ -353,7 +396,8 @@ class KVCompressScheduler(Scheduler):
         if pressure:
             self.kvc_totals.pressure_steps += 1
         elif self.kvc_config.compress_to_admit:
-            admit = self._admission_compressions(shortfall(), awaited()[1], second_use())
+            admit = self._admission_compressions(shortfall(), step_tokens, awaited()[1],
+                                                 second_use())
             self.kvc_totals.admission_steps += bool(admit)
         plans: list[EvictionPlan] = []
         for request in self.running:
@@ -362,31 +406,32 @@ class KVCompressScheduler(Scheduler):
                 continue  # not scheduled yet (no prefill_end), or never compressed
             policy = state.policy
             n = request.num_computed_tokens
-            ahead = request.request_id in admit
-            if not compression_due(
-                num_computed=n,
-                prefill_end=state.prefill_end,
-                last_check=state.tokens_at_last_check,
-                interval=policy.compress_interval,
-                pressure=pressure or ahead,
-            ):
-                continue
-            trigger = compression_trigger(
-                last_check=state.tokens_at_last_check,
-                due_without_pressure=compression_due(
+            rid = request.request_id
+            ahead = rid in admit
+            due = {
+                forced: compression_due(
                     num_computed=n,
                     prefill_end=state.prefill_end,
                     last_check=state.tokens_at_last_check,
                     interval=policy.compress_interval,
-                    pressure=False,
-                ),
-                ahead="admission" if ahead else "pressure",
-            )
-            state.tokens_at_last_check = n
-            rid = request.request_id
+                    pressure=forced,
+                )
+                for forced in (False, True)
+            }
+            if not (due[False] or (due[True] and (pressure or ahead))):
+                continue
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
             shared, shared_blocks = self._shared_prefix(rid, policy, awaited()[1], second_use())
             num_pages = pages_to_evict(self.geometry, policy, n, evicted, shared)
+            if not (due[False] or ahead) and not self._block_gain(
+                    n + step_tokens.get(rid, 0), evicted, num_pages):
+                continue  # pressure, but compressing it now would free no block
+            trigger = compression_trigger(
+                last_check=state.tokens_at_last_check,
+                due_without_pressure=due[False],
+                ahead="admission" if ahead else "pressure",
+            )
+            state.tokens_at_last_check = n
             if num_pages == 0:
                 continue
             released = self.kvc_manager.apply_eviction(rid, num_pages, n,

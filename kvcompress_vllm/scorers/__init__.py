@@ -88,10 +88,16 @@ def get_scorer(name: str) -> Scorer:
 
 
 def score(name: str | Scorer, kvs: HeadKVs, protected_window: int, sink_tokens: int) -> torch.Tensor:
-    """float32 scores ``[r, C]`` with ``+inf`` on KVs that must stay."""
+    """float32 scores ``[r, C]`` with ``+inf`` on KVs that must stay, and
+    only there: a score that is not finite (a NaN or an overflow from
+    non-finite keys) becomes the largest finite float (``-inf`` the
+    smallest), so every other KV stays evictable -- the scheduler planned
+    with all of them (``PageGeometry.max_evictable``)."""
     scorer = get_scorer(name) if isinstance(name, str) else name
     scores = scorer.score(kvs).to(torch.float32)
-    return scores.masked_fill(keep_mask(kvs, protected_window, sink_tokens), float("inf"))
+    big = torch.finfo(torch.float32).max
+    scores = torch.nan_to_num(scores, nan=big, posinf=big, neginf=-big)
+    return scores.masked_fill_(keep_mask(kvs, protected_window, sink_tokens), float("inf"))
 
 
 __all__ = [
