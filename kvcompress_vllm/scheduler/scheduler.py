@@ -7,10 +7,10 @@ Per step (``schedule``):
    (``core.pages_to_evict``) computes how many head-pages to evict: once
    right after the prompt, then every ``compress_interval`` new tokens, and,
    when the next step would not fit (compress before preempting), at once
-   for each whose compression frees a block for that step.  With ``compress_to_admit``, when the next waiting
-   request does not fit, the running requests whose compression now would
-   free the most blocks are compressed ahead of their interval, if together
-   they free what it lacks.
+   for each whose compression frees a block for that step.  With
+   ``compress_to_admit``, when the next waiting request does not fit, the
+   running requests whose compression now would free the most blocks are
+   compressed ahead of their interval, if together they free what it lacks.
 2. ``KVCompressManager.apply_eviction`` records the eviction and frees the
    request's surplus tail blocks into the pool, so vLLM's own ``schedule``
    can hand them to other requests in this very step.
@@ -241,9 +241,9 @@ class KVCompressScheduler(Scheduler):
     def _step_tokens(self) -> dict[str, int]:
         """Tokens each running request computes in the next step, as vLLM's
         ``schedule`` hands them out: in running order from the step's budget
-        (``_step_budget``; none while paused), a prefill chunk capped by the long-prefill
-        threshold (vLLM's rule: only with more than one request, adaptive if
-        so configured), a decode one token.  Requests the budget does not
+        (``_step_budget``; none while paused), a prefill chunk capped by the
+        long-prefill threshold (vLLM's rule: only with more than one request,
+        adaptive if so configured), a decode one token.  Requests the budget does not
         reach are absent.  Not modelled (rare, and each only moves tokens
         between requests or drops one): the cap at ``max_model_len`` and the
         prefills data-parallel prefill balancing defers."""
