@@ -11,6 +11,7 @@ hook is installed next to the package (see ``kvcompress_vllm/_startup.py``).
 """
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,28 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 PTH_FILE = "kvcompress_vllm.pth"
+
+
+def default_isa() -> str:
+    """``KVC_CPU_ISA`` unless set: ``avx2`` on x86-64, else ``generic``
+    (csrc/vec.h's portable path; the AVX-512 kernels compile to nothing off
+    x86-64).  Only x86-64 builds are tested here."""
+    return "avx2" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
+
+
+def find_cmake() -> str:
+    """The cmake next to this Python (the ``cmake`` wheel in a virtual
+    environment that is not activated), else the one on PATH."""
+    local = Path(sys.executable).with_name("cmake")
+    if local.exists():
+        return str(local)
+    found = shutil.which("cmake")
+    if found is None:
+        raise RuntimeError(
+            "kvcompress-vllm builds its C++ kernels with CMake >= 3.21, and none was found "
+            "next to this Python or on PATH: pip install 'cmake>=3.21' (or the system package)"
+        )
+    return found
 
 
 class CMakeExtension(Extension):
@@ -59,17 +82,18 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DKVC_OUTPUT_DIR={ext_dir}",
             f"-DKVC_OUTPUT_NAME={ext_path.name}",
-            f"-DKVC_CPU_ISA={os.environ.get('KVC_CPU_ISA', 'avx2')}",
+            f"-DKVC_CPU_ISA={os.environ.get('KVC_CPU_ISA', default_isa())}",
         ]
         if shutil.which("ninja"):
             cmake_args += ["-G", "Ninja"]
+        cmake = find_cmake()
         subprocess.run(
-            ["cmake", "-S", ext.source_dir, "-B", str(build_dir), *cmake_args],
+            [cmake, "-S", ext.source_dir, "-B", str(build_dir), *cmake_args],
             check=True,
         )
         jobs = str(os.cpu_count() or 1)
         subprocess.run(
-            ["cmake", "--build", str(build_dir), "--config", cfg, "-j", jobs],
+            [cmake, "--build", str(build_dir), "--config", cfg, "-j", jobs],
             check=True,
         )
         if not ext_path.exists():

@@ -172,6 +172,15 @@ class KVCompressConfig:
             raise KVCompressConfigError(
                 "kv_compress.enabled", f"must be true or false; got {self.enabled!r}"
             )
+        if self.enabled is False and (self.rate < 1.0 or self.max_cache_tokens is not None):
+            # Not a silent switch-off of what the same config asks for.
+            raise KVCompressConfigError(
+                "kv_compress.enabled",
+                f"false contradicts rate={self.rate!r} / max_cache_tokens="
+                f"{self.max_cache_tokens!r}, which compress; leave out --kv-compress-rate "
+                f"and kv_compress (or set rate 1) to run without KV-Compress",
+                self.enabled,
+            )
         check_int(self.protected_window, "kv_compress.protected_window", 0)
         check_int(self.sink_tokens, "kv_compress.sink_tokens", 0)
         check_int(self.observation_window, "kv_compress.observation_window", 1)
@@ -281,8 +290,17 @@ class RequestPolicy:
 def request_policy(
     cfg: KVCompressConfig, extra_args: dict[str, Any] | None, block_size: int
 ) -> RequestPolicy:
-    """Resolve (and validate) the per-request overrides."""
+    """Resolve (and validate) the per-request overrides; a key that starts
+    with ``kv_compress`` but is none of ``REQUEST_KEYS`` (a misspelling,
+    or ``kv_compress_max_cache_tokens``) is an error, not ignored."""
     extra = extra_args or {}
+    for key in extra:
+        if isinstance(key, str) and key.startswith("kv_compress") and key not in REQUEST_KEYS:
+            raise KVCompressConfigError(
+                f"extra_args.{key}",
+                f"unknown KV-Compress option; known: {', '.join(REQUEST_KEYS)}",
+                extra[key],
+            )
     rate = cfg.rate
     if "kv_compress_rate" in extra:
         rate = check_rate(extra["kv_compress_rate"], "extra_args.kv_compress_rate")
@@ -324,7 +342,12 @@ def request_policy(
 
 
 def uses_request_keys(extra_args: dict[str, Any] | None) -> bool:
-    return bool(extra_args) and any(k in extra_args for k in REQUEST_KEYS)
+    """Whether ``extra_args`` holds KV-Compress options: ``REQUEST_KEYS`` or
+    any other key starting with ``kv_compress`` (refused by ``request_policy``)."""
+    return bool(extra_args) and any(
+        k in REQUEST_KEYS or (isinstance(k, str) and k.startswith("kv_compress"))
+        for k in extra_args
+    )
 
 
 __all__ = [

@@ -62,7 +62,12 @@ def fold_rate(additional_config: dict[str, Any] | None, rate: Any, option: str) 
     """``additional_config`` with ``kv_compress.rate`` set (validated)."""
     rate = check_rate(rate, option)
     merged = dict(additional_config or {})
-    section = dict(merged.get(CONFIG_KEY) or {})
+    section = merged.get(CONFIG_KEY) or {}
+    if not isinstance(section, dict):
+        raise KVCompressConfigError(
+            f"additional_config.{CONFIG_KEY}", f"must be a JSON object; got {section!r}", section
+        )
+    section = dict(section)
     if "rate" in section and section["rate"] != rate:
         raise KVCompressConfigError(
             option,
@@ -221,7 +226,20 @@ def _wrap_create_engine_config(cls: type) -> None:
         cfg = config_from_additional(self.additional_config)  # validates
         if cfg is None or not cfg.active:
             return original(self, *args, **kwargs)
+        from vllm import envs
         from vllm.platforms import current_platform
+
+        from kvcompress_vllm.plugin import PLUGIN_NAME
+
+        if envs.VLLM_PLUGINS is not None and PLUGIN_NAME not in envs.VLLM_PLUGINS:
+            # The engine-argument hook works without the plugin, but the
+            # engine core and the frontend need what its register() installs.
+            raise KVCompressConfigError(
+                "VLLM_PLUGINS",
+                f"is {','.join(envs.VLLM_PLUGINS)!r}, which leaves out the {PLUGIN_NAME!r} "
+                f"plugin that KV-Compress needs (KV-cache spec, request validation, metrics); "
+                f"add {PLUGIN_NAME} to it or unset it",
+            )
 
         from kvcompress_vllm import compat
         from kvcompress_vllm.log import get_logger

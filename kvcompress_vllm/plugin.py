@@ -12,6 +12,10 @@ for engines that enable compression.
 
 from __future__ import annotations
 
+#: The ``vllm.general_plugins`` entry point's name (setup.py), as
+#: ``VLLM_PLUGINS`` lists it.
+PLUGIN_NAME = "kvcompress"
+
 _registered = False
 
 
@@ -26,7 +30,15 @@ def register() -> None:
     from kvcompress_vllm.scheduler.kv_cache_manager import register_kv_cache_spec
     from kvcompress_vllm.serving import patch_async_generate, patch_async_shutdown
 
-    compat.check_engine_hooks()
+    try:
+        compat.check_engine_hooks()
+    except compat.IncompatibleVLLMError as e:
+        # vLLM loads every installed plugin in every process: say how to run
+        # vLLM without this one.
+        raise compat.IncompatibleVLLMError(
+            f"{e}. To run vLLM without kvcompress-vllm, set VLLM_PLUGINS to the plugins "
+            f"you want (VLLM_PLUGINS= for none) or pip uninstall kvcompress-vllm"
+        ) from None
     patch_engine_args()
     patch_input_processor()
     patch_stat_logger_manager()

@@ -54,7 +54,27 @@ def test_active_only_when_compressing_or_enabled():
     assert not KVCompressConfig(rate=1.0).active
     assert KVCompressConfig(rate=0.3).active
     assert KVCompressConfig(rate=1.0, enabled=True).active
-    assert not KVCompressConfig(rate=0.3, enabled=False).active
+    assert not KVCompressConfig(rate=1.0, enabled=False).active
+
+
+@pytest.mark.parametrize("compressing", [{"rate": 0.3}, {"max_cache_tokens": 500}])
+def test_enabled_false_with_compressing_settings_is_refused(compressing):
+    """Not a silent switch-off of what the same config asks for."""
+    with pytest.raises(KVCompressConfigError, match=r"^kv_compress\.enabled: false contradicts"):
+        KVCompressConfig(enabled=False, **compressing)
+
+
+@pytest.mark.parametrize("key", ["kv_compress_max_cache_tokens", "kv_compress_allocaton",
+                                 "kv_compress_protected_window", "kv_compress"])
+def test_misspelled_request_options_are_refused_not_ignored(key):
+    from kvcompress_vllm.config import REQUEST_KEYS, uses_request_keys
+
+    assert uses_request_keys({key: 1, "other_plugin_key": 2})
+    assert not uses_request_keys({"other_plugin_key": 2})
+    with pytest.raises(KVCompressConfigError) as err:
+        request_policy(KVCompressConfig(rate=0.5), {key: 1}, 128)
+    assert err.value.option == f"extra_args.{key}"
+    assert all(k in str(err.value) for k in REQUEST_KEYS)
 
 
 def test_request_overrides():
@@ -259,6 +279,44 @@ def test_bad_additional_config_fails_in_create_engine_config(engine_args_mod, mo
     )
     with pytest.raises(KVCompressConfigError, match="protected_window"):
         args.create_engine_config()
+
+
+@pytest.mark.parametrize("section", ["on", [0.5], 3])
+def test_a_kv_compress_section_that_is_no_object_is_named(engine_args_mod, section):
+    with pytest.raises(KVCompressConfigError) as err:
+        engine_args_mod.EngineArgs(model="m", kv_compress_rate=0.3,
+                                   additional_config={"kv_compress": section})
+    assert err.value.option == "additional_config.kv_compress"
+    assert "must be a JSON object" in str(err.value)
+
+
+@pytest.mark.parametrize("plugins", ["", "someother", "someother,kvcompress"])
+def test_compression_with_the_plugin_filtered_out_is_refused(engine_args_mod, model_path,
+                                                             monkeypatch, plugins):
+    """``VLLM_PLUGINS`` without ``kvcompress`` would leave the engine core
+    and the frontend without what the plugin installs: refused, named."""
+    monkeypatch.setenv("VLLM_PLUGINS", plugins)
+    args = engine_args_mod.EngineArgs(model=model_path, kv_compress_rate=0.3, max_model_len=2048)
+    if "kvcompress" in plugins.split(","):
+        assert args.create_engine_config().scheduler_config.scheduler_cls == SCHEDULER_CLS
+        return
+    with pytest.raises(KVCompressConfigError) as err:
+        args.create_engine_config()
+    assert err.value.option == "VLLM_PLUGINS" and "leaves out the 'kvcompress' plugin" in str(
+        err.value)
+
+
+def test_an_incompatible_vllm_says_how_to_run_without_the_plugin(monkeypatch):
+    from kvcompress_vllm import compat, plugin
+
+    def mismatch():
+        raise compat.IncompatibleVLLMError("kvcompress-vllm supports vLLM 0.32.x; found 9.9")
+
+    monkeypatch.setattr(compat, "check_engine_hooks", mismatch)
+    monkeypatch.setattr(plugin, "_registered", False)
+    with pytest.raises(compat.IncompatibleVLLMError, match=r"found 9\.9\. To run vLLM without "
+                       r"kvcompress-vllm, set VLLM_PLUGINS"):
+        plugin.register()
 
 
 def test_cache_budget_below_the_never_evicted_kvs_is_rejected():

@@ -153,6 +153,7 @@ BAD_OPTIONS = [
     ({"max_cache_tokens": -5}, "max_cache_tokens"),
     ({"max_cache_tokens": 10}, "max_cache_tokens"),  # below protected window + sinks
     ({"protected_window": -1}, "protected_window"),
+    ({"kv_compress_max_cache_tokens": 500}, "kv_compress_max_cache_tokens"),  # not ignored
 ]
 
 

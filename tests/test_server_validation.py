@@ -29,6 +29,10 @@ def test_generate_validates_before_the_stream_starts():
     with pytest.raises(VLLMValidationError) as err:
         AsyncLLM.generate(engine, "hi", bad, "req-1")
     assert err.value.parameter == "extra_args.kv_compress_rate"
+    typo = SamplingParams(max_tokens=4, extra_args={"kv_compress_rte": 0.25})
+    with pytest.raises(VLLMValidationError, match="unknown KV-Compress option") as err:
+        AsyncLLM.generate(engine, "hi", typo, "req-5")
+    assert err.value.parameter == "extra_args.kv_compress_rte"
 
     good = SamplingParams(max_tokens=4, extra_args={"kv_compress_rate": 0.25})
     gen = AsyncLLM.generate(engine, "hi", good, "req-2")
