@@ -295,7 +295,7 @@ def request_policy(
     or ``kv_compress_max_cache_tokens``) is an error, not ignored."""
     extra = extra_args or {}
     for key in extra:
-        if isinstance(key, str) and key.startswith("kv_compress") and key not in REQUEST_KEYS:
+        if _is_request_key(key) and key not in REQUEST_KEYS:
             raise KVCompressConfigError(
                 f"extra_args.{key}",
                 f"unknown KV-Compress option; known: {', '.join(REQUEST_KEYS)}",
@@ -341,13 +341,15 @@ def request_policy(
     )
 
 
+def _is_request_key(key: Any) -> bool:
+    """A key of ``REQUEST_KEYS``, or any other starting with ``kv_compress``
+    (a misspelling: refused by ``request_policy``, not ignored)."""
+    return key in REQUEST_KEYS or (isinstance(key, str) and key.startswith("kv_compress"))
+
+
 def uses_request_keys(extra_args: dict[str, Any] | None) -> bool:
-    """Whether ``extra_args`` holds KV-Compress options: ``REQUEST_KEYS`` or
-    any other key starting with ``kv_compress`` (refused by ``request_policy``)."""
-    return bool(extra_args) and any(
-        k in REQUEST_KEYS or (isinstance(k, str) and k.startswith("kv_compress"))
-        for k in extra_args
-    )
+    """Whether ``extra_args`` holds KV-Compress options (``_is_request_key``)."""
+    return bool(extra_args) and any(_is_request_key(k) for k in extra_args)
 
 
 __all__ = [

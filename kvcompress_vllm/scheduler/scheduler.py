@@ -329,16 +329,7 @@ class KVCompressScheduler(Scheduler):
             if state is None or not state.policy.compresses:
                 continue
             n = request.num_computed_tokens
-            due = {
-                pressure: compression_due(
-                    num_computed=n,
-                    prefill_end=state.prefill_end,
-                    last_check=state.tokens_at_last_check,
-                    interval=state.policy.compress_interval,
-                    pressure=pressure,
-                )
-                for pressure in (False, True)
-            }
+            due = self._due(state, n)
             if not due[True]:
                 continue  # not scorable yet
             rid = request.request_id
@@ -360,6 +351,22 @@ class KVCompressScheduler(Scheduler):
             chosen.add(rid)
             shortfall -= gain
         return chosen if shortfall <= 0 else set()
+
+    @staticmethod
+    def _due(state: RequestCompression, num_computed: int) -> dict[bool, bool]:
+        """``compression_due`` of a request without pressure (its interval,
+        or right after its prompt: ``[False]``) and with it (scorable at
+        all: ``[True]``)."""
+        return {
+            pressure: compression_due(
+                num_computed=num_computed,
+                prefill_end=state.prefill_end,
+                last_check=state.tokens_at_last_check,
+                interval=state.policy.compress_interval,
+                pressure=pressure,
+            )
+            for pressure in (False, True)
+        }
 
     def _block_gain(self, upto: int, evicted: int, pages: int) -> int:
         """Blocks a request with ``evicted`` pages, holding ``upto`` tokens
@@ -408,16 +415,7 @@ class KVCompressScheduler(Scheduler):
             n = request.num_computed_tokens
             rid = request.request_id
             ahead = rid in admit
-            due = {
-                forced: compression_due(
-                    num_computed=n,
-                    prefill_end=state.prefill_end,
-                    last_check=state.tokens_at_last_check,
-                    interval=policy.compress_interval,
-                    pressure=forced,
-                )
-                for forced in (False, True)
-            }
+            due = self._due(state, n)
             if not (due[False] or (due[True] and (pressure or ahead))):
                 continue
             evicted = self.kvc_manager.evicted_pages.get(rid, 0)
