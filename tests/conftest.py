@@ -36,21 +36,48 @@ def pytest_configure(config):
 
 #: nodeid -> the ``Background`` job of a selected test marked ``background``.
 _BACKGROUND: dict = {}
+#: Tests marked ``background`` whose jobs wait for a slot, in test order.
+_QUEUED: list = []
+#: At most this many jobs run at once, for memory: the peak-memory child
+#: holds a 4.3 GB pool, a benchmark's quick form 0.6-0.9 GB, and the engine
+#: tests beside them must still pass vLLM's memory check.
+BACKGROUND_AT_ONCE = 4
+
+
+def _is_background(item) -> bool:
+    return item.get_closest_marker("background") is not None
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``background`` run last (in their order), so that their
+    jobs have the whole session's idle CPU time."""
+    items.sort(key=_is_background)  # stable
 
 
 def pytest_collection_finish(session):
-    """Start the job of every selected test marked ``background(make_cmd)``
-    (``subproc.Background``): engine-free commands that run beside the tests
-    before their own, on CPU time those leave idle."""
+    """Queue the job of every selected test marked ``background(make_cmd)``
+    (``subproc.Background``): engine-free commands that run beside the other
+    tests, on CPU time those leave idle, ``BACKGROUND_AT_ONCE`` at a time."""
     if session.config.option.collectonly:
         return
-    for item in session.items:
-        if item.get_closest_marker("background") is None:
-            continue
+    _QUEUED[:] = [item for item in session.items if _is_background(item)]
+    _start_queued()
+
+
+def _start_queued() -> None:
+    """Start queued jobs while fewer than ``BACKGROUND_AT_ONCE`` run."""
+    running = sum(job.proc.poll() is None for job in _BACKGROUND.values())
+    while _QUEUED and running < BACKGROUND_AT_ONCE:
+        item = _QUEUED.pop(0)
         try:
             _BACKGROUND[item.nodeid] = _start_background(item)
         except pytest.skip.Exception:
-            pass  # the test skips, saying why, when it asks for its job
+            continue  # the test skips, saying why, when it asks for its job
+        running += 1
+
+
+def pytest_runtest_logfinish():
+    _start_queued()  # slots of the jobs that ended during this test
 
 
 def _start_background(item):
@@ -64,14 +91,17 @@ def pytest_sessionfinish(session):
     for job in _BACKGROUND.values():
         job.remove()
     _BACKGROUND.clear()
+    _QUEUED.clear()
 
 
 @pytest.fixture
 def background(request):
-    """The test's ``Background`` job: started after collection, or now (the
-    mark's ``make_cmd`` may skip the test)."""
+    """The test's ``Background`` job: started from the queue, or now if it is
+    still queued (the mark's ``make_cmd`` may skip the test)."""
     job = _BACKGROUND.pop(request.node.nodeid, None)
     if job is None:
+        if request.node in _QUEUED:
+            _QUEUED.remove(request.node)
         job = _start_background(request.node)
     request.addfinalizer(job.remove)
     return job

@@ -19,6 +19,12 @@ def _bench(script: str, *args: str, timeout: float = 600):
     return run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], timeout=timeout)
 
 
+def _quick(script: str, *args: str):
+    """The ``make_cmd`` of a ``background`` job (engine-free quick forms):
+    ``benchmarks/<script> --quick *args``."""
+    return lambda _dir: ([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], None)
+
+
 def _run(script: str, out_dir: Path, *extra: str):
     proc = _bench(script, "--out-dir", str(out_dir), *extra, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -80,33 +86,40 @@ def test_quality_quick(tmp_path):
     assert "| kvcompress | 0.25 |" in proc.stdout
 
 
-def test_attention_bench_quick():
-    # --check: our kernel and the per-head path (vLLM's kernel over packed
-    # head-pages) against the reference on every row
-    proc = _bench("bench_attention.py", "--check")
+# --check: our kernel and the per-head path (vLLM's kernel over packed
+# head-pages) against the reference on every row
+@pytest.mark.background.with_args(_quick("bench_attention.py", "--check"))
+def test_attention_bench_quick(background):
+    proc = background.result(timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stock" in proc.stdout and "SmolLM2" in proc.stdout and "per-head/stock" in proc.stdout
 
 
-def test_attention_bench_quick_as_on_an_avx2_cpu():
-    """bench_attention.py --vllm-lib avx2 --isa avx2: vLLM's AVX2 build (what it
-    loads on a CPU without AVX-512) against our avx2 path, on this CPU; the
-    benchmark refuses to run if vLLM loaded another build."""
+def _attention_bench_avx2(out_dir):
     import importlib.util
 
     vllm_dir = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
     if not list(vllm_dir.glob("_C_AVX2*.so")):
         pytest.skip("this vLLM has no AVX2 build (x86-64 wheels only)")
-    proc = _bench("bench_attention.py", "--vllm-lib", "avx2", "--isa", "avx2")
+    return _quick("bench_attention.py", "--vllm-lib", "avx2", "--isa", "avx2")(out_dir)
+
+
+@pytest.mark.background.with_args(_attention_bench_avx2)
+def test_attention_bench_quick_as_on_an_avx2_cpu(background):
+    """bench_attention.py --vllm-lib avx2 --isa avx2: vLLM's AVX2 build (what it
+    loads on a CPU without AVX-512) against our avx2 path, on this CPU; the
+    benchmark refuses to run if vLLM loaded another build."""
+    proc = background.result(timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ours: avx2 path; vLLM's kernel library: _C_AVX2" in proc.stdout
     assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("| SmolLM2")]) == 2
 
 
-def test_prefill_bench_quick():
+@pytest.mark.background.with_args(_quick("bench_prefill.py"))
+def test_prefill_bench_quick(background):
     """bench_prefill.py --quick: our kernel, the split path and vLLM's kernel on
     one prefill chunk (no timing assertions)."""
-    proc = _bench("bench_prefill.py")
+    proc = background.result(timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| SmolLM2")]
     assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)
@@ -126,10 +139,11 @@ def test_cluster_bench_quick(tmp_path):
     assert "crossover" in proc.stdout
 
 
-def test_layout_probe_quick():
+@pytest.mark.background.with_args(_quick("layout_probe.py"))
+def test_layout_probe_quick(background):
     """layout_probe.py --quick: the probe's two rows, or a clear refusal on a
     CPU without the AVX-512-BF16 path (no timing assertions)."""
-    proc = _bench("layout_probe.py", timeout=900)
+    proc = background.result(timeout=900)
     if proc.returncode == 1 and "needs the AVX-512-BF16 path" in proc.stdout:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -166,10 +180,11 @@ def test_env_ab_quick():
     assert "geometric means over the pairs (vllm/ours)" in proc.stdout
 
 
-def test_eviction_bench_quick():
+@pytest.mark.background.with_args(_quick("bench_eviction.py"))
+def test_eviction_bench_quick(background):
     """bench_eviction.py --quick: one compression with KeyDiff read in place and
     gathered, on both page layouts (no timing assertions)."""
-    proc = _bench("bench_eviction.py")
+    proc = background.result(timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln.split("|") for ln in proc.stdout.splitlines() if ln.startswith("| 640 |")]
     assert len(rows) == 4

@@ -99,3 +99,90 @@ def test_background_job_result_and_a_skip_in_make_cmd():
     with pytest.raises(pytest.skip.Exception):
         Background(skips)
     assert made and not made[0].exists()  # its directory does not stay behind
+
+
+
+#: A job of the session below: it logs when it starts and ends.
+_JOB = """
+import sys, time
+name, log = sys.argv[1:]
+open(log, "a").write(f"start {name} {time.time()}\\n")
+time.sleep(1.0)
+open(log, "a").write(f"end {name} {time.time()}\\n")
+"""
+
+#: The session's test module (``HERE`` filled in): plain tests around tests
+#: marked background, one of whose ``make_cmd`` skips.
+_QUEUE_TESTS = """
+import sys
+import time
+
+import conftest
+import pytest
+
+HERE = "@HERE@"
+
+
+def job(name):
+    def make_cmd(_dir):
+        if name == "skipped":
+            pytest.skip("no tool")
+        return [sys.executable, HERE + "/job.py", name, HERE + "/log"], None
+    return make_cmd
+
+
+def test_first():
+    time.sleep(1.5)
+
+
+@pytest.mark.background.with_args(job("b0"))
+def test_b0(background):
+    assert background.result(timeout=60).returncode == 0
+
+
+@pytest.mark.background.with_args(job("skipped"))
+def test_skipped(background):
+    pass
+
+
+def test_between():
+    time.sleep(1.5)
+"""
+
+
+def test_background_jobs_run_last_and_a_few_at_a_time(tmp_path):
+    """conftest.py's queue, in a pytest session of its own: tests marked
+    background run after the others; their jobs start after collection, at
+    most ``BACKGROUND_AT_ONCE`` at a time, the next when one has ended; a job
+    whose ``make_cmd`` skips takes no slot; every job runs."""
+    import shutil
+    import sys
+
+    import conftest
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("conftest.py", "subproc.py"):
+        shutil.copy(os.path.join(here, name), tmp_path / name)
+    (tmp_path / "job.py").write_text(_JOB)
+    more = "".join(f"""
+
+@pytest.mark.background.with_args(job("b{i}"))
+def test_b{i}(background):
+    assert background.result(timeout=60).returncode == 0
+""" for i in range(1, 5))
+    last = "\n\ndef test_last():\n    time.sleep(1.5)\n"
+    (tmp_path / "test_queue.py").write_text(_QUEUE_TESTS.replace("@HERE@", str(tmp_path)) + more + last)
+    proc = run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-W", "ignore",
+                "--rootdir", str(tmp_path), str(tmp_path / "test_queue.py")], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    order = [ln.split("::")[1].split()[0] for ln in proc.stdout.splitlines() if "::test_" in ln]
+    assert order == ["test_first", "test_between", "test_last", "test_b0", "test_skipped",
+                     "test_b1", "test_b2", "test_b3", "test_b4"], order
+    events = sorted((float(t), kind, name) for kind, name, t in
+                    (ln.split() for ln in (tmp_path / "log").read_text().splitlines()))
+    assert {name for _, kind, name in events if kind == "end"} == {f"b{i}" for i in range(5)}
+    running = peak = 0
+    for _, kind, _name in events:  # an end sorts before a start at the same time
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == conftest.BACKGROUND_AT_ONCE, events
