@@ -107,6 +107,10 @@ def _incompatibilities(args: Any) -> list[str]:
         problems.append("KV offloading (--kv-offloading-size)")
     if args.async_scheduling:
         problems.append("--async-scheduling")
+    if args.enable_dbo or args.ubatch_size > 1:
+        # vLLM splits a step into micro-batches whose metadata restarts at
+        # request 0; the per-head page tables are built for the whole batch.
+        problems.append("micro-batching (--enable-dbo / --ubatch-size > 1)")
     if args.pipeline_parallel_size != 1:
         # Each stage would hold a slice of the layers: the joint choice over
         # all layers of a sequence needs them in one worker.

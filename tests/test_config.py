@@ -265,6 +265,8 @@ def test_create_engine_config_passthrough_without_config(engine_args_mod, model_
         ({"kv_offloading_size": 1.0}, "offloading"),
         ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),
         ({"async_scheduling": True}, "async-scheduling"),
+        ({"enable_dbo": True}, "micro-batching"),
+        ({"ubatch_size": 2}, "micro-batching"),
     ],
 )
 def test_incompatible_options_are_rejected(engine_args_mod, model_path, extra, needle):

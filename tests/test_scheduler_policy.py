@@ -102,6 +102,22 @@ def test_chunk_ending_one_token_short_is_not_compressed(vllm_config):
     assert out.kv_compress.evictions[0].num_pages == evict_now(65, 0, LH, BS, 0.25, PROTECTED, SINKS)
 
 
+def test_debug_checks_flag_a_scheduled_request_the_worker_does_not_hold(vllm_config):
+    """``debug_checks``: the worker's page report must cover every request
+    the step scheduled, with the page count the scheduler expects."""
+    sched = make_scheduler(vllm_config, budget=64)
+    add(sched, "a", 40)
+    add(sched, "b", 20)
+    out = run_step(sched)
+    expected = {rid: sched.kvc_manager.pages_in_use(rid, sched.requests[rid].num_computed_tokens)
+                for rid in ("a", "b")}
+    sched._check_worker_pages(expected, out.num_scheduled_tokens)  # agreement passes
+    with pytest.raises(RuntimeError, match=r"holds no pages for requests \['b'\] \(1 of 2"):
+        sched._check_worker_pages({"a": expected["a"]}, out.num_scheduled_tokens)
+    with pytest.raises(RuntimeError, match="request a: scheduler expects"):
+        sched._check_worker_pages({**expected, "a": expected["a"] + 1}, out.num_scheduled_tokens)
+
+
 def test_plan_names_requests_whose_metric_is_never_read(vllm_config):
     sched = make_scheduler(vllm_config, budget=64)
     add(sched, "metric", 20, kv_compress_scorer="kvcompress")

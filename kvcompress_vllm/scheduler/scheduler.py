@@ -507,7 +507,7 @@ class KVCompressScheduler(Scheduler):
             self.kvc_totals.pages_migrated += stats.pages_migrated
             self.kvc_metrics.record_worker_step(stats)
             if stats.pages_in_use is not None:
-                self._check_worker_pages(stats.pages_in_use)
+                self._check_worker_pages(stats.pages_in_use, scheduler_output.num_scheduled_tokens)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         self._maybe_log()
         return outputs
@@ -517,8 +517,15 @@ class KVCompressScheduler(Scheduler):
         publish(stats, self.kvc_metrics)  # SchedulerStats.kv_connector_stats["kv_compress"]
         return stats
 
-    def _check_worker_pages(self, worker_pages: dict[str, int]) -> None:
-        """Scheduler and worker must agree on every request's page count."""
+    def _check_worker_pages(self, worker_pages: dict[str, int], scheduled: dict[str, int]) -> None:
+        """Scheduler and worker must agree on every request's page count, and
+        the worker must hold every request this step scheduled."""
+        missing = sorted(rid for rid in scheduled if rid not in worker_pages and rid in self.requests)
+        if missing:
+            raise RuntimeError(
+                f"KV-Compress accounting mismatch: the worker holds no pages for requests "
+                f"{missing[:8]} ({len(missing)} of {len(scheduled)} scheduled this step)"
+            )
         for rid, pages in worker_pages.items():
             request = self.requests.get(rid)
             if request is None:

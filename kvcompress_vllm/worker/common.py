@@ -116,8 +116,8 @@ class KVCompressWorkerMixin:
         return self._attach_stats(super().sample_tokens(grammar_output))
 
     def _attach_stats(self, output):
-        if not self.kvc_state.in_step:
-            return output
+        if not self.kvc_state.in_step or output is None:
+            return output  # (None: no output this call; the stats go with the next)
         output = copy.copy(output)  # EMPTY_MODEL_RUNNER_OUTPUT is shared
         attach_stats(output, self.kvc_state.end_step())
         return output
