@@ -363,6 +363,8 @@ def _fake_engine_args(**overrides):
         kv_transfer_config = None
         kv_offloading_size = None
         async_scheduling = False
+        enable_dbo = False
+        ubatch_size = 1
         pipeline_parallel_size = 1
         kv_cache_dtype = "auto"
         scheduler_cls = None
@@ -426,6 +428,8 @@ def test_cuda_selects_gpu_worker_custom_backend_and_v1_runner(cuda_platform):
         (dict(block_size=48), "block-size 48"),
         (dict(head_size=96), "head size 96"),
         (dict(v2=True), "V2 model runner"),
+        (dict(enable_dbo=True), "micro-batching"),
+        (dict(ubatch_size=2), "micro-batching"),
     ],
 )
 def test_cuda_rejects_what_the_kernels_cannot_run(cuda_platform, overrides, needle):
