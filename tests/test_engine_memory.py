@@ -53,6 +53,9 @@ def run(engine_factory, model_path, rate: float):
     result = {
         "max_running": totals.max_running,
         "preemptions": totals.preemptions,
+        # per request (kv_transfer_params["kv_compress"]["preemptions"])
+        "request_preemptions": sum(o.kv_transfer_params["kv_compress"]["preemptions"]
+                                   for o in outs),
         "correct": correct,
         "free_at_end": engine.free_blocks(),
         "num_blocks": num_blocks,
@@ -71,6 +74,12 @@ def test_compression_raises_concurrency_and_cuts_preemptions(results):
     print("tight budget:", results)
     assert compressed["max_running"] > full["max_running"]
     assert compressed["preemptions"] < full["preemptions"]
+
+
+def test_request_outputs_count_the_preemptions(results):
+    assert results[1.0]["preemptions"] > 0
+    for r in results.values():
+        assert r["request_preemptions"] == r["preemptions"]
 
 
 def test_no_blocks_leak_after_preemptions(results):

@@ -171,6 +171,9 @@ def test_interval_and_pressure(vllm_config):
     assert pages > 0 and _blocks(n + 1, evicted) == _blocks(n + 1, evicted + pages)
     assert sched.plans_log[before:] == [] and sched.kvc_totals.pressure_steps == 1
     assert sched.kvc_totals.preemptions == 1 and sched.requests["b"].status.name == "PREEMPTED"
+    # the per-request figures name it (kv_transfer_params["kv_compress"])
+    assert sched.request_compression_summary(sched.requests["b"])["preemptions"] == 1
+    assert sched.request_compression_summary(sched.requests["a"])["preemptions"] == 0
     while sched.requests["a"].num_computed_tokens < n_first + 2 * interval:
         run_step(sched)
     run_step(sched)

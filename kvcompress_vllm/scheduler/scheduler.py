@@ -569,6 +569,8 @@ class KVCompressScheduler(Scheduler):
             "kept_fraction": (kept / total) if total else 1.0,
             "pages_evicted": state.pages_evicted_total if state else 0,
             "compressions": state.compressions if state else 0,
+            # vLLM's own count (``Scheduler._preempt_request``)
+            "preemptions": request.num_preemptions,
             "rate": state.policy.rate if state else self.kvc_config.rate,
             "scorer": state.policy.scorer if state else self.kvc_config.scorer,
             "allocation": state.policy.allocation if state else self.kvc_config.allocation,

@@ -71,7 +71,8 @@ class AdaptiveScorer(Scorer):
     read there.  The request's context is *repetitive* when ``repetition``
     of a few sampled (layer, KV head) rows is at least ``cutoff``; the
     choice is made at each compression from the KVs the request then holds,
-    and applies to all its heads, so per-head budgets stay comparable.
+    and applies to all its heads (of this rank under tensor parallelism:
+    docs/scaling.md), so per-head budgets stay comparable.
 
     Records the metric (its requests run the metric-recording attention path)
     and reads keys (the sampled rows, and every row when KeyDiff ranks).
