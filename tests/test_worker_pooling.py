@@ -95,3 +95,36 @@ def test_missing_plan_is_an_error_not_evict_nothing():
     del so.kv_compress
     with pytest.raises(MissingPlanError, match=r"\['a'\] carries no StepPlan"):
         state.begin_step(so)
+
+
+def test_prefix_cache_hitter_pools_its_own_kvs_not_the_shared_prefix():
+    """A request that starts on prefix-cache hits (vLLM hands it the writer's
+    blocks with ``num_computed_tokens`` > 0) reads the shared KVs' metric as
+    the neighbours of its own first KVs but leaves it as is: the writer pooled
+    those shared pages at its own prefill end, and pooling them again would
+    widen every max the writer reads when it compresses."""
+    hit, prompt = 2 * N, 2 * N + 5
+    state, _ = make_state(rate=0.25, pooling_kernel=3, observation_window=4)
+    state.begin_step(step(new=[("a", [4, 5, 6], 2 * N + 3)], scheduled={"a": 2 * N + 3},
+                          prefill_ends={"a": 2 * N + 3}))
+    fill(state, ["a"], seed=1)
+    state.end_step()
+    so = step(new=[("b", [4, 5, 7], prompt)], cached=[("a", [])],
+              scheduled={"b": prompt - hit, "a": 1}, prefill_ends={"b": prompt})
+    so.scheduled_new_reqs[0].num_computed_tokens = hit
+    state.begin_step(so)
+    assert state.table.requests["b"].hit_tokens == hit
+    batch = fill(state, ["b", "a"], seed=2)
+    assert [(r, n, rid) for r, n, rid in batch.pool_rows] == [(0, prompt, "b")]
+    g = torch.Generator().manual_seed(3)
+    state.pool.metrics.copy_(torch.rand(state.pool.metrics.shape, generator=g))
+    before = _rows(state, "b")
+    for layer in range(L):
+        state.pool_prompt_metrics(batch, layer)
+    state.end_step()
+    after = _rows(state, "b")
+    for key, values in before.items():
+        pooled = torch.nn.functional.max_pool1d(values.view(1, 1, -1), 3, 1, 1).view(-1)
+        assert torch.equal(after[key][:hit], values[:hit]), "the shared prefix is left as is"
+        assert torch.equal(after[key][hit:], pooled[hit:]), "its own KVs see the prefix"
+        assert not torch.equal(pooled[hit:], values[hit:])

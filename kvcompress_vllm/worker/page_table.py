@@ -40,6 +40,9 @@ class RequestPages:
     num_tokens: int
     #: Tokens covered by the request's (re)started prefill.
     prefill_end: int
+    #: Tokens already in its blocks when it was (re)started: prefix-cache
+    #: hits, whose KVs (and metric) another request wrote and pooled.
+    hit_tokens: int = 0
     #: Its queries add to the attention metric (``StepPlan.no_metric``).
     records_metric: bool = True
     #: Never compressed: its K/V are in vLLM's own layout, read by vLLM's
@@ -138,7 +141,8 @@ class HeadPageTable:
         self.num_pages[slot] = 0
         self.kv_count[slot] = num_tokens
         req = RequestPages(slot=slot, blocks=list(blocks), num_tokens=num_tokens,
-                           prefill_end=prefill_end, records_metric=records_metric,
+                           prefill_end=prefill_end, hit_tokens=num_tokens,
+                           records_metric=records_metric,
                            stock_layout=stock_layout, packed=packed)
         self.requests[req_id] = req
         self.ensure_capacity(req, 0)

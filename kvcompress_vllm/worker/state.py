@@ -588,6 +588,9 @@ class KVCompressWorkerState:
         every head of a pooled row must hold exactly ``prompt length`` KVs;
         anything else means the request was compressed before its prompt was
         complete, and pooling would read (and write) pages it does not own.
+        Prefix-cache hits (``RequestPages.hit_tokens``) are read as the
+        neighbours of the request's first own KVs but not written: the request
+        that wrote those shared pages pooled them already.
         """
         kernel = self.cfg.pooling_kernel
         metrics = self.pool.metrics
@@ -607,4 +610,5 @@ class KVCompressWorkerState:
             pooled = torch.nn.functional.max_pool1d(
                 values.unsqueeze(1), kernel, stride=1, padding=kernel // 2
             ).squeeze(1)
-            metrics[page, slot] = pooled
+            own = self.table.requests[req_id].hit_tokens
+            metrics[page[:, own:], slot[:, own:]] = pooled[:, own:]
