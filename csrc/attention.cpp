@@ -46,7 +46,9 @@
 // stealing from the back of other ranges once a thread's own range is done.
 //  * each tile of a prefill chunk without metric rows is a unit;
 //  * all metric tiles of one task form one unit (they add to the same metrics
-//    entries, so one thread handles them in sequence);
+//    entries, so one thread handles them in sequence; tasks of different
+//    requests that share pages may add to the same entries at once, which a
+//    striped lock per page makes safe, see add_metrics);
 //  * single-tile tasks (decode rows, short chunks) are one unit each, unless
 //    there are too few of them for the threads: then (flash-decoding) their KV
 //    ranges are laid end to end and cut into units of equal cost, splitting
@@ -62,6 +64,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -318,14 +321,41 @@ inline int64_t count_blocks(int64_t k0, int64_t kend, int64_t N) {
   return nb;
 }
 
+// Requests that share pages (prefix-cache hitters and their writer, the n > 1
+// children of one prompt) add to the same metric slots in one call, from
+// tasks that may run on different threads.  Each block's read-modify-write
+// therefore holds the spin lock of its page's stripe: uncontended that is one
+// exchange per block of up to kKB keys.  (Without it, concurrent adds lost
+// whole contributions of shared slots in a few percent of calls.)  The order
+// of the adds to a shared slot still follows the threads' timing, so its sum
+// may differ in the last bits from one run to the next, as with the Triton
+// kernel's atomics.
+struct alignas(64) MetricLock {
+  std::atomic<bool> busy{false};
+};
+constexpr int64_t kMetricLocks = 512;  // power of two
+MetricLock g_metric_locks[kMetricLocks];
+
 // metrics[page(j), slot(j)] += contrib[j - kb0] for logical j in [kb0, kb0 + kn)
 // (one page).
 inline void add_metrics(float* metrics, const int32_t* pages, int64_t N, int64_t kb0, int kn,
                         const float* contrib) {
-  float* m = metrics + static_cast<int64_t>(pages[kb0 / N]) * N + kb0 % N;
+  const int64_t page = pages[kb0 / N];
+  std::atomic<bool>& busy = g_metric_locks[page & (kMetricLocks - 1)].busy;
+  for (int spins = 0; busy.exchange(true, std::memory_order_acquire);) {
+    while (busy.load(std::memory_order_relaxed)) {
+      if (++spins < 256) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();  // the holder may be descheduled
+      }
+    }
+  }
+  float* m = metrics + page * N + kb0 % N;
   int x = 0;
   for (; x + 8 <= kn; x += 8) vstore(m + x, vload(m + x) + vload(contrib + x));
   for (; x < kn; ++x) m[x] += contrib[x];
+  busy.store(false, std::memory_order_release);
 }
 
 // Adds sum_r (c[r] * P[blk][r][j])^2 of every block of a KV range to metrics.

@@ -37,6 +37,7 @@ def make_attention_case(
     block_size: int,
     dtype: torch.dtype,
     max_kv: int = 300,
+    min_kv: int = 1,
     max_q: int = 1,
     seed: int = 0,
     uniform_heads: bool = False,
@@ -53,11 +54,11 @@ def make_attention_case(
     kv_lens = torch.zeros(num_reqs, num_kv_heads, dtype=torch.int32)
     for r in range(num_reqs):
         if uniform_heads:
-            kv_lens[r, :] = max(q_lens[r], randint(1, max_kv))
+            kv_lens[r, :] = max(q_lens[r], randint(min_kv, max_kv))
             continue
         for h in range(num_kv_heads):
             # Heads differ by several pages; never fewer KVs than queries.
-            kv_lens[r, h] = max(q_lens[r], randint(1, max_kv))
+            kv_lens[r, h] = max(q_lens[r], randint(min_kv, max_kv))
     pages_per_head = (kv_lens + block_size - 1) // block_size
     max_pages = int(pages_per_head.max()) + 1
     total_pages = int(pages_per_head.sum()) + 7  # a few unused pages
@@ -135,4 +136,32 @@ def make_compaction_case(
         kv_lens=kv_lens,
         evict_idx=evict_idx,
         evict_counts=torch.tensor([len(e) for e in evict_lists], dtype=torch.int32),
+    )
+
+
+def share_prefix_pages(case: AttentionCase, shared_pages: int) -> AttentionCase:
+    """The same case with the first ``shared_pages`` page slots of every head of
+    every request pointing at request 0's pages (prefix-cache hitters and the
+    n > 1 children of one prompt share their prefix blocks, page for page).
+
+    Every head must already hold more than ``shared_pages`` pages, so that the
+    shared pages are full and each request also attends its own pages."""
+    n_pages = case.page_table.shape[2]
+    block_size = case.kv_pages.shape[2]
+    need = shared_pages * block_size
+    if int(case.kv_lens.min()) <= need or shared_pages >= n_pages:
+        raise ValueError(
+            f"share_prefix_pages: every head needs > {need} KVs, min is {int(case.kv_lens.min())}"
+        )
+    pt = case.page_table.clone()
+    pt[1:, :, :shared_pages] = pt[0:1, :, :shared_pages]
+    return AttentionCase(
+        query=case.query,
+        kv_pages=case.kv_pages,
+        page_table=pt,
+        kv_lens=case.kv_lens,
+        query_start_loc=case.query_start_loc,
+        metric_q_start=case.metric_q_start,
+        metrics=case.metrics,
+        scale=case.scale,
     )

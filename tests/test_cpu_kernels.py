@@ -19,7 +19,7 @@ import os
 
 import pytest
 import torch
-from kernel_cases import make_attention_case, make_compaction_case
+from kernel_cases import make_attention_case, make_compaction_case, share_prefix_pages
 
 from kvcompress_vllm import ops
 from kvcompress_vllm.ops import reference
@@ -208,6 +208,42 @@ def test_attention_empty_rows_and_metric_start(cpu_isa):
     case.metric_q_start = torch.tensor([-3, 0, 100, 1], dtype=torch.int32)
     _check(case, torch.float32, metrics=True)
     _check(case, torch.float32, metrics=False)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("max_q", [1, 24])
+def test_attention_requests_sharing_pages_add_every_metric(num_threads, threads, max_q, cpu_isa):
+    """Requests that share prefix pages (prefix-cache hitters and their writer,
+    the n > 1 children of one prompt) all add their metric to the shared slots
+    in one call, from tasks on different threads: no update is lost.  Before
+    the per-page lock, a plain read-modify-write lost whole contributions (up
+    to 60% of a slot's sum) in 2-10% of these calls; 50 calls per case."""
+    num_threads(threads)
+    for dtype in (torch.float32, torch.bfloat16):
+        case = share_prefix_pages(
+            make_attention_case(
+                num_reqs=24, num_kv_heads=2, group=3, head_dim=64, block_size=16,
+                dtype=dtype, min_kv=200, max_kv=260, max_q=max_q, seed=7 * threads + max_q,
+            ),
+            shared_pages=12,
+        )
+        ref_out, out, ref_m, got_m = _run_both(case, metrics=True)
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
+        scale = ref_m.abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(got_m, ref_m, rtol=METRIC_RTOL[dtype], atol=1e-6 * float(scale))
+        shared = case.page_table[0, :, :12].reshape(-1).long()
+        assert float(ref_m[shared].min()) > 0  # every request's queries reach the prefix
+        for run in range(50):
+            again = torch.zeros_like(got_m)
+            ops.paged_head_attention(
+                case.query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
+                case.scale, again, case.metric_q_start, torch.zeros_like(case.query),
+            )
+            # Only the order of the adds to a shared slot may differ (last bits).
+            torch.testing.assert_close(
+                again, got_m, rtol=1e-4, atol=1e-7 * float(scale),
+                msg=lambda m, run=run: f"call {run + 2} lost metric updates: {m}",
+            )
 
 
 def _isa_available(name: str) -> bool:

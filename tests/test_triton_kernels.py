@@ -32,7 +32,11 @@ if _SET_INTERPRET:
 
 pytest.importorskip("triton")
 
-from kernel_cases import make_attention_case, make_compaction_case  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    make_attention_case,
+    make_compaction_case,
+    share_prefix_pages,
+)
 
 from kvcompress_vllm.ops import reference  # noqa: E402
 from kvcompress_vllm.triton_kernels import (  # noqa: E402
@@ -135,6 +139,19 @@ def test_paged_head_attention_without_metrics(knobs):
     case = make_attention_case(num_reqs=4, num_kv_heads=2, group=4, head_dim=64,
                                block_size=16, dtype=torch.float32, max_kv=120, max_q=8, seed=7)
     _check_attention(case, torch.float32, with_metrics=False, **knobs)
+
+
+@pytest.mark.parametrize("knobs", [{}, dict(num_splits=3)], ids=["fused", "split3"])
+def test_paged_head_attention_requests_sharing_pages(knobs):
+    """Requests sharing their prefix pages (prefix-cache hits, n > 1 children)
+    each add their metric to the shared slots (atomic adds from several
+    programs): the sums equal the reference's."""
+    case = share_prefix_pages(
+        make_attention_case(num_reqs=6, num_kv_heads=2, group=3, head_dim=64, block_size=16,
+                            dtype=torch.float32, min_kv=70, max_kv=120, max_q=6, seed=13),
+        shared_pages=4,
+    )
+    _check_attention(case, torch.float32, **knobs)
 
 
 def test_paged_head_attention_empty_request_and_strided_query():

@@ -210,6 +210,7 @@ class KVCompressWorkerState:
                 self._packed(step, new_req.req_id),
             )
             self._write_hit_positions(req)
+            self._reset_stock_metric(req, cdiv(req.hit_tokens, self.block_size))
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             if rid in cached.resumed_req_ids:
@@ -225,6 +226,7 @@ class KVCompressWorkerState:
                     self._packed(step, rid),
                 )
                 self._write_hit_positions(req)
+                self._reset_stock_metric(req, cdiv(req.hit_tokens, self.block_size))
         # Plans refer to the block lists as they were before this step's
         # allocations, so they run before new blocks are appended.
         for plan in step.evictions:
@@ -232,7 +234,9 @@ class KVCompressWorkerState:
         for i, rid in enumerate(cached.req_ids):
             blocks = cached.new_block_ids[i]
             if rid not in cached.resumed_req_ids and blocks is not None:
+                req = table.requests[rid]
                 table.append_blocks(rid, list(blocks[0]))
+                self._reset_stock_metric(req, len(req.blocks) - len(blocks[0]))
         scheduled = scheduler_output.num_scheduled_tokens
         table.append_tokens([table.requests[rid] for rid in scheduled], list(scheduled.values()))
         self._report_pages = step.report_pages
@@ -244,7 +248,7 @@ class KVCompressWorkerState:
         slots their positions.  The request that wrote the blocks may have
         been one vLLM's writer served (never compressed), which writes no
         position, and eviction protects the shared prefix by position."""
-        num_blocks = min(cdiv(req.num_tokens, self.block_size), len(req.blocks))
+        num_blocks = min(cdiv(req.hit_tokens, self.block_size), len(req.blocks))
         if num_blocks == 0:
             return
         pages = self.table.block_page_ids(req.blocks[:num_blocks]).view(num_blocks, -1)
@@ -253,6 +257,19 @@ class KVCompressWorkerState:
         slot = torch.arange(self.block_size, device=positions.device)
         positions[pages.to(positions.device)] = (first.view(-1, 1, 1) + slot.view(1, 1, -1)).to(
             positions.dtype).expand(num_blocks, pages.shape[1], self.block_size)
+
+    def _reset_stock_metric(self, req: RequestPages, first: int) -> None:
+        """Zero the metric of a never-compressed request's blocks from
+        ``req.blocks[first]`` on (blocks it was just given, past its
+        prefix-cache hits).  vLLM's writer fills their K/V without touching
+        our metadata, so the slots would keep the previous tenant's metric; a
+        compressible request that later hits these blocks reads them as
+        neighbours when it pools its prompt, and adds its queries to them.
+        (``write_kv`` zeroes the slots it writes for every other request.)"""
+        if not req.stock_layout or first >= len(req.blocks):
+            return
+        pages = self.table.block_page_ids(req.blocks[first:]).view(-1)
+        self.pool.metrics[pages.to(self.pool.metrics.device)] = 0.0
 
     def _packed(self, step: StepPlan, req_id: str) -> bool:
         """Kept in vLLM's in-page layout: compressible, the pool has vLLM's
@@ -538,6 +555,13 @@ class KVCompressWorkerState:
         reqs = [table.requests[rid] for rid in req_ids]
         self._check_step_tokens(req_ids, reqs, qsl)
         before = [r.num_tokens - r.step_tokens for r in reqs]
+        for rid, r, b in zip(req_ids, reqs, before):
+            if b < r.hit_tokens:  # writes go to tokens [b, num_tokens)
+                raise RuntimeError(
+                    f"request {rid}: this step writes its KVs from token {b} on, inside its "
+                    f"{r.hit_tokens} prefix-cache hit tokens (blocks other requests wrote "
+                    f"and may be reading)"
+                )
         # Page rows, KV counts, write slots and token positions: one kernel
         # over the tables (``ops.gather_batch``); the rest is per request.
         try:
@@ -590,10 +614,13 @@ class KVCompressWorkerState:
         complete, and pooling would read (and write) pages it does not own.
         Prefix-cache hits (``RequestPages.hit_tokens``) are read as the
         neighbours of the request's first own KVs but not written: the request
-        that wrote those shared pages pooled them already.
+        that wrote those shared pages pooled them already.  Every row reads
+        the metric as it was before this call, so a hitter whose writer pools
+        in the same step reads the same neighbours whatever the rows' order.
         """
         kernel = self.cfg.pooling_kernel
         metrics = self.pool.metrics
+        writes = []
         for row, length, req_id in batch.pool_rows:
             counts = batch.kv_lens[region, row]  # [H]
             if bool((counts != length).any()):
@@ -611,4 +638,6 @@ class KVCompressWorkerState:
                 values.unsqueeze(1), kernel, stride=1, padding=kernel // 2
             ).squeeze(1)
             own = self.table.requests[req_id].hit_tokens
-            metrics[page[:, own:], slot[:, own:]] = pooled[:, own:]
+            writes.append((page[:, own:], slot[:, own:], pooled[:, own:]))
+        for page, slot, pooled in writes:
+            metrics[page, slot] = pooled
