@@ -1,7 +1,8 @@
 // paged_head_attention: causal attention over per-(request, KV head) paged KVs
 // with GQA (the G query heads of a group read their KV head's pages once) and
 // the KV-Compress metric (sum over the group of squared softmax probabilities,
-// added to every attended KV by the queries i >= metric_q_start[r]).
+// added to every attended KV by the queries i >= metric_q_start[r]; with
+// metric_k_start, only to the KVs at logical index >= metric_k_start[r]).
 //
 // Work decomposition
 // ------------------
@@ -100,6 +101,7 @@ struct Task {
   int32_t q_len;
   int32_t n;             // KVs of this head (incl. this step's)
   int32_t first_metric;  // queries >= first_metric record metrics (q_len: none)
+  int32_t metric_k0;     // ... on the KVs >= metric_k0 only (a hitter's own KVs)
   const int32_t* pages;
   bool packed;           // head-pages in vLLM's in-page layout (Ctx::layout)
 };
@@ -361,11 +363,16 @@ inline void add_metrics(float* metrics, const int32_t* pages, int64_t N, int64_t
 // Adds sum_r (c[r] * P[blk][r][j])^2 of every block of a KV range to metrics.
 // P blocks are [mrows][kKB] (zero past the block length, up to a multiple of 8);
 // c[blk * mrows + r] is the per-(block, row) factor.
+// KVs below kmin get nothing (their blocks are still counted in P).
 inline void metric_pass(float* metrics, const int32_t* pages, int64_t N, int64_t k0, int64_t k1,
-                        int mrows, const float* P, const float* c, float* contrib) {
+                        int64_t kmin, int mrows, const float* P, const float* c, float* contrib) {
   int64_t blk = 0;
   for (int64_t kb0 = k0; kb0 < k1; ++blk) {
     const int kn = block_len(kb0, k1, N);
+    if (kb0 + kn <= kmin) {
+      kb0 += kn;
+      continue;
+    }
     const float* Pb = P + blk * mrows * kKB;
     const float* cb = c + blk * mrows;
     for (int j = 0; j < kn; j += 8) {
@@ -376,7 +383,8 @@ inline void metric_pass(float* metrics, const int32_t* pages, int64_t N, int64_t
       }
       vstore(contrib + j, acc);
     }
-    add_metrics(metrics, pages, N, kb0, kn, contrib);
+    const int lo = static_cast<int>(std::max<int64_t>(0, kmin - kb0));
+    add_metrics(metrics, pages, N, kb0 + lo, kn - lo, contrib + lo);
     kb0 += kn;
   }
 }
@@ -625,7 +633,7 @@ void attend_tile(const Ctx<T>& c, const Task& t, int qa, int qb, int64_t k0, int
         x = x == -INFINITY ? 0.f : std::exp(x - m[mr0 + mr]) * l[mr0 + mr];
       }
     float* contrib = Scratch::get(sc.contrib, kKB);
-    metric_pass(c.metrics, t.pages, N, k0, kend, mrows, Pm, mref, contrib);
+    metric_pass(c.metrics, t.pages, N, k0, kend, t.metric_k0, mrows, Pm, mref, contrib);
   }
 }
 
@@ -681,7 +689,7 @@ void finish_split(const Ctx<T>& c, const Task& t, const Item* parts, int nparts)
         const float x = mref[b * mrows + mr];
         cf[b * mrows + mr] = x == -INFINITY ? 0.f : std::exp(x - M[mr0 + mr]) * invL[mr0 + mr];
       }
-    metric_pass(c.metrics, t.pages, c.N, it.k0, kend, mrows, Pm, cf, contrib);
+    metric_pass(c.metrics, t.pages, c.N, it.k0, kend, t.metric_k0, mrows, Pm, cf, contrib);
   }
 }
 
@@ -745,7 +753,8 @@ void run_units(int64_t n, const std::vector<double>& cost, const F& fn) {
 template <typename T>
 void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at::Tensor& pt,
                    const at::Tensor& kv_lens, const at::Tensor& qsl, double scale,
-                   float* metrics, const at::Tensor& mqs, const at::Tensor& output,
+                   float* metrics, const at::Tensor& mqs, const int32_t* mks_p,
+                   const at::Tensor& output,
                    const uint8_t* packed, PackedLayout layout) {
   const int64_t R = pt.size(0), H = pt.size(1), max_pages = pt.size(2);
   const int64_t P = kv_pages.size(0), N = kv_pages.size(2), D = kv_pages.size(3);
@@ -768,6 +777,7 @@ void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at
                 "paged_head_attention: bad query_start_loc at request ", r);
     if (q_len == 0) continue;
     const int32_t first_metric = metrics ? std::clamp(mqs_p[r], 0, q_len) : q_len;
+    const int32_t metric_k0 = metrics && mks_p ? std::max(mks_p[r], 0) : 0;
     for (int64_t h = 0; h < H; ++h) {
       const int32_t n = kvl[r * H + h];
       TORCH_CHECK(n >= q_len, "paged_head_attention: kv_lens[", r, ", ", h, "] = ", n,
@@ -779,7 +789,7 @@ void run_attention(const at::Tensor& query, const at::Tensor& kv_pages, const at
         TORCH_CHECK(pages[p] >= 0 && pages[p] < P, "paged_head_attention: page_table[", r, ", ",
                     h, ", ", p, "] = ", pages[p], " out of range");
       tasks.push_back(Task{static_cast<int32_t>(r), static_cast<int32_t>(h), tok0, q_len, n,
-                           first_metric, pages, packed != nullptr && packed[r] != 0});
+                           first_metric, metric_k0, pages, packed != nullptr && packed[r] != 0});
     }
   }
 
@@ -972,7 +982,8 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
                           const at::Tensor& query_start_loc, double scale,
                           const std::optional<at::Tensor>& metrics,
                           const at::Tensor& metric_q_start, const at::Tensor& output,
-                          const std::optional<at::Tensor>& packed, int64_t packed_layout) {
+                          const std::optional<at::Tensor>& packed, int64_t packed_layout,
+                          const std::optional<at::Tensor>& metric_k_start) {
   TORCH_CHECK(kv_pages.device().is_cpu(), "paged_head_attention: CPU tensors expected");
   TORCH_CHECK(kv_pages.dim() == 4 && kv_pages.size(1) == 2 && kv_pages.is_contiguous(),
               "paged_head_attention: kv_pages must be a contiguous [P, 2, N, D] tensor");
@@ -1005,6 +1016,15 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
   const at::Tensor kvl = kv_lens.to(at::kInt).contiguous();
   const at::Tensor qsl = query_start_loc.to(at::kInt).contiguous();
   const at::Tensor mqs = metric_q_start.to(at::kInt).contiguous();
+  at::Tensor mks;
+  const int32_t* mks_p = nullptr;
+  if (metric_k_start.has_value()) {
+    TORCH_CHECK(metric_k_start->numel() == R,
+                "paged_head_attention: metric_k_start must be [R] (one per request), got ",
+                metric_k_start->sizes());
+    mks = metric_k_start->to(at::kInt).contiguous();
+    mks_p = mks.data_ptr<int32_t>();
+  }
   at::Tensor packed_flags;
   const uint8_t* packed_p = nullptr;
   if (packed.has_value()) {
@@ -1030,13 +1050,13 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
 
   switch (kv_pages.scalar_type()) {
     case at::kFloat:
-      run_attention<float>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p, layout);
+      run_attention<float>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, mks_p, output, packed_p, layout);
       break;
     case at::kBFloat16:
-      run_attention<c10::BFloat16>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p, layout);
+      run_attention<c10::BFloat16>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, mks_p, output, packed_p, layout);
       break;
     case at::kHalf:
-      run_attention<c10::Half>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, output, packed_p, layout);
+      run_attention<c10::Half>(query, kv_pages, pt, kvl, qsl, scale, mptr, mqs, mks_p, output, packed_p, layout);
       break;
     default:
       TORCH_CHECK(false, "paged_head_attention: unsupported dtype ", kv_pages.scalar_type());

@@ -10,7 +10,8 @@
 namespace kvc {
 
 // Causal attention over per-(request, KV head) paged KVs, optionally adding
-// sum_g p^2 of every metric query to the metric of each KV it attends to.
+// sum_g p^2 of every metric query to the metric of each KV it attends to
+// (with `metric_k_start`, only to the KVs at logical index >= metric_k_start[r]).
 // Requests flagged in `packed` have their pages in vLLM's in-page layout
 // `packed_layout` (cpu_isa.h PackedLayout: 0 AMX, 1 vec).
 void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
@@ -18,7 +19,8 @@ void paged_head_attention(const at::Tensor& query, const at::Tensor& kv_pages,
                           const at::Tensor& query_start_loc, double scale,
                           const std::optional<at::Tensor>& metrics,
                           const at::Tensor& metric_q_start, const at::Tensor& output,
-                          const std::optional<at::Tensor>& packed, int64_t packed_layout);
+                          const std::optional<at::Tensor>& packed, int64_t packed_layout,
+                          const std::optional<at::Tensor>& metric_k_start);
 
 // Store the step's K/V of every (token, KV head) at its head slot; reset the
 // metric and set the position of every written slot.

@@ -15,7 +15,7 @@ TORCH_LIBRARY(KVC_OP_NAMESPACE, m) {
       "paged_head_attention(Tensor query, Tensor kv_pages, Tensor page_table, "
       "Tensor kv_lens, Tensor query_start_loc, float scale, Tensor(b!)? metrics, "
       "Tensor metric_q_start, Tensor(c!) output, Tensor? packed=None, "
-      "int packed_layout=0) -> ()");
+      "int packed_layout=0, Tensor? metric_k_start=None) -> ()");
   m.def(
       "write_kv(Tensor key, Tensor value, Tensor(a!) kv_pages, Tensor slots, "
       "Tensor(b!)? metrics, Tensor(c!)? positions, Tensor token_positions, "

@@ -47,12 +47,13 @@ def paged_head_attention(
     metrics: torch.Tensor | None,  # [P, N] float32, accumulated in place
     metric_q_start: torch.Tensor,  # [R] int32
     output: torch.Tensor,  # [T, Hq, D], written
+    metric_k_start: torch.Tensor | None = None,  # [R] int32
 ) -> None:
     """See ``kvcompress_vllm.ops.reference.paged_head_attention``."""
     from .attention import paged_head_attention as impl
 
     impl(query, kv_pages, page_table, kv_lens, query_start_loc, scale, metrics,
-         metric_q_start, output)
+         metric_q_start, output, metric_k_start)
 
 
 def compact_heads(

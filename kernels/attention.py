@@ -24,8 +24,11 @@ Organisation
   ``p = exp2(s - lse)``, reduces ``p**2`` over its rows and adds the column
   sums into ``metrics[page, slot]`` with one fp32 ``atomic_add`` per KV and
   program.  A (request, head) can span several query tiles (and KV splits),
-  so atomics are what keep those programs race-free; for decode only one
-  program touches a KV, so the result is deterministic.
+  and requests can share pages (prefix-cache hits), so atomics are what keep
+  those programs race-free; where only one program touches a KV (decode on
+  unshared pages) the result is deterministic.  With ``metric_k_start`` a
+  request adds only to its KVs ``>= metric_k_start[r]`` (a prefix-cache
+  hitter leaves its hits' metric to their writer).
 * **Precision.**  16-bit K/V/Q feed the tensor cores directly (P is rounded
   to the V dtype for P@V, as in flash attention); fp32 caches use 3xTF32
   dots.  On CPU tensors (Triton interpreter) every dot is done in fp32.
@@ -173,13 +176,14 @@ def _softmax_pass(
 @triton.jit
 def _metric_pass(
     q, lse, metric_row, kv_ptr, pt_row_ptr, stride_ptp, metrics_ptr, stride_mp,
-    lo, hi, limit, qk_scale, stride_kvp, stride_kvn,
+    lo, hi, kmin, limit, qk_scale, stride_kvp, stride_kvn,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_DTYPE: tl.constexpr, F32_DOT: tl.constexpr,
 ):
-    """metrics[page, slot] += sum over metric rows of p**2, p = exp2(s - lse)."""
+    """metrics[page, slot] += sum over metric rows of p**2, p = exp2(s - lse),
+    for the KVs >= kmin of [lo, hi) (lo a multiple of BLOCK_N)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(lo, hi, BLOCK_N):
+    for start in range(tl.maximum(lo, kmin // BLOCK_N * BLOCK_N), hi, BLOCK_N):
         offs_n, n_mask, page, slot, row = _kv_rows(
             pt_row_ptr, stride_ptp, start, hi, stride_kvp, stride_kvn, PAGE, BLOCK_N)
         k = tl.load(kv_ptr + row[None, :] + offs_d[:, None], mask=n_mask[None, :], other=0.0)
@@ -187,7 +191,8 @@ def _metric_pass(
         keep = metric_row[:, None] & (offs_n[None, :] <= limit[:, None]) & n_mask[None, :]
         p = tl.exp2(tl.where(keep, s, float("-inf")) - lse[:, None])
         contrib = tl.sum(p * p, 0)
-        tl.atomic_add(metrics_ptr + page * stride_mp + slot, contrib, mask=n_mask, sem="relaxed")
+        tl.atomic_add(metrics_ptr + page * stride_mp + slot, contrib,
+                      mask=n_mask & (offs_n >= kmin), sem="relaxed")
 
 
 @triton.jit
@@ -199,12 +204,22 @@ def _metric_rows(mqs_ptr, r, q_len, q_idx, row_valid, qb, BLOCK_Q: tl.constexpr)
     return metric_row, any_rows
 
 
+@triton.jit
+def _metric_kmin(mks_ptr, r, KMIN: tl.constexpr):
+    """The request's first KV that gets metric (``metric_k_start``; 0 without)."""
+    if KMIN:
+        kmin = tl.maximum(tl.load(mks_ptr + r), 0)
+    else:
+        kmin = 0
+    return kmin
+
+
 # --------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, kv_ptr, pt_ptr, kv_lens_ptr, qsl_ptr, metrics_ptr, mqs_ptr, out_ptr,
+    q_ptr, kv_ptr, pt_ptr, kv_lens_ptr, qsl_ptr, metrics_ptr, mqs_ptr, mks_ptr, out_ptr,
     part_acc_ptr, part_ml_ptr,
     qk_scale, num_reqs, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -213,7 +228,7 @@ def _attn_fwd_kernel(
     stride_klr, stride_klh, stride_mp,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, METRICS: tl.constexpr,
+    SPLIT: tl.constexpr, METRICS: tl.constexpr, KMIN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     pid_qb = tl.program_id(0)
@@ -257,7 +272,8 @@ def _attn_fwd_kernel(
             if any_rows:
                 lse = m_i + tl.log2(l_safe)
                 _metric_pass(q, lse, metric_row, kv_ptr, pt_row_ptr, stride_ptp,
-                             metrics_ptr, stride_mp, 0, kv_hi, limit, qk_scale,
+                             metrics_ptr, stride_mp, 0, kv_hi, _metric_kmin(mks_ptr, r, KMIN),
+                             limit, qk_scale,
                              stride_kvp, stride_kvn, PAGE, BLOCK_N, HEAD_DIM,
                              DOT_DTYPE, F32_DOT)
 
@@ -307,7 +323,7 @@ def _attn_combine_kernel(
 
 @triton.jit
 def _attn_metric_kernel(
-    q_ptr, kv_ptr, pt_ptr, kv_lens_ptr, qsl_ptr, metrics_ptr, mqs_ptr, lse_ptr,
+    q_ptr, kv_ptr, pt_ptr, kv_lens_ptr, qsl_ptr, metrics_ptr, mqs_ptr, mks_ptr, lse_ptr,
     qk_scale, num_reqs, num_splits,
     stride_qt, stride_qh,
     stride_kvp, stride_kvn,
@@ -315,7 +331,7 @@ def _attn_metric_kernel(
     stride_klr, stride_klh, stride_mp,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, F32_DOT: tl.constexpr,
+    KMIN: tl.constexpr, DOT_DTYPE: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     pid_qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -337,7 +353,7 @@ def _attn_metric_kernel(
                 G, HEAD_DIM, DOT_DTYPE)
     lse = tl.load(lse_ptr + (pid_qb.to(tl.int64) * nh + h) * BLOCK_M + offs_m)
     _metric_pass(q, lse, metric_row, kv_ptr, pt_row_ptr, stride_ptp,
-                 metrics_ptr, stride_mp, lo, hi, limit, qk_scale,
+                 metrics_ptr, stride_mp, lo, hi, _metric_kmin(mks_ptr, r, KMIN), limit, qk_scale,
                  stride_kvp, stride_kvn, PAGE, BLOCK_N, HEAD_DIM,
                  DOT_DTYPE, F32_DOT)
 
@@ -359,8 +375,8 @@ def _choose_splits(num_programs: int, max_kv: int, block_n: int, device: torch.d
 
 def _launch(
     query, kv_pages, page_table, kv_lens, query_start_loc, scale, metrics,
-    metric_q_start, output, *, block_m: int | None = None, block_n: int | None = None,
-    num_splits: int | None = None,
+    metric_q_start, output, metric_k_start=None, *, block_m: int | None = None,
+    block_n: int | None = None, num_splits: int | None = None,
 ) -> None:
     """``paged_head_attention`` with explicit tiling knobs (tests use these to
     cover the split-KV path and odd tile sizes on small shapes)."""
@@ -413,13 +429,18 @@ def _launch(
         require(metrics.shape == (num_pages, page_size), "metrics.shape == (num_pages, page_size)")
     metrics_arg = metrics if metrics_on else output  # dummy, never touched
     mqs = metric_q_start
+    kmin_on = metrics_on and metric_k_start is not None
+    if kmin_on:
+        require(metric_k_start.numel() == num_reqs,
+                f"metric_k_start has {metric_k_start.numel()} entries for {num_reqs} requests")
+    mks = metric_k_start if kmin_on else mqs  # dummy, never read
 
     common = dict(G=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n)
     num_warps = 8 if block_m * head_dim * (2 if wide else 1) >= 64 * 128 else 4
     if num_splits == 1:
         grid = (num_q_blocks, num_kv_heads, 1)
         _attn_fwd_kernel[grid](
-            query, kv_pages, page_table, kv_lens, query_start_loc, metrics_arg, mqs, output,
+            query, kv_pages, page_table, kv_lens, query_start_loc, metrics_arg, mqs, mks, output,
             output, output,
             qk_scale, num_reqs, 1,
             query.stride(0), query.stride(1), output.stride(0), output.stride(1),
@@ -427,7 +448,7 @@ def _launch(
             page_table.stride(0), page_table.stride(1), page_table.stride(2),
             kv_lens.stride(0), kv_lens.stride(1),
             metrics.stride(0) if metrics_on else 0,
-            PAGE=page_size, SPLIT=False, METRICS=metrics_on,
+            PAGE=page_size, SPLIT=False, METRICS=metrics_on, KMIN=kmin_on,
             DOT_DTYPE=dot_dt, PV_DTYPE=pv_dt, F32_DOT=f32_dot,
             num_warps=num_warps, num_stages=2, **common,
         )
@@ -441,14 +462,14 @@ def _launch(
     lse = torch.empty(num_q_blocks, num_kv_heads, block_m, dtype=torch.float32, device=dev)
     grid = (num_q_blocks, num_kv_heads, num_splits)
     _attn_fwd_kernel[grid](
-        query, kv_pages, page_table, kv_lens, query_start_loc, metrics_arg, mqs, output,
+        query, kv_pages, page_table, kv_lens, query_start_loc, metrics_arg, mqs, mks, output,
         part_acc, part_ml,
         qk_scale, num_reqs, num_splits,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         kv_pages.stride(0), kv_pages.stride(1), kv_pages.stride(2),
         page_table.stride(0), page_table.stride(1), page_table.stride(2),
         kv_lens.stride(0), kv_lens.stride(1), 0,
-        PAGE=page_size, SPLIT=True, METRICS=False,
+        PAGE=page_size, SPLIT=True, METRICS=False, KMIN=False,
         DOT_DTYPE=dot_dt, PV_DTYPE=pv_dt, F32_DOT=f32_dot,
         num_warps=num_warps, num_stages=2, **common,
     )
@@ -460,13 +481,13 @@ def _launch(
     )
     if metrics_on:
         _attn_metric_kernel[grid](
-            query, kv_pages, page_table, kv_lens, query_start_loc, metrics, mqs, lse,
+            query, kv_pages, page_table, kv_lens, query_start_loc, metrics, mqs, mks, lse,
             qk_scale, num_reqs, num_splits,
             query.stride(0), query.stride(1),
             kv_pages.stride(0), kv_pages.stride(2),
             page_table.stride(0), page_table.stride(1), page_table.stride(2),
             kv_lens.stride(0), kv_lens.stride(1), metrics.stride(0),
-            PAGE=page_size, DOT_DTYPE=dot_dt, F32_DOT=f32_dot,
+            PAGE=page_size, KMIN=kmin_on, DOT_DTYPE=dot_dt, F32_DOT=f32_dot,
             num_warps=num_warps, num_stages=2, **common,
         )
 
@@ -481,7 +502,8 @@ def paged_head_attention(
     metrics: torch.Tensor | None,  # [P, N] float32, accumulated in place
     metric_q_start: torch.Tensor,  # [R] int32
     output: torch.Tensor,  # [T, Hq, D], written
+    metric_k_start: torch.Tensor | None = None,  # [R] int32
 ) -> None:
     """See ``kvcompress_vllm.ops.reference.paged_head_attention``."""
     _launch(query, kv_pages, page_table, kv_lens, query_start_loc, scale, metrics,
-            metric_q_start, output)
+            metric_q_start, output, metric_k_start)

@@ -22,6 +22,7 @@ class AttentionCase:
     metric_q_start: torch.Tensor  # [R] int32
     metrics: torch.Tensor  # [P, N] float32 (random start values)
     scale: float
+    metric_k_start: torch.Tensor | None = None  # [R] int32, None: every KV
 
     def clone_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.zeros_like(self.query)
@@ -139,10 +140,12 @@ def make_compaction_case(
     )
 
 
-def share_prefix_pages(case: AttentionCase, shared_pages: int) -> AttentionCase:
+def share_prefix_pages(case: AttentionCase, shared_pages: int, hits: bool = False) -> AttentionCase:
     """The same case with the first ``shared_pages`` page slots of every head of
     every request pointing at request 0's pages (prefix-cache hitters and the
     n > 1 children of one prompt share their prefix blocks, page for page).
+    ``hits``: requests 1.. are prefix-cache hitters whose metric skips the
+    shared KVs (``metric_k_start``), as the worker sets it.
 
     Every head must already hold more than ``shared_pages`` pages, so that the
     shared pages are full and each request also attends its own pages."""
@@ -164,4 +167,7 @@ def share_prefix_pages(case: AttentionCase, shared_pages: int) -> AttentionCase:
         metric_q_start=case.metric_q_start,
         metrics=case.metrics,
         scale=case.scale,
+        metric_k_start=(
+            torch.tensor([0] + [need] * (pt.shape[0] - 1), dtype=torch.int32) if hits else None
+        ),
     )

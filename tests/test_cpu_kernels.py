@@ -87,10 +87,12 @@ def _run_both(case, *, metrics: bool, strided: bool = False, zero_metrics: bool 
     reference.paged_head_attention(
         case.query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
         case.scale, ref_m if metrics else None, case.metric_q_start, ref_out,
+        metric_k_start=case.metric_k_start,
     )
     ops.paged_head_attention(
         query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
         case.scale, got_m if metrics else None, case.metric_q_start, out,
+        metric_k_start=case.metric_k_start,
     )
     return ref_out, out, ref_m, got_m
 
@@ -244,6 +246,46 @@ def test_attention_requests_sharing_pages_add_every_metric(num_threads, threads,
                 again, got_m, rtol=1e-4, atol=1e-7 * float(scale),
                 msg=lambda m, run=run: f"call {run + 2} lost metric updates: {m}",
             )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("max_q", [1, 24])
+def test_attention_metric_k_start_leaves_a_hitters_hits_to_their_writer(
+        num_threads, threads, max_q, cpu_isa):
+    """With ``metric_k_start`` (the worker sets a prefix-cache hitter's hit
+    count), a request's queries add metric only to its KVs from that index
+    on: the shared prefix slots hold exactly what their writer (request 0)
+    adds, computed here by a dense softmax over request 0 alone, and the
+    kernel matches the reference everywhere (split decode rows included)."""
+    num_threads(threads)
+    shared_pages, block_size = 6, 16
+    for dtype in (torch.float32, torch.bfloat16):
+        case = share_prefix_pages(
+            make_attention_case(
+                num_reqs=6, num_kv_heads=2, group=3, head_dim=64, block_size=block_size,
+                dtype=dtype, min_kv=120, max_kv=2000 if max_q == 1 else 200, max_q=max_q,
+                seed=31 + threads + max_q,
+            ),
+            shared_pages=shared_pages, hits=True,
+        )
+        _check(case, dtype, metrics=True)
+        _, _, _, got_m = _run_both(case, metrics=True)
+        # Request 0's own metric on its prefix, dense: softmax over its KVs.
+        q0, q1 = int(case.query_start_loc[0]), int(case.query_start_loc[1])
+        first = max(0, min(q1 - q0, int(case.metric_q_start[0])))
+        hit = shared_pages * block_size
+        for h in range(2):
+            n = int(case.kv_lens[0, h])
+            pages = case.page_table[0, h, : (n + block_size - 1) // block_size].long()
+            keys = case.kv_pages[pages, 0].reshape(-1, 64)[:n].float()
+            q = case.query[q0:q1, h * 3:(h + 1) * 3].float()  # [q, G, D]
+            s = torch.einsum("qgd,kd->qgk", q, keys) * case.scale
+            visible = torch.arange(n)[None, None, :] <= (n - (q1 - q0) + torch.arange(q1 - q0))[:, None, None]
+            p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+            want = p[first:].square().sum(dim=(0, 1))[:hit]
+            shared = case.page_table[0, h, :shared_pages].long()
+            torch.testing.assert_close(got_m[shared].reshape(-1), want,
+                                       rtol=METRIC_RTOL[dtype], atol=1e-6)
 
 
 def _isa_available(name: str) -> bool:

@@ -44,7 +44,7 @@ def _run(case, plan, metrics):
     out = torch.zeros_like(case.query)
     cpu_prefill.run_split(
         plan, 0, case.query, case.kv_pages, case.page_table, case.kv_lens, case.scale,
-        metrics, out,
+        metrics, out, metric_k_start=case.metric_k_start,
     )
     return out
 
@@ -61,6 +61,9 @@ def test_split_matches_reference(seed, record, stock_isa):
     if seed % 2:  # request 1 compressed: head 0 holds fewer KVs (stays on our kernel)
         q1 = int(case.query_start_loc[2] - case.query_start_loc[1])
         case.kv_lens[1, 0] = max(q1, int(case.kv_lens[1, 0]) - 40)
+    # Prefix-cache hitters: their metric skips their first 0-2 pages' KVs.
+    case.metric_k_start = (torch.randint(0, 3, (case.kv_lens.shape[0],), generator=g)
+                           * case.kv_pages.shape[2]).to(torch.int32)
     plan = cpu_prefill.plan_stock_prefill(
         case.page_table[None], case.kv_lens[None], case.query_start_loc, case.metric_q_start,
         record, case.kv_pages.shape[2], _kernel(case, stock_isa), min_rows=1,
@@ -69,7 +72,7 @@ def test_split_matches_reference(seed, record, stock_isa):
     want_m = torch.zeros_like(case.metrics) if record else None
     reference.paged_head_attention(
         case.query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
-        case.scale, want_m, case.metric_q_start, want,
+        case.scale, want_m, case.metric_q_start, want, metric_k_start=case.metric_k_start,
     )
     if plan is None:
         pytest.skip("no prefill row qualifies in this case")

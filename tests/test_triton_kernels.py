@@ -77,16 +77,18 @@ def _run_attention(case, *, with_metrics=True, query=None, **knobs):
     reference.paged_head_attention(
         query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc,
         case.scale, ref_metrics if with_metrics else None, case.metric_q_start, ref_out,
+        metric_k_start=case.metric_k_start,
     )
     out, metrics = case.clone_outputs()
     out = out.to(DEVICE)
     metrics = metrics.to(DEVICE) if with_metrics else None
     args = _dev(query, case.kv_pages, case.page_table, case.kv_lens, case.query_start_loc)
     mqs = case.metric_q_start.to(DEVICE)
+    mks = None if case.metric_k_start is None else case.metric_k_start.to(DEVICE)
     if knobs:
-        _launch(*args, case.scale, metrics, mqs, out, **knobs)
+        _launch(*args, case.scale, metrics, mqs, out, mks, **knobs)
     else:
-        paged_head_attention(*args, case.scale, metrics, mqs, out)
+        paged_head_attention(*args, case.scale, metrics, mqs, out, mks)
     return ref_out, ref_metrics, out.cpu(), None if metrics is None else metrics.cpu()
 
 
@@ -141,15 +143,18 @@ def test_paged_head_attention_without_metrics(knobs):
     _check_attention(case, torch.float32, with_metrics=False, **knobs)
 
 
-@pytest.mark.parametrize("knobs", [{}, dict(num_splits=3)], ids=["fused", "split3"])
-def test_paged_head_attention_requests_sharing_pages(knobs):
+@pytest.mark.parametrize("knobs", [{}, dict(num_splits=3), dict(block_n=32)],
+                         ids=["fused", "split3", "bn32"])
+@pytest.mark.parametrize("hits", [False, True], ids=["all-add", "metric_k_start"])
+def test_paged_head_attention_requests_sharing_pages(knobs, hits):
     """Requests sharing their prefix pages (prefix-cache hits, n > 1 children)
     each add their metric to the shared slots (atomic adds from several
-    programs): the sums equal the reference's."""
+    programs), or, with ``metric_k_start`` (hitters), only to their own KVs:
+    the sums equal the reference's."""
     case = share_prefix_pages(
         make_attention_case(num_reqs=6, num_kv_heads=2, group=3, head_dim=64, block_size=16,
                             dtype=torch.float32, min_kv=70, max_kv=120, max_q=6, seed=13),
-        shared_pages=4,
+        shared_pages=3, hits=hits,
     )
     _check_attention(case, torch.float32, **knobs)
 

@@ -51,6 +51,7 @@ def test_pooling_runs_once_the_whole_prompt_is_in():
     state.begin_step(step(cached=[("b", []), ("a", [])], scheduled={"b": 1, "a": 1}))
     batch = state.build_batch(["b", "a"], qsl_of(state, ["b", "a"]))
     assert [(r, n, rid) for r, n, rid in batch.pool_rows] == [(0, P, "b")]
+    assert batch.metric_k_start is None  # no prefix-cache hits: every KV gets metric
     # Unpooled metric of the new (last) KV: zero, as write_kv leaves it.
     for layer in range(L):
         for h in range(H):
@@ -116,6 +117,8 @@ def test_prefix_cache_hitter_pools_its_own_kvs_not_the_shared_prefix():
     assert state.table.requests["b"].hit_tokens == hit
     batch = fill(state, ["b", "a"], seed=2)
     assert [(r, n, rid) for r, n, rid in batch.pool_rows] == [(0, prompt, "b")]
+    # Its queries add metric to its own KVs only (the kernels' metric_k_start).
+    assert batch.metric_k_start.tolist() == [hit, 0]
     g = torch.Generator().manual_seed(3)
     state.pool.metrics.copy_(torch.rand(state.pool.metrics.shape, generator=g))
     before = _rows(state, "b")

@@ -238,6 +238,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                 batch.page_table[region], batch.kv_lens[region], self.scale, metrics,
                 output[:num_tokens], kv_cache=kv_cache,
                 packing=None if pool.packing is None else pool.packing.offsets,
+                metric_k_start=batch.metric_k_start,
             )
         else:
             ops.paged_head_attention(
@@ -250,6 +251,7 @@ class KVCompressCPUImpl(CPUAttentionBackendImpl):
                 metrics,
                 batch.metric_q_start,
                 output[:num_tokens],
+                metric_k_start=batch.metric_k_start,
             )
         if batch.pool_rows:
             state.pool_prompt_metrics(batch, region)

@@ -455,6 +455,7 @@ def run_split(
     output: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor | None = None,  # [B, H, N, 2D] this layer's real cache
     packing: torch.Tensor | None = None,  # [2, N, D] the pool's packing (packed own rows)
+    metric_k_start: torch.Tensor | None = None,  # [R] int32 (AttentionBatch.metric_k_start)
 ) -> None:
     """Attention of one layer's rows: stock-layout requests by vLLM on the real
     cache, packed requests by vLLM per KV head on the head-pages, gathered
@@ -484,7 +485,7 @@ def run_split(
             own_packing = packing
         ops.paged_head_attention(
             q, kv_pages, page_table, kv_lens, plan.own_qsl, scale, metrics, plan.own_mqs, out,
-            own_packing, plan.own_packed,
+            own_packing, plan.own_packed, metric_k_start=metric_k_start,
         )
         if not every:
             output.index_copy_(0, plan.rows_own, out)

@@ -68,6 +68,7 @@ class DeviceBatch:
     token_positions: torch.Tensor  # [T] int64
     query_start_loc: torch.Tensor  # [R + 1] int32
     metric_q_start: torch.Tensor  # [R] int32
+    metric_k_start: torch.Tensor | None  # [R] int32
 
     @classmethod
     def from_host(cls, batch: AttentionBatch, device: torch.device) -> "DeviceBatch":
@@ -81,6 +82,8 @@ class DeviceBatch:
             token_positions=move(batch.token_positions),
             query_start_loc=move(batch.query_start_loc),
             metric_q_start=move(batch.metric_q_start),
+            metric_k_start=(None if batch.metric_k_start is None
+                            else move(batch.metric_k_start)),
         )
 
 
@@ -259,6 +262,7 @@ class KVCompressCUDAImpl(AttentionImpl[KVCompressCUDAMetadata]):
             pool.metrics if host.record_metrics else None,
             dev.metric_q_start,
             output[:num_tokens],
+            metric_k_start=dev.metric_k_start,
         )
         if host.pool_rows:
             state.pool_prompt_metrics(host, region)

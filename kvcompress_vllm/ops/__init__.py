@@ -102,6 +102,7 @@ def paged_head_attention(
     output: torch.Tensor,
     packing: torch.Tensor | None = None,
     packed: torch.Tensor | None = None,
+    metric_k_start: torch.Tensor | None = None,
 ) -> None:
     """See ``reference.paged_head_attention``.  The C++ kernel reads two
     in-page layouts, ``reference.amx_packing`` and ``reference.vec_packing``:
@@ -111,12 +112,13 @@ def paged_head_attention(
         return reference.paged_head_attention(**_args(locals()))
     if backend == "triton":
         _no_packing("paged_head_attention", packing)
-        page_table, kv_lens, query_start_loc, metric_q_start = _on(
-            kv_pages.device, page_table, kv_lens, query_start_loc, metric_q_start
+        page_table, kv_lens, query_start_loc, metric_q_start, metric_k_start = _on(
+            kv_pages.device, page_table, kv_lens, query_start_loc, metric_q_start,
+            metric_k_start,
         )
         return _triton().paged_head_attention(
             query, kv_pages, page_table, kv_lens, query_start_loc, scale,
-            metrics, metric_q_start, output,
+            metrics, metric_q_start, output, metric_k_start,
         )
     load_library()
     if (packing is None) != (packed is None):
@@ -129,7 +131,7 @@ def paged_head_attention(
     layout = 0 if packing is None else _kernel_layout(packing)
     torch.ops.kvcompress.paged_head_attention(
         query, kv_pages, page_table, kv_lens, query_start_loc, scale,
-        metrics, metric_q_start, output, packed, layout,
+        metrics, metric_q_start, output, packed, layout, metric_k_start,
     )
 
 

@@ -77,6 +77,7 @@ def paged_head_attention(
     output: torch.Tensor,  # [T, Hq, D], written
     packing: torch.Tensor | None = None,  # [2, N, D] int32 in-page element offsets
     packed: torch.Tensor | None = None,  # [R] bool: request's pages in ``packing``
+    metric_k_start: torch.Tensor | None = None,  # [R] int32
 ) -> None:
     """Causal attention over per-(request, KV head) paged KVs.
 
@@ -89,6 +90,9 @@ def paged_head_attention(
     If ``metrics`` is given, every query ``i >= metric_q_start[r]`` adds, for
     each KV it attends to, the squared attention probability summed over the
     ``G`` query heads of the group: ``metrics[page, slot] += sum_g p**2``.
+    With ``metric_k_start``, only the KVs at logical index ``>=
+    metric_k_start[r]`` get it: a prefix-cache hitter's queries leave the
+    metric of its hits (the writer's KVs) alone.
 
     Requests with ``packed[r]`` hold their head-pages in the in-page layout
     ``packing`` (see ``write_kv``), the others in plain ``[N, D]`` rows.
@@ -123,6 +127,8 @@ def paged_head_attention(
             if metrics is not None:
                 first = max(0, min(q_len, int(metric_q_start[r])))
                 contrib = probs[first:].square().sum(dim=(0, 1))  # [n]
+                if metric_k_start is not None:
+                    contrib[: max(0, int(metric_k_start[r]))] = 0.0
                 metrics.index_put_((page, slot), contrib, accumulate=True)
 
 

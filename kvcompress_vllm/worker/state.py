@@ -118,6 +118,10 @@ class AttentionBatch:
     #: Rows whose prompt completes in this step (their prompt metric is
     #: max-pooled along keys): list of (row, prompt length, request id).
     pool_rows: list[tuple[int, int, str]]
+    #: [R] int32: the first KV each request's metric rows add to, its
+    #: ``hit_tokens`` (a prefix-cache hitter leaves the metric of the KVs it
+    #: shares to their writer); None: no request of the step has hits.
+    metric_k_start: torch.Tensor | None = None
     #: [R] bool: requests kept in vLLM's own cache layout (never compressed;
     #: ``RequestPages.stock_layout``); None: none.
     stock_layout: torch.Tensor | None = None
@@ -595,6 +599,8 @@ class KVCompressWorkerState:
             token_positions=token_positions,
             query_start_loc=query_start_loc.to(torch.int32),
             metric_q_start=torch.tensor(start, dtype=torch.int32),
+            metric_k_start=(torch.tensor([r.hit_tokens for r in reqs], dtype=torch.int32)
+                            if record_metrics and any(r.hit_tokens for r in reqs) else None),
             record_metrics=record_metrics,
             pool_rows=pool_rows,
             stock_layout=(torch.tensor([r.stock_layout for r in reqs], dtype=torch.bool)
