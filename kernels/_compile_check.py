@@ -117,7 +117,8 @@ def main(archs: list[int], quick: bool = False) -> list[str]:
                 patched.append((mod, name, obj))
     meta = torch.device("meta")
 
-    def attn(group, head_dim, page, dtype, num_tokens, num_reqs, metrics, **knobs):
+    def attn(group, head_dim, page, dtype, num_tokens, num_reqs, metrics, hits=False, **knobs):
+        """``hits``: with ``metric_k_start`` (prefix-cache hitters)."""
         hkv = 2
         q = torch.empty(num_tokens, hkv * group, head_dim, dtype=dtype, device=meta)
         kv = torch.empty(64, 2, page, head_dim, dtype=dtype, device=meta)
@@ -126,14 +127,15 @@ def main(archs: list[int], quick: bool = False) -> list[str]:
         qsl = torch.empty(num_reqs + 1, dtype=torch.int32, device=meta)
         m = torch.empty(64, page, dtype=torch.float32, device=meta) if metrics else None
         mqs = torch.empty(num_reqs, dtype=torch.int32, device=meta)
+        mks = torch.empty(num_reqs, dtype=torch.int32, device=meta) if hits else None
         attention._launch(q, kv, pt, kl, qsl, head_dim**-0.5, m, mqs, torch.empty_like(q),
-                          **knobs)
+                          mks, **knobs)
 
     try:
         if quick:
-            attn(4, 128, 16, torch.bfloat16, 8, 8, True)  # decode
+            attn(4, 128, 16, torch.bfloat16, 8, 8, True, hits=True)  # decode, hitters
             attn(3, 64, 32, torch.float16, 300, 2, True)  # prefill chunk, G = 3
-            attn(8, 64, 16, torch.bfloat16, 8, 8, True, num_splits=4)  # split-KV x3
+            attn(8, 64, 16, torch.bfloat16, 8, 8, True, hits=True, num_splits=4)  # split-KV x3
         else:
             # decode (block_m 16) and prefill tiles, all dtypes and head dims
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -144,6 +146,9 @@ def main(archs: list[int], quick: bool = False) -> list[str]:
             attn(3, 128, 32, torch.bfloat16, 300, 2, True)
             attn(16, 128, 16, torch.bfloat16, 300, 2, True)
             attn(8, 128, 16, torch.bfloat16, 8, 8, True, num_splits=4)  # split-KV
+            # prefix-cache hitters (metric_k_start): fused and split
+            attn(4, 128, 16, torch.bfloat16, 300, 2, True, hits=True)
+            attn(4, 128, 16, torch.bfloat16, 8, 8, True, hits=True, num_splits=4)
             # The rest of what the CUDA backend can launch: head size 32, no
             # GQA, 64-token pages, and the Llama-3-8B shape (G = 4, D = 128,
             # 16-token pages) on the split-KV decode path with metrics.

@@ -268,7 +268,7 @@ class KVCompressWorkerState:
         prefix-cache hits).  vLLM's writer fills their K/V without touching
         our metadata, so the slots would keep the previous tenant's metric; a
         compressible request that later hits these blocks reads them as
-        neighbours when it pools its prompt, and adds its queries to them.
+        neighbours when it pools its prompt.
         (``write_kv`` zeroes the slots it writes for every other request.)"""
         if not req.stock_layout or first >= len(req.blocks):
             return
