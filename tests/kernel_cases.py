@@ -7,6 +7,7 @@ chunked-prefill rows (several queries whose KVs are the newest of each head).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -158,16 +159,5 @@ def share_prefix_pages(case: AttentionCase, shared_pages: int, hits: bool = Fals
         )
     pt = case.page_table.clone()
     pt[1:, :, :shared_pages] = pt[0:1, :, :shared_pages]
-    return AttentionCase(
-        query=case.query,
-        kv_pages=case.kv_pages,
-        page_table=pt,
-        kv_lens=case.kv_lens,
-        query_start_loc=case.query_start_loc,
-        metric_q_start=case.metric_q_start,
-        metrics=case.metrics,
-        scale=case.scale,
-        metric_k_start=(
-            torch.tensor([0] + [need] * (pt.shape[0] - 1), dtype=torch.int32) if hits else None
-        ),
-    )
+    mks = torch.tensor([0] + [need] * (pt.shape[0] - 1), dtype=torch.int32) if hits else None
+    return dataclasses.replace(case, page_table=pt, metric_k_start=mks)

@@ -111,6 +111,7 @@ def _check(case, dtype, *, metrics: bool, strided: bool = False, zero_metrics: b
     else:
         assert torch.equal(got_m, before if not zero_metrics else torch.zeros_like(before))
     assert torch.equal(case.metrics, before)  # inputs untouched
+    return ref_m, got_m
 
 
 # ---------------------------------------------------------------- attention
@@ -229,10 +230,8 @@ def test_attention_requests_sharing_pages_add_every_metric(num_threads, threads,
             ),
             shared_pages=12,
         )
-        ref_out, out, ref_m, got_m = _run_both(case, metrics=True)
-        torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[dtype], rtol=0)
+        ref_m, got_m = _check(case, dtype, metrics=True)
         scale = ref_m.abs().max().clamp_min(1e-30)
-        torch.testing.assert_close(got_m, ref_m, rtol=METRIC_RTOL[dtype], atol=1e-6 * float(scale))
         shared = case.page_table[0, :, :12].reshape(-1).long()
         assert float(ref_m[shared].min()) > 0  # every request's queries reach the prefix
         for run in range(50):
@@ -268,8 +267,7 @@ def test_attention_metric_k_start_leaves_a_hitters_hits_to_their_writer(
             ),
             shared_pages=shared_pages, hits=True,
         )
-        _check(case, dtype, metrics=True)
-        _, _, _, got_m = _run_both(case, metrics=True)
+        _, got_m = _check(case, dtype, metrics=True)
         # Request 0's own metric on its prefix, dense: softmax over its KVs.
         q0, q1 = int(case.query_start_loc[0]), int(case.query_start_loc[1])
         first = max(0, min(q1 - q0, int(case.metric_q_start[0])))

@@ -213,8 +213,7 @@ class KVCompressWorkerState:
                 new_req.req_id in step.stock_layout,
                 self._packed(step, new_req.req_id),
             )
-            self._write_hit_positions(req)
-            self._reset_stock_metric(req, cdiv(req.hit_tokens, self.block_size))
+            self._adopt_blocks(req)
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             if rid in cached.resumed_req_ids:
@@ -229,8 +228,7 @@ class KVCompressWorkerState:
                     rid in step.stock_layout,
                     self._packed(step, rid),
                 )
-                self._write_hit_positions(req)
-                self._reset_stock_metric(req, cdiv(req.hit_tokens, self.block_size))
+                self._adopt_blocks(req)
         # Plans refer to the block lists as they were before this step's
         # allocations, so they run before new blocks are appended.
         for plan in step.evictions:
@@ -246,13 +244,20 @@ class KVCompressWorkerState:
         self._report_pages = step.report_pages
         self.in_step = True
 
-    def _write_hit_positions(self, req: RequestPages) -> None:
+    def _adopt_blocks(self, req: RequestPages) -> None:
+        """The blocks of a request just (re)started: its hit blocks get their
+        positions, and a never-compressed request's other blocks a zero metric."""
+        hits = min(cdiv(req.hit_tokens, self.block_size), len(req.blocks))
+        self._write_hit_positions(req, hits)
+        self._reset_stock_metric(req, hits)
+
+    def _write_hit_positions(self, req: RequestPages, num_blocks: int) -> None:
         """A request that starts with KVs in its blocks (prefix-cache hits)
-        holds them at the identity pages of its first blocks: give those
-        slots their positions.  The request that wrote the blocks may have
-        been one vLLM's writer served (never compressed), which writes no
-        position, and eviction protects the shared prefix by position."""
-        num_blocks = min(cdiv(req.hit_tokens, self.block_size), len(req.blocks))
+        holds them at the identity pages of its first ``num_blocks`` blocks:
+        give those slots their positions.  The request that wrote the blocks
+        may have been one vLLM's writer served (never compressed), which
+        writes no position, and eviction protects the shared prefix by
+        position."""
         if num_blocks == 0:
             return
         pages = self.table.block_page_ids(req.blocks[:num_blocks]).view(num_blocks, -1)
