@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Metric ablations behind docs/quality.md ("Choosing the default metric"):
+# Metric ablations behind docs/quality.md ("Metric ablations (window, pooling)"):
 # every scorer at keep rates 0.5 / 0.25 (`uniform`: kvcompress with the uniform
 # allocation), then the paper's attention metric (`kvcompress`, the default
 # scorer when this ablation was run) with a larger observation window and with

@@ -14,7 +14,8 @@ vLLM 0.32 has no hook for plugin engine arguments, so we wrap four
   caching unless it was asked for (on CPU, where it then checks that every
   request's pages share one layout) and plugs in the scheduler and worker
   classes.  Without a
-  ``kv_compress`` config (or with rate 1 and ``enabled`` unset) it does
+  ``kv_compress`` config, or with one that is not ``KVCompressConfig.active``
+  (``enabled`` unset with rate 1 and no ``max_cache_tokens``), it does
   nothing, so vLLM runs exactly as without the plugin.
 """
 
@@ -33,6 +34,8 @@ from kvcompress_vllm.config import (
 KWARG = "kv_compress_rate"
 FLAG = "--kv-compress-rate"
 SCHEDULER_CLS = "kvcompress_vllm.scheduler.scheduler.KVCompressScheduler"
+#: The class ``SCHEDULER_CLS`` extends, the only other ``--scheduler-cls`` accepted.
+VLLM_SCHEDULER_CLS = "vllm.v1.core.sched.scheduler.Scheduler"
 CPU_WORKER_CLS = "kvcompress_vllm.worker.worker.KVCompressCPUWorker"
 GPU_WORKER_CLS = "kvcompress_vllm.worker.gpu_worker.KVCompressGPUWorker"
 #: What has run of the CUDA path (logged when it is selected; README says the same).
@@ -117,9 +120,9 @@ def _incompatibilities(args: Any) -> list[str]:
         problems.append("pipeline parallelism (--pipeline-parallel-size must be 1)")
     if args.kv_cache_dtype not in ("auto", None):
         problems.append(f"--kv-cache-dtype {args.kv_cache_dtype}")
-    if args.scheduler_cls not in (None, SCHEDULER_CLS) and not (
-        isinstance(args.scheduler_cls, str) and args.scheduler_cls.startswith("vllm.")
-    ):
+    if args.scheduler_cls not in (None, SCHEDULER_CLS, VLLM_SCHEDULER_CLS):
+        # vLLM's synchronous scheduler is what ours extends; any other class
+        # (vLLM's own async or diffusion scheduler included) would be dropped.
         problems.append(f"a custom --scheduler-cls ({args.scheduler_cls})")
     if args.worker_cls not in ("auto", CPU_WORKER_CLS, GPU_WORKER_CLS):
         problems.append(f"a custom --worker-cls ({args.worker_cls})")

@@ -145,9 +145,13 @@ def kv_budget_bytes(
     *,
     max_num_seqs: int = 0,
     max_model_len: int = 0,
+    tensor_parallel_size: int = 1,
 ) -> int:
     """``kv_cache_memory_bytes`` that holds ``num_seqs`` uncompressed sequences
     of ``seq_len`` tokens (plus vLLM's null block and half a block of slack).
+    vLLM applies the figure to each worker: under tensor parallelism a rank
+    holds ``num_key_value_heads / tensor_parallel_size`` heads (at least one,
+    as vLLM replicates heads beyond that).
 
     Counts the plugin's per-slot metadata and, given the engine's
     ``max_num_seqs`` and ``max_model_len``, its page tables, so stock vLLM and
@@ -161,11 +165,12 @@ def kv_budget_bytes(
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_bytes_per_slot = 2 * head_dim * 2  # K and V, bf16
-    block_bytes = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * block_size * kv_bytes_per_slot
+    kv_heads = max(1, cfg["num_key_value_heads"] // tensor_parallel_size)
+    block_bytes = cfg["num_hidden_layers"] * kv_heads * block_size * kv_bytes_per_slot
     blocks = num_seqs * -(-seq_len // block_size) + 1
     tables = 0
     if max_num_seqs and max_model_len:
-        heads = cfg["num_hidden_layers"] * cfg["num_key_value_heads"]
+        heads = cfg["num_hidden_layers"] * kv_heads
         tables = head_table_bytes(max_num_seqs, heads, max_pages_per_head(max_model_len, block_size))
     return (
         blocks * block_bytes * (kv_bytes_per_slot + METADATA_BYTES_PER_SLOT) // kv_bytes_per_slot

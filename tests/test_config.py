@@ -207,8 +207,14 @@ def test_cli_flag_rejects_bad_values(engine_args_mod, bad, capsys):
     assert "--kv-compress-rate" in err and "(0, 1]" in err
 
 
-def test_create_engine_config_enables_plugin(engine_args_mod, model_path):
-    args = engine_args_mod.EngineArgs(model=model_path, kv_compress_rate=0.3, max_model_len=2048)
+@pytest.mark.parametrize("scheduler_cls", [None, "vllm.v1.core.sched.scheduler.Scheduler"],
+                         ids=["default", "vllm-scheduler-named"])
+def test_create_engine_config_enables_plugin(engine_args_mod, model_path, scheduler_cls):
+    """Naming vLLM's synchronous scheduler, the class ours extends, is the
+    default spelled out; any other class is refused
+    (``test_incompatible_options_are_rejected``)."""
+    args = engine_args_mod.EngineArgs(model=model_path, kv_compress_rate=0.3, max_model_len=2048,
+                                      scheduler_cls=scheduler_cls)
     cfg = args.create_engine_config()
     assert cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS
     assert cfg.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
@@ -267,6 +273,9 @@ def test_create_engine_config_passthrough_without_config(engine_args_mod, model_
         ({"async_scheduling": True}, "async-scheduling"),
         ({"enable_dbo": True}, "micro-batching"),
         ({"ubatch_size": 2}, "micro-batching"),
+        ({"scheduler_cls": "vllm.v1.core.sched.async_scheduler.AsyncScheduler"}, "scheduler-cls"),
+        ({"scheduler_cls": "my_pkg.MyScheduler"}, "scheduler-cls"),
+        ({"worker_cls": "my_pkg.MyWorker"}, "worker-cls"),
     ],
 )
 def test_incompatible_options_are_rejected(engine_args_mod, model_path, extra, needle):
