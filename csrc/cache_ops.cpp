@@ -268,6 +268,32 @@ void compact_heads(const at::Tensor& kv_pages, const at::Tensor& metrics,
       TORCH_CHECK(pt_p[s * max_pages + p] >= 0 && pt_p[s * max_pages + p] < P,
                   "compact_heads: page_table[", s, ", ", p, "] out of range");
   }
+  // Heads move KVs in parallel: a page a head moves KVs within (from its
+  // first hole to its last KV) must be listed by no other head of the call,
+  // nor twice by that head.  Pages below every first hole (a shared prefix)
+  // may be listed by several heads: nothing moves there.
+  // (Heads without evictions are not validated above: only their pages in
+  // range count here.)
+  std::vector<int32_t> listed, moved;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t count = cnt_p[s];
+    const int64_t n = std::clamp<int64_t>(kvl_p[s], 0, max_pages * N);
+    const int64_t first =
+        count > 0 && ev_p[s * max_evict] < n - count ? ev_p[s * max_evict] / N : -1;
+    for (int64_t p = 0; p < (n + N - 1) / N; ++p) {
+      const int32_t page = pt_p[s * max_pages + p];
+      if (page < 0 || page >= P) continue;
+      listed.push_back(page);
+      if (first >= 0 && p >= first) moved.push_back(page);
+    }
+  }
+  std::sort(listed.begin(), listed.end());
+  for (const int32_t page : moved) {
+    const auto range = std::equal_range(listed.begin(), listed.end(), page);
+    TORCH_CHECK(range.second - range.first == 1, "compact_heads: page ", page,
+                " is moved within by one head but listed ", range.second - range.first,
+                " times in the call; each head must own the pages from its first evicted KV on");
+  }
 
   at::Tensor pk;
   const int32_t* pk_p = packing_offsets(packing, N, D, "compact_heads", pk, true);

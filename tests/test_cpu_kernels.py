@@ -636,6 +636,63 @@ def test_compact_heads_rejects_unsorted():
                           case.kv_lens, case.evict_idx, case.evict_counts)
 
 
+def _two_heads_on_pages(pages0, pages1, ev0, ev1, n=40, block_size=16):
+    """Two heads of ``n`` KVs on the given page lists, evicting ``ev0`` / ``ev1``."""
+    case = make_compaction_case(num_heads=2, head_dim=8, block_size=block_size,
+                                dtype=torch.float32, max_kv=n, seed=7)
+    total = case.kv_pages.shape[0]
+    if total < 8:
+        pad = 8 - total
+        case.kv_pages = torch.cat([case.kv_pages, torch.randn(pad, *case.kv_pages.shape[1:])])
+        case.metrics = torch.cat([case.metrics, torch.rand(pad, block_size)])
+        case.positions = torch.cat([case.positions,
+                                    torch.zeros(pad, block_size, dtype=torch.int32)])
+    case.kv_lens = torch.tensor([n, n], dtype=torch.int32)
+    case.page_table = torch.tensor([pages0, pages1], dtype=torch.int32)
+    width = max(len(ev0), len(ev1))
+    case.evict_idx = torch.tensor([e + [-1] * (width - len(e)) for e in (ev0, ev1)],
+                                  dtype=torch.int32)
+    case.evict_counts = torch.tensor([len(ev0), len(ev1)], dtype=torch.int32)
+    return case
+
+
+def _compact(case, fn):
+    out = [case.kv_pages.clone(), case.metrics.clone(), case.positions.clone()]
+    fn(*out, case.page_table, case.kv_lens, case.evict_idx, case.evict_counts)
+    return out
+
+
+@pytest.mark.parametrize("pages0,pages1,ev0,ev1", [
+    ([0, 1, 2], [3, 1, 4], [20], [2]),       # page 1: both heads move within it
+    ([0, 1, 2], [3, 4, 2], [5], [36]),       # page 2: head 1 moves only within its last page
+    ([0, 1, 1], [3, 4, 5], [3], [1]),        # page 1 listed twice by head 0
+    ([0, 1, 2], [1, 3, 4], [20], [33]),      # page 1: head 0 moves within it, head 1 keeps KVs
+    ([0, 1, 2], [3, 1, 4], [20], []),        # the same with a head that evicts nothing
+], ids=["both-move", "one-moves-in-its-last-page", "twice-in-one-head", "one-moves-one-keeps",
+        "one-moves-one-evicts-nothing"])
+def test_compact_heads_refuses_a_page_two_movers_share(pages0, pages1, ev0, ev1):
+    """Heads are compacted in parallel: a page one head moves KVs within must
+    be listed by no other head (which would read overwritten KVs or race),
+    nor twice by that head.  Refused before anything moves, naming the page."""
+    case = _two_heads_on_pages(pages0, pages1, ev0, ev1)
+    before = [case.kv_pages.clone(), case.metrics.clone(), case.positions.clone()]
+    with pytest.raises(RuntimeError, match=r"page \d+ is moved within by one head but listed 2"):
+        ops.compact_heads(case.kv_pages, case.metrics, case.positions, case.page_table,
+                          case.kv_lens, case.evict_idx, case.evict_counts)
+    got = [case.kv_pages, case.metrics, case.positions]
+    assert all(torch.equal(a, b) for a, b in zip(got, before))
+
+
+def test_compact_heads_lets_heads_share_pages_below_their_first_hole():
+    """A shared prefix: both heads list pages 0 and 1, and evict only after
+    them (block 2 on), so those pages are untouched -- allowed, and the result
+    is the reference's."""
+    case = _two_heads_on_pages([0, 1, 2], [0, 1, 3], [33, 35], [32])
+    want = _compact(case, reference.compact_heads)
+    got = _compact(case, ops.compact_heads)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # ---------------------------------------------------------------- round trip
 
 

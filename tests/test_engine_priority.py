@@ -8,12 +8,12 @@ The engine runs with ``debug_checks`` (the scheduler compares every
 request's page count with the worker's after every step).  A low-priority
 request runs first, a high-priority one beside it, and the pool fills up
 until the second cannot grow: vLLM preempts the first after scheduling it in
-that step.  Checked: that path was taken, a compressing request beside them
-keeps compressing, every request finishes with its full output, the
-preempted one counts its preemption, and no block leaks.  (Its tokens are
+that step.  Checked: that path was taken, a third request (at rate 0.5)
+compresses in the same run, every request finishes with its full output,
+the preempted one counts its preemption, and no block leaks.  (Its tokens are
 not compared with a run alone: vLLM's CPU kernels are not batch-invariant,
-and this batch alone changes greedy tokens of random-token prompts.)  The randomized form is the ``priority`` soak
-(``tests/test_engine_soak.py``).
+and this batch alone changes greedy tokens of random-token prompts.)  The
+randomized form is the ``priority`` soak (``tests/test_engine_soak.py``).
 """
 
 import pytest

@@ -13,10 +13,11 @@ the end that every request finished and no block leaked.
 Each budget runs three ways: plain, with prefix caching and shared prefixes,
 and with ``--scheduling-policy priority`` and random priorities.  The
 tensor-parallel soak runs the same driver on 2 ranks (random 4-KV-head
-Llama) and compares rank 1's page tables with rank 0's after every step.
+Llama) and compares rank 1's requests, page counts and blocks with rank
+0's after every step.
 
 CI runs the quick form (one budget: 40 requests plain, 24 in each other
-way, 20 on 2 ranks each way).  The full soak of the correctness issue (200
+way; 20 on 2 ranks with prefix caching).  The full soak of the correctness issue (200
 requests over four engines with budgets 256, 512, 1024 and 2048; 100 per
 way on 2 ranks) runs with ``KVC_SOAK_REQUESTS=200``; its command and result
 are in docs/design.md.  ``KVC_SOAK_SEED=S`` draws other cases (default 0: the
@@ -192,7 +193,10 @@ def test_soak(model_path, budget, mode):
     share it) plus free blocks make up the pool.  ``priority``:
     ``--scheduling-policy priority`` and random request priorities, so vLLM
     admits out of arrival order and preempts the lowest-priority request,
-    which may be one it already scheduled in the same step."""
+    which may be one it already scheduled in the same step; and a random
+    ``--long-prefill-token-threshold``, so that prefills share a step's
+    budget in capped chunks (the scheduler models that rule when it plans
+    ahead, ``KVCompressScheduler._step_tokens``)."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
 
     prefix_caching = mode == "prefix-caching"
@@ -203,7 +207,10 @@ def test_soak(model_path, budget, mode):
     if mode != "plain" and TOTAL < 100:
         num_requests = 24  # CI's quick form: fewer
     prefixes = _prefixes(rng, prefix_caching)  # drawn first: the plain cases as before
-    extra = {"scheduling_policy": "priority"} if mode == "priority" else {}
+    extra = {}
+    if mode == "priority":
+        extra = {"scheduling_policy": "priority",
+                 "long_prefill_token_threshold": rng.choice([0, 64, 200])}
     eng = _soak_engine(model_path, budget, prefix_caching, **extra)
     try:
         assert (eng.scheduler.policy == SchedulingPolicy.PRIORITY) == (mode == "priority")
@@ -227,7 +234,12 @@ def _rank_tables(worker):
     return {rid: (table.pages_in_use(req), list(req.blocks)) for rid, req in table.requests.items()}
 
 
-@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix-caching"])
+#: CI's quick form runs the prefix-caching variant on 2 ranks, the full form both.
+TP_VARIANTS = [False, True] if TOTAL >= 100 else [True]
+
+
+@pytest.mark.parametrize("prefix_caching", TP_VARIANTS,
+                         ids=["plain", "prefix-caching"][-len(TP_VARIANTS):])
 def test_soak_tensor_parallel(monkeypatch, prefix_caching):
     """The soak above on 2 tensor-parallel ranks (the random 4-KV-head Llama,
     2 heads per rank; every plan crosses the process boundary to both
