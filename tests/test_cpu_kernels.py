@@ -19,7 +19,8 @@ import os
 
 import pytest
 import torch
-from kernel_cases import make_attention_case, make_compaction_case, share_prefix_pages
+from kernel_cases import (CompactionCase, make_attention_case, make_compaction_case,
+                          share_prefix_pages)
 
 from kvcompress_vllm import ops
 from kvcompress_vllm.ops import reference
@@ -637,23 +638,20 @@ def test_compact_heads_rejects_unsorted():
 
 
 def _two_heads_on_pages(pages0, pages1, ev0, ev1, n=40, block_size=16):
-    """Two heads of ``n`` KVs on the given page lists, evicting ``ev0`` / ``ev1``."""
-    case = make_compaction_case(num_heads=2, head_dim=8, block_size=block_size,
-                                dtype=torch.float32, max_kv=n, seed=7)
-    total = case.kv_pages.shape[0]
-    if total < 8:
-        pad = 8 - total
-        case.kv_pages = torch.cat([case.kv_pages, torch.randn(pad, *case.kv_pages.shape[1:])])
-        case.metrics = torch.cat([case.metrics, torch.rand(pad, block_size)])
-        case.positions = torch.cat([case.positions,
-                                    torch.zeros(pad, block_size, dtype=torch.int32)])
-    case.kv_lens = torch.tensor([n, n], dtype=torch.int32)
-    case.page_table = torch.tensor([pages0, pages1], dtype=torch.int32)
+    """Two heads of ``n`` KVs on the given page lists (in a pool of 8 pages),
+    evicting ``ev0`` / ``ev1``."""
+    g = torch.Generator().manual_seed(7)
     width = max(len(ev0), len(ev1))
-    case.evict_idx = torch.tensor([e + [-1] * (width - len(e)) for e in (ev0, ev1)],
-                                  dtype=torch.int32)
-    case.evict_counts = torch.tensor([len(ev0), len(ev1)], dtype=torch.int32)
-    return case
+    return CompactionCase(
+        kv_pages=torch.randn(8, 2, block_size, 8, generator=g),
+        metrics=torch.rand(8, block_size, generator=g),
+        positions=torch.randint(0, 1 << 20, (8, block_size), generator=g, dtype=torch.int32),
+        page_table=torch.tensor([pages0, pages1], dtype=torch.int32),
+        kv_lens=torch.tensor([n, n], dtype=torch.int32),
+        evict_idx=torch.tensor([e + [-1] * (width - len(e)) for e in (ev0, ev1)],
+                               dtype=torch.int32),
+        evict_counts=torch.tensor([len(ev0), len(ev1)], dtype=torch.int32),
+    )
 
 
 def _compact(case, fn):
