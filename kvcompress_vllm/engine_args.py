@@ -123,7 +123,8 @@ def _incompatibilities(args: Any) -> list[str]:
     if args.scheduler_cls not in (None, SCHEDULER_CLS, VLLM_SCHEDULER_CLS):
         # vLLM's synchronous scheduler is what ours extends; any other class
         # (vLLM's own async or diffusion scheduler included) would be dropped.
-        problems.append(f"a custom --scheduler-cls ({args.scheduler_cls})")
+        problems.append(f"a custom --scheduler-cls ({args.scheduler_cls}; leave it unset or "
+                        f"name {VLLM_SCHEDULER_CLS})")
     if args.worker_cls not in ("auto", CPU_WORKER_CLS, GPU_WORKER_CLS):
         problems.append(f"a custom --worker-cls ({args.worker_cls})")
     return problems

@@ -273,8 +273,10 @@ def test_create_engine_config_passthrough_without_config(engine_args_mod, model_
         ({"async_scheduling": True}, "async-scheduling"),
         ({"enable_dbo": True}, "micro-batching"),
         ({"ubatch_size": 2}, "micro-batching"),
-        ({"scheduler_cls": "vllm.v1.core.sched.async_scheduler.AsyncScheduler"}, "scheduler-cls"),
-        ({"scheduler_cls": "my_pkg.MyScheduler"}, "scheduler-cls"),
+        ({"scheduler_cls": "vllm.v1.core.sched.async_scheduler.AsyncScheduler"},
+         r"scheduler-cls \(vllm\.v1\.core\.sched\.async_scheduler\.AsyncScheduler; leave it "
+         r"unset or name vllm\.v1\.core\.sched\.scheduler\.Scheduler\)"),
+        ({"scheduler_cls": "my_pkg.MyScheduler"}, r"scheduler-cls \(my_pkg\.MyScheduler;"),
         ({"worker_cls": "my_pkg.MyWorker"}, "worker-cls"),
     ],
 )
