@@ -244,14 +244,24 @@ def run_checks(kernels, attention, reference, device, quick):
             ("attention decode bf16 N=128", dict(group=g, head_dim=d, block_size=128,
                                                   dtype=torch.bfloat16, max_q=1, max_kv=1000)),
         ]
+    def guarded(name, fn, *a, **kw):
+        # A check that raises (a compile error, say) is a failed row; the others still run.
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001
+            return name, False, "raised " + " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
     results = []
     for i, (name, kw) in enumerate(checks):
         if quick:
             kw = dict(kw, num_reqs=2, num_kv_heads=2, max_kv=min(kw.get("max_kv", 300), 100))
-        results.append(check_attention(kernels, attention, reference, device, name, seed=i, **kw))
+        results.append(guarded(name, check_attention, kernels, attention, reference, device, name,
+                               seed=i, **kw))
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
-        results.append(check_write_kv(kernels, reference, device, dtype))
-        results.append(check_compact(kernels, reference, device, dtype))
+        dt = str(dtype).removeprefix("torch.")
+        results.append(guarded(f"write_kv {dt}", check_write_kv, kernels, reference, device, dtype))
+        results.append(guarded(f"compact_heads {dt}", check_compact, kernels, reference, device,
+                               dtype))
     return results
 
 
@@ -313,6 +323,10 @@ def bytes_needed(batch, ctx, q_len, shape, dtype) -> int:
     return 2 * kv + metrics + q + (256 << 20)  # paged + dense copies, metrics, q/out, slack
 
 
+class AgreementError(RuntimeError):
+    """The paged kernel and SDPA over the same KVs disagree."""
+
+
 def time_config(kernels, device, phase, batch, ctx, q_len, window, shape, dtype, block, reps, warmup,
                 min_reps=3):
     hq, hkv, d = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
@@ -341,7 +355,7 @@ def time_config(kernels, device, phase, batch, ctx, q_len, window, shape, dtype,
     dense_out = sdpa().transpose(1, 2).reshape(batch * q_len, hq, d)
     agree = (dense_out.float() - out.float()).abs().max().item()
     if not agree <= 4 * OUT_ATOL[dtype]:
-        raise RuntimeError(
+        raise AgreementError(
             f"{phase} batch {batch} ctx {ctx}: paged attention and SDPA over the same KVs "
             f"differ by {agree:.3e} (> {4 * OUT_ATOL[dtype]:.0e})"
         )
@@ -355,14 +369,26 @@ def time_config(kernels, device, phase, batch, ctx, q_len, window, shape, dtype,
 
 
 def run_timing(kernels, device, args, shape, dtype):
+    """One row per (phase, batch, ctx): decode rows first (they carry the
+    target).  A configuration that raises is reported as a failed row and the
+    others still run; a disagreement between the kernel and SDPA marks the
+    row ``mismatch`` (a correctness failure, see ``main``).  Configurations not
+    started within ``--time-budget`` seconds are reported as skipped."""
     batches = QUICK_BATCHES if args.quick else BATCHES
     contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
     chunk = 32 if args.quick else args.prefill_chunk
-    reps, warmup, min_reps = (1, 1, 1) if args.quick else (args.reps, 5, 3)
+    reps, warmup, min_reps = (1, 1, 1) if args.quick else (args.reps, args.warmup, 3)
+    prefill_batches = batches if args.quick else tuple(args.prefill_batches)
+    start = time.perf_counter()
     rows = []
     for phase, q_len in (("decode", 1), ("prefill", chunk)):
-        for batch in batches:
+        for batch in batches if phase == "decode" else prefill_batches:
             for ctx in contexts:
+                if args.time_budget and time.perf_counter() - start > args.time_budget:
+                    rows.append(dict(phase=phase, batch=batch, ctx=ctx, q_len=q_len,
+                                     skipped=f"--time-budget {args.time_budget:g} s spent"))
+                    print(_row_md(rows[-1]), flush=True)
+                    continue
                 need = bytes_needed(batch, ctx, q_len, shape, dtype)
                 if device.type == "cuda":
                     free, _ = torch.cuda.mem_get_info()
@@ -371,12 +397,68 @@ def run_timing(kernels, device, args, shape, dtype):
                                          skipped=f"needs {need / 2**30:.1f} GiB, "
                                                  f"{free / 2**30:.1f} GiB free"))
                         continue
-                rows.append(time_config(kernels, device, phase, batch, ctx, q_len, args.window,
-                                        shape, dtype, args.block_size, reps, warmup, min_reps))
+                try:
+                    rows.append(time_config(kernels, device, phase, batch, ctx, q_len, args.window,
+                                            shape, dtype, args.block_size, reps, warmup, min_reps))
+                except AgreementError as e:
+                    rows.append(dict(phase=phase, batch=batch, ctx=ctx, q_len=q_len,
+                                     skipped=f"**mismatch**: {e}", mismatch=True))
+                except Exception as e:  # noqa: BLE001 -- report it, time the others
+                    msg = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+                    rows.append(dict(phase=phase, batch=batch, ctx=ctx, q_len=q_len,
+                                     skipped=f"failed: {msg}"))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 print(_row_md(rows[-1]), flush=True)
     return rows
+
+
+def run_sweep(attention, device, args, shape, dtype) -> str:
+    """``--sweep``: decode and prefill time over the tiling knobs of
+    ``attention._launch`` (KV splits and KV tile for decode; query and KV tile
+    for prefill), with metrics on and off, next to what the default heuristics
+    pick.  Markdown table; the basis of ``_choose_splits`` and the tile
+    defaults on Hopper."""
+    hq, hkv, d = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
+    group = hq // hkv
+    lines = ["| phase | batch | ctx | block_m | block_n | splits | ms | ms with metrics | default |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    quick = args.quick
+    decode = [(b, c) for b in ((1, 2) if quick else (1, 8, 32, 64, 128))
+              for c in ((256,) if quick else (8192, 32768))]
+    prefill = [(b, c) for b in ((1,) if quick else (1, 8)) for c in ((256,) if quick else (8192, 32768))]
+    plans = [("decode", 1, b, c, [(None, bn, sp) for bn in (64, 128)
+                                  for sp in ((1, 2) if quick else (1, 2, 3, 4, 8, 16, 32))])
+             for b, c in decode]
+    chunk = 32 if quick else args.prefill_chunk
+    plans += [("prefill", chunk, b, c, [(bm, bn, 1) for bm in (32, 64, 128) for bn in (32, 64, 128)])
+              for b, c in prefill]
+    budget = 50.0 if quick else 250.0
+    for phase, q_len, batch, ctx, knobs in plans:
+        case = paged_case(batch, hkv, group, d, args.block_size, dtype, [ctx] * (batch * hkv),
+                          [q_len] * batch, device, seed=batch + ctx, spare_pages=0)
+        a = [case[k] for k in ("query", "kv_pages", "page_table", "kv_lens", "query_start_loc")]
+        out = torch.empty_like(case["query"])
+        mqs = torch.full((batch,), max(0, q_len - args.window), dtype=torch.int32, device=device)
+        for bm, bn, sp in [(None, None, None)] + knobs:
+            def call(metrics, bm=bm, bn=bn, sp=sp):
+                return lambda: attention._launch(*a, case["scale"], metrics, mqs, out,
+                                                 block_m=bm, block_n=bn, num_splits=sp)
+            try:
+                ms = timed(call(None), device, 50, 2, budget_ms=budget, min_reps=3)
+                ms_m = timed(call(case["metrics"]), device, 50, 2, budget_ms=budget, min_reps=3)
+                cells = f"{ms:.3f} | {ms_m:.3f}"
+            except Exception as e:  # noqa: BLE001 -- e.g. out of shared memory: report, go on
+                cells = "failed: " + " ".join(f"{type(e).__name__}: {e}".split())[:120] + " |"
+            default = sp is None
+            line = (f"| {phase} | {batch} | {ctx} | {bm or '-'} | {bn or '-'} | {sp or '-'} | "
+                    f"{cells} | {'default' if default else ''} |")
+            lines.append(line)
+            print(line, flush=True)
+        del case, a, out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return "\n".join(lines)
 
 
 def _row_md(r) -> str:
@@ -440,7 +522,14 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--window", type=int, default=32, help="observation window (prefill metrics)")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="calls before timing (the first compiles)")
+    p.add_argument("--prefill-batches", type=int, nargs="+", default=list(BATCHES),
+                   help="batch sizes of the prefill rows")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds; timing rows not started by then are reported as skipped (0: none)")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--sweep", action="store_true",
+                   help="only the tiling sweep (KV splits / tiles, decode and prefill) -> --out")
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -458,6 +547,16 @@ def main(argv=None) -> int:
                    if cuda else "CPU (Triton interpreter)")
     print(f"# {device_desc}", flush=True)
 
+    if args.sweep:
+        text = (f"# Tiling sweep on {device_desc}\n\n`python benchmarks/gpu_kernels.py --sweep`; "
+                f"torch {torch.__version__}, triton {_triton_version()}. Median ms per call, one "
+                f"layer, {shape['num_q_heads']} query / {shape['num_kv_heads']} KV heads, head dim "
+                f"{shape['head_dim']}, {args.dtype}, {args.block_size}-token pages; '-' = the "
+                "default choice.\n\n" + run_sweep(attention, device, args, shape, dtype) + "\n")
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+        return 0
     checks = run_checks(kernels, attention, reference, device, args.quick)
     for name, ok, detail in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
@@ -473,7 +572,8 @@ def main(argv=None) -> int:
         print(f"wrote {out}")
     if "vllm" in sys.modules:  # the promise in the docstring
         print("note: vllm was imported by something in this process", file=sys.stderr)
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    mismatches = [r for r in rows if r.get("mismatch")]
+    return 0 if all(ok for _, ok, _ in checks) and not mismatches else 1
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class _Interceptor:
 def main(archs: list[int], quick: bool = False) -> list[str]:
     """Compile the configurations; ``quick``: a representative subset, no
     ``ptxas -v`` report (used by the tests)."""
+    archs = list(archs)  # the interceptors share this list (narrowed for Hopper-only cases)
     log: list[str] = []
     patched = []
     for mod in (attention, compact, cache_write):
@@ -158,6 +159,18 @@ def main(archs: list[int], quick: bool = False) -> list[str]:
             attn(1, 128, 16, torch.bfloat16, 8, 8, True)
             attn(1, 128, 64, torch.bfloat16, 300, 2, True)
             attn(4, 128, 16, torch.bfloat16, 8, 8, True, num_splits=8)
+        # Hopper's prefill tiles (``attention._launch`` picks them on sm_90 only).
+        if 90 in archs:
+            shown = list(archs)
+            archs[:] = [90]
+            try:
+                for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
+                    attn(4, 128, 16, dtype, 300, 2, True, block_m=128, block_n=128)
+                    if not quick:
+                        attn(4, 128, 16, dtype, 300, 2, True, hits=True, block_m=128, block_n=128)
+                        attn(8, 128, 32, dtype, 300, 2, False, block_m=128, block_n=128)
+            finally:
+                archs[:] = shown
 
         for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
             kv = torch.empty(64, 2, 16, 128, dtype=dtype, device=meta)

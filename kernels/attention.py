@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import require, interpreted, next_pow2, sm_count, tl_dtype
+from ._common import is_hopper, require, interpreted, next_pow2, sm_count, tl_dtype
 
 _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (no inf - inf)
@@ -362,15 +362,17 @@ def _attn_metric_kernel(
 # host side
 # --------------------------------------------------------------------------
 def _choose_splits(num_programs: int, max_kv: int, block_n: int, device: torch.device) -> int:
-    """Split the KV range only when the (q block, head) grid underfills the GPU."""
+    """KV splits for ``num_programs`` working (q block, head) programs: as
+    many as keep all programs in one wave of 4 per SM, each split keeping >= 4
+    KV tiles.  From the H200 sweeps (docs/gpu_kernels_sweep.md, Llama-3-8B
+    decode, 132 SMs): 512 programs (batch 64) run fastest unsplit; 256 (batch
+    32) run 1.3x faster with 2 or 4 splits than with 1, but not with 3 (768
+    programs: a second, partial wave); 64 (batch 8) best with 8."""
     if device.type != "cuda":
         return 1
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if num_programs >= sms:
-        return 1
     tiles = triton.cdiv(max_kv, block_n)
-    # Aim for ~2 waves and keep >= 4 KV tiles per split.
-    return max(1, min(triton.cdiv(2 * sms, num_programs), tiles // 4, 32))
+    return max(1, min(4 * sms // max(1, num_programs), tiles // 4, 32))
 
 
 def _launch(
@@ -397,19 +399,26 @@ def _launch(
     group = num_q_heads // num_kv_heads
 
     wide = kv_pages.element_size() >= 4 or query.dtype != kv_pages.dtype
+    decode = num_tokens <= num_reqs  # at most one query per request
+    # Prefill tiles of 128 x 128 on Hopper at head dim 128: 1.3-1.9x faster
+    # than 64 x 64 on the H200 sweep (docs/gpu_kernels.md).  Other GPUs and
+    # head dims keep 64 x 64 (unmeasured; 128 x 128 needs more shared memory
+    # than sm_86/sm_89 have, and spills at head dim 32).
+    big = not decode and not wide and head_dim == 128 and is_hopper(query.device)
     if block_m is None:
-        # Decode batches (at most one query per request) need few rows; fp32
-        # tiles (3xTF32 dots) spill beyond 16 rows at head_dim 128.
-        block_m = 16 if num_tokens <= num_reqs or wide else 64
+        # Decode batches need few rows; fp32 tiles (3xTF32 dots) spill beyond
+        # 16 rows at head_dim 128.
+        block_m = 16 if decode or wide else 128 if big else 64
     block_m = max(block_m, 16, next_pow2(group))
     block_q = block_m // group
     if block_n is None:
-        block_n = 32 if wide else 64
+        block_n = 32 if wide else 128 if big else 64
     require(block_n >= 16 and block_n & (block_n - 1) == 0, "block_n >= 16 and block_n & (block_n - 1) == 0")
 
     num_q_blocks = num_tokens // block_q + num_reqs
     if num_splits is None:
-        num_splits = _choose_splits(num_q_blocks * num_kv_heads, max_pages * page_size,
+        working = num_reqs if decode else num_q_blocks  # the grid's upper bound otherwise
+        num_splits = _choose_splits(working * num_kv_heads, max_pages * page_size,
                                     block_n, query.device)
     num_splits = max(1, int(num_splits))
 

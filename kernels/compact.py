@@ -37,8 +37,12 @@ def _move_slots_kernel(
     src = tl.load(src_ptr + rows, mask=in_range, other=-1)
     dst = tl.load(dst_ptr + rows, mask=in_range, other=-1)
     valid = in_range & (src >= 0) & (dst >= 0)
-    src = tl.where(valid, src, 0)
-    dst = tl.where(valid, dst, 0)
+    # Every access below is masked by ``valid``; the clamp only keeps the
+    # unused addresses in bounds.  (``tl.where(valid, src, 0)`` here fails to
+    # compile for sm_90 with Triton 3.6: RemoveLayoutConversions leaves the
+    # select's condition in another layout.)
+    src = tl.maximum(src, 0)
+    dst = tl.maximum(dst, 0)
     sp = src // PAGE
     so = src % PAGE
     dp = dst // PAGE

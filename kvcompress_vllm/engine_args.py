@@ -40,10 +40,10 @@ CPU_WORKER_CLS = "kvcompress_vllm.worker.worker.KVCompressCPUWorker"
 GPU_WORKER_CLS = "kvcompress_vllm.worker.gpu_worker.KVCompressGPUWorker"
 #: What has run of the CUDA path (logged when it is selected; README says the same).
 CUDA_VERIFIED = (
-    "the Triton kernels, the CUDA backend's metadata builder and impl, and the "
-    "worker's eviction on the GPU cache layout were tested only under the Triton "
-    "interpreter on CPU tensors, and the kernels compiled for sm_80/sm_90 without "
-    "a GPU; the engine path has not yet run on a real GPU"
+    "the Triton kernels were tested against the reference on an H200 (sm_90); "
+    "the CUDA backend's metadata builder and impl and the worker's eviction on "
+    "the GPU cache layout were tested only under the Triton interpreter on CPU "
+    "tensors; the engine path has not yet run on a real GPU"
 )
 
 _PATCHED_ATTR = "_kvcompress_patched"
