@@ -137,6 +137,20 @@ class Engine:
     def free_blocks(self) -> int:
         return self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
 
+    def rank_page_tables(self) -> list[tuple[int, dict]]:
+        """Per worker rank (``collective_rpc``; needs
+        ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``): its KV heads per layer, and
+        request id -> (pages in use, blocks) of its page table."""
+
+        def read(worker):
+            from kvcompress_vllm.worker.state import get_state
+
+            table = get_state().table
+            return table.num_kv_heads, {rid: (table.pages_in_use(req), list(req.blocks))
+                                        for rid, req in table.requests.items()}
+
+        return self.llm.collective_rpc(read)
+
     def generate(self, prompts, params):
         """``prompts``: list of str or list of token-id lists."""
         from vllm.inputs import TokensPrompt

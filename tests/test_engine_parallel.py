@@ -58,19 +58,6 @@ def _greedy(engine, max_tokens=24):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def _rank_pages(engine, req_id):
-    """(pages in use, owned blocks) of ``req_id`` on every rank."""
-
-    def read(worker, rid):
-        from kvcompress_vllm.worker.state import get_state
-
-        state = get_state()
-        req = state.table.requests[rid]
-        return state.table.pages_in_use(req), list(req.blocks), state.table.num_kv_heads
-
-    return engine.llm.collective_rpc(read, args=(req_id,))
-
-
 def test_tp2_at_rate_one_matches_stock_tp2(random_model):
     """Both ranks' never-compressed requests stay in vLLM's layout and run on
     vLLM's kernel, so the greedy outputs are stock vLLM's at tp=2 token for
@@ -146,7 +133,7 @@ def test_tp2_compression_is_identical_on_both_ranks_and_leaks_nothing(random_mod
                 request = sched.requests.get(rid)
                 if request is None or not sched.kvc_manager.evicted_pages.get(rid):
                     continue
-                ranks = _rank_pages(eng, rid)
+                ranks = [(*tables[rid], heads) for heads, tables in eng.rank_page_tables()]
                 expected = sched.kvc_manager.pages_in_use(rid, request.num_computed_tokens)
                 blocks = [b.block_id for b in sched.kvc_manager.req_to_blocks[rid]]
                 for pages, rank_blocks, heads in ranks:

@@ -224,14 +224,6 @@ def test_soak(model_path, budget, mode):
         eng.shutdown()
 
 
-def _rank_tables(worker):
-    """On a worker: request id -> (pages in use, blocks) of its page table."""
-    from kvcompress_vllm.worker.state import get_state
-
-    table = get_state().table
-    return {rid: (table.pages_in_use(req), list(req.blocks)) for rid, req in table.requests.items()}
-
-
 #: CI's quick form runs the prefix-caching variant on 2 ranks, the full form both.
 TP_VARIANTS = [False, True] if TOTAL >= 100 else [True]
 
@@ -258,7 +250,7 @@ def test_soak_tensor_parallel(monkeypatch, prefix_caching):
     compared = []
 
     def same_on_both_ranks(step):
-        rank0, rank1 = eng.llm.collective_rpc(_rank_tables)
+        (_, rank0), (_, rank1) = eng.rank_page_tables()
         assert rank1 == rank0, (
             f"step {step}: rank tables differ for "
             f"{sorted(r for r in rank0.keys() | rank1.keys() if rank0.get(r) != rank1.get(r))[:8]}")
