@@ -231,6 +231,9 @@ def run_checks(kernels, attention, reference, device, quick):
                                                  max_q=1, knobs=dict(num_splits=4))),
         ("attention decode bf16, no metrics", dict(group=g, head_dim=d, block_size=n,
                                                     dtype=torch.bfloat16, max_q=1, metrics=False)),
+        ("attention decode bf16, metric scores recomputed from K",
+         dict(group=g, head_dim=d, block_size=n, dtype=torch.bfloat16, max_q=1,
+              knobs=dict(scores=False))),
     ]
     if not quick:
         checks += [

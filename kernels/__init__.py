@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["paged_head_attention", "compact_heads", "write_kv", "is_available"]
+__all__ = ["paged_head_attention", "compact_heads", "write_kv", "is_available",
+           "DECODE_SCORES_BYTES"]
+
+#: Largest score scratch (bytes, fp32 ``[R, H, G, max_kv]``) that decode
+#: attention with metrics allocates per call to store the scores of its
+#: softmax pass, so that its metric pass need not read K again.  Larger
+#: batches recompute the scores from K (the same result, slower).  The GPU
+#: worker takes this out of the KV budget.
+DECODE_SCORES_BYTES = 256 << 20
 
 
 def is_available() -> bool:

@@ -137,6 +137,7 @@ def main(archs: list[int], quick: bool = False) -> list[str]:
             attn(4, 128, 16, torch.bfloat16, 8, 8, True, hits=True)  # decode, hitters
             attn(3, 64, 32, torch.float16, 300, 2, True)  # prefill chunk, G = 3
             attn(8, 64, 16, torch.bfloat16, 8, 8, True, hits=True, num_splits=4)  # split-KV x3
+            attn(4, 128, 16, torch.bfloat16, 8, 8, True, scores=False)  # decode, recomputed
         else:
             # decode (block_m 16) and prefill tiles, all dtypes and head dims
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -159,6 +160,10 @@ def main(archs: list[int], quick: bool = False) -> list[str]:
             attn(1, 128, 16, torch.bfloat16, 8, 8, True)
             attn(1, 128, 64, torch.bfloat16, 300, 2, True)
             attn(4, 128, 16, torch.bfloat16, 8, 8, True, num_splits=8)
+            # decode metrics recomputed from K (batches beyond DECODE_SCORES_BYTES)
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                attn(4, 128, 16, dtype, 8, 8, True, scores=False)
+            attn(4, 128, 16, torch.bfloat16, 8, 8, True, hits=True, scores=False, num_splits=4)
         # Hopper's prefill tiles (``attention._launch`` picks them on sm_90 only).
         if 90 in archs:
             shown = list(archs)

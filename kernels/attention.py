@@ -26,7 +26,10 @@ Organisation
   program.  A (request, head) can span several query tiles (and KV splits),
   and requests can share pages (prefix-cache hits), so atomics are what keep
   those programs race-free; where only one program touches a KV (decode on
-  unshared pages) the result is deterministic.  With ``metric_k_start`` a
+  unshared pages) the result is deterministic.  In decode batches the softmax
+  pass stores the metric rows' scores (fp32 scratch ``[R, H, G, max_kv]``, up
+  to ``DECODE_SCORES_BYTES``) and the metric pass reads them back, 4 bytes
+  per row and KV instead of K again.  With ``metric_k_start`` a
   request adds only to its KVs ``>= metric_k_start[r]`` (a prefix-cache
   hitter leaves its hits' metric to their writer).
 * **Precision.**  16-bit K/V/Q feed the tensor cores directly (P is rounded
@@ -45,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import DECODE_SCORES_BYTES
 from ._common import is_hopper, require, interpreted, next_pow2, sm_count, tl_dtype
 
 _LOG2E = 1.4426950408889634
@@ -143,13 +147,14 @@ def _kv_rows(pt_row_ptr, stride_ptp, start, hi, stride_kvp, stride_kvn,
 @triton.jit
 def _softmax_pass(
     q, kv_ptr, pt_row_ptr, stride_ptp, lo, hi, limit, qk_scale,
-    stride_kvp, stride_kvkv, stride_kvn,
+    stride_kvp, stride_kvkv, stride_kvn, sc_ptr, sc_row, sc_keep,
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr, STORE_S: tl.constexpr,
 ):
     """Online softmax over KVs [lo, hi): running max m (log2 units), sum l,
-    unnormalised accumulator acc."""
+    unnormalised accumulator acc.  ``STORE_S``: also writes the (masked,
+    log2-scaled) scores of the rows ``sc_keep`` to ``sc_ptr + sc_row + kv``."""
     offs_d = tl.arange(0, HEAD_DIM)
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -161,6 +166,9 @@ def _softmax_pass(
         s = _dot(q, k.to(DOT_DTYPE), F32_DOT) * qk_scale
         visible = (offs_n[None, :] <= limit[:, None]) & n_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
+        if STORE_S:
+            tl.store(sc_ptr + sc_row[:, None] + offs_n[None, :], s,
+                     mask=sc_keep[:, None] & n_mask[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -196,6 +204,33 @@ def _metric_pass(
 
 
 @triton.jit
+def _metric_pass_stored(
+    lse, metric_row, sc_ptr, sc_row, pt_row_ptr, stride_ptp, metrics_ptr, stride_mp,
+    lo, hi, kmin, limit, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``_metric_pass`` on the scores the softmax pass stored (decode):
+    reads 4 bytes per (row, KV) instead of every K again."""
+    for start in range(tl.maximum(lo, kmin // BLOCK_N * BLOCK_N), hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        page = tl.load(pt_row_ptr + (offs_n // PAGE) * stride_ptp, mask=n_mask, other=0).to(tl.int64)
+        slot = offs_n % PAGE
+        keep = metric_row[:, None] & (offs_n[None, :] <= limit[:, None]) & n_mask[None, :]
+        s = tl.load(sc_ptr + sc_row[:, None] + offs_n[None, :], mask=keep, other=float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        contrib = tl.sum(p * p, 0)
+        tl.atomic_add(metrics_ptr + page * stride_mp + slot, contrib,
+                      mask=n_mask & (offs_n >= kmin), sem="relaxed")
+
+
+@triton.jit
+def _score_offsets(r, h, nh, g, stride_sc, G: tl.constexpr):
+    """Decode: each row's offset in the score scratch ``[R, H, G, stride_sc]``
+    (one query per request, so (request, KV head, group head) names a row)."""
+    return ((r.to(tl.int64) * nh + h) * G + g) * stride_sc
+
+
+@triton.jit
 def _metric_rows(mqs_ptr, r, q_len, q_idx, row_valid, qb, BLOCK_Q: tl.constexpr):
     """Rows that record metrics, and whether the tile has any."""
     first = tl.minimum(tl.maximum(tl.load(mqs_ptr + r), 0), q_len)
@@ -220,15 +255,15 @@ def _metric_kmin(mks_ptr, r, KMIN: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, kv_ptr, pt_ptr, kv_lens_ptr, qsl_ptr, metrics_ptr, mqs_ptr, mks_ptr, out_ptr,
-    part_acc_ptr, part_ml_ptr,
+    part_acc_ptr, part_ml_ptr, sc_ptr,
     qk_scale, num_reqs, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kvp, stride_kvkv, stride_kvn,
     stride_ptr, stride_pth, stride_ptp,
-    stride_klr, stride_klh, stride_mp,
+    stride_klr, stride_klh, stride_mp, stride_sc,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, METRICS: tl.constexpr, KMIN: tl.constexpr,
+    SPLIT: tl.constexpr, METRICS: tl.constexpr, KMIN: tl.constexpr, SCORES: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     pid_qb = tl.program_id(0)
@@ -249,10 +284,16 @@ def _attn_fwd_kernel(
     pt_row_ptr = pt_ptr + r.to(tl.int64) * stride_ptr + h * stride_pth
     q = _load_q(q_ptr, q_start, q_idx, g, h, row_valid, stride_qt, stride_qh,
                 G, HEAD_DIM, DOT_DTYPE)
+    if SCORES:
+        sc_keep, _ = _metric_rows(mqs_ptr, r, q_len, q_idx, row_valid, qb, BLOCK_Q)
+        sc_row = _score_offsets(r, h, tl.num_programs(1), g, stride_sc, G)
+    else:
+        sc_keep = row_valid
+        sc_row = offs_m.to(tl.int64)
     m_i, l_i, acc = _softmax_pass(
         q, kv_ptr, pt_row_ptr, stride_ptp, lo, hi, limit, qk_scale,
-        stride_kvp, stride_kvkv, stride_kvn,
-        PAGE, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_DTYPE, PV_DTYPE, F32_DOT)
+        stride_kvp, stride_kvkv, stride_kvn, sc_ptr, sc_row, sc_keep,
+        PAGE, BLOCK_M, BLOCK_N, HEAD_DIM, DOT_DTYPE, PV_DTYPE, F32_DOT, SCORES)
     offs_d = tl.arange(0, HEAD_DIM)
     if SPLIT:
         nh = tl.num_programs(1)
@@ -271,11 +312,16 @@ def _attn_fwd_kernel(
             metric_row, any_rows = _metric_rows(mqs_ptr, r, q_len, q_idx, row_valid, qb, BLOCK_Q)
             if any_rows:
                 lse = m_i + tl.log2(l_safe)
-                _metric_pass(q, lse, metric_row, kv_ptr, pt_row_ptr, stride_ptp,
-                             metrics_ptr, stride_mp, 0, kv_hi, _metric_kmin(mks_ptr, r, KMIN),
-                             limit, qk_scale,
-                             stride_kvp, stride_kvn, PAGE, BLOCK_N, HEAD_DIM,
-                             DOT_DTYPE, F32_DOT)
+                if SCORES:
+                    _metric_pass_stored(lse, metric_row, sc_ptr, sc_row, pt_row_ptr, stride_ptp,
+                                        metrics_ptr, stride_mp, 0, kv_hi,
+                                        _metric_kmin(mks_ptr, r, KMIN), limit, PAGE, BLOCK_N)
+                else:
+                    _metric_pass(q, lse, metric_row, kv_ptr, pt_row_ptr, stride_ptp,
+                                 metrics_ptr, stride_mp, 0, kv_hi, _metric_kmin(mks_ptr, r, KMIN),
+                                 limit, qk_scale,
+                                 stride_kvp, stride_kvn, PAGE, BLOCK_N, HEAD_DIM,
+                                 DOT_DTYPE, F32_DOT)
 
 
 @triton.jit
@@ -323,15 +369,15 @@ def _attn_combine_kernel(
 
 @triton.jit
 def _attn_metric_kernel(
-    q_ptr, kv_ptr, pt_ptr, kv_lens_ptr, qsl_ptr, metrics_ptr, mqs_ptr, mks_ptr, lse_ptr,
+    q_ptr, kv_ptr, pt_ptr, kv_lens_ptr, qsl_ptr, metrics_ptr, mqs_ptr, mks_ptr, lse_ptr, sc_ptr,
     qk_scale, num_reqs, num_splits,
     stride_qt, stride_qh,
     stride_kvp, stride_kvn,
     stride_ptr, stride_pth, stride_ptp,
-    stride_klr, stride_klh, stride_mp,
+    stride_klr, stride_klh, stride_mp, stride_sc,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    KMIN: tl.constexpr, DOT_DTYPE: tl.constexpr, F32_DOT: tl.constexpr,
+    KMIN: tl.constexpr, SCORES: tl.constexpr, DOT_DTYPE: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     pid_qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -349,13 +395,19 @@ def _attn_metric_kernel(
     if split >= used:
         return
     pt_row_ptr = pt_ptr + r.to(tl.int64) * stride_ptr + h * stride_pth
-    q = _load_q(q_ptr, q_start, q_idx, g, h, row_valid, stride_qt, stride_qh,
-                G, HEAD_DIM, DOT_DTYPE)
     lse = tl.load(lse_ptr + (pid_qb.to(tl.int64) * nh + h) * BLOCK_M + offs_m)
-    _metric_pass(q, lse, metric_row, kv_ptr, pt_row_ptr, stride_ptp,
-                 metrics_ptr, stride_mp, lo, hi, _metric_kmin(mks_ptr, r, KMIN), limit, qk_scale,
-                 stride_kvp, stride_kvn, PAGE, BLOCK_N, HEAD_DIM,
-                 DOT_DTYPE, F32_DOT)
+    if SCORES:
+        sc_row = _score_offsets(r, h, nh, g, stride_sc, G)
+        _metric_pass_stored(lse, metric_row, sc_ptr, sc_row, pt_row_ptr, stride_ptp,
+                            metrics_ptr, stride_mp, lo, hi, _metric_kmin(mks_ptr, r, KMIN),
+                            limit, PAGE, BLOCK_N)
+    else:
+        q = _load_q(q_ptr, q_start, q_idx, g, h, row_valid, stride_qt, stride_qh,
+                    G, HEAD_DIM, DOT_DTYPE)
+        _metric_pass(q, lse, metric_row, kv_ptr, pt_row_ptr, stride_ptp,
+                     metrics_ptr, stride_mp, lo, hi, _metric_kmin(mks_ptr, r, KMIN), limit,
+                     qk_scale, stride_kvp, stride_kvn, PAGE, BLOCK_N, HEAD_DIM,
+                     DOT_DTYPE, F32_DOT)
 
 
 # --------------------------------------------------------------------------
@@ -378,10 +430,12 @@ def _choose_splits(num_programs: int, max_kv: int, block_n: int, device: torch.d
 def _launch(
     query, kv_pages, page_table, kv_lens, query_start_loc, scale, metrics,
     metric_q_start, output, metric_k_start=None, *, block_m: int | None = None,
-    block_n: int | None = None, num_splits: int | None = None,
+    block_n: int | None = None, num_splits: int | None = None, scores: bool | None = None,
 ) -> None:
     """``paged_head_attention`` with explicit tiling knobs (tests use these to
-    cover the split-KV path and odd tile sizes on small shapes)."""
+    cover the split-KV path and odd tile sizes on small shapes).  ``scores``:
+    store the scores for the metric pass (decode with metrics only; default:
+    when the scratch fits in ``DECODE_SCORES_BYTES``)."""
     num_tokens, num_q_heads, head_dim = query.shape
     num_pages, two, page_size, d_kv = kv_pages.shape
     num_reqs, num_kv_heads, max_pages = page_table.shape
@@ -443,6 +497,16 @@ def _launch(
         require(metric_k_start.numel() == num_reqs,
                 f"metric_k_start has {metric_k_start.numel()} entries for {num_reqs} requests")
     mks = metric_k_start if kmin_on else mqs  # dummy, never read
+    # Decode: the softmax pass stores the metric rows' scores in [R, H, G, max_kv]
+    # and the metric pass reads them (4 bytes per row and KV) instead of K again.
+    max_kv = max_pages * page_size
+    scores_bytes = num_reqs * num_kv_heads * group * max_kv * 4
+    if scores is None:
+        scores = metrics_on and decode and scores_bytes <= DECODE_SCORES_BYTES
+    require(not scores or (metrics_on and decode),
+            "stored scores are for decode batches (<= 1 query per request) with metrics")
+    sc = (torch.empty(scores_bytes // 4, dtype=torch.float32, device=query.device)
+          if scores else output)  # dummy when off, never touched
 
     common = dict(G=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n)
     num_warps = 8 if block_m * head_dim * (2 if wide else 1) >= 64 * 128 else 4
@@ -450,14 +514,14 @@ def _launch(
         grid = (num_q_blocks, num_kv_heads, 1)
         _attn_fwd_kernel[grid](
             query, kv_pages, page_table, kv_lens, query_start_loc, metrics_arg, mqs, mks, output,
-            output, output,
+            output, output, sc,
             qk_scale, num_reqs, 1,
             query.stride(0), query.stride(1), output.stride(0), output.stride(1),
             kv_pages.stride(0), kv_pages.stride(1), kv_pages.stride(2),
             page_table.stride(0), page_table.stride(1), page_table.stride(2),
             kv_lens.stride(0), kv_lens.stride(1),
-            metrics.stride(0) if metrics_on else 0,
-            PAGE=page_size, SPLIT=False, METRICS=metrics_on, KMIN=kmin_on,
+            metrics.stride(0) if metrics_on else 0, max_kv,
+            PAGE=page_size, SPLIT=False, METRICS=metrics_on, KMIN=kmin_on, SCORES=scores,
             DOT_DTYPE=dot_dt, PV_DTYPE=pv_dt, F32_DOT=f32_dot,
             num_warps=num_warps, num_stages=2, **common,
         )
@@ -472,13 +536,13 @@ def _launch(
     grid = (num_q_blocks, num_kv_heads, num_splits)
     _attn_fwd_kernel[grid](
         query, kv_pages, page_table, kv_lens, query_start_loc, metrics_arg, mqs, mks, output,
-        part_acc, part_ml,
+        part_acc, part_ml, sc,
         qk_scale, num_reqs, num_splits,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         kv_pages.stride(0), kv_pages.stride(1), kv_pages.stride(2),
         page_table.stride(0), page_table.stride(1), page_table.stride(2),
-        kv_lens.stride(0), kv_lens.stride(1), 0,
-        PAGE=page_size, SPLIT=True, METRICS=False, KMIN=False,
+        kv_lens.stride(0), kv_lens.stride(1), 0, max_kv,
+        PAGE=page_size, SPLIT=True, METRICS=False, KMIN=False, SCORES=scores,
         DOT_DTYPE=dot_dt, PV_DTYPE=pv_dt, F32_DOT=f32_dot,
         num_warps=num_warps, num_stages=2, **common,
     )
@@ -490,13 +554,13 @@ def _launch(
     )
     if metrics_on:
         _attn_metric_kernel[grid](
-            query, kv_pages, page_table, kv_lens, query_start_loc, metrics, mqs, mks, lse,
+            query, kv_pages, page_table, kv_lens, query_start_loc, metrics, mqs, mks, lse, sc,
             qk_scale, num_reqs, num_splits,
             query.stride(0), query.stride(1),
             kv_pages.stride(0), kv_pages.stride(2),
             page_table.stride(0), page_table.stride(1), page_table.stride(2),
-            kv_lens.stride(0), kv_lens.stride(1), metrics.stride(0),
-            PAGE=page_size, KMIN=kmin_on, DOT_DTYPE=dot_dt, F32_DOT=f32_dot,
+            kv_lens.stride(0), kv_lens.stride(1), metrics.stride(0), max_kv,
+            PAGE=page_size, KMIN=kmin_on, SCORES=scores, DOT_DTYPE=dot_dt, F32_DOT=f32_dot,
             num_warps=num_warps, num_stages=2, **common,
         )
 

@@ -124,6 +124,16 @@ ATTENTION_CASES = [
     pytest.param(8, 64, 16, torch.bfloat16, 1, dict(num_splits=4), id="split4-decode-g8-bf16"),
     pytest.param(3, 64, 32, torch.float32, 10, dict(num_splits=2, block_m=16),
                  id="split2-mixed-g3-bm16-fp32"),
+    # decode metrics from the scores the softmax pass stored (the default for
+    # decode up to DECODE_SCORES_BYTES), and recomputed from K (beyond it)
+    pytest.param(4, 64, 16, torch.float32, 1, dict(scores=True), id="scores-decode-g4-fp32"),
+    pytest.param(8, 64, 32, torch.bfloat16, 1, dict(scores=True, block_n=16),
+                 id="scores-decode-g8-bn16-bf16"),
+    pytest.param(4, 64, 16, torch.float32, 1, dict(scores=True, num_splits=3),
+                 id="scores-split3-decode-g4-fp32"),
+    pytest.param(4, 64, 16, torch.float32, 1, dict(scores=False), id="recompute-decode-g4-fp32"),
+    pytest.param(4, 64, 16, torch.bfloat16, 1, dict(scores=False, num_splits=2),
+                 id="recompute-split2-decode-g4-bf16"),
 ]
 
 
@@ -159,6 +169,27 @@ def test_paged_head_attention_requests_sharing_pages(knobs, hits):
     _check_attention(case, torch.float32, **knobs)
 
 
+@pytest.mark.parametrize("knobs", [dict(scores=True), dict(scores=True, num_splits=2),
+                                   dict(scores=False)], ids=["scores", "scores-split2", "recompute"])
+def test_decode_metrics_of_requests_sharing_pages(knobs):
+    """Decode (one query per request) over shared prefix pages, hitters adding
+    only from ``metric_k_start`` on: stored and recomputed scores both give the
+    reference's sums."""
+    case = share_prefix_pages(
+        make_attention_case(num_reqs=6, num_kv_heads=2, group=3, head_dim=64, block_size=16,
+                            dtype=torch.float32, min_kv=70, max_kv=120, max_q=1, seed=17),
+        shared_pages=3, hits=True,
+    )
+    _check_attention(case, torch.float32, **knobs)
+
+
+def test_stored_scores_are_refused_outside_decode():
+    case = make_attention_case(num_reqs=3, num_kv_heads=2, group=2, head_dim=64, block_size=16,
+                               dtype=torch.float32, max_kv=60, max_q=4, seed=5)
+    with pytest.raises(ValueError, match="decode batches"):
+        _run_attention(case, scores=True)
+
+
 def test_paged_head_attention_empty_request_and_strided_query():
     """A request with no queries, metric_q_start past q_len, a query view."""
     case = make_attention_case(num_reqs=3, num_kv_heads=2, group=2, head_dim=64,
@@ -183,15 +214,16 @@ def test_paged_head_attention_empty_request_and_strided_query():
 def test_kernels_compile_for_gpus():
     """Compile the kernels to sm_90 cubins (with the wheel's ptxas) without a GPU:
     checks the compiled-Triton path that the interpreter does not exercise
-    (the quick subset: decode, prefill, split-KV x3, Hopper's 128 x 128
-    prefill tiles, compaction, cache write)."""
+    (the quick subset: decode with stored and with recomputed scores,
+    prefill, split-KV x3, Hopper's 128 x 128 prefill tiles, compaction,
+    cache write)."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     res = subprocess.run(
         [sys.executable, "-m", "kvcompress_vllm.triton_kernels._compile_check", "--quick", "90"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "compiled 8 kernels OK" in res.stdout, res.stdout
+    assert "compiled 9 kernels OK" in res.stdout, res.stdout
     assert "'BLOCK_M': 128, 'BLOCK_N': 128" in res.stdout, res.stdout
 
 

@@ -78,8 +78,11 @@ class KVCompressGPUWorker(KVCompressWorkerMixin, Worker):
         super().__init__(vllm_config, *args, **kwargs)
 
     def determine_available_memory(self) -> int:
+        from kvcompress_vllm.triton_kernels import DECODE_SCORES_BYTES
+
         model = self.vllm_config.model_config
-        workspace = eviction_workspace_bytes(model.max_model_len, model.get_head_size())
+        workspace = (eviction_workspace_bytes(model.max_model_len, model.get_head_size())
+                     + DECODE_SCORES_BYTES)  # decode attention's score scratch
         return kv_budget_after_plugin(
             super().determine_available_memory(), self.vllm_config, workspace
         )
