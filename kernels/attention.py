@@ -427,6 +427,18 @@ def _choose_splits(num_programs: int, max_kv: int, block_n: int, device: torch.d
     return max(1, min(4 * sms // max(1, num_programs), tiles // 4, 32))
 
 
+def _stored_scores(scores: bool | None, metrics_on: bool, decode: bool, rows_x_kvs: int) -> bool:
+    """Whether the softmax pass stores the metric rows' scores (fp32
+    ``[R, H, G, max_kv]``, ``rows_x_kvs`` entries) for the metric pass to read
+    instead of K: decode with metrics, by default while the scratch fits in
+    ``DECODE_SCORES_BYTES`` (what the GPU worker keeps out of the KV budget)."""
+    if scores is None:
+        return metrics_on and decode and 4 * rows_x_kvs <= DECODE_SCORES_BYTES
+    require(not scores or (metrics_on and decode),
+            "stored scores are for decode batches (<= 1 query per request) with metrics")
+    return scores
+
+
 def _launch(
     query, kv_pages, page_table, kv_lens, query_start_loc, scale, metrics,
     metric_q_start, output, metric_k_start=None, *, block_m: int | None = None,
@@ -497,16 +509,10 @@ def _launch(
         require(metric_k_start.numel() == num_reqs,
                 f"metric_k_start has {metric_k_start.numel()} entries for {num_reqs} requests")
     mks = metric_k_start if kmin_on else mqs  # dummy, never read
-    # Decode: the softmax pass stores the metric rows' scores in [R, H, G, max_kv]
-    # and the metric pass reads them (4 bytes per row and KV) instead of K again.
     max_kv = max_pages * page_size
-    scores_bytes = num_reqs * num_kv_heads * group * max_kv * 4
-    if scores is None:
-        scores = metrics_on and decode and scores_bytes <= DECODE_SCORES_BYTES
-    require(not scores or (metrics_on and decode),
-            "stored scores are for decode batches (<= 1 query per request) with metrics")
-    sc = (torch.empty(scores_bytes // 4, dtype=torch.float32, device=query.device)
-          if scores else output)  # dummy when off, never touched
+    scores = _stored_scores(scores, metrics_on, decode, num_reqs * num_kv_heads * group * max_kv)
+    sc = (torch.empty(num_reqs * num_kv_heads * group * max_kv, dtype=torch.float32,
+                      device=query.device) if scores else output)  # dummy when off, never touched
 
     common = dict(G=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n)
     num_warps = 8 if block_m * head_dim * (2 if wide else 1) >= 64 * 128 else 4

@@ -183,6 +183,31 @@ def test_decode_metrics_of_requests_sharing_pages(knobs):
     _check_attention(case, torch.float32, **knobs)
 
 
+def test_stored_scores_stay_within_the_budgeted_scratch():
+    """By default decode stores its scores only while the scratch fits in
+    ``DECODE_SCORES_BYTES`` -- what the GPU worker keeps out of the KV budget
+    -- and recomputes them beyond it (both give the reference's metrics, see
+    the ``scores-*`` / ``recompute-*`` cases)."""
+    from kvcompress_vllm.triton_kernels import DECODE_SCORES_BYTES
+    from kvcompress_vllm.triton_kernels.attention import _stored_scores
+
+    fits = DECODE_SCORES_BYTES // 4
+    assert _stored_scores(None, True, True, fits)
+    assert not _stored_scores(None, True, True, fits + 1)
+    assert not _stored_scores(None, False, True, 1)  # no metrics
+    assert not _stored_scores(None, True, False, 1)  # prefill rows
+    assert _stored_scores(True, True, True, fits + 1)  # asked for: the caller's memory
+    assert not _stored_scores(False, True, True, 1)
+
+
+def test_gpu_worker_keeps_the_score_scratch_out_of_the_kv_budget():
+    pytest.importorskip("vllm")
+    from kvcompress_vllm.triton_kernels import DECODE_SCORES_BYTES
+    from kvcompress_vllm.worker.gpu_worker import eviction_workspace_bytes, gpu_workspace_bytes
+
+    assert gpu_workspace_bytes(4096, 128) == eviction_workspace_bytes(4096, 128) + DECODE_SCORES_BYTES
+
+
 def test_stored_scores_are_refused_outside_decode():
     case = make_attention_case(num_reqs=3, num_kv_heads=2, group=2, head_dim=64, block_size=16,
                                dtype=torch.float32, max_kv=60, max_q=4, seed=5)

@@ -62,6 +62,15 @@ def eviction_workspace_bytes(max_model_len: int, head_dim: int) -> int:
     return 2 * max(scorers.CHUNK_BYTES, 4 * max_model_len * head_dim)
 
 
+def gpu_workspace_bytes(max_model_len: int, head_dim: int) -> int:
+    """What the GPU worker keeps out of the KV budget besides the per-slot
+    metadata and page tables: one compression's temporaries and decode
+    attention's score scratch (``triton_kernels.DECODE_SCORES_BYTES``)."""
+    from kvcompress_vllm.triton_kernels import DECODE_SCORES_BYTES
+
+    return eviction_workspace_bytes(max_model_len, head_dim) + DECODE_SCORES_BYTES
+
+
 class KVCompressGPUWorker(KVCompressWorkerMixin, Worker):
     """vLLM's GPU ``Worker`` running KV-Compress (V1 model runner)."""
 
@@ -78,11 +87,8 @@ class KVCompressGPUWorker(KVCompressWorkerMixin, Worker):
         super().__init__(vllm_config, *args, **kwargs)
 
     def determine_available_memory(self) -> int:
-        from kvcompress_vllm.triton_kernels import DECODE_SCORES_BYTES
-
         model = self.vllm_config.model_config
-        workspace = (eviction_workspace_bytes(model.max_model_len, model.get_head_size())
-                     + DECODE_SCORES_BYTES)  # decode attention's score scratch
+        workspace = gpu_workspace_bytes(model.max_model_len, model.get_head_size())
         return kv_budget_after_plugin(
             super().determine_available_memory(), self.vllm_config, workspace
         )
