@@ -103,6 +103,41 @@ def compaction_pairs(
     return src.reshape(-1), dst.reshape(-1)
 
 
+def check_page_ownership(
+    page_table: torch.Tensor,  # [S, max_pages] int32
+    kv_lens: torch.Tensor,  # [S]
+    evict_idx: torch.Tensor,  # [S, E]
+    evict_counts: torch.Tensor,  # [S]
+    num_pages: int,
+    block_size: int,
+) -> None:
+    """Heads are compacted in parallel: a page that a head moves KVs within
+    (from its first hole to its last KV) must be listed by no other head of
+    the call, nor twice by that head; pages below every first hole (a shared
+    prefix) may be listed by several.  The C++ kernel's rule; checked with a
+    few device ops and one device-to-host sync, before anything moves."""
+    num_heads, max_pages = page_table.shape
+    if num_heads == 0 or evict_idx.shape[1] == 0 or page_table.device.type == "meta":
+        return  # meta: the compile check (shapes only)
+    dev = page_table.device
+    n = kv_lens.long().clamp(0, max_pages * block_size)
+    col = torch.arange(max_pages, device=dev)[None, :]
+    pages = page_table.long()
+    listed = (col < ((n + block_size - 1) // block_size)[:, None]) & (pages >= 0) & (pages < num_pages)
+    count = evict_counts.long()
+    first = evict_idx[:, 0].long()
+    moves = (count > 0) & (first < n - count)
+    moved = listed & moves[:, None] & (col >= (first // block_size)[:, None])
+    ids = pages[listed].sort().values
+    times = (torch.searchsorted(ids, pages, right=True) - torch.searchsorted(ids, pages))
+    bad = moved & (times != 1)
+    if bool(bad.any()):
+        s, k = (int(i) for i in bad.nonzero()[0])
+        require(False, f"compact_heads: page {int(pages[s, k])} is moved within by one head but "
+                       f"listed {int(times[s, k])} times in the call; each head must own the "
+                       "pages from its first evicted KV on")
+
+
 def compact_heads(
     kv_pages: torch.Tensor,  # [P, 2, N, D]
     metrics: torch.Tensor,  # [P, N] float32
@@ -119,6 +154,7 @@ def compact_heads(
     if num_heads == 0 or evict_idx.numel() == 0:
         return
     require(evict_idx.shape[0] == num_heads, "evict_idx.shape[0] == num_heads")
+    check_page_ownership(page_table, kv_lens, evict_idx, evict_counts, num_pages, block_size)
     src, dst = compaction_pairs(page_table, kv_lens, evict_idx, evict_counts, block_size)
     num_pairs = src.numel()
     has_m = metrics is not None

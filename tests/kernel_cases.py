@@ -161,3 +161,34 @@ def share_prefix_pages(case: AttentionCase, shared_pages: int, hits: bool = Fals
     pt[1:, :, :shared_pages] = pt[0:1, :, :shared_pages]
     mks = torch.tensor([0] + [need] * (pt.shape[0] - 1), dtype=torch.int32) if hits else None
     return dataclasses.replace(case, page_table=pt, metric_k_start=mks)
+
+
+def two_heads_on_pages(pages0, pages1, ev0, ev1, n=40, block_size=16):
+    """Two heads of ``n`` KVs on the given page lists (in a pool of 8 pages),
+    evicting ``ev0`` / ``ev1``."""
+    g = torch.Generator().manual_seed(7)
+    width = max(len(ev0), len(ev1))
+    return CompactionCase(
+        kv_pages=torch.randn(8, 2, block_size, 8, generator=g),
+        metrics=torch.rand(8, block_size, generator=g),
+        positions=torch.randint(0, 1 << 20, (8, block_size), generator=g, dtype=torch.int32),
+        page_table=torch.tensor([pages0, pages1], dtype=torch.int32),
+        kv_lens=torch.tensor([n, n], dtype=torch.int32),
+        evict_idx=torch.tensor([e + [-1] * (width - len(e)) for e in (ev0, ev1)],
+                               dtype=torch.int32),
+        evict_counts=torch.tensor([len(ev0), len(ev1)], dtype=torch.int32),
+    )
+
+
+#: Calls that compact_heads (C++ and Triton) must refuse, as
+#: ``pytest.mark.parametrize("pages0,pages1,ev0,ev1", **SHARED_MOVED_PAGES)``
+#: arguments for ``two_heads_on_pages``: a page one head moves KVs within is
+#: listed by another head or twice.
+SHARED_MOVED_PAGES = dict(argvalues=[
+    ([0, 1, 2], [3, 1, 4], [20], [2]),       # page 1: both heads move within it
+    ([0, 1, 2], [3, 4, 2], [5], [36]),       # page 2: head 1 moves only within its last page
+    ([0, 1, 1], [3, 4, 5], [3], [1]),        # page 1 listed twice by head 0
+    ([0, 1, 2], [1, 3, 4], [20], [33]),      # page 1: head 0 moves within it, head 1 keeps KVs
+    ([0, 1, 2], [3, 1, 4], [20], []),        # the same with a head that evicts nothing
+], ids=["both-move", "one-moves-in-its-last-page", "twice-in-one-head", "one-moves-one-keeps",
+        "one-moves-one-evicts-nothing"])

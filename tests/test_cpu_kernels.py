@@ -19,8 +19,8 @@ import os
 
 import pytest
 import torch
-from kernel_cases import (CompactionCase, make_attention_case, make_compaction_case,
-                          share_prefix_pages)
+from kernel_cases import (SHARED_MOVED_PAGES, make_attention_case, make_compaction_case,
+                          share_prefix_pages, two_heads_on_pages)
 
 from kvcompress_vllm import ops
 from kvcompress_vllm.ops import reference
@@ -637,42 +637,18 @@ def test_compact_heads_rejects_unsorted():
                           case.kv_lens, case.evict_idx, case.evict_counts)
 
 
-def _two_heads_on_pages(pages0, pages1, ev0, ev1, n=40, block_size=16):
-    """Two heads of ``n`` KVs on the given page lists (in a pool of 8 pages),
-    evicting ``ev0`` / ``ev1``."""
-    g = torch.Generator().manual_seed(7)
-    width = max(len(ev0), len(ev1))
-    return CompactionCase(
-        kv_pages=torch.randn(8, 2, block_size, 8, generator=g),
-        metrics=torch.rand(8, block_size, generator=g),
-        positions=torch.randint(0, 1 << 20, (8, block_size), generator=g, dtype=torch.int32),
-        page_table=torch.tensor([pages0, pages1], dtype=torch.int32),
-        kv_lens=torch.tensor([n, n], dtype=torch.int32),
-        evict_idx=torch.tensor([e + [-1] * (width - len(e)) for e in (ev0, ev1)],
-                               dtype=torch.int32),
-        evict_counts=torch.tensor([len(ev0), len(ev1)], dtype=torch.int32),
-    )
-
-
 def _compact(case, fn):
     out = [case.kv_pages.clone(), case.metrics.clone(), case.positions.clone()]
     fn(*out, case.page_table, case.kv_lens, case.evict_idx, case.evict_counts)
     return out
 
 
-@pytest.mark.parametrize("pages0,pages1,ev0,ev1", [
-    ([0, 1, 2], [3, 1, 4], [20], [2]),       # page 1: both heads move within it
-    ([0, 1, 2], [3, 4, 2], [5], [36]),       # page 2: head 1 moves only within its last page
-    ([0, 1, 1], [3, 4, 5], [3], [1]),        # page 1 listed twice by head 0
-    ([0, 1, 2], [1, 3, 4], [20], [33]),      # page 1: head 0 moves within it, head 1 keeps KVs
-    ([0, 1, 2], [3, 1, 4], [20], []),        # the same with a head that evicts nothing
-], ids=["both-move", "one-moves-in-its-last-page", "twice-in-one-head", "one-moves-one-keeps",
-        "one-moves-one-evicts-nothing"])
+@pytest.mark.parametrize("pages0,pages1,ev0,ev1", **SHARED_MOVED_PAGES)
 def test_compact_heads_refuses_a_page_two_movers_share(pages0, pages1, ev0, ev1):
     """Heads are compacted in parallel: a page one head moves KVs within must
     be listed by no other head (which would read overwritten KVs or race),
     nor twice by that head.  Refused before anything moves, naming the page."""
-    case = _two_heads_on_pages(pages0, pages1, ev0, ev1)
+    case = two_heads_on_pages(pages0, pages1, ev0, ev1)
     before = [case.kv_pages.clone(), case.metrics.clone(), case.positions.clone()]
     with pytest.raises(RuntimeError, match=r"page \d+ is moved within by one head but listed 2"):
         ops.compact_heads(case.kv_pages, case.metrics, case.positions, case.page_table,
@@ -685,7 +661,7 @@ def test_compact_heads_lets_heads_share_pages_below_their_first_hole():
     """A shared prefix: both heads list pages 0 and 1, and evict only after
     them (block 2 on), so those pages are untouched -- allowed, and the result
     is the reference's."""
-    case = _two_heads_on_pages([0, 1, 2], [0, 1, 3], [33, 35], [32])
+    case = two_heads_on_pages([0, 1, 2], [0, 1, 3], [33, 35], [32])
     want = _compact(case, reference.compact_heads)
     got = _compact(case, ops.compact_heads)
     assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -33,9 +33,11 @@ if _SET_INTERPRET:
 pytest.importorskip("triton")
 
 from kernel_cases import (  # noqa: E402
+    SHARED_MOVED_PAGES,
     make_attention_case,
     make_compaction_case,
     share_prefix_pages,
+    two_heads_on_pages,
 )
 
 from kvcompress_vllm.ops import reference  # noqa: E402
@@ -303,6 +305,30 @@ def test_compact_heads_nothing_to_evict():
     got = _dev(case.kv_pages.clone(), case.metrics.clone(), case.positions.clone())
     compact_heads(*got, *_dev(case.page_table, case.kv_lens, case.evict_idx, case.evict_counts))
     for e, g in zip((case.kv_pages, case.metrics, case.positions), got):
+        assert torch.equal(_bits(e), _bits(g.cpu()))
+
+
+@pytest.mark.parametrize("pages0,pages1,ev0,ev1", **SHARED_MOVED_PAGES)
+def test_compact_heads_refuses_a_page_two_movers_share(pages0, pages1, ev0, ev1):
+    """The C++ kernel's rule (test_cpu_kernels.py), here on the Triton one:
+    refused before anything moves, naming the page."""
+    case = two_heads_on_pages(pages0, pages1, ev0, ev1)
+    got = _dev(case.kv_pages.clone(), case.metrics.clone(), case.positions.clone())
+    with pytest.raises(ValueError, match=r"page \d+ is moved within by one head but listed 2"):
+        compact_heads(*got, *_dev(case.page_table, case.kv_lens, case.evict_idx,
+                                  case.evict_counts))
+    for e, g in zip((case.kv_pages, case.metrics, case.positions), got):
+        assert torch.equal(_bits(e), _bits(g.cpu()))
+
+
+def test_compact_heads_lets_heads_share_pages_below_their_first_hole():
+    case = two_heads_on_pages([0, 1, 2], [0, 1, 3], [33, 35], [32])
+    want = [case.kv_pages.clone(), case.metrics.clone(), case.positions.clone()]
+    reference.compact_heads(*want, case.page_table, case.kv_lens, case.evict_idx,
+                            case.evict_counts)
+    got = _dev(case.kv_pages.clone(), case.metrics.clone(), case.positions.clone())
+    compact_heads(*got, *_dev(case.page_table, case.kv_lens, case.evict_idx, case.evict_counts))
+    for e, g in zip(want, got):
         assert torch.equal(_bits(e), _bits(g.cpu()))
 
 
