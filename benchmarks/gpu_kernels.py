@@ -252,7 +252,7 @@ def run_checks(kernels, attention, reference, device, quick):
         try:
             return fn(*a, **kw)
         except Exception as e:  # noqa: BLE001
-            return name, False, "raised " + " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            return name, False, "raised " + _one_line(e, 300)
 
     results = []
     for i, (name, kw) in enumerate(checks):
@@ -324,6 +324,11 @@ def bytes_needed(batch, ctx, q_len, shape, dtype) -> int:
     metrics = batch * shape["num_kv_heads"] * ctx * 4
     q = batch * q_len * shape["num_q_heads"] * shape["head_dim"] * e * 4
     return 2 * kv + metrics + q + (256 << 20)  # paged + dense copies, metrics, q/out, slack
+
+
+def _one_line(err: Exception, limit: int) -> str:
+    """``Type: message`` on one line, cut to ``limit`` characters (table cells)."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:limit]
 
 
 class AgreementError(RuntimeError):
@@ -407,9 +412,8 @@ def run_timing(kernels, device, args, shape, dtype):
                     rows.append(dict(phase=phase, batch=batch, ctx=ctx, q_len=q_len,
                                      skipped=f"**mismatch**: {e}", mismatch=True))
                 except Exception as e:  # noqa: BLE001 -- report it, time the others
-                    msg = " ".join(f"{type(e).__name__}: {e}".split())[:200]
                     rows.append(dict(phase=phase, batch=batch, ctx=ctx, q_len=q_len,
-                                     skipped=f"failed: {msg}"))
+                                     skipped=f"failed: {_one_line(e, 200)}"))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 print(_row_md(rows[-1]), flush=True)
@@ -452,7 +456,7 @@ def run_sweep(attention, device, args, shape, dtype) -> str:
                 ms_m = timed(call(case["metrics"]), device, 50, 2, budget_ms=budget, min_reps=3)
                 cells = f"{ms:.3f} | {ms_m:.3f}"
             except Exception as e:  # noqa: BLE001 -- e.g. out of shared memory: report, go on
-                cells = "failed: " + " ".join(f"{type(e).__name__}: {e}".split())[:120] + " |"
+                cells = "failed: " + _one_line(e, 120) + " |"
             default = sp is None
             line = (f"| {phase} | {batch} | {ctx} | {bm or '-'} | {bn or '-'} | {sp or '-'} | "
                     f"{cells} | {'default' if default else ''} |")

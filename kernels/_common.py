@@ -55,12 +55,15 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA device's index (the current device for a bare ``cuda``)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def is_hopper(device: torch.device) -> bool:
     """A CUDA device of compute capability 9.x (H100 / H200), the only GPU
     the tile choices of ``attention._launch`` were measured on."""
-    if device.type != "cuda":
-        return False
-    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) == 9
+    return device.type == "cuda" and _capability_major(device_index(device)) == 9
 
 
 def next_pow2(x: int) -> int:

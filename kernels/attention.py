@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from . import DECODE_SCORES_BYTES
-from ._common import is_hopper, require, interpreted, next_pow2, sm_count, tl_dtype
+from ._common import (device_index, is_hopper, require, interpreted, next_pow2, sm_count,
+                      tl_dtype)
 
 _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (no inf - inf)
@@ -211,10 +212,9 @@ def _metric_pass_stored(
     """``_metric_pass`` on the scores the softmax pass stored (decode):
     reads 4 bytes per (row, KV) instead of every K again."""
     for start in range(tl.maximum(lo, kmin // BLOCK_N * BLOCK_N), hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        page = tl.load(pt_row_ptr + (offs_n // PAGE) * stride_ptp, mask=n_mask, other=0).to(tl.int64)
-        slot = offs_n % PAGE
+        # Only the metric slots are addressed: no KV row offsets (strides 0).
+        offs_n, n_mask, page, slot, _ = _kv_rows(pt_row_ptr, stride_ptp, start, hi, 0, 0,
+                                                 PAGE, BLOCK_N)
         keep = metric_row[:, None] & (offs_n[None, :] <= limit[:, None]) & n_mask[None, :]
         s = tl.load(sc_ptr + sc_row[:, None] + offs_n[None, :], mask=keep, other=float("-inf"))
         p = tl.exp2(s - lse[:, None])
@@ -422,7 +422,7 @@ def _choose_splits(num_programs: int, max_kv: int, block_n: int, device: torch.d
     programs: a second, partial wave); 64 (batch 8) best with 8."""
     if device.type != "cuda":
         return 1
-    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device_index(device))
     tiles = triton.cdiv(max_kv, block_n)
     return max(1, min(4 * sms // max(1, num_programs), tiles // 4, 32))
 
@@ -510,9 +510,10 @@ def _launch(
                 f"metric_k_start has {metric_k_start.numel()} entries for {num_reqs} requests")
     mks = metric_k_start if kmin_on else mqs  # dummy, never read
     max_kv = max_pages * page_size
-    scores = _stored_scores(scores, metrics_on, decode, num_reqs * num_kv_heads * group * max_kv)
-    sc = (torch.empty(num_reqs * num_kv_heads * group * max_kv, dtype=torch.float32,
-                      device=query.device) if scores else output)  # dummy when off, never touched
+    score_entries = num_reqs * num_kv_heads * group * max_kv  # [R, H, G, max_kv]
+    scores = _stored_scores(scores, metrics_on, decode, score_entries)
+    sc = (torch.empty(score_entries, dtype=torch.float32, device=query.device)
+          if scores else output)  # dummy when off, never touched
 
     common = dict(G=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n)
     num_warps = 8 if block_m * head_dim * (2 if wide else 1) >= 64 * 128 else 4

@@ -115,10 +115,12 @@ def check_page_ownership(
     (from its first hole to its last KV) must be listed by no other head of
     the call, nor twice by that head; pages below every first hole (a shared
     prefix) may be listed by several.  The C++ kernel's rule; checked with a
-    few device ops and one device-to-host sync, before anything moves."""
-    num_heads, max_pages = page_table.shape
-    if num_heads == 0 or evict_idx.shape[1] == 0 or page_table.device.type == "meta":
-        return  # meta: the compile check (shapes only)
+    few device ops and one device-to-host sync, before anything moves.
+    Needs at least one head and one ``evict_idx`` column (``compact_heads``
+    returns before calling it otherwise)."""
+    if page_table.device.type == "meta":
+        return  # the compile check: shapes only
+    max_pages = page_table.shape[1]
     dev = page_table.device
     n = kv_lens.long().clamp(0, max_pages * block_size)
     col = torch.arange(max_pages, device=dev)[None, :]
