@@ -523,3 +523,43 @@ def test_a_hit_gets_positions_and_eviction_never_enters_the_protected_prefix():
                                            r"logical index \d+, inside the 16 protected"):
         state.begin_step(step(plans=[plan]))
     assert torch.equal(state.pool.kv_pages[pages], kv)
+
+
+def test_a_hit_on_a_block_released_in_the_same_step_waits_for_the_eviction():
+    """vLLM may hand a block that a compression releases in this step to a new
+    request in the same step -- even as a prefix-cache hit, when another
+    request writes that block in this step (found by the soak: a parallel
+    sample hit its sibling's freshly allocated blocks).  The compressed
+    request's live pages still sit in the block until its eviction moves them
+    out, so the new request's hit positions must be written after that, or
+    they overwrite the compressed request's positions (its newest KVs would
+    then look unprotected, or unevictable)."""
+    state, _ = make_state(rate=0.25, protected_window=4, sink_tokens=1)
+    geom = PageGeometry(N, L * H)
+    blocks, n = [3, 7, 1, 9, 4], 37
+    state.begin_step(step(new=[("a", blocks, n)], scheduled={"a": n}, prefill_ends={"a": n}))
+    fill(state, ["a"], seed=1)
+    state.end_step()
+    before = head_kvs(state, "a")
+    num_pages = 12
+    keep = geom.blocks_needed(n, num_pages)
+    released = blocks[keep:]
+    assert released == [9, 4]
+    plan = EvictionPlan(req_id="a", num_pages=num_pages, num_tokens=n,
+                        pages_after=geom.pages_in_use(n, num_pages),
+                        released_block_ids=tuple(released), protected_window=4,
+                        sink_tokens=1, scorer="random")
+    # b hits 2 blocks: 5, then 9 (released by a in this step) at b's index 1.
+    hit = step(new=[("b", [5, 9, 6], 20)], scheduled={"b": 4}, prefill_ends={"b": 20}, plans=[plan])
+    hit.scheduled_new_reqs[0].num_computed_tokens = 2 * N
+    state.begin_step(hit)
+    state.end_step()
+    after = head_kvs(state, "a")
+    counts = state.table.kv_count[state.table.requests["a"].slot].view(L, H)
+    for key, kvs in after.items():
+        assert len(kvs) == int(counts[key]), key  # distinct positions: none overwritten
+        assert set(range(n - 4, n)) <= set(kvs) and 0 in kvs, (key, sorted(kvs))  # protected kept
+        for pos, (k, v) in kvs.items():  # every KV a holds is one it held, at its position
+            assert torch.equal(k, before[key][pos][0]) and torch.equal(v, before[key][pos][1]), (key, pos)
+    pages = state.table.block_page_ids([9]).view(-1)  # b's hit positions, written last
+    assert (state.pool.positions[pages] == torch.arange(N, 2 * N, dtype=torch.int32)).all()

@@ -200,6 +200,13 @@ class KVCompressWorkerState:
             self._seeds.pop(rid, None)
         for rid in scheduler_output.preempted_req_ids or ():
             table.remove(rid)
+        # (Re)started requests get their blocks' metadata (``_adopt_blocks``)
+        # only after this step's evictions: a block a compression releases in
+        # this step may already be one of theirs -- even a prefix-cache hit,
+        # on a block another request writes in this step -- while the
+        # compressed request's live pages still sit in it until its eviction
+        # moves them out.
+        started: list[RequestPages] = []
         for new_req in scheduler_output.scheduled_new_reqs:
             table.remove(new_req.req_id)  # abort + resubmit with the same id
             self._seeds[new_req.req_id] = request_seed(
@@ -213,7 +220,7 @@ class KVCompressWorkerState:
                 new_req.req_id in step.stock_layout,
                 self._packed(step, new_req.req_id),
             )
-            self._adopt_blocks(req)
+            started.append(req)
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             if rid in cached.resumed_req_ids:
@@ -228,11 +235,13 @@ class KVCompressWorkerState:
                     rid in step.stock_layout,
                     self._packed(step, rid),
                 )
-                self._adopt_blocks(req)
+                started.append(req)
         # Plans refer to the block lists as they were before this step's
         # allocations, so they run before new blocks are appended.
         for plan in step.evictions:
             self.apply_eviction(plan)
+        for req in started:
+            self._adopt_blocks(req)
         for i, rid in enumerate(cached.req_ids):
             blocks = cached.new_block_ids[i]
             if rid not in cached.resumed_req_ids and blocks is not None:
