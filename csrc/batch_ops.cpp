@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
@@ -73,9 +74,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_batch(
   // First bad (layer, row, head, logical) found, for the error below.
   std::atomic<bool> bad{false};
   int64_t bad_at[4] = {0, 0, 0, 0};
+  // First page found written by two (row, head) pairs of one layer, or listed
+  // twice among the pages one pair writes: (layer, page, owner, owner).
+  std::atomic<bool> shared{false};
+  int64_t shared_at[4] = {0, 0, 0, 0};
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (T + R * width) * H));
   at::parallel_for(0, L, grain, [&](int64_t lb, int64_t le) {
+    // (page, r * H + h) of every table entry a step token of the layer writes in.
+    std::vector<std::pair<int64_t, int64_t>> written;
     for (int64_t l = lb; l < le; ++l) {
+      written.clear();
       for (int64_t r = 0; r < R; ++r) {
         const int64_t q_len = q_p[r + 1] - q_p[r];
         for (int64_t h = 0; h < H; ++h) {
@@ -85,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_batch(
           int32_t* dst = out_pt + ((l * R + r) * H + h) * width;
           std::copy(row_pages, row_pages + width, dst);
           out_len[(l * R + r) * H + h] = static_cast<int32_t>(count);
+          int64_t last_entry = -1;
           for (int64_t o = 0; o < q_len; ++o) {
             const int64_t logical = count - q_len + o;
             const int64_t p = logical / block_size;
@@ -95,14 +104,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_batch(
               }
               continue;
             }
+            if (p != last_entry) written.emplace_back(page, r * H + h), last_entry = p;
             out_ws[(l * T + (q_p[r] - q_p[0]) + o) * H + h] = page * block_size + logical % block_size;
           }
+        }
+      }
+      // A page the step writes in belongs to one head: two writers of one page
+      // (or one head listing it twice) would race on, or overwrite, its KVs.
+      std::sort(written.begin(), written.end());
+      for (size_t i = 1; i < written.size(); ++i) {
+        if (written[i].first == written[i - 1].first && !shared.exchange(true)) {
+          shared_at[0] = l, shared_at[1] = written[i].first;
+          shared_at[2] = written[i - 1].second, shared_at[3] = written[i].second;
         }
       }
     }
   });
   TORCH_CHECK(!bad.load(), "gather_batch: a token's KV lies outside its head's pages: layer ", bad_at[0],
               ", row ", bad_at[1], ", head ", bad_at[2], ", logical index ", bad_at[3]);
+  TORCH_CHECK(!shared.load(), "gather_batch: page ", shared_at[1], " of layer ", shared_at[0],
+              " is written this step by row ", shared_at[2] / H, ", head ", shared_at[2] % H, " and by row ",
+              shared_at[3] / H, ", head ", shared_at[3] % H,
+              " (a page written in a step must belong to one head and be listed once)");
   return {pages, kv_lens, write_slots, positions};
 }
 

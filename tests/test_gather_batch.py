@@ -102,6 +102,53 @@ def test_a_token_outside_its_heads_pages_is_refused(impl, fault):
         assert "layer 1, row 1, head 0" in str(err.value)
 
 
+def _shared_page_case(fault):
+    """Two requests (slots 2 and 1) of 2 layers x 2 heads, N = 4, with one page
+    of layer 1 planted so that the step writes it twice (``fault``), or
+    shared where nobody writes (``read_only``: a prefix-cache page)."""
+    rng = random.Random(1)
+    N = 4
+    page_table, num_pages, kv_count = random_tables(rng, 3, 2, 2, 3, N, full=True)
+    kv_count[:] = 3 * N  # every head full: the step writes in its last page
+    q_lens = [1, 1]
+    victim = int(page_table[2, 1, 0, 2])  # row 0, head 0 writes here
+    if fault == "two_requests":
+        page_table[1, 1, 1, 2] = victim  # row 1, head 1 writes it too
+    elif fault == "two_heads":
+        page_table[2, 1, 1, 2] = victim  # row 0, head 1
+    elif fault == "listed_twice":  # one head writes 2 entries, both the same page
+        q_lens = [N + 1, 1]
+        page_table[2, 1, 0, 1] = victim
+    else:  # read_only: both requests hold the page, neither writes it
+        page_table[2, 1, 0, 0] = page_table[1, 1, 0, 0]
+    qsl = torch.tensor([0, *q_lens]).cumsum(0)
+    return (page_table, num_pages, kv_count, torch.tensor([2, 1]), qsl,
+            torch.tensor([7, 9]), N), victim
+
+
+@pytest.mark.parametrize("impl", [ops.gather_batch, reference.gather_batch])
+@pytest.mark.parametrize("fault, writers", [
+    ("two_requests", "by row 0, head 0 and by row 1, head 1"),
+    ("two_heads", "by row 0, head 0 and by row 0, head 1"),
+    ("listed_twice", "by row 0, head 0 and by row 0, head 0"),
+])
+def test_a_page_written_twice_in_a_step_is_refused(impl, fault, writers):
+    """``write_kv`` writes a step's slots in parallel: two writers of one page
+    (or a head listing it twice) would race or overwrite KVs someone holds."""
+    args, victim = _shared_page_case(fault)
+    with pytest.raises(RuntimeError) as err:
+        impl(*args)
+    assert f"page {victim} of layer 1 is written this step {writers}" in str(err.value)
+
+
+@pytest.mark.parametrize("impl", [ops.gather_batch, reference.gather_batch])
+def test_a_page_shared_where_nobody_writes_is_allowed(impl):
+    args, _ = _shared_page_case("read_only")
+    got = impl(*args)
+    _, _, write_slots, _ = got
+    assert write_slots.unique().numel() == write_slots.numel()
+
+
 def test_bad_arguments_name_themselves():
     page_table = torch.zeros((2, 1, 1, 2), dtype=torch.int32)
     counts = torch.ones((2, 1, 1), dtype=torch.int32)

@@ -144,7 +144,8 @@ def write_kv(
 ) -> None:
     """Store new keys/values of every (token, KV head) at its head slot (with
     ``packing``: element ``(slot, d)`` of each half at ``packing[half, slot, d]``,
-    see ``compact_heads``)."""
+    see ``compact_heads``).  Slots must be distinct: ``gather_batch``, which
+    makes the worker's, refuses a step in which two of them could meet."""
     block = kv_pages.shape[2]
     valid = slots >= 0
     t_idx, h_idx = valid.nonzero(as_tuple=True)
@@ -291,8 +292,11 @@ def gather_batch(
       index ``kv_lens - q_len + o``;
     * ``token_positions`` ``[T]`` int64: ``tokens_before[r] + o``.
 
-    Every written logical index must lie in an assigned page of its head (the
-    C++ kernel raises otherwise)."""
+    Every written logical index must lie in an assigned page of its head, and
+    a page written in the step must belong to one (request, head) and be
+    listed once among the pages it writes, so no two of the step's KVs share a
+    slot (``write_kv``'s contract); both kernels raise otherwise, naming the
+    layer, the batch rows and the heads."""
     slots = slots.to(torch.int64)
     qsl = query_start_loc.to(torch.int64)
     q_lens = qsl[1:] - qsl[:-1]
@@ -312,6 +316,23 @@ def gather_batch(
     page = pages.view(-1).index_select(0, flat.view(-1)).view(flat.shape).to(torch.int64)
     if bool((page < 0).any()):
         raise RuntimeError("gather_batch: a token's KV lies outside its head's pages (no page)")
+    # A page written in a step belongs to one head and is listed once among
+    # the pages that head writes: distinct (layer, page, writer, entry) rows
+    # must not repeat a (layer, page).
+    writer = (row.view(1, -1, 1) * num_heads + head).expand_as(page)
+    written = torch.stack(
+        [layer.expand_as(page), page, writer, logical // block_size], dim=-1
+    ).view(-1, 4).unique(dim=0)
+    pairs, counts = written[:, :2].unique(dim=0, return_counts=True)
+    if bool((counts > 1).any()):
+        l, p = pairs[int(torch.argmax((counts > 1).to(torch.int8)))].tolist()
+        who = written[(written[:, 0] == l) & (written[:, 1] == p), 2].tolist()
+        raise RuntimeError(
+            f"gather_batch: page {p} of layer {l} is written this step by row "
+            f"{who[0] // num_heads}, head {who[0] % num_heads} and by row {who[1] // num_heads}, "
+            f"head {who[1] % num_heads} (a page written in a step must belong to one head and "
+            "be listed once)"
+        )
     write_slots = page * block_size + logical % block_size
     token_positions = tokens_before.to(torch.int64)[row] + offset
     return pages, kv_lens, write_slots, token_positions
