@@ -563,3 +563,27 @@ def test_a_hit_on_a_block_released_in_the_same_step_waits_for_the_eviction():
             assert torch.equal(k, before[key][pos][0]) and torch.equal(v, before[key][pos][1]), (key, pos)
     pages = state.table.block_page_ids([9]).view(-1)  # b's hit positions, written last
     assert (state.pool.positions[pages] == torch.arange(N, 2 * N, dtype=torch.int32)).all()
+
+
+def test_debug_checks_refuse_positions_that_do_not_rise():
+    """With ``debug_checks`` (the plan's ``report_pages``) every step ends by
+    checking that each head holds its KVs at strictly increasing positions
+    below the request's token count -- what the seed-48 soak bug broke
+    silently until a later compression tripped over it."""
+    state, _ = make_state(rate=0.25, protected_window=4, sink_tokens=1)
+    blocks, n = [3, 7, 1], 20
+    first = step(new=[("a", blocks, n)], scheduled={"a": n}, prefill_ends={"a": n})
+    first.kv_compress.report_pages = True
+    state.begin_step(first)
+    fill(state, ["a"], seed=1)
+    assert state.end_step().pages_in_use == {"a": L * H * 3}
+    req = state.table.requests["a"]
+    page = int(state.table.page_table[req.slot, 2, 1, 1])  # layer 2, head 1, logical 8..15
+    state.pool.positions[page, 3] = 2  # another request's position, below its neighbours'
+    again = step(cached=[("a", None)], scheduled={"a": 1})
+    again.kv_compress.report_pages = True
+    state.begin_step(again)
+    fill(state, ["a"], seed=2)
+    with pytest.raises(RuntimeError, match=r"request a: head row 5 holds 21 KVs at positions that "
+                                           r"are not strictly increasing below its 21 tokens"):
+        state.end_step()

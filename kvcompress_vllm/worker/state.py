@@ -317,10 +317,40 @@ class KVCompressWorkerState:
             stats.pages_in_use = {
                 rid: self.table.pages_in_use(req) for rid, req in self.table.requests.items()
             }
+            self._check_positions()
         self.pending_stats = WorkerStats()
         for req in self.table.requests.values():
             req.step_tokens = 0
         return stats
+
+    def _check_positions(self) -> None:
+        """``debug_checks``: every head of every request in the plugin's
+        layout holds its KVs at strictly increasing positions below the
+        request's token count (compaction keeps order, appends grow it);
+        a slot whose position another request overwrote breaks it.  Raises
+        naming the request, the head and the positions."""
+        n = self.block_size
+        for rid, req in self.table.requests.items():
+            if req.stock_layout:  # vLLM's writer writes no positions
+                continue
+            rows, counts = self.table.head_rows(req)  # [L*H, max_pages], [L*H]
+            width = int(counts.max()) if counts.numel() else 0
+            if width == 0:
+                continue
+            pages = rows[:, : cdiv(width, n)].clamp(min=0).to(self.pool.positions.device)
+            pos = self.pool.positions[pages].reshape(rows.shape[0], -1)[:, :width].cpu()
+            valid = torch.arange(width).view(1, -1) < counts.view(-1, 1)
+            rising = (pos[:, 1:] > pos[:, :-1]) | ~valid[:, 1:]
+            inside = ((pos >= 0) & (pos < req.num_tokens)) | ~valid
+            bad = ~rising.all(dim=1) | ~inside.all(dim=1)
+            if bool(bad.any()):
+                row = int(torch.nonzero(bad)[0])
+                got = pos[row, : int(counts[row])].tolist()
+                raise RuntimeError(
+                    f"request {rid}: head row {row} holds {len(got)} KVs at positions that are "
+                    f"not strictly increasing below its {req.num_tokens} tokens: "
+                    f"{got[:6]} ... {got[-6:]}"
+                )
 
     # ------------------------------------------------------------------
     def _gather_request(
