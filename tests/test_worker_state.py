@@ -104,7 +104,9 @@ def test_eviction_compaction_release_and_growth(scorer, allocation):
                         pages_after=geom.pages_in_use(n, num_pages),
                         released_block_ids=tuple(blocks[keep:]), protected_window=4,
                         sink_tokens=1, scorer=scorer, allocation=allocation)
-    state.begin_step(step(plans=[plan]))
+    evict = step(plans=[plan])
+    evict.kv_compress.report_pages = True  # debug_checks: positions distinct after compaction
+    state.begin_step(evict)
     stats = state.end_step()
     assert stats.pages_evicted == num_pages and stats.kvs_evicted == num_pages * N
 
@@ -565,11 +567,14 @@ def test_a_hit_on_a_block_released_in_the_same_step_waits_for_the_eviction():
     assert (state.pool.positions[pages] == torch.arange(N, 2 * N, dtype=torch.int32)).all()
 
 
-def test_debug_checks_refuse_positions_that_do_not_rise():
+@pytest.mark.parametrize("bad_position", [2, 21, 4000])
+def test_debug_checks_refuse_positions_that_repeat_or_lie_outside(bad_position):
     """With ``debug_checks`` (the plan's ``report_pages``) every step ends by
-    checking that each head holds its KVs at strictly increasing positions
-    below the request's token count -- what the seed-48 soak bug broke
-    silently until a later compression tripped over it."""
+    checking that each head holds its KVs at distinct positions below the
+    request's token count -- what the seed-48 soak bug broke silently until
+    a later compression tripped over it.  (Compaction moves tail KVs into
+    holes, so positions need not rise; test_eviction_compaction_release_and_growth
+    runs that with the check on.)"""
     state, _ = make_state(rate=0.25, protected_window=4, sink_tokens=1)
     blocks, n = [3, 7, 1], 20
     first = step(new=[("a", blocks, n)], scheduled={"a": n}, prefill_ends={"a": n})
@@ -579,11 +584,11 @@ def test_debug_checks_refuse_positions_that_do_not_rise():
     assert state.end_step().pages_in_use == {"a": L * H * 3}
     req = state.table.requests["a"]
     page = int(state.table.page_table[req.slot, 2, 1, 1])  # layer 2, head 1, logical 8..15
-    state.pool.positions[page, 3] = 2  # another request's position, below its neighbours'
+    state.pool.positions[page, 3] = bad_position  # as if another request had written it
     again = step(cached=[("a", None)], scheduled={"a": 1})
     again.kv_compress.report_pages = True
     state.begin_step(again)
     fill(state, ["a"], seed=2)
-    with pytest.raises(RuntimeError, match=r"request a: head row 5 holds 21 KVs at positions that "
-                                           r"are not strictly increasing below its 21 tokens"):
+    with pytest.raises(RuntimeError, match=r"request a: head row 5 holds 21 KVs whose positions "
+                                           r"are not distinct positions below its 21 tokens"):
         state.end_step()

@@ -325,11 +325,12 @@ class KVCompressWorkerState:
 
     def _check_positions(self) -> None:
         """``debug_checks``: every head of every request in the plugin's
-        layout holds its KVs at strictly increasing positions below the
-        request's token count (compaction keeps order, appends grow it);
-        a slot whose position another request overwrote breaks it.  Raises
-        naming the request, the head and the positions."""
+        layout holds its KVs at distinct positions below the request's token
+        count (compaction moves tail KVs into holes, so their order is not
+        kept); a slot whose position another request overwrote breaks it.
+        Raises naming the request, the head and the positions."""
         n = self.block_size
+        big = torch.iinfo(torch.int32).max
         for rid, req in self.table.requests.items():
             if req.stock_layout:  # vLLM's writer writes no positions
                 continue
@@ -340,16 +341,17 @@ class KVCompressWorkerState:
             pages = rows[:, : cdiv(width, n)].clamp(min=0).to(self.pool.positions.device)
             pos = self.pool.positions[pages].reshape(rows.shape[0], -1)[:, :width].cpu()
             valid = torch.arange(width).view(1, -1) < counts.view(-1, 1)
-            rising = (pos[:, 1:] > pos[:, :-1]) | ~valid[:, 1:]
-            inside = ((pos >= 0) & (pos < req.num_tokens)) | ~valid
-            bad = ~rising.all(dim=1) | ~inside.all(dim=1)
+            ranked = torch.where(valid, pos, big).sort(dim=1).values
+            repeated = ((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] != big)).any(dim=1)
+            outside = (((pos < 0) | (pos >= req.num_tokens)) & valid).any(dim=1)
+            bad = repeated | outside
             if bool(bad.any()):
                 row = int(torch.nonzero(bad)[0])
-                got = pos[row, : int(counts[row])].tolist()
+                got = ranked[row, : int(counts[row])].tolist()
                 raise RuntimeError(
-                    f"request {rid}: head row {row} holds {len(got)} KVs at positions that are "
-                    f"not strictly increasing below its {req.num_tokens} tokens: "
-                    f"{got[:6]} ... {got[-6:]}"
+                    f"request {rid}: head row {row} holds {len(got)} KVs whose positions are "
+                    f"not distinct positions below its {req.num_tokens} tokens (sorted: "
+                    f"{got[:6]} ... {got[-6:]})"
                 )
 
     # ------------------------------------------------------------------
