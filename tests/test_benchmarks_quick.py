@@ -75,6 +75,31 @@ def test_throughput_sweep_quick(tmp_path):
     assert "| inproc | decode-heavy | tight | kvc 0.25 |" in proc.stdout
 
 
+def test_priority_thrash_quick(tmp_path):
+    proc = _run("priority_thrash.py", tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "priority_thrash_quick.csv")))
+    assert [r["config"] for r in rows] == ["stock:priority", "kvc0.25:priority"]
+    for r in rows:
+        assert float(r["output_tok_s"]) > 0
+        assert sum(int(r[f"p{p}_requests"]) for p in range(4)) == 8
+        # tokens computed beyond each request's prompt and outputs come from
+        # preemptions, and only from them
+        recomputed = int(r["recomputed_tokens"])
+        assert recomputed > 0 if int(r["preemptions"]) else recomputed == 0, r
+        assert sum(int(n) for n in r["preempted_by_priority"].split("/")) == int(r["preemptions"])
+    assert "| kvc0.25:priority |" in proc.stdout
+
+
+@pytest.mark.parametrize("config, message", [
+    ("stock:lifo", "is not KIND:POLICY"),
+    ("kvc0:priority", "must be in \\(0, 1\\]"),
+])
+def test_priority_thrash_refuses_bad_configs(config, message):
+    proc = run([sys.executable, str(ROOT / "benchmarks" / "priority_thrash.py"), "--configs", config],
+               timeout=120)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-2000:]
+
+
 def test_quality_quick(tmp_path):
     proc = _run("quality.py", tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "quality_quick.csv")))
