@@ -98,7 +98,8 @@ def run_engine(spec: dict) -> dict:
                  SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     scheduler.schedule = counted_schedule
     rate = float(kind[3:]) if plugin else None
-    pending = collections.deque(spec["requests"])
+    reqs = workload(**spec["workload"])  # drawn again here: the same seed, the same requests
+    pending = collections.deque(reqs)
     arrived, first, done, outputs = {}, {}, {}, {}
     start = time.perf_counter()
     while pending or engine.has_unfinished_requests():
@@ -121,7 +122,6 @@ def run_engine(spec: dict) -> dict:
                 done[out.request_id] = t
                 outputs[out.request_id] = len(out.outputs[0].token_ids)
     wall = time.perf_counter() - start
-    reqs = spec["requests"]
     if set(done) != {r["id"] for r in reqs}:
         raise RuntimeError(f"{spec['config']}: {len(reqs) - len(done)} requests did not finish")
     needed = sum(len(r["prompt"]) + max(0, outputs[r["id"]] - 1) for r in reqs)
@@ -210,13 +210,14 @@ def main() -> int:
     budget_tokens = 1536 if args.quick else args.budget_tokens
     arrival_rate = 4.0 if args.quick else args.arrival_rate
     model = args.model or str(prepare_default_model())
-    requests = workload(args.seed, num, arrival_rate, args.quick)
+    load = dict(seed=args.seed, num=num, arrival_rate=arrival_rate, quick=args.quick)
+    requests = workload(**load)
     max_model_len = max(1024, -(-max(len(r["prompt"]) + r["output"] + 16 for r in requests) // 128) * 128)
     budget = kv_budget_bytes(model, 1, budget_tokens, max_num_seqs=64, max_model_len=max_model_len)
     rows = []
     for config in configs:
         t0 = time.perf_counter()
-        rows.append(run_config(dict(config=config, model=model, requests=requests,
+        rows.append(run_config(dict(config=config, model=model, workload=load,
                                     budget_bytes=budget, max_model_len=max_model_len)))
         print(f"[{config}] done in {time.perf_counter() - t0:.0f} s", flush=True)
     out_dir = Path(args.out_dir)
