@@ -329,18 +329,16 @@ class KVCompressWorkerState:
         count (compaction moves tail KVs into holes, so their order is not
         kept); a slot whose position another request overwrote breaks it.
         Raises naming the request, the head and the positions."""
-        n = self.block_size
         big = torch.iinfo(torch.int32).max
         for rid, req in self.table.requests.items():
             if req.stock_layout:  # vLLM's writer writes no positions
                 continue
-            rows, counts = self.table.head_rows(req)  # [L*H, max_pages], [L*H]
+            _, counts = self.table.head_rows(req)  # [L*H]
             width = int(counts.max()) if counts.numel() else 0
             if width == 0:
                 continue
-            pages = rows[:, : cdiv(width, n)].clamp(min=0).to(self.pool.positions.device)
-            pos = self.pool.positions[pages].reshape(rows.shape[0], -1)[:, :width].cpu()
-            valid = torch.arange(width).view(1, -1) < counts.view(-1, 1)
+            kvs = self._gather_request(req, 0, counts.numel(), width, rid)
+            pos, valid = kvs.positions.cpu(), kvs.valid.cpu()  # [L*H, width]
             ranked = torch.where(valid, pos, big).sort(dim=1).values
             repeated = ((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] != big)).any(dim=1)
             outside = (((pos < 0) | (pos >= req.num_tokens)) & valid).any(dim=1)
