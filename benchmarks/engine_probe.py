@@ -2,13 +2,14 @@
 
 ``probe(llm)`` wraps the scheduler's ``schedule`` so that every step records
 its start time, running/waiting counts, prefill vs decode tokens, preemptions
-and KV-cache usage.  Works for vLLM's own scheduler and KVCompressScheduler
+and KV-cache usage, and counts the preemptions of each request.  Works for vLLM's own scheduler and KVCompressScheduler
 alike, so stock and plugin runs are measured the same way.  Requires
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (EngineCore in this process).
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ class StepRecord:
 class EngineProbe:
     steps: list[StepRecord] = field(default_factory=list)
     end: float = 0.0
+    #: engine-core request id -> times it was preempted
+    preempted: collections.Counter = field(default_factory=collections.Counter)
 
     def summary(self) -> dict:
         """Aggregate figures; step durations are start-to-next-start."""
@@ -50,6 +53,7 @@ class EngineProbe:
                 / max(1, sum(1 for s in busy if not s.prefill_tokens))
             ),
             "preemptions": sum(s.preempted for s in self.steps),
+            "scheduled_tokens": sum(s.prefill_tokens + s.decode_tokens for s in self.steps),
             "peak_kv_usage": max(s.kv_usage for s in self.steps),
             "mean_kv_usage": sum(s.kv_usage for s in busy) / max(1, len(busy)),
             "prefill_s": prefill_s,
@@ -77,6 +81,7 @@ def probe(llm) -> EngineProbe:
                 prefill += n
             else:
                 decode += n
+        record.preempted.update(out.preempted_req_ids or ())
         record.steps.append(
             StepRecord(
                 start=start,

@@ -22,13 +22,13 @@ geometric mean is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
+
+from engine_process import emit, run_child
 
 #: name: (requests, prompt tokens, output tokens)
 LOADS = {
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        emit(child(args))
         return
     values = args.values.split(",")
     if len(values) != 2:
@@ -114,15 +114,11 @@ def main() -> None:
     runs = []
     for i in range(2 * args.pairs):
         value = values[(i + i // 2) % 2]  # A B B A A B ...
-        cmd = [sys.executable, __file__, "--child", "--env", args.env, "--values", args.values,
+        cmd = [__file__, "--child", "--env", args.env, "--values", args.values,
                "--loads", args.loads, "--scorer", args.scorer, "--rate", str(args.rate),
                "--kv-mib", str(args.kv_mib), "--model", args.model]
-        proc = subprocess.run(cmd, env={**os.environ, args.env: value}, capture_output=True,
-                              text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{args.env}={value} run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        runs.append((value, json.loads(line[-1][len("RESULT "):])))
+        runs.append((value, run_child(cmd, name=f"{args.env}={value}", stock=False,
+                                      env={args.env: value})))
         print(f"run {i + 1}: {args.env}={value} "
               + ", ".join(f"{k} {v['wall']:.1f} s" for k, v in runs[-1][1].items()), flush=True)
 

@@ -39,12 +39,12 @@ A plugin engine that preempted a request fails the run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import subprocess
 import sys
 import time
+
+from engine_process import emit, run_child
 
 CONFIGS = ("stock", "stock+pc", "kvc", "kvc+pc", "kvc+pc-norecord")
 
@@ -138,7 +138,7 @@ def main() -> None:
     if args.turns and args.concurrency != 1:
         sys.exit("--turns: the turns of one conversation come one at a time (--concurrency 1)")
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args)))
+        emit(child(args.child, args))
         return
     configs = [c.strip() for c in args.configs.split(",")]
     unknown = set(configs) - set(CONFIGS)
@@ -150,18 +150,11 @@ def main() -> None:
         args.model = str(prepare_default_model())
     rows = []
     for config in configs:
-        env = dict(os.environ)
-        if config.startswith("stock"):
-            env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
-        cmd = [sys.executable, __file__, "--child", config, "--model", args.model]
+        cmd = [__file__, "--child", config, "--model", args.model]
         for key in ("requests", "prefix", "user", "output", "concurrency", "rate"):
             cmd += [f"--{key}", str(getattr(args, key))]
         cmd += ["--turns"] if args.turns else []
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{config} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(line[-1][len("RESULT "):]))
+        rows.append(run_child(cmd, name=config, stock=config.startswith("stock")))
         print(f"{config}: {rows[-1]['wall_s']:.1f} s", flush=True)
     if args.turns:
         print(f"\none conversation of {args.requests} turns: a {args.prefix}-token system prompt, "

@@ -38,13 +38,14 @@ import csv
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from engine_probe import probe
+from engine_process import emit, run_child
+
 HERE = Path(__file__).resolve().parent
-RESULT_TAG = "KVC_PRIORITY_RESULT "
 CONFIGS = ["stock:fcfs", "stock:priority", "kvc1:priority", "kvc0.25:priority"]
 QUICK_CONFIGS = ["stock:priority", "kvc0.25:priority"]
 
@@ -83,20 +84,9 @@ def run_engine(spec: dict) -> dict:
     scheduler = engine.engine_core.engine_core.scheduler
     if scheduler.policy.value != policy:
         raise RuntimeError(f"{spec['config']}: the engine schedules by {scheduler.policy.value}")
-    preempted: collections.Counter = collections.Counter()
-    counts = {"scheduled": 0, "peak_running": 0}
-    schedule = scheduler.schedule
-
-    def counted_schedule(*args, **kw):
-        out = schedule(*args, **kw)
-        counts["scheduled"] += out.total_num_scheduled_tokens
-        counts["peak_running"] = max(counts["peak_running"], len(scheduler.running))
-        preempted.update(out.preempted_req_ids or ())
-        return out
-
     llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 400)))] * 2,  # warm-up
                  SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
-    scheduler.schedule = counted_schedule
+    record = probe(llm)  # from here on: the warm-up is not counted
     rate = float(kind[3:]) if plugin else None
     reqs = workload(**spec["workload"])  # drawn again here: the same seed, the same requests
     pending = collections.deque(reqs)
@@ -125,11 +115,13 @@ def run_engine(spec: dict) -> dict:
     if set(done) != {r["id"] for r in reqs}:
         raise RuntimeError(f"{spec['config']}: {len(reqs) - len(done)} requests did not finish")
     needed = sum(len(r["prompt"]) + max(0, outputs[r["id"]] - 1) for r in reqs)
+    summary, preempted = record.summary(), record.preempted
     res = {
         "config": spec["config"], "wall_s": wall, "output_tok_s": sum(outputs.values()) / wall,
         "preemptions": sum(preempted.values()), "requests_preempted": len(preempted),
         "most_preemptions_of_one": max(preempted.values(), default=0),
-        "recomputed_tokens": counts["scheduled"] - needed, "peak_running": counts["peak_running"],
+        "recomputed_tokens": summary["scheduled_tokens"] - needed,
+        "peak_running": summary["peak_running"],
         "num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1,
     }
     for p in range(4):
@@ -146,16 +138,8 @@ def run_engine(spec: dict) -> dict:
 
 
 def run_config(spec: dict) -> dict:
-    env = dict(os.environ)
-    if not spec["config"].startswith("kvc"):  # stock vLLM, nothing of the plugin loaded
-        env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{spec['config']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return run_child([__file__, "--worker", json.dumps(spec)], name=spec["config"],
+                     stock=not spec["config"].startswith("kvc"))
 
 
 def table(rows: list[dict]) -> str:
@@ -189,7 +173,7 @@ def main() -> int:
     parser.add_argument("--out-dir", default=str(HERE.parent / "docs"))
     args = parser.parse_args()
     if args.worker:
-        print(RESULT_TAG + json.dumps(run_engine(json.loads(args.worker))), flush=True)
+        emit(run_engine(json.loads(args.worker)))
         return 0
     configs = (args.configs.split(",") if args.configs
                else QUICK_CONFIGS if args.quick else CONFIGS)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput_sweep import RESULT_TAG, Shape  # noqa: E402
+from engine_process import run_child  # noqa: E402
+from throughput_sweep import Shape  # noqa: E402
 
 # (label, shape, plugin, rate, budget tokens or None = every request uncompressed)
 RUNS = [
@@ -95,17 +96,11 @@ def profile_one(label, shape, plugin, rate, budget_tokens, model, tmp: Path) -> 
         if fifo.exists():
             fifo.unlink()
         os.mkfifo(fifo)
-    env = dict(os.environ, KVC_PERF_CTL=f"{ctl},{ack}", VLLM_LOGGING_LEVEL="WARNING")
-    if not plugin:
-        env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
-    cmd = ["perf", "record", "-e", "cpu-clock", "-F", "499", "-D", "-1",
-           "--control", f"fifo:{ctl},{ack}", "-o", str(data), "-q", "--",
-           sys.executable, str(HERE / "throughput_sweep.py"), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{label} {shape.name} failed:\n{proc.stderr[-3000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG))
-    result = json.loads(line[len(RESULT_TAG):])[0]
+    perf = ["perf", "record", "-e", "cpu-clock", "-F", "499", "-D", "-1",
+            "--control", f"fifo:{ctl},{ack}", "-o", str(data), "-q", "--"]
+    result = run_child([HERE / "throughput_sweep.py", "--worker", json.dumps(spec)],
+                       name=f"{label} {shape.name}", stock=not plugin, prefix=perf,
+                       env={"KVC_PERF_CTL": f"{ctl},{ack}"})[0]
     groups: dict[str, float] = {}
     dsos = report(str(data), "dso")
     print("  libraries: " + "; ".join(f"{p:.1f}% {d}" for p, d in dsos[:10]), flush=True)

@@ -27,13 +27,12 @@ worker's ``begin_step``, output processing).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import subprocess
-import sys
 import time
+
+from engine_process import emit, run_child
 
 
 def child(mode: str, model: str, requests: int, prompt: int, output: int) -> dict:
@@ -105,7 +104,7 @@ def main() -> None:
     if args.quick:
         args.pairs, args.requests, args.output = 1, 4, 32
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.model, args.requests, args.prompt, args.output)))
+        emit(child(args.child, args.model, args.requests, args.prompt, args.output))
         return
     if args.model is None:
         from kvcompress_vllm.model import prepare_default_model
@@ -114,17 +113,9 @@ def main() -> None:
     runs = []
     for i in range(2 * args.pairs):
         mode = ("stock", "plugin")[(i + i // 2) % 2]  # stock plugin plugin stock ...
-        env = dict(os.environ)
-        if mode == "stock":
-            env["VLLM_PLUGINS"] = ""
-            env["KVCOMPRESS_VLLM_AUTOPATCH"] = "0"
-        cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--requests",
+        cmd = [__file__, "--child", mode, "--model", args.model, "--requests",
                str(args.requests), "--prompt", str(args.prompt), "--output", str(args.output)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{mode} run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        runs.append((mode, json.loads(line[-1][len("RESULT "):])))
+        runs.append((mode, run_child(cmd, name=f"run {i + 1} ({mode})", stock=mode == "stock")))
         print(f"run {i + 1}: {mode} wall {runs[-1][1]['wall']:.1f} s", flush=True)
 
     def per_step_ms(r, key):

@@ -77,7 +77,6 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -85,7 +84,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.append(str(HERE / "cpu_emulation"))
+sys.path.insert(0, str(HERE))
 from emulate_cpu import CPUS as EMULATED_CPUS  # noqa: E402  (one home: build, capability, path)
+from engine_process import emit, run_child  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,6 @@ QUICK_SHAPES = [
 EXTRA_SHAPES = [
     Shape("shared-prefix", 16, 1280, 256, shared_prefix=1024),
 ]
-RESULT_TAG = "KVC_SWEEP_RESULT "
 PLUGIN_RATES = {"tight": [0.25, 1.0], "ample": [0.25]}
 
 
@@ -224,7 +224,6 @@ def run_engine(spec: dict) -> list[dict]:
     """One engine; runs every job of ``spec["jobs"]`` on it in order."""
     inproc = spec["mode"] == "inproc"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inproc else "1"
-    sys.path.insert(0, str(HERE))
     import random
 
     from vllm import LLM, SamplingParams
@@ -325,26 +324,10 @@ def run_engine(spec: dict) -> list[dict]:
 
 
 def run_config(spec: dict) -> list[dict]:
-    env = dict(os.environ)
-    if not spec["plugin"]:  # stock vLLM, nothing of the plugin loaded
-        env.update(VLLM_PLUGINS="", KVCOMPRESS_VLLM_AUTOPATCH="0")
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    env.update(spec.get("env", {}))
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        stdout=subprocess.PIPE, stderr=None if spec.get("verbose") else subprocess.PIPE,
-        text=True, env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine {spec['name']} failed:\n{(proc.stderr or '')[-4000:]}")
-    # vLLM's engine processes may print to the same stdout after the result.
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if not lines:
-        raise RuntimeError(f"engine {spec['name']} printed no result:\n{proc.stdout[-2000:]}")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return run_child([__file__, "--worker", json.dumps(spec)], name=spec["name"],
+                     stock=not spec["plugin"], env=spec.get("env"), verbose=spec.get("verbose", False))
 
 
-# --------------------------------------------------------------------------- report
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -548,7 +531,7 @@ def main() -> int:
     if args.rounds < 1:
         parser.error(f"--rounds: engine passes must be >= 1 (got {args.rounds})")
     if args.worker:
-        print(RESULT_TAG + json.dumps(run_engine(json.loads(args.worker))), flush=True)
+        emit(run_engine(json.loads(args.worker)))
         return 0
 
     from kvcompress_vllm.model import kv_budget_bytes, prepare_default_model
