@@ -1,92 +1,26 @@
 """``KVCompressScheduler`` without an engine: a real vLLM scheduler over a
 small fake KV pool (3 layers x 2 KV heads, block size 16), driven by a fake
 model runner that samples one token whenever a request's tokens are all
-computed.  Covers when requests are compressed (chunk boundaries, resumed
+computed (``tests/sched_harness.py``).  Covers when requests are compressed (chunk boundaries, resumed
 requests, the interval, memory pressure, compression ahead of the interval so
 that a waiting request fits), ``_next_step_demand`` and, in a randomized run
 with preemptions, the block accounting after every step.
 """
 
-import dataclasses
 import random
 
 import pytest
-import torch
 
 from policy_oracle import evict_now
-
-BS, LAYERS, HEADS = 16, 3, 2
-LH = LAYERS * HEADS
-PROTECTED, SINKS = 8, 2
+from sched_harness import (
+    BS, LH, PROTECTED, SINKS, add, add_tokens, block_hasher, engine_config, make_scheduler,
+    run_step,
+)
 
 
 @pytest.fixture(scope="module")
 def vllm_config(model_path):
-    from vllm.engine.arg_utils import EngineArgs
-
-    args = EngineArgs(
-        model=model_path, enforce_eager=True, max_model_len=2048, block_size=BS,
-        max_num_batched_tokens=64, max_num_seqs=16,
-        additional_config={"kv_compress": {
-            "rate": 0.25, "protected_window": PROTECTED, "sink_tokens": SINKS,
-            "compress_to_admit": True}},
-    )
-    return args.create_engine_config()
-
-
-def make_scheduler(vllm_config, num_blocks=40, budget=64, **config):
-    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
-
-    from kvcompress_vllm.scheduler.kv_cache_manager import KVCompressSpec, register_kv_cache_spec
-    from kvcompress_vllm.scheduler.scheduler import KVCompressScheduler
-
-    register_kv_cache_spec()
-    spec = KVCompressSpec(block_size=BS, num_kv_heads=HEADS, head_size=8, dtype=torch.float32)
-    kv_config = KVCacheConfig(
-        num_blocks=num_blocks, kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec([f"layer.{i}" for i in range(LAYERS)], spec)],
-    )
-    vllm_config.cache_config.num_gpu_blocks = num_blocks
-    sched = KVCompressScheduler(vllm_config, kv_config, StructuredOutputManager(vllm_config),
-                                block_size=BS)
-    sched.max_num_scheduled_tokens = budget
-    sched.kvc_config = dataclasses.replace(sched.kvc_config, **config)
-    sched.kvc_metrics.enabled = True  # count compressions by trigger (no stats logger here)
-    sched.plans_log = []  # (req_id, num_tokens, prefill_end, num_pages, pressure)
-    original = sched.kvc_manager.apply_eviction
-
-    def apply_eviction(request_id, num_pages, num_tokens, **kwargs):
-        state = sched.kvc_requests[request_id]
-        sched.plans_log.append((request_id, num_tokens, state.prefill_end, num_pages))
-        return original(request_id, num_pages, num_tokens, **kwargs)
-
-    sched.kvc_manager.apply_eviction = apply_eviction
-    return sched
-
-
-def add(sched, rid, prompt_len, max_tokens=50, **extra):
-    from vllm import SamplingParams
-    from vllm.v1.request import Request
-
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra or None)
-    sched.add_request(Request(rid, list(range(100, 100 + prompt_len)), params, None))
-
-
-def run_step(sched):
-    """schedule() + a fake forward; returns the SchedulerOutput."""
-    from vllm.v1.outputs import ModelRunnerOutput
-
-    out = sched.schedule()
-    rids = list(out.num_scheduled_tokens)
-    sampled = [
-        [7] if sched.requests[r].num_computed_tokens >= sched.requests[r].num_tokens else []
-        for r in rids
-    ]
-    sched.update_from_output(out, ModelRunnerOutput(
-        req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)},
-        sampled_token_ids=sampled))
-    return out
+    return engine_config(model_path)
 
 
 def test_chunk_ending_one_token_short_is_not_compressed(vllm_config):
@@ -499,39 +433,12 @@ def test_randomized_scheduling_keeps_every_invariant(vllm_config, monkeypatch, s
 @pytest.fixture(scope="module")
 def vllm_config_pc(model_path):
     """``vllm_config`` with prefix caching asked for (the plugin keeps it on CPU)."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    args = EngineArgs(
-        model=model_path, enforce_eager=True, max_model_len=2048, block_size=BS,
-        max_num_batched_tokens=64, max_num_seqs=16, enable_prefix_caching=True,
-        additional_config={"kv_compress": {
-            "rate": 0.25, "protected_window": PROTECTED, "sink_tokens": SINKS,
-            "compress_to_admit": True}},
-    )
-    # No worker here: every request in our layout, so prefix caching is
-    # accepted on any CPU (the layout check is test_config's).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KVCOMPRESS_CPU_PREFILL", "own")
-        cfg = args.create_engine_config()
+    cfg = engine_config(model_path, enable_prefix_caching=True)
     assert cfg.cache_config.enable_prefix_caching
     return cfg
 
 
-def _hasher():
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-
-    fn = get_hash_fn_by_name("sha256")
-    init_none_hash(fn)
-    return get_request_block_hasher(BS, fn)
-
-
-def add_tokens(sched, rid, tokens, hasher, max_tokens=50, **extra):
-    from vllm import SamplingParams
-    from vllm.v1.request import Request
-
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra or None)
-    sched.add_request(Request(rid, list(tokens), params, None, block_hasher=hasher))
+_hasher = block_hasher
 
 
 def test_prefix_caching_keeps_shared_blocks_intact(vllm_config_pc):
