@@ -6,7 +6,7 @@ small pool of 3 layers x 2 KV heads, block size 16) hands every step's
 the same blocks, as the CPU worker does: ``begin_step`` (evictions,
 compaction, migration out of released blocks, prefix-cache hits),
 ``build_batch``, a K/V write of every scheduled token through the batch's
-write slots, the metric (random increments standing in for attention),
+write slots (the C++ kernels, as on the CPU worker), the metric (random increments standing in for attention),
 prompt pooling, ``end_step``; its stats go back with the model output, and
 ``debug_checks`` makes the scheduler compare every request's page count with
 the worker's after every step.
@@ -24,8 +24,8 @@ request never compressed holds all of its tokens.
 Random prompts (shared prefixes with prefix caching), step budgets,
 long-prefill thresholds, per-request rates / scorers / allocations /
 protected windows / ``max_cache_tokens``, priorities, aborts, and pools small
-enough that vLLM preempts.  CI runs ``CASES``; ``KVC_FUZZ_CASES=N`` runs N
-(seeds 0 .. N-1, the first ``len(CASES)`` the same as CI's).
+enough that vLLM preempts.  CI runs ``CASES`` cases; ``KVC_FUZZ_CASES=N``
+runs N (seeds 0 .. N-1, the first ``CASES`` of them CI's).
 """
 
 import os
@@ -83,7 +83,7 @@ class FakeWorker:
         return h
 
     def forward(self, out):
-        from kvcompress_vllm.ops import reference
+        from kvcompress_vllm import ops
 
         state = self.state
         restarted = [r.req_id for r in out.scheduled_new_reqs]
@@ -106,7 +106,7 @@ class FakeWorker:
                 k[:, :, 1] = pos.view(-1, 1).float()
                 k[:, :, 2] = layer
                 k[:, :, 3] = torch.arange(HEADS).float()
-                reference.write_kv(k, -k, self.pool.kv_pages, batch.write_slots[layer],
+                ops.write_kv(k, -k, self.pool.kv_pages, batch.write_slots[layer],
                                    self.pool.metrics, self.pool.positions, batch.token_positions)
                 self.pool.metrics.add_(torch.rand(self.pool.metrics.shape, generator=self.gen))
                 if batch.pool_rows:
