@@ -9,7 +9,9 @@ compaction, migration out of released blocks, prefix-cache hits),
 write slots (the C++ kernels, as on the CPU worker), the metric (random increments standing in for attention),
 prompt pooling, ``end_step``; its stats go back with the model output, and
 ``debug_checks`` makes the scheduler compare every request's page count with
-the worker's after every step.
+the worker's after every step.  Some cases run two such workers, as the ranks
+of a tensor-parallel worker: the same plans, each evicting by its own random
+metric, and after every step the same requests, page counts and blocks.
 
 Every K and V written encodes what it is the KV of: a hash of the request's
 tokens up to its position (so requests that share a prefix write the same
@@ -185,15 +187,26 @@ def _options(rng):
 
 
 def _case(seed):
-    """(prefix caching, priority scheduling) of a case: CI's 4 cover each pair once."""
-    return bool(seed & 1), bool(seed & 2)
+    """(prefix caching, priority scheduling, ranks) of a case: CI's 4 cover
+    each pair of the first two once, two of them on two ranks."""
+    return bool(seed & 1), bool(seed & 2), 2 if seed % 3 == 0 else 1
+
+
+def _same_on_every_rank(workers, step):
+    """Tensor parallelism: every rank holds the same requests, each with the
+    same pages in use (chosen from its own heads' metrics) and blocks."""
+    tables = [{rid: (w.state.table.pages_in_use(req), list(req.blocks))
+               for rid, req in w.state.table.requests.items()} for w in workers]
+    for rank, table in enumerate(tables[1:], 1):
+        differ = sorted(r for r in table.keys() | tables[0].keys() if table.get(r) != tables[0].get(r))
+        assert not differ, f"step {step}: rank {rank} differs from rank 0 for {differ[:8]}"
 
 
 @pytest.mark.parametrize("seed", range(NUM_CASES))
 def test_scheduler_and_worker_keep_every_request_s_kvs(model_path, monkeypatch, seed):
     from vllm.v1.request import RequestStatus
 
-    prefix_caching, priority = _case(seed)
+    prefix_caching, priority, ranks = _case(seed)
     rng = random.Random(f"fuzz/{seed}")
     extra = {"enable_prefix_caching": True} if prefix_caching else {}
     if priority:
@@ -204,7 +217,13 @@ def test_scheduler_and_worker_keep_every_request_s_kvs(model_path, monkeypatch, 
     num_blocks = rng.choice([24, 32, 48, 80])
     sched = make_scheduler(cfg, num_blocks=num_blocks, budget=rng.choice([16, 32, 48, 64]),
                            debug_checks=True)
-    worker = FakeWorker(sched, num_blocks, rng)
+    # Ranks of a tensor-parallel worker: the same plans, their own metrics.
+    workers = [FakeWorker(sched, num_blocks, rng) for _ in range(ranks)]
+
+    def forward(out):
+        stats = [w.forward(out) for w in workers]
+        _same_on_every_rank(workers, step)
+        return stats[0]  # the scheduler hears from rank 0, as in vLLM
     hasher = block_hasher() if prefix_caching else None
     prefixes = [[rng.randrange(100, 20000) for _ in range(rng.randint(5, 200))] for _ in range(3)]
     num_requests = 40
@@ -231,14 +250,15 @@ def test_scheduler_and_worker_keep_every_request_s_kvs(model_path, monkeypatch, 
         if sched.running and rng.random() < 0.02:
             victim = rng.choice(sched.running).request_id
             sched.finish_requests([victim], RequestStatus.FINISHED_ABORTED)
-        run_step(sched, worker.forward)
+        run_step(sched, forward)
         if added >= num_requests and not sched.requests:
             break
     assert not sched.requests, f"{len(sched.requests)} requests left after {MAX_STEPS} steps"
-    run_step(sched, worker.forward)  # the worker hears of the last finished requests
-    assert not worker.state.table.requests
+    run_step(sched, forward)  # the workers hear of the last finished requests
+    assert not any(w.state.table.requests for w in workers)
     totals = sched.kvc_totals
-    assert totals.compressions > 0 and worker.checked > 0
-    print(f"case {seed} (prefix caching {prefix_caching}, priority {priority}, {num_blocks} blocks): "
+    assert totals.compressions > 0 and all(w.checked > 0 for w in workers)
+    print(f"case {seed} (prefix caching {prefix_caching}, priority {priority}, {ranks} rank(s), "
+          f"{num_blocks} blocks): "
           f"{step + 1} steps, {totals.compressions} compressions, {totals.preemptions} preemptions, "
-          f"{totals.blocks_released} blocks released, {worker.checked} request checks")
+          f"{totals.blocks_released} blocks released, {workers[0].checked} request checks")
