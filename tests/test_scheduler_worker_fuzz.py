@@ -202,7 +202,14 @@ def _same_on_every_rank(workers, step):
         assert not differ, f"step {step}: rank {rank} differs from rank 0 for {differ[:8]}"
 
 
-@pytest.mark.parametrize("seed", range(NUM_CASES))
+#: Cases that found a bug, run in CI too, each with the counter that shows the
+#: scheduler met it again: 111 -- vLLM preempts a request it already scheduled
+#: in the step, after putting the blocks for the step's tokens in the prefix
+#: cache; they must leave the cache (``KVCompressScheduler._preempt_request``).
+FOUND = {111: "unwritten_uncached"}
+
+
+@pytest.mark.parametrize("seed", sorted(set(range(NUM_CASES)) | set(FOUND)))
 def test_scheduler_and_worker_keep_every_request_s_kvs(model_path, monkeypatch, seed):
     from vllm.v1.request import RequestStatus
 
@@ -258,6 +265,8 @@ def test_scheduler_and_worker_keep_every_request_s_kvs(model_path, monkeypatch, 
     assert not any(w.state.table.requests for w in workers)
     totals = sched.kvc_totals
     assert totals.compressions > 0 and all(w.checked > 0 for w in workers)
+    if seed in FOUND:
+        assert getattr(totals, FOUND[seed]) > 0, f"case {seed} no longer meets its bug"
     print(f"case {seed} (prefix caching {prefix_caching}, priority {priority}, {ranks} rank(s), "
           f"{num_blocks} blocks): "
           f"{step + 1} steps, {totals.compressions} compressions, {totals.preemptions} preemptions, "

@@ -133,6 +133,16 @@ class KVCompressManager(FullAttentionManager):
             return  # compressed: its blocks hold other tokens than their position's
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
+    def cached_past(self, request_id: str, num_computed_tokens: int) -> set[int]:
+        """Ids of the request's blocks in the prefix cache from the one that
+        holds its first uncomputed token on.  vLLM caches a block when it
+        allocates it for a step's tokens (``allocate_slots`` ->
+        ``cache_blocks``), before the forward pass writes them: while the
+        step is being scheduled these blocks are not written yet."""
+        first = num_computed_tokens // self.block_size
+        return {b.block_id for b in self.req_to_blocks.get(request_id, ())[first:]
+                if b.block_hash is not None}
+
     def add_local_computed_blocks(self, request_id, new_computed_blocks, *args, **kwargs) -> None:
         super().add_local_computed_blocks(request_id, new_computed_blocks, *args, **kwargs)
         self.hit_blocks[request_id] = len(new_computed_blocks)

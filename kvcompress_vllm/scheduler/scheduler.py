@@ -87,6 +87,9 @@ class CompressionTotals:
     #: that a waiting request fits (``compress_to_admit``).
     admission_steps: int = 0
     preemptions: int = 0
+    #: Blocks taken out of the prefix cache because a request was preempted
+    #: before the forward pass wrote them (``_preempt_request``).
+    unwritten_uncached: int = 0
     max_running: int = 0
 
 
@@ -584,7 +587,21 @@ class KVCompressScheduler(Scheduler):
         return delay_free, params
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        # With --scheduling-policy priority vLLM may preempt a request it has
+        # already scheduled in this step, after allocate_slots put the blocks
+        # for the step's tokens in the prefix cache; the forward pass then
+        # never writes them, but their hashes stay, and a later request (or
+        # this one, resumed) would hit blocks holding another tenant's KVs.
+        # Take them out of the cache (vLLM 0.32 does not; see the upstream PR
+        # vllm-project/vllm#43569).  num_computed_tokens still counts only
+        # tokens computed before this step (vLLM adds the step's in
+        # _update_after_schedule).
+        unwritten = (self.kvc_manager.cached_past(request.request_id, request.num_computed_tokens)
+                     if self.kvc_manager.enable_caching else set())
         super()._preempt_request(request, *args, **kwargs)
+        if unwritten:
+            self.kv_cache_manager.block_pool.evict_blocks(unwritten)
+            self.kvc_totals.unwritten_uncached += len(unwritten)
         self.kvc_totals.preemptions += 1
         # Preemption frees every block; the resumed request recomputes its
         # whole cache uncompressed and is compressed again after that prefill.
