@@ -32,7 +32,7 @@ import random
 
 import pytest
 
-from kvcompress_vllm.config import SCORERS
+from request_options import random_options
 
 pytestmark = [pytest.mark.engine, pytest.mark.soak]
 
@@ -53,19 +53,8 @@ ADMISSIONS: dict[tuple[int, str], int] = {}
 
 
 def _options(rng):
-    extra = {}
-    if rng.random() < 0.7:
-        extra["kv_compress_rate"] = rng.choice([0.1, 0.25, 0.5, 0.9, 1.0])
-    if rng.random() < 0.4:
-        extra["kv_compress_scorer"] = rng.choice(SCORERS)
-    if rng.random() < 0.2:
-        extra["kv_compress_allocation"] = "uniform"
-    protected = 32
-    if rng.random() < 0.15:
-        extra["protected_window"] = protected = rng.choice([0, 8, 200])
-    if rng.random() < 0.15:
-        extra["max_cache_tokens"] = protected + 4 + rng.choice([0, 64, 300, 1000])
-    return extra
+    return random_options(rng, window=32, windows=[0, 8, 200], window_p=0.15,
+                          cache_extra=[0, 64, 300, 1000])
 
 
 def _drive(eng, rng, label, num_requests, prefixes, check_step=None, priorities=False):

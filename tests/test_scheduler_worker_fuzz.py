@@ -36,7 +36,7 @@ import random
 import pytest
 import torch
 
-from kvcompress_vllm.config import SCORERS
+from request_options import random_options
 from sched_harness import (
     BS, HEAD_SIZE, HEADS, LAYERS, add_tokens, block_hasher, engine_config, make_scheduler, run_step,
 )
@@ -171,19 +171,7 @@ class FakeWorker:
 
 
 def _options(rng):
-    extra = {}
-    if rng.random() < 0.7:
-        extra["kv_compress_rate"] = rng.choice([0.1, 0.25, 0.5, 0.9, 1.0])
-    if rng.random() < 0.4:
-        extra["kv_compress_scorer"] = rng.choice(SCORERS)
-    if rng.random() < 0.2:
-        extra["kv_compress_allocation"] = "uniform"
-    protected = 8
-    if rng.random() < 0.2:
-        extra["protected_window"] = protected = rng.choice([0, 3, 40])
-    if rng.random() < 0.15:
-        extra["max_cache_tokens"] = protected + 4 + rng.choice([0, 20, 100])
-    return extra
+    return random_options(rng, window=8, windows=[0, 3, 40], window_p=0.2, cache_extra=[0, 20, 100])
 
 
 def _case(seed):
