@@ -596,8 +596,8 @@ class KVCompressScheduler(Scheduler):
         # vllm-project/vllm#43569).  num_computed_tokens still counts only
         # tokens computed before this step (vLLM adds the step's in
         # _update_after_schedule).
-        unwritten = (self.kvc_manager.cached_past(request.request_id, request.num_computed_tokens)
-                     if self.kvc_manager.enable_caching else set())
+        # (Without prefix caching no block has a hash: the set is empty.)
+        unwritten = self.kvc_manager.cached_past(request.request_id, request.num_computed_tokens)
         super()._preempt_request(request, *args, **kwargs)
         if unwritten:
             self.kv_cache_manager.block_pool.evict_blocks(unwritten)
