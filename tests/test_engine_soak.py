@@ -10,13 +10,15 @@ blocks owned by requests plus the free blocks make up the pool, that no
 request was compressed before its (re)started prefill was complete, and at
 the end that every request finished and no block leaked.
 
-Each budget runs three ways: plain, with prefix caching and shared prefixes,
-and with ``--scheduling-policy priority`` and random priorities.  The
+Each budget runs four ways: plain, with prefix caching and shared prefixes,
+with ``--scheduling-policy priority`` and random priorities, and with both
+(where vLLM 0.32 may preempt a request whose blocks it has just cached for
+tokens it will not compute: ``KVCompressScheduler._preempt_request``).  The
 tensor-parallel soak runs the same driver on 2 ranks (random 4-KV-head
 Llama) and compares rank 1's requests, page counts and blocks with rank
 0's after every step.
 
-CI runs the quick form (one budget: 24 requests in each way; 16 on 2 ranks
+CI runs the quick form (one budget: 24 requests in each of the four ways; 16 on 2 ranks
 with prefix caching).  The full soak of the correctness
 issue (200 requests over four engines with budgets 256, 512, 1024 and 2048;
 100 per way on 2 ranks) runs with ``KVC_SOAK_REQUESTS=200``; its command and
@@ -44,7 +46,7 @@ MAX_PROMPT = 4000
 NUM_BLOCKS = 36  # usable blocks; one max-length request (4000 + 400 tokens) needs 35
 
 
-MODES = ["plain", "prefix-caching", "priority"]
+MODES = ["plain", "prefix-caching", "priority", "priority-prefix-caching"]
 #: (budget, mode) -> preemptions seen (the full soak must have forced some).
 PREEMPTIONS: dict[tuple[int, str], int] = {}
 #: (budget, mode) -> steps that compressed requests ahead of their interval so
@@ -142,7 +144,8 @@ def _report(label, eng, num_requests, steps, aborted, watch):
         f"requests ({len(aborted)} aborted), {steps} steps, "
         f"{totals.compressions} compressions ({kept_shared} keeping a shared prefix), "
         f"{totals.preemptions} preemptions, "
-        f"{totals.admission_steps} admission steps, {totals.blocks_released} blocks released"
+        f"{totals.admission_steps} admission steps, {totals.blocks_released} blocks released, "
+        f"{totals.unwritten_uncached} unwritten blocks taken out of the prefix cache"
     )
 
 
@@ -190,17 +193,19 @@ def test_soak(model_path, budget, mode):
     which may be one it already scheduled in the same step; and a random
     ``--long-prefill-token-threshold``, so that prefills share a step's
     budget in capped chunks (the scheduler models that rule when it plans
-    ahead, ``KVCompressScheduler._step_tokens``)."""
+    ahead, ``KVCompressScheduler._step_tokens``).  ``priority-prefix-caching``:
+    both."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
 
-    prefix_caching = mode == "prefix-caching"
+    prefix_caching = mode.endswith("prefix-caching")
+    priority = mode.startswith("priority")
     seed = budget if SEED == 0 else f"{SEED}/{budget}"
-    rng = random.Random(seed if mode == "plain" else f"{seed}/pc" if prefix_caching
+    rng = random.Random(seed if mode == "plain" else f"{seed}/pc" if mode == "prefix-caching"
                         else f"{seed}/{mode}")
     num_requests = TOTAL // len(BUDGETS)
     prefixes = _prefixes(rng, prefix_caching)  # drawn first: the plain cases as before
     extra = {}
-    if mode == "priority":
+    if priority:
         extra = {"scheduling_policy": "priority",
                  "long_prefill_token_threshold": rng.choice([0, 64, 200])}
     if MODEL is not None:
@@ -209,9 +214,9 @@ def test_soak(model_path, budget, mode):
         model_path = str(build_random_model(MODEL))
     eng = _soak_engine(model_path, budget, prefix_caching, **extra)
     try:
-        assert (eng.scheduler.policy == SchedulingPolicy.PRIORITY) == (mode == "priority")
+        assert (eng.scheduler.policy == SchedulingPolicy.PRIORITY) == priority
         steps, aborted, watch = _drive(eng, rng, budget, num_requests, prefixes,
-                                       priorities=mode == "priority")
+                                       priorities=priority)
         label = f"budget {budget}{'' if mode == 'plain' else ' ' + mode}"
         _report(label, eng, num_requests, steps, aborted, watch)
         totals = eng.scheduler.kvc_totals
