@@ -336,7 +336,7 @@ def test_scheduler_and_worker_keep_every_request_s_kvs(model_path, monkeypatch, 
                 # Sometimes the id of a request that has ended (finished or
                 # aborted, possibly in the step just run: the next step then
                 # tells the worker of both).
-                ended = [r for r in ids if r not in sched.requests]
+                ended = sorted(r for r in ids if r not in sched.requests)  # (a set's order varies by run)
                 rid = more.choice(ended) if ended and more.random() < 0.15 else f"q{added}"
                 reused += rid in ids
                 ids.add(rid)
