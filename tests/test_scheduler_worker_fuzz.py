@@ -29,8 +29,8 @@ protected windows / ``max_cache_tokens``, priorities, aborts, ids of ended
 requests used again, pools small enough that vLLM preempts, and the page
 layouts of the CPU worker (``LAYOUTS``: with vLLM's prefill path, requests
 in vLLM's in-page layout -- never-compressed ones written by vLLM's writer
--- next to, or instead of, requests in our plain rows).  CI runs ``CASES`` cases; ``KVC_FUZZ_CASES=N``
-runs N (seeds 0 .. N-1, the first ``CASES`` of them CI's).
+-- next to, or instead of, requests in our plain rows).  CI runs ``CASES``
+cases; ``KVC_FUZZ_CASES=N`` runs N (seeds 0 .. N-1, the first ``CASES`` of them CI's).
 """
 
 import os
@@ -111,8 +111,8 @@ class FakeWorker:
         storage = torch.zeros(LAYERS * per_layer, dtype=dtype)
         #: vLLM's per-layer caches [B, H, N, 2D]; vLLM's writer views each
         #: (block, head) as a K half and a V half of N * D elements.
-        self.layers = [storage[i * per_layer:(i + 1) * per_layer].view(num_blocks, HEADS, BS, 2 * HEAD_SIZE)
-                       for i in range(LAYERS)]
+        self.layers = [storage[i * per_layer:(i + 1) * per_layer].view(
+            num_blocks, HEADS, BS, 2 * HEAD_SIZE) for i in range(LAYERS)]
         self.pool = HeadPool.from_layer_caches(self.layers)
         self.state = KVCompressWorkerState(sched.kvc_config, self.pool, max_model_len=2048,
                                            max_num_reqs=sched.max_num_running_reqs)
@@ -180,7 +180,8 @@ class FakeWorker:
                     t = torch.nonzero(kind == packed).view(-1)
                     if t.numel():
                         ops.write_kv(k[t], -k[t], self.pool.kv_pages, batch.write_slots[layer][t],
-                                     self.pool.metrics, self.pool.positions, batch.token_positions[t],
+                                     self.pool.metrics, self.pool.positions,
+                                     batch.token_positions[t],
                                      packing=self.pool.packing.offsets if packed else None)
                 for i, req in enumerate(reqs):
                     if self._vllm_layout(req):
@@ -336,7 +337,8 @@ def test_scheduler_and_worker_keep_every_request_s_kvs(model_path, monkeypatch, 
                 # Sometimes the id of a request that has ended (finished or
                 # aborted, possibly in the step just run: the next step then
                 # tells the worker of both).
-                ended = sorted(r for r in ids if r not in sched.requests)  # (a set's order varies by run)
+                # (sorted: a set's order varies from run to run)
+                ended = sorted(r for r in ids if r not in sched.requests)
                 rid = more.choice(ended) if ended and more.random() < 0.15 else f"q{added}"
                 reused += rid in ids
                 ids.add(rid)
