@@ -190,8 +190,9 @@ def test_soak(model_path, budget, mode):
     with one of a few shared prefixes (random lengths, block-aligned or not)
     half of the time; checked too after every step: no block that is in the
     prefix cache was in a range a compression could change since the pool
-    last handed it out, and blocks held (each once, however many requests
-    share it) plus free blocks make up the pool.  ``priority``:
+    last handed it out, every cached block was computed under the hash it
+    has (``BlockWatch.unwritten``), and blocks held (each once, however many
+    requests share it) plus free blocks make up the pool.  ``priority``:
     ``--scheduling-policy priority`` and random request priorities, so vLLM
     admits out of arrival order and preempts the lowest-priority request,
     which may be one it already scheduled in the same step; and a random
