@@ -137,12 +137,15 @@ class FakeWorker:
         """Never compressed, with vLLM's prefill path: vLLM's writer and kernel."""
         return req.stock_layout and self.offsets is not None
 
-    def _write_vllm(self, layer, rid, k, pos):
-        """vLLM's ``cpu_attn_reshape_and_cache`` for one request's rows
-        ``k [t, H, D]`` at positions ``pos [t]``: at vLLM's slots (the
-        scheduler's blocks, position order), in the pool's in-page layout,
-        K and V only."""
-        blocks = torch.tensor(self.sched.kv_cache_manager.get_block_ids(rid)[0])[pos // BS]
+    def _vllm_blocks(self, rid, pos):
+        """vLLM's slot mapping: the scheduler's block (position order) of each
+        of ``pos [t]``, the positions of request ``rid``."""
+        return torch.tensor(self.sched.kv_cache_manager.get_block_ids(rid)[0])[pos // BS]
+
+    def _write_vllm(self, layer, blocks, k, pos):
+        """vLLM's ``cpu_attn_reshape_and_cache`` for rows ``k [t, H, D]`` at
+        positions ``pos [t]`` in ``blocks [t]`` (``_vllm_blocks``): in the
+        pool's in-page layout, K and V only."""
         flat = self.layers[layer].view(self.layers[layer].shape[0], HEADS, 2, BS * HEAD_SIZE)
         heads = torch.arange(HEADS).view(1, -1, 1)
         for half, x in enumerate((k, -k)):
@@ -173,20 +176,21 @@ class FakeWorker:
             # Token rows by writer: ours in plain rows, ours in the packing, vLLM's.
             kind = torch.cat([torch.full((n,), 2 if self._vllm_layout(req) else int(req.packed))
                               for req, n in zip(reqs, lens)])
+            ours = [(t, packed) for packed in (0, 1)
+                    if (t := torch.nonzero(kind == packed).view(-1)).numel()]
+            vllm_rows = torch.nonzero(kind == 2).view(-1)  # in batch order, as these blocks
+            vllm_blocks = [self._vllm_blocks(rid, pos[qsl[i]:qsl[i + 1]])
+                           for i, (rid, req) in enumerate(zip(rids, reqs)) if self._vllm_layout(req)]
+            vllm_blocks = torch.cat(vllm_blocks) if vllm_blocks else None
             for layer in range(LAYERS):
                 k = _encode(code.view(-1, 1), pos.view(-1, 1), torch.tensor(layer),
                             torch.arange(HEADS)).to(self.pool.kv_pages.dtype)  # [T, H, D]
-                for packed in (0, 1):
-                    t = torch.nonzero(kind == packed).view(-1)
-                    if t.numel():
-                        ops.write_kv(k[t], -k[t], self.pool.kv_pages, batch.write_slots[layer][t],
-                                     self.pool.metrics, self.pool.positions,
-                                     batch.token_positions[t],
-                                     packing=self.pool.packing.offsets if packed else None)
-                for i, req in enumerate(reqs):
-                    if self._vllm_layout(req):
-                        a, b = int(qsl[i]), int(qsl[i + 1])
-                        self._write_vllm(layer, rids[i], k[a:b], pos[a:b])
+                for t, packed in ours:
+                    ops.write_kv(k[t], -k[t], self.pool.kv_pages, batch.write_slots[layer][t],
+                                 self.pool.metrics, self.pool.positions, batch.token_positions[t],
+                                 packing=self.pool.packing.offsets if packed else None)
+                if vllm_blocks is not None:
+                    self._write_vllm(layer, vllm_blocks, k[vllm_rows], pos[vllm_rows])
                 self.pool.metrics.add_(torch.rand(self.pool.metrics.shape, generator=self.gen))
                 if batch.pool_rows:
                     state.pool_prompt_metrics(batch, layer)
