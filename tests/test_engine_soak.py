@@ -200,19 +200,19 @@ def test_soak(model_path, budget, mode):
     budget in capped chunks (the scheduler models that rule when it plans
     ahead, ``KVCompressScheduler._step_tokens``).  ``priority-prefix-caching``:
     both."""
-    totals = _soak_one(model_path if MODEL is None else MODEL, budget, mode, SEED,
-                       TOTAL // len(BUDGETS))
+    if MODEL is not None:
+        from kvcompress_vllm.model import build_random_model
+
+        model_path = str(build_random_model(MODEL))
+    totals = _soak_one(model_path, budget, mode, SEED, TOTAL // len(BUDGETS))
     PREEMPTIONS[budget, mode] = totals.preemptions
     ADMISSIONS[budget, mode] = totals.admission_steps
 
 
-def _soak_one(model, budget, mode, seed, num_requests):
-    """One engine of ``test_soak``: ``model`` a path or a name of
-    ``RANDOM_SHAPES``; seed 0 draws CI's cases.  Returns its
+def _soak_one(model_path, budget, mode, seed, num_requests):
+    """One engine of ``test_soak`` (seed 0 draws CI's cases).  Returns its
     ``CompressionTotals``."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
-
-    from kvcompress_vllm.model import RANDOM_SHAPES, build_random_model
 
     prefix_caching = mode.endswith("prefix-caching")
     priority = mode.startswith("priority")
@@ -224,9 +224,7 @@ def _soak_one(model, budget, mode, seed, num_requests):
     if priority:
         extra = {"scheduling_policy": "priority",
                  "long_prefill_token_threshold": rng.choice([0, 64, 200])}
-    if model in RANDOM_SHAPES:
-        model = str(build_random_model(model))
-    eng = _soak_engine(model, budget, prefix_caching, **extra)
+    eng = _soak_engine(model_path, budget, prefix_caching, **extra)
     try:
         assert (eng.scheduler.policy == SchedulingPolicy.PRIORITY) == priority
         steps, aborted, watch = _drive(eng, rng, budget, num_requests, prefixes,
@@ -247,7 +245,10 @@ def test_soak_meets_vllm_preempt_after_cache():
     takes them out of the cache again.  Every soak invariant holds, and the
     count shows the engine still meets the case (``test_scheduler_worker_fuzz``
     case 111 checks the K/V a request reads after it)."""
-    totals = _soak_one("tiny-gqa4", 2048, "priority-prefix-caching", 56, 100)
+    from kvcompress_vllm.model import build_random_model
+
+    totals = _soak_one(str(build_random_model("tiny-gqa4")), 2048, "priority-prefix-caching", 56,
+                       100)
     assert totals.unwritten_uncached > 0, f"the case no longer meets vLLM's: {totals}"
 
 
